@@ -1,0 +1,21 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dirs(tmp_path_factory, monkeypatch):
+    """Every test gets its own data and cache folders and no network to a model hub."""
+    base = tmp_path_factory.mktemp("modron-home")
+    monkeypatch.setenv("MODRON_DATA_DIR", str(base / "data"))
+    monkeypatch.setenv("MODRON_CACHE_DIR", str(base / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(base / "hf"))
+    yield
