@@ -1,0 +1,213 @@
+"""Turn a run's checkpoint into something other tools load: a merged model or a LoRA adapter.
+
+The output folder is built under a temporary sibling name and renamed into place, so a folder
+with the final name is always complete; an existing non-empty folder is never overwritten.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .checkpoint import read_manifest
+from .config import JobSpec
+from .errors import CheckpointError, UserError
+from .fsutil import fsync_dir
+from .modelcard import model_card
+
+PREFIX = "ckpt-"
+LICENCE_FILES = ("LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "COPYING*")
+CARD_SETTINGS = ("steps", "epochs", "batch_size", "micro_batch_size", "seq_len", "lr", "warmup_steps",
+                 "weight_decay", "max_grad_norm", "precision", "seed", "gradient_checkpointing")
+LORA_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The highest-step complete checkpoint of a run; folders being written (".tmp-…") never count."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for p in root.iterdir():
+        digits = p.name[len(PREFIX):]
+        if not (p.name.startswith(PREFIX) and digits.isdigit() and p.is_dir()):
+            continue
+        if not (p / "modron_checkpoint.json").is_file():
+            continue
+        if best is None or int(digits) > best[0]:
+            best = (int(digits), p)
+    return best[1] if best else None
+
+
+def _resolve(source: Path) -> Path:
+    source = Path(source)
+    if not source.is_dir():
+        raise CheckpointError(source, "no such run or checkpoint folder")
+    if (source / "modron_checkpoint.json").is_file():
+        return source
+    ckpt = latest_checkpoint(source)
+    if ckpt is None:
+        raise CheckpointError(source, "has no finished checkpoint to export (no checkpoints/ckpt-* folder)")
+    return ckpt
+
+
+def _job(ckpt: Path) -> JobSpec:
+    for path in (ckpt / "job.json", ckpt.parent.parent / "job.json"):
+        if path.is_file():
+            return JobSpec.load(path)
+    raise CheckpointError(ckpt, "has no job.json; cannot tell which base model it belongs to")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _start_output(out: Path) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(out, "already exists and is a file; choose a new folder to export to")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(out, "already exists and is not empty; choose a new folder to export to")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-export-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _finish_output(tmp: Path, out: Path) -> Path:
+    if out.is_dir():
+        out.rmdir()  # checked empty before we started
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    return out
+
+
+def _base_dir(spec: JobSpec) -> Path | None:
+    """The base model's folder if it is on this machine (for its LICENSE files); never downloads."""
+    if spec.is_scratch:
+        return None
+    local = Path(spec.model).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(spec.model, local_files_only=True))
+    except Exception:  # not cached, or not a hub id: the card still names the licence
+        return None
+
+
+def _copy_licence_files(base_dir: Path | None, dest: Path) -> None:
+    # Most licences require passing their text on with derived weights.
+    if base_dir is None:
+        return
+    for pattern in LICENCE_FILES:
+        for f in base_dir.glob(pattern):
+            if f.is_file():
+                shutil.copy2(f, dest / f.name)
+
+
+def _write_card(ckpt: Path, spec: JobSpec, manifest: dict, dest: Path) -> None:
+    kind = manifest.get("kind", "full")
+    hyper = {"method": spec.resolved_method, "trained_steps": manifest.get("step")}
+    hyper.update({k: getattr(spec, k) for k in CARD_SETTINGS})
+    if kind == "lora":
+        hyper.update({k: getattr(spec, k) for k in LORA_SETTINGS})
+    card = model_card(
+        base_model=spec.model if spec.is_scratch or not Path(spec.model).expanduser().is_dir()
+        else Path(spec.model).name,  # a local path would leak the user's folder layout
+        licence=_read_json(ckpt / "licence.json"),
+        datasets=[Path(d).name or d for d in spec.data],
+        hyperparameters=hyper,
+        eval=_read_json(ckpt / "eval.json"),
+        method=spec.resolved_method,
+        created=time.strftime("%Y-%m-%d"),
+    )
+    (dest / "README.md").write_text(card, encoding="utf-8")
+
+
+def _merged_model(ckpt: Path, spec: JobSpec, kind: str):
+    """(model, base folder or None) with any LoRA adapter folded into the weights."""
+    from transformers import AutoModelForCausalLM
+
+    if kind == "full":
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt / "model"), use_safetensors=True,
+                                                         trust_remote_code=spec.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(ckpt / "model", f"cannot be loaded ({str(exc).strip().splitlines()[0]})") from None
+        return model, _base_dir(spec)
+    if kind != "lora":
+        raise CheckpointError(ckpt, f"has unknown kind {kind!r}")
+    from peft import PeftModel
+
+    from .models.loading import load_base
+    # Merge into full-precision-as-saved base weights (never the 4-bit QLoRA base).
+    base_spec = dataclasses.replace(spec, method="lora")
+    loaded = load_base(base_spec, dtype="auto")
+    adapter = ckpt / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise CheckpointError(ckpt, "has no adapter/adapter_config.json")
+    try:
+        peft_model = PeftModel.from_pretrained(loaded.model, str(adapter))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(adapter, f"does not fit the base model ({str(exc).strip().splitlines()[0]})") from None
+    return peft_model.merge_and_unload(), loaded.model_dir
+
+
+def export_merged(source: Path, out: Path) -> Path:
+    """A standalone model folder (safetensors, tokenizer, README.md card) from a run or checkpoint."""
+    from .models.tokenizer import load_tokenizer
+
+    ckpt = _resolve(source)
+    manifest = read_manifest(ckpt)
+    spec = _job(ckpt)
+    kind = manifest.get("kind", "full")
+    out = Path(out)
+    tmp = _start_output(out)
+    try:
+        model, base_dir = _merged_model(ckpt, spec, kind)
+        tokenizer = load_tokenizer(ckpt / "tokenizer")
+        model.config.use_cache = True  # turned off for training; generation wants it
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if kind == "lora":
+            shutil.copytree(ckpt / "adapter", tmp / "adapter")
+        _copy_licence_files(base_dir, tmp)
+        _write_card(ckpt, spec, manifest, tmp)
+        return _finish_output(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_adapter(source: Path, out: Path) -> Path:
+    """The LoRA adapter alone (adapter_config.json + adapter_model.safetensors), its tokenizer and a card."""
+    ckpt = _resolve(source)
+    manifest = read_manifest(ckpt)
+    if manifest.get("kind") != "lora":
+        raise CheckpointError(ckpt, "is a full finetune, which has no adapter; export the merged model instead")
+    adapter = ckpt / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise CheckpointError(ckpt, "has no adapter/adapter_config.json")
+    spec = _job(ckpt)
+    out = Path(out)
+    tmp = _start_output(out)
+    try:
+        shutil.copytree(adapter, tmp, dirs_exist_ok=True)
+        if (ckpt / "tokenizer").is_dir():
+            shutil.copytree(ckpt / "tokenizer", tmp, dirs_exist_ok=True)
+        _copy_licence_files(_base_dir(spec), tmp)
+        _write_card(ckpt, spec, manifest, tmp)
+        return _finish_output(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
