@@ -1,0 +1,106 @@
+"""Turn the user's files and folders into a sorted list of data files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import DataError
+
+BASE_EXTENSIONS = (".txt", ".md", ".jsonl", ".json", ".csv", ".parquet")
+# A gzip of any supported file is supported too ("x.jsonl.gz").
+SUPPORTED_EXTENSIONS = BASE_EXTENSIONS + tuple(ext + ".gz" for ext in BASE_EXTENSIONS)
+
+
+def file_kind(path: Path) -> tuple[str, bool]:
+    """('.jsonl', True) for 'x.jsonl.gz'; ('', False) when unsupported."""
+    name = path.name.lower()
+    gz = name.endswith(".gz")
+    if gz:
+        name = name[:-3]
+    for ext in BASE_EXTENSIONS:
+        if name.endswith(ext):
+            return ext, gz
+    return "", gz
+
+
+def _supported_list() -> str:
+    return ", ".join(BASE_EXTENSIONS) + " (or any of them .gz)"
+
+
+def _walk(folder: Path, ancestors: frozenset[str], out: list[Path], skipped: list[Path]) -> None:
+    # Follow symlinked folders (people link datasets in), but refuse one that leads back
+    # into a folder we are already inside: that would recurse forever.
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except PermissionError:
+        raise DataError(folder, "permission denied: cannot list this folder") from None
+    except OSError as exc:
+        raise DataError(folder, f"cannot list this folder ({exc.strerror or exc})") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue  # .git, .DS_Store, editor swap files
+        path = folder / entry.name
+        try:
+            is_dir = entry.is_dir()  # follows symlinks
+        except OSError:
+            is_dir = False
+        if is_dir:
+            real = os.path.realpath(path)
+            if real in ancestors:
+                raise DataError(path, f"symlink loop: this folder links back to {real}")
+            _walk(path, ancestors | {real}, out, skipped)
+        elif entry.is_file():
+            (out if file_kind(path)[0] else skipped).append(path)
+        elif entry.is_symlink():
+            raise DataError(path, "broken symlink: its target does not exist")
+
+
+def discover_files(paths: list[str | Path], warnings: list[str] | None = None) -> list[Path]:
+    """Every data file named or found (recursively, sorted) in `paths`, each once.
+
+    Files inside folders with an unsupported extension are skipped (noted in `warnings`
+    when given); a file named directly must be supported.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise DataError(None, "no data given: name at least one file or folder")
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            if path.is_symlink():
+                raise DataError(path, "broken symlink: its target does not exist")
+            raise DataError(path, "no such file or folder")
+        if path.is_dir():
+            files: list[Path] = []
+            skipped: list[Path] = []
+            _walk(path, frozenset({os.path.realpath(path)}), files, skipped)
+            if not files:
+                detail = f" (found only {_names(skipped)})" if skipped else ""
+                raise DataError(path, f"folder has no data files{detail}; supported: {_supported_list()}")
+            if skipped and warnings is not None:
+                warnings.append(f"{path}: skipped {len(skipped)} file(s) with unsupported extensions "
+                                f"({_names(skipped)})")
+            found.extend(files)
+        elif path.is_file():
+            if not file_kind(path)[0]:
+                raise DataError(path, f"unsupported file type; supported: {_supported_list()}")
+            found.append(path)
+        else:
+            raise DataError(path, "is not a regular file or folder")
+    # The same file named twice (or reached through a link) would be trained on twice.
+    seen: set[str] = set()
+    unique = []
+    for path in found:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
+
+
+def _names(paths: list[Path], limit: int = 3) -> str:
+    names = [p.name for p in paths[:limit]]
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(names) + more
