@@ -1,0 +1,123 @@
+"""The training loop in-process: loss falls, checkpoints, OOM recovery, data order."""
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import write_text_dataset
+from training_core import checkpoint as ckpt_io
+from training_core.config import JobSpec
+from training_core.engine import Engine
+from training_core.protocol import EVENTS
+
+
+def tiny_spec(tmp_path, name="run", **kw):
+    data = tmp_path / "stories.txt"
+    if not data.exists():
+        write_text_dataset(data)
+    base = dict(model="scratch:tiny", data=[str(data)], out=str(tmp_path / name), steps=30, batch_size=8,
+                seq_len=64, lr=3e-3, warmup_steps=2, tokenizer="bytes", threads=1, sample_max_tokens=8,
+                checkpoint_every=1000)
+    base.update(kw)
+    return JobSpec(**base)
+
+
+def run(spec, resume=False):
+    events = []
+    result = Engine(spec, events.append, resume=resume).run()
+    return result, events
+
+
+def final_weights(run_dir):
+    ckpt = ckpt_io.latest(Path(run_dir))
+    return load_file(str(ckpt / "model" / "model.safetensors"))
+
+
+def test_scratch_run_trains_checkpoints_and_reports(tmp_path):
+    spec = tiny_spec(tmp_path, steps=40, checkpoint_every=20, eval_every=10, keep_checkpoints=1)
+    result, events = run(spec)
+    types = [e["type"] for e in events]
+    assert types.index("preflight") < types.index("started") < types.index("step")
+    assert types[-1] == "finished" and result.status == "finished" and result.step == 40
+    for e in events:  # every event carries its required fields
+        assert all(f in e for f in EVENTS[e["type"]]), e
+    steps = [e for e in events if e["type"] == "step"]
+    assert steps[0]["step"] == 1 and steps[-1]["step"] == 40
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0, (steps[0]["loss"], steps[-1]["loss"])
+    assert all(s["tokens_per_s"] > 0 and s["eta_s"] >= 0 for s in steps)
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [e["step"] for e in evals][:2] == [10, 20] and evals[-1]["perplexity"] > 1
+    ckpts = [e for e in events if e["type"] == "checkpoint"]
+    assert [(c["step"], c["reason"]) for c in ckpts] == [(20, "periodic"), (40, "final")]
+    assert any(e["type"] == "sample" for e in events)
+    pre = next(e for e in events if e["type"] == "preflight")
+    assert pre["licence"]["klass"] == "licence-free" and pre["verdict"] == "fits"
+    # keep_checkpoints=1: only the newest survives, complete and self-describing
+    kept = ckpt_io.list_checkpoints(Path(spec.out))
+    assert [p.name for p in kept] == ["ckpt-00000040"]
+    manifest = ckpt_io.read_manifest(kept[0])
+    assert manifest["step"] == 40 and manifest["kind"] == "full"
+    for f in ("model/model.safetensors", "model/config.json", "tokenizer/tokenizer.json", "optimizer.safetensors",
+              "rng.safetensors", "trainer_state.json", "job.json", "licence.json", "eval.json", "samples.json"):
+        assert (kept[0] / f).is_file(), f
+        assert f in manifest["files"]
+    assert ckpt_io.read_json(kept[0], "trainer_state.json")["data_position"] == 40 * 8
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    ref, _ = run(tiny_spec(tmp_path, "ref", steps=12))
+    # Same job, checkpointed at 6: cut it short there, then resume to 12.
+    part = tiny_spec(tmp_path, "part", steps=12, checkpoint_every=6)
+    eng = Engine(part, lambda e: None)
+    eng._setup()
+    eng._t0, eng._paused_total = 0.0, 0.0
+    for _ in range(6):
+        eng.train_step()
+    eng.save_checkpoint("periodic", with_eval=False)
+    del eng
+    torch.manual_seed(1234)  # the resumed run must restore RNG itself, not inherit it
+    result, events = run(part, resume=True)
+    assert next(e for e in events if e["type"] == "started")["resumed_from"] == 6
+    assert result.step == 12
+    a, b = final_weights(tmp_path / "ref"), final_weights(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_oom_recovery_halves_micro_batch_and_keeps_the_batch(tmp_path):
+    plain, _ = run(tiny_spec(tmp_path, "plain", steps=5))
+    result, events = run(tiny_spec(tmp_path, "oom", steps=5, test_oom_at_steps=[2]))
+    rec = [e for e in events if e["type"] == "oom_recovered"]
+    assert len(rec) == 1
+    assert (rec[0]["step"], rec[0]["old_micro_batch"], rec[0]["new_micro_batch"], rec[0]["grad_accum"]) == (2, 8, 4, 2)
+    assert result.status == "finished" and result.step == 5
+    state = ckpt_io.read_json(ckpt_io.latest(tmp_path / "oom"), "trainer_state.json")
+    assert state["micro_batch"] == 4
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "oom")
+    for k in a:  # same effective batch, so the same training up to summation order
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_oom_at_micro_batch_one_fails_in_plain_words(tmp_path):
+    from training_core.errors import WontFitError
+    spec = tiny_spec(tmp_path, steps=3, batch_size=1, test_oom_at_steps=[1])
+    with pytest.raises(WontFitError) as err:
+        run(spec)
+    assert "micro-batch of 1" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_data_order_is_a_function_of_seed_and_step(tmp_path):
+    spec = tiny_spec(tmp_path)
+    a = Engine(spec, lambda e: None)
+    a._setup()
+    b = Engine(tiny_spec(tmp_path, "other"), lambda e: None)
+    b._setup()
+    n = a.data.num_train
+    seen = []
+    for step in range(0, (2 * n) // 8 + 1):
+        ia, ib = a.batch_indices(step), b.batch_indices(step)
+        assert (ia == ib).all()
+        seen.extend(ia.tolist())
+    assert sorted(seen[:n]) == list(range(n))  # the first epoch visits every block once

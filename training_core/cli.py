@@ -1,0 +1,280 @@
+"""`modron-train`: the headless face of the engine.
+
+Exit status: 0 success, 2 bad input (one line on stderr naming the file and the problem),
+1 internal error. `--json` prints the worker protocol's events, one per line, on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .errors import UserError
+
+PROG = "modron-train"
+
+
+# ---- output ----------------------------------------------------------------------------
+class TextProgress:
+    """Human output for a terminal (a live bar) or a log file (a line now and then)."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last_line_step = -1
+        self.total = 0
+
+    def __call__(self, ev: dict) -> None:
+        t = ev["type"]
+        if t == "step":
+            self.total = ev["total_steps"]
+            from .preflight import format_duration
+            eta = format_duration(ev["eta_s"]) if ev.get("eta_s") is not None else "?"
+            loss = f"{ev['loss']:.4f}" if ev.get("loss") is not None else "nan"
+            line = (f"step {ev['step']}/{ev['total_steps']}  loss {loss}  "
+                    f"{ev['tokens_per_s']:,.0f} tok/s  ETA {eta}")
+            if self.tty:
+                width = 24
+                done = int(width * ev["step"] / max(1, ev["total_steps"]))
+                self.stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {line}   ")
+                self.stream.flush()
+            elif ev["step"] - self.last_line_step >= max(1, ev["total_steps"] // 20) or ev["step"] == ev["total_steps"]:
+                self.stream.write(line + "\n")
+                self.last_line_step = ev["step"]
+            return
+        if self.tty:
+            self.stream.write("\r")
+        if t == "started":
+            resumed = f", resumed at step {ev['resumed_from']}" if ev.get("resumed_from") is not None else ""
+            self._say(f"Training {ev['model']} ({ev['method']}, {ev['params_total']:,} parameters, "
+                      f"{ev['params_trainable']:,} trainable) on {ev['device']} in {ev['precision']}, "
+                      f"{ev['total_steps']} steps{resumed}")
+        elif t == "preflight":
+            from .preflight import format_bytes
+            mem = ev["memory"]
+            self._say(f"Pre-flight: memory {format_bytes(mem['total'])} estimated, {ev['verdict'].replace('_', ' ')}"
+                      + ("; " + "; ".join(ev["advice"]) if ev["advice"] else ""))
+            lic = ev["licence"]
+            self._say(f"Licence: {lic['klass']}" + (f" ({lic['name']})" if lic.get("name") else "")
+                      + f": {lic['summary']}")
+        elif t == "warning":
+            self._say(f"warning: {ev['message']}")
+        elif t == "eval":
+            self._say(f"eval at step {ev['step']}: loss {ev['eval_loss']:.4f}, perplexity {ev['perplexity']:.2f}")
+        elif t == "sample":
+            self._say(f"sample: {ev['prompt']!s}{ev['text']!s}".replace("\n", " ")[:200])
+        elif t == "checkpoint":
+            self._say(f"checkpoint ({ev['reason']}): {ev['path']}")
+        elif t == "oom_recovered":
+            self._say(ev["message"])
+        elif t in ("paused", "resumed"):
+            self._say(f"{t} at step {ev['step']}")
+        elif t == "stopped":
+            self._say(f"stopped at step {ev['step']}; continue with: {PROG} resume {Path(ev['checkpoint']).parents[1]}")
+        elif t == "finished":
+            loss = f", loss {ev['final_loss']:.4f}" if ev.get("final_loss") is not None else ""
+            ev_loss = f", eval loss {ev['final_eval_loss']:.4f}" if ev.get("final_eval_loss") is not None else ""
+            self._say(f"finished: step {ev['step']}{loss}{ev_loss}; run folder {ev['run_dir']}")
+
+    def _say(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def json_emitter(ev: dict) -> None:
+    from .protocol import encode
+    sys.stdout.write(encode(ev))
+    sys.stdout.flush()
+
+
+# ---- commands --------------------------------------------------------------------------
+def _run(spec, args, resume: bool = False) -> int:
+    from .controls import Controls
+    from .engine import Engine
+    controls = Controls()
+    interrupted = []
+
+    def on_signal(signum, frame):  # first Ctrl-C: checkpoint and stop; second: leave now
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(signum)
+        sys.stderr.write("\nstopping after this step (checkpointing); press Ctrl-C again to quit at once\n")
+        controls.put("stop")
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    emit = json_emitter if args.json else TextProgress()
+    Engine(spec, emit, controls, resume=resume).run()
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .config import JobSpec
+    spec = JobSpec(model=args.model, data=args.data, out=args.out, method=args.method, steps=args.steps,
+                   epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                   seq_len=args.seq_len, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                   keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every, seed=args.seed,
+                   precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
+                   trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer, device=args.device,
+                   threads=args.threads, lora_r=args.lora_r)
+    out = Path(args.out)
+    if (out / "job.json").exists():
+        raise UserError(out, f"already holds a run; continue it with `{PROG} resume {out}` or choose another --out")
+    return _run(spec, args)
+
+
+def demo_spec(out: str | None):
+    import resources
+    from .config import JobSpec
+    from .paths import runs_dir
+    out = out or str(runs_dir() / time.strftime("demo-%Y%m%d-%H%M%S"))
+    return JobSpec(model="scratch:tiny", data=[str(resources.path("demo", "stories"))], out=out,
+                   steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20, checkpoint_every=100,
+                   eval_every=50, tokenizer="train", sample_prompts=["Once upon a time", "The fox said"],
+                   sample_max_tokens=30)
+
+
+def cmd_demo(args) -> int:
+    spec = demo_spec(args.out)
+    if args.steps:
+        spec.steps = args.steps
+    if not args.json:
+        sys.stderr.write(f"Modron demo: a ~1 M-parameter model trained from scratch on the bundled stories "
+                         f"(CC0) into {spec.out}\n")
+    return _run(spec, args)
+
+
+def cmd_resume(args) -> int:
+    from .config import JobSpec
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "job.json").is_file():
+        raise UserError(run_dir, "is not a Modron run folder (no job.json)")
+    spec = JobSpec.load(run_dir / "job.json")
+    spec.out = str(run_dir)
+    return _run(spec, args, resume=True)
+
+
+def cmd_export(args) -> int:
+    from .export import export_adapter, export_merged
+    if not args.merged and not args.adapter:
+        raise UserError("export", "say what to write: --merged OUT and/or --adapter OUT")
+    if args.merged:
+        path = export_merged(Path(args.source), Path(args.merged))
+        print(f"merged model written to {path}")
+    if args.adapter:
+        path = export_adapter(Path(args.source), Path(args.adapter))
+        print(f"adapter written to {path}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .data import validate
+    tokenizer = None
+    if args.model and not args.model.startswith("scratch:"):
+        from .models.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(args.model)
+    report = validate(args.data, tokenizer=tokenizer)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(report.format_text())
+        if report.tokens is None:
+            print(f"tokens: about {report.chars // 4:,} (an estimate; pass --model FOLDER for an exact count)")
+    return 0
+
+
+def cmd_hardware(args) -> int:
+    from .hardware import detect, format_report
+    report = detect(include_torch=True)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Modron's training engine, headless.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_json(sp):
+        sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    d = sub.add_parser("demo", help="train the tiny from-scratch model on the bundled stories (about a minute)")
+    d.add_argument("--out", help="run folder (default: a new folder in Modron's data folder)")
+    d.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    add_json(d)
+    d.set_defaults(func=cmd_demo)
+
+    f = sub.add_parser("finetune", help="train a model on your data")
+    f.add_argument("--model", required=True, help="local model folder, hub id, or scratch:tiny|mini|small|base|medium")
+    f.add_argument("--data", required=True, nargs="+", help="files and/or folders")
+    f.add_argument("--out", required=True, help="run folder for checkpoints and the final model")
+    f.add_argument("--method", choices=["lora", "full", "qlora"])
+    g = f.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int)
+    g.add_argument("--epochs", type=float)
+    f.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
+    f.add_argument("--micro-batch-size", type=int, help="sequences per forward pass (gradient accumulation)")
+    f.add_argument("--seq-len", type=int, default=256)
+    f.add_argument("--lr", type=float)
+    f.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="default: about every 10 minutes")
+    f.add_argument("--keep-checkpoints", type=int, default=3)
+    f.add_argument("--eval-every", type=int, metavar="STEPS")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    f.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model (off by default)")
+    f.add_argument("--tokenizer", default="auto", help="for scratch models: train | bytes | a tokenizer folder")
+    f.add_argument("--device", default="auto")
+    f.add_argument("--threads", type=int)
+    f.add_argument("--lora-r", type=int, default=16)
+    add_json(f)
+    f.set_defaults(func=cmd_finetune)
+
+    r = sub.add_parser("resume", help="continue a run from its last checkpoint")
+    r.add_argument("run_dir")
+    add_json(r)
+    r.set_defaults(func=cmd_resume)
+
+    e = sub.add_parser("export", help="write the merged model (and/or adapter) of a run or checkpoint")
+    e.add_argument("source", help="run folder or checkpoint folder")
+    e.add_argument("--merged", metavar="OUT")
+    e.add_argument("--adapter", metavar="OUT")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("validate", help="check a dataset and show what Modron will train on")
+    v.add_argument("--data", required=True, nargs="+")
+    v.add_argument("--model", help="count tokens with this model's tokenizer")
+    add_json(v)
+    v.set_defaults(func=cmd_validate)
+
+    h = sub.add_parser("hardware", help="show GPUs, CPU and memory")
+    add_json(h)
+    h.set_defaults(func=cmd_hardware)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except Exception as exc:
+        from .paths import data_dir
+        log = data_dir() / "last-error.log"
+        log.write_text(traceback.format_exc(), encoding="utf-8")
+        sys.stderr.write(f"{PROG}: internal error: {type(exc).__name__}: {exc} (details in {log})\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

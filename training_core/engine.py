@@ -1,0 +1,504 @@
+"""The training loop shared by local finetunes and (later) swarm contribution.
+
+`Engine(spec, emit, controls).run()` trains, emitting protocol events through `emit`.
+The swarm swaps only `optimizer_step`; everything else (data order, checkpoints, pause,
+OOM recovery, events) is the same code.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import psutil
+import torch
+
+from . import checkpoint as ckpt_io
+from . import hardware, preflight
+from .config import JobSpec
+from .controls import Controls
+from .errors import ConfigError, WontFitError
+from .protocol import make_event
+
+Emit = Callable[[dict], None]
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_EVAL_BLOCKS = 64          # eval cost stays bounded on big eval splits
+EMIT_INTERVAL_S = 0.25        # step events at most 4 per second (plus first and last)
+
+
+class StopRun(Exception):
+    """Raised inside the loop when a `stop` control was obeyed."""
+
+
+@dataclass
+class RunResult:
+    status: str                # "finished" | "stopped"
+    step: int
+    checkpoint: str | None
+    final_loss: float | None
+    final_eval_loss: float | None
+
+
+def _oom_errors() -> tuple[type[BaseException], ...]:
+    return (torch.OutOfMemoryError,)
+
+
+class Engine:
+    def __init__(self, spec: JobSpec, emit: Emit, controls: Controls | None = None, resume: bool = False):
+        self.spec = spec
+        self.emit_event = emit
+        self.controls = controls or Controls()
+        self.resume = resume
+        self.run_dir = Path(spec.out)
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed_before = 0.0     # training seconds from earlier sessions of this run
+        self.last_loss: float | None = None
+        self.last_eval: dict[str, Any] = {}
+        self._fake_oom_done: set[int] = set()
+
+    # ---- events ---------------------------------------------------------------------------
+    def emit(self, type_: str, **fields: Any) -> None:
+        self.emit_event(make_event(type_, **fields))
+
+    def warn(self, code: str, message: str) -> None:
+        self.emit("warning", code=code, message=message)
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _pick_device(self, hw: hardware.HardwareReport) -> tuple[torch.device, Any]:
+        want = self.spec.device
+        if want == "cpu":
+            return torch.device("cpu"), None
+        if torch.cuda.is_available():
+            idx = int(want.split(":", 1)[1]) if want.startswith("cuda:") else torch.cuda.current_device()
+            if idx >= torch.cuda.device_count():
+                raise ConfigError("--device", f"there is no GPU number {idx} (found {torch.cuda.device_count()})")
+            gpu = next((g for g in hw.gpus if g.index == idx), None)
+            return torch.device("cuda", idx), gpu
+        if want.startswith("cuda"):
+            raise ConfigError("--device", "no CUDA GPU is usable here: " + "; ".join(hw.messages or [hw.nvml]))
+        return torch.device("cpu"), None
+
+    def _setup(self) -> None:
+        from . import data as data_mod
+        from .licence import read_licence, scratch_licence
+        from .models import apply_method, count_trainable, load_base
+        from .models.tokenizer import load_tokenizer
+
+        spec = self.spec
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        if spec.is_scratch and spec.resolved_method != "full":
+            raise ConfigError("--method", "a from-scratch model has nothing to adapt; use --method full")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        hw = hardware.detect(include_torch=True, exclude_pids={os.getpid()})
+        self.device, gpu = self._pick_device(hw)
+        if self.device.type == "cpu":
+            self.precision = "fp32"
+            if spec.precision not in ("auto", "fp32"):
+                self.warn("precision", f"{spec.precision} was asked for, but training runs on the CPU in fp32")
+        else:
+            self.precision = hardware.choose_precision(gpu, spec.precision)
+            note = hardware.precision_note(gpu, spec.precision, self.precision)
+            if note:
+                self.warn("precision", note)
+        self.method = spec.resolved_method
+
+        self.resume_ckpt = ckpt_io.latest(self.run_dir) if self.resume else None
+        state = ckpt_io.read_json(self.resume_ckpt, "trainer_state.json") if self.resume_ckpt else None
+        if self.resume and self.resume_ckpt is None:
+            self.warn("no_checkpoint", f"{self.run_dir}: no checkpoint yet, starting from the beginning")
+
+        # Model and tokenizer. Half-precision base weights only where they stay frozen (LoRA).
+        load_dtype = HALF.get(self.precision, torch.float32) if self.method in ("lora", "qlora") else torch.float32
+        texts = lambda: data_mod.iter_texts(spec.data)  # noqa: E731 - only read when a tokenizer is trained
+        if self.resume_ckpt is not None and self.method == "full":
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(self.resume_ckpt / "model", use_safetensors=True,
+                                                         dtype=torch.float32)
+            tokenizer = load_tokenizer(self.resume_ckpt / "tokenizer")
+            model_dir = None
+            base_source = "checkpoint"
+        else:
+            loaded = load_base(spec, texts=texts, dtype=load_dtype)
+            model, tokenizer, model_dir, base_source = loaded.model, loaded.tokenizer, loaded.model_dir, loaded.source
+        self.tokenizer = tokenizer
+
+        if spec.is_scratch:
+            self.licence = scratch_licence(spec.model.split(":", 1)[1])
+        elif self.resume_ckpt is not None:
+            self.licence = _licence_from_dict(ckpt_io.read_json(self.resume_ckpt, "licence.json"))
+        else:
+            self.licence = read_licence(model_dir, spec.model)
+
+        # Data (validated and tokenized before anything heavy lands on the GPU).
+        def progress(done: int, total: int) -> None:
+            pass
+        self.data = data_mod.build_dataset(spec.data, tokenizer, spec.seq_len, eval_fraction=spec.eval_fraction,
+                                           seed=spec.seed, progress=progress)
+        for w in self.data.warnings:
+            self.warn("data", w)
+        if state and state.get("data_fingerprint") not in (None, self.data.fingerprint):
+            self.warn("data_changed", "the dataset changed since the checkpoint; the data order will differ")
+
+        if state:
+            self.total_steps = int(state["total_steps"])
+        elif spec.steps:
+            self.total_steps = spec.steps
+        else:
+            epochs = spec.epochs or 1.0
+            self.total_steps = max(1, math.ceil(epochs * self.data.num_train / spec.batch_size))
+        self.micro_batch = int(state["micro_batch"]) if state else (spec.micro_batch_size or spec.batch_size)
+
+        # Pre-flight: memory, disk, licence, before the first step.
+        cfg = model.config
+        total_params, trainable_guess = _param_counts_for_method(model, self.method)
+        if self.device.type == "cuda":
+            available = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            available = psutil.virtual_memory().available + psutil.Process().memory_info().rss
+        gc_on, mem = preflight.plan_gradient_checkpointing(
+            spec.gradient_checkpointing, params_total=total_params, params_trainable=trainable_guess,
+            num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+            vocab_size=cfg.vocab_size, seq_len=spec.seq_len, micro_batch=self.micro_batch,
+            precision=self.precision, method=self.method, available=available, device=str(self.device))
+        disk_need = preflight.estimate_disk(params_total=total_params, params_trainable=trainable_guess,
+                                            method=self.method, keep=spec.keep_checkpoints)
+        disk_free = shutil.disk_usage(self.run_dir).free
+        self.emit("preflight", memory=mem.to_dict(), verdict=mem.verdict, advice=mem.advice,
+                  disk={"needed": disk_need, "free": disk_free, "verdict": "fits" if disk_need < disk_free else "wont_fit"},
+                  licence=self.licence.to_dict(), gradient_checkpointing=gc_on, precision=self.precision,
+                  device=str(self.device))
+        if self.licence.warning:
+            self.warn("licence", self.licence.warning)
+        if disk_need >= disk_free:
+            self.warn("disk", f"{self.run_dir}: checkpoints need about {preflight.format_bytes(disk_need)} "
+                              f"but only {preflight.format_bytes(disk_free)} is free")
+        if mem.verdict == "wont_fit":
+            self.warn("wont_fit", "the estimate says this will not fit: " + "; ".join(mem.advice))
+
+        model = apply_method(model, spec, self.method, gc_on)
+        if self.resume_ckpt is not None and self.method != "full":
+            ckpt_io.load_weights(model, self.resume_ckpt, self.method)
+        model.to(self.device)
+        model.train()
+        self.model = model
+        self.params_total, self.params_trainable = count_trainable(model)
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        lr = spec.lr or (2e-4 if self.method in ("lora", "qlora") else 3e-4)
+        self.optimizer = self.make_optimizer(trainable, lr)
+        warmup = spec.warmup_steps if spec.warmup_steps is not None else min(100, max(0, self.total_steps // 20))
+        total = self.total_steps
+
+        def schedule(step: int) -> float:  # linear warmup, cosine decay to 10 %
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress_ = (step - warmup) / max(1, total - warmup)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+        if self.resume_ckpt is not None:
+            ckpt_io.load_optimizer(self.optimizer, self.resume_ckpt)
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("grad_scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(state["grad_scaler"])
+            ckpt_io.load_rng(self.resume_ckpt)
+            self.step = int(state["step"])
+            self.tokens_seen = int(state.get("tokens_seen", 0))
+            self.elapsed_before = float(state.get("elapsed_s", 0.0))
+            self.last_loss = state.get("last_loss")
+            self.last_eval = ckpt_io.read_json(self.resume_ckpt, "eval.json")
+        else:
+            torch.manual_seed(spec.seed)
+            spec.save(self.run_dir / "job.json")
+
+        self.emit("started", job_id=spec.job_id, run_dir=str(self.run_dir), device=str(self.device),
+                  precision=self.precision, method=self.method, model=spec.model, base_source=base_source,
+                  params_total=self.params_total, params_trainable=self.params_trainable,
+                  total_steps=self.total_steps, resumed_from=self.step if self.resume_ckpt else None,
+                  micro_batch=self.micro_batch, batch_size=spec.batch_size, seq_len=spec.seq_len,
+                  train_blocks=self.data.num_train, eval_blocks=self.data.num_eval,
+                  gradient_checkpointing=gc_on, pid=os.getpid())
+
+    # ---- the parts the swarm replaces -----------------------------------------------------
+    def make_optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(params, lr=lr, weight_decay=self.spec.weight_decay, betas=(0.9, 0.95), fused=fused)
+
+    def optimizer_step(self) -> None:
+        if self.spec.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                (p for g in self.optimizer.param_groups for p in g["params"]), self.spec.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ---- one step -------------------------------------------------------------------------
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Train block indices for optimizer step `step`: a pure function of (seed, step)."""
+        bs, n = self.spec.batch_size, self.data.num_train
+        start = step * bs
+        out = []
+        while len(out) < bs:
+            epoch, pos = divmod(start + len(out), n)
+            order = self._epoch_order(epoch)
+            out.extend(order[pos:pos + bs - len(out)].tolist())
+        return np.asarray(out, dtype=np.int64)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if getattr(self, "_order_epoch", None) != epoch:
+            self._order, self._order_epoch = self.data.epoch_order(epoch), epoch
+        return self._order
+
+    def _autocast(self):
+        if self.precision in HALF:
+            return torch.autocast(self.device.type, dtype=HALF[self.precision])
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Forward and backward over the whole batch in micro-batches; returns the mean loss (a tensor)."""
+        total = batch.shape[0]
+        loss_sum = torch.zeros((), device=self.device)
+        for start in range(0, total, self.micro_batch):
+            chunk = batch[start:start + self.micro_batch]
+            if self.step in self.spec.test_oom_at_steps and self.step not in self._fake_oom_done:
+                self._fake_oom_done.add(self.step)
+                raise torch.OutOfMemoryError("CUDA out of memory (test hook)")
+            with self._autocast():
+                loss = self.model(input_ids=chunk, labels=chunk).loss
+            weight = chunk.shape[0] / total
+            self.scaler.scale(loss * weight).backward()
+            loss_sum += loss.detach().float() * weight
+        return loss_sum
+
+    def _recover_from_oom(self, error: BaseException) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.micro_batch <= 1:
+            raise WontFitError("model", "ran out of GPU memory even with a micro-batch of 1; try --method lora "
+                                        "or qlora, a shorter --seq-len, or a smaller model") from error
+        old = self.micro_batch
+        self.micro_batch = max(1, old // 2)
+        accum = math.ceil(self.spec.batch_size / self.micro_batch)
+        self.emit("oom_recovered", step=self.step, old_micro_batch=old, new_micro_batch=self.micro_batch,
+                  grad_accum=accum, message=f"Out of GPU memory: micro-batch {old} -> {self.micro_batch}, "
+                                            f"{accum} accumulation steps keep the batch at {self.spec.batch_size}")
+
+    def train_step(self) -> torch.Tensor:
+        idx = self.batch_indices(self.step)
+        batch = torch.from_numpy(self.data.train_batch(idx))
+        batch = batch.to(self.device, non_blocking=True)
+        while True:
+            try:
+                loss = self._forward_backward(batch)
+                break
+            except _oom_errors() as exc:
+                self._recover_from_oom(exc)
+        self.optimizer_step()
+        self.step += 1
+        self.tokens_seen += batch.numel()
+        if self.spec.test_sleep_per_step:
+            time.sleep(self.spec.test_sleep_per_step)
+        return loss
+
+    # ---- eval, samples, checkpoints -------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        n = min(self.data.num_eval, MAX_EVAL_BLOCKS)
+        if n == 0:
+            return {"eval_loss": None, "perplexity": None}
+        self.model.eval()
+        total = 0.0
+        for start in range(0, n, self.micro_batch):
+            idx = list(range(start, min(n, start + self.micro_batch)))
+            batch = torch.from_numpy(np.stack([self.data.eval_block(i) for i in idx])).to(self.device)
+            with self._autocast():
+                total += self.model(input_ids=batch, labels=batch).loss.float().item() * len(idx)
+        self.model.train()
+        loss = total / n
+        result = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        self.emit("eval", step=self.step, **result)
+        return result
+
+    @torch.no_grad()
+    def samples(self) -> list[dict[str, str]]:
+        out = []
+        self.model.eval()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        # Sampling must not move the training RNG, or a resumed run would diverge.
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.spec.seed)
+            for prompt in self.spec.sample_prompts:
+                enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+                with self._autocast():
+                    ids = self.model.generate(**enc, max_new_tokens=self.spec.sample_max_tokens, do_sample=True,
+                                              top_k=40, temperature=0.8, pad_token_id=self.tokenizer.pad_token_id)
+                text = self.tokenizer.decode(ids[0][enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                out.append({"prompt": prompt, "text": text})
+                self.emit("sample", step=self.step, prompt=prompt, text=text)
+        self.model.train()
+        return out
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "total_steps": self.total_steps,
+            "epoch": self.step * self.spec.batch_size / max(1, self.data.num_train),
+            "data_position": self.step * self.spec.batch_size, "micro_batch": self.micro_batch,
+            "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "elapsed_s": self.elapsed(), "data_fingerprint": self.data.fingerprint,
+            "last_loss": self.last_loss, "precision": self.precision, "method": self.method,
+        }
+
+    def save_checkpoint(self, reason: str, with_eval: bool = True) -> Path:
+        eval_result = self.evaluate() if with_eval else self.last_eval
+        self.last_eval = eval_result
+        samples = self.samples() if with_eval else []
+        path = ckpt_io.save(self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
+                            optimizer=self.optimizer, kind="lora" if self.method in ("lora", "qlora") else "full",
+                            trainer_state=self.trainer_state(), job=self.spec.to_dict(),
+                            licence=self.licence.to_dict(), eval_result=eval_result, samples=samples,
+                            keep=self.spec.keep_checkpoints)
+        self.last_ckpt_time = time.monotonic()
+        self.emit("checkpoint", step=self.step, path=str(path), reason=reason)
+        return path
+
+    # ---- pause / resume -------------------------------------------------------------------
+    def _move_optimizer_state(self, device: torch.device) -> None:
+        for st in self.optimizer.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v) and k != "step":
+                    st[k] = v.to(device)
+
+    def _release_accelerator(self) -> None:
+        if self.device.type != "cuda":
+            return
+        self.model.to("cpu")
+        self._move_optimizer_state(torch.device("cpu"))
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    def _reclaim_accelerator(self) -> None:
+        if self.device.type != "cuda":
+            return
+        self.model.to(self.device)
+        self._move_optimizer_state(self.device)
+
+    def vram(self) -> tuple[int, int]:
+        if self.device.type != "cuda":
+            return 0, 0
+        return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
+
+    def pause(self) -> None:
+        """Checkpoint, give the GPU back, and wait for resume or stop."""
+        self._release_accelerator()
+        path = self.save_checkpoint("pause", with_eval=False)
+        self.emit("paused", step=self.step, vram_used=self.vram()[0], vram_reserved=self.vram()[1],
+                  checkpoint=str(path))
+        paused_at = time.monotonic()
+        while True:
+            msg = self.controls.wait()
+            if msg == "resume":
+                break
+            if msg == "stop":
+                self.emit("stopped", step=self.step, checkpoint=str(path))
+                raise StopRun
+        self._paused_total += time.monotonic() - paused_at
+        self._reclaim_accelerator()
+        self.emit("resumed", step=self.step)
+
+    def handle_controls(self) -> None:
+        for msg in self.controls.poll():
+            if msg == "pause":
+                self.pause()
+            elif msg == "stop":
+                path = self.save_checkpoint("stop", with_eval=False)
+                self.emit("stopped", step=self.step, checkpoint=str(path))
+                raise StopRun
+            elif msg == "checkpoint":
+                self.save_checkpoint("requested")
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self._t0 - self._paused_total)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self._t0 = time.monotonic()
+        self._paused_total = 0.0
+        self._setup()
+        spec = self.spec
+        self._t0 = time.monotonic()  # training time starts after set-up
+        self.last_ckpt_time = time.monotonic()
+        tokens_per_step = spec.batch_size * spec.seq_len
+        first_step = self.step
+        last_emit_t, last_emit_step = time.monotonic(), self.step
+        loss_acc = torch.zeros((), device=self.device)
+        step_time_ema: float | None = None
+        try:
+            while self.step < self.total_steps:
+                self.handle_controls()
+                loss_acc += self.train_step()
+                now = time.monotonic()
+                due_ckpt = (self.step % spec.checkpoint_every == 0) if spec.checkpoint_every else \
+                    (now - self.last_ckpt_time >= spec.checkpoint_minutes * 60)
+                last = self.step == self.total_steps
+                if now - last_emit_t >= EMIT_INTERVAL_S or last or self.step == first_step + 1 or due_ckpt:
+                    n = self.step - last_emit_step
+                    loss = (loss_acc / n).item()   # the only device sync in the loop
+                    dt = max(1e-9, now - last_emit_t)
+                    per_step = dt / n
+                    step_time_ema = per_step if step_time_ema is None else 0.7 * step_time_ema + 0.3 * per_step
+                    self.last_loss = loss
+                    used, reserved = self.vram()
+                    if not math.isfinite(loss):
+                        self.warn("nonfinite_loss", f"loss is {loss} at step {self.step}; try a lower --lr")
+                    self.emit("step", step=self.step, total_steps=self.total_steps,
+                              epoch=self.step * spec.batch_size / self.data.num_train, loss=loss,
+                              lr=self.scheduler.get_last_lr()[0], tokens_per_s=tokens_per_step / per_step,
+                              samples_per_s=spec.batch_size / per_step, vram_used=used, vram_reserved=reserved,
+                              ram_used=psutil.Process().memory_info().rss,
+                              eta_s=preflight.eta_seconds(self.step, self.total_steps, step_time_ema),
+                              elapsed_s=self.elapsed(), tokens_seen=self.tokens_seen, micro_batch=self.micro_batch)
+                    loss_acc.zero_()
+                    last_emit_t, last_emit_step = now, self.step
+                if last:
+                    break
+                if spec.eval_every and self.step % spec.eval_every == 0 and not due_ckpt:
+                    self.last_eval = self.evaluate()
+                if due_ckpt:
+                    self.save_checkpoint("periodic")
+            path = self.save_checkpoint("final")
+        except StopRun:
+            return RunResult("stopped", self.step, None, self.last_loss, self.last_eval.get("eval_loss"))
+        result = RunResult("finished", self.step, str(path), self.last_loss, self.last_eval.get("eval_loss"))
+        self.emit("finished", step=self.step, run_dir=str(self.run_dir), final_loss=self.last_loss,
+                  final_eval_loss=self.last_eval.get("eval_loss"), perplexity=self.last_eval.get("perplexity"),
+                  checkpoint=str(path), elapsed_s=self.elapsed())
+        return result
+
+
+def _param_counts_for_method(model: torch.nn.Module, method: str) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    if method == "full":
+        return total, total
+    # LoRA before it is applied: about r * (in + out) per adapted linear layer; ~1 % is a fair guess.
+    return total, max(1, total // 100)
+
+
+def _licence_from_dict(d: dict):
+    from .licence import LicenceInfo
+    return LicenceInfo(**d)

@@ -1,0 +1,272 @@
+"""Estimates made before the first step: memory, disk, time.
+
+Pure arithmetic, no torch: the GUI and the CLI call these before any model is loaded.
+The memory estimate is deliberately a sum of peaks (weights + gradients + optimizer
+state + activations all at once), so it errs on the safe side: a run it calls
+"fits" should fit, one it calls "tight" may still fit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+GB = 1024 ** 3
+CUDA_CONTEXT_BYTES = 400 * 1024 ** 2     # what the CUDA context and kernels take before any tensor
+OVERHEAD_FRACTION = 0.10                 # allocator fragmentation, temporary buffers
+FITS_FRACTION = 0.85                     # above this share of free memory a run is "tight"
+ADAMW_BYTES = 8                          # two fp32 moments per trainable parameter
+TRAINABLE_BYTES = 4                      # trainable parameters and their grads are fp32 in every method
+QLORA_BYTES = 0.5 * 1.03                 # 4-bit NF4 plus its quantisation constants
+LORA_PARAMS_PER_LAYER_HIDDEN = 20 * 16   # r=16 adapters on all linear layers: ~20·r·hidden per layer
+# Activation bytes kept per token·hidden unit per layer at 16 bit. Korthikanti et al. (2022) count 34
+# for a GPT block; Llama-style blocks (SwiGLU, RMSNorm upcast to fp32, RoPE) kept 41-49 in one
+# bf16 training step measured on an H200 (torch 2.11, transformers 5.17), so 44 is used.
+ACT_BYTES_PER_TOKEN_HIDDEN = 44
+LORA_DROPOUT_BYTES = 8                   # LoRA dropout's copies and masks: measured ~8 more per s·b·h
+CUDA_ALLOCATOR_SLACK = 256 * 1024 ** 2   # PyTorch's caching allocator reserved 0.3-0.9 GB above its peak there
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    overhead: int
+    total: int
+    available: int | None
+    device: str
+    verdict: str                       # "fits" | "tight" | "wont_fit"
+    advice: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _weight_bytes(params_total: int, params_trainable: int, vocab_size: int, hidden_size: int,
+                  precision: str, method: str) -> float:
+    frozen = max(params_total - params_trainable, 0)
+    half = precision in ("fp16", "bf16")
+    if method == "full":
+        # Mixed precision keeps fp32 master weights; autocast makes half copies on the fly.
+        return params_total * 4
+    if method == "qlora":
+        # Embeddings (and a tied head) stay in 16 bit; every other frozen matrix is 4-bit.
+        embed = min(vocab_size * hidden_size, frozen)
+        return (frozen - embed) * QLORA_BYTES + embed * 2 + params_trainable * TRAINABLE_BYTES
+    # LoRA: the frozen base is stored in half precision when training in half; adapters in fp32.
+    return frozen * (2 if half else 4) + params_trainable * TRAINABLE_BYTES
+
+
+def _activation_bytes(num_layers: int, hidden_size: int, num_heads: int, vocab_size: int,
+                      seq_len: int, micro_batch: int, precision: str, checkpointing: bool,
+                      method: str = "full") -> float:
+    # Korthikanti et al. (2022): one layer keeps s·b·h·(34 + 5·a·s/h) bytes at 16 bit; the 5·a·s/h
+    # term is the attention matrix, which fused (SDPA/flash) attention never stores: an upper bound.
+    half = precision in ("fp16", "bf16")
+    sbh = seq_len * micro_batch * hidden_size
+    scale = 1 if half else 2
+    per_layer_16 = ACT_BYTES_PER_TOKEN_HIDDEN + 5 * num_heads * seq_len / hidden_size
+    if method in ("lora", "qlora"):
+        per_layer_16 += LORA_DROPOUT_BYTES    # LoRA dropout is on by default
+    per_layer = sbh * per_layer_16 * scale
+    if checkpointing:
+        # Only each layer's input is kept; one layer's activations are rebuilt at a time.
+        layers = num_layers * 2 * sbh * scale + per_layer
+    else:
+        layers = num_layers * per_layer
+    # Logits (a 16-bit copy when training in half), their fp32 upcast, log-softmax and gradient.
+    logits = micro_batch * seq_len * vocab_size * (14 if half else 12)
+    return layers + logits
+
+
+def _check(method: str, precision: str) -> None:
+    if method not in ("lora", "full", "qlora"):
+        raise ValueError(f"unknown method {method!r}")
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"precision must be resolved to fp32/fp16/bf16 first, got {precision!r}")
+
+
+def _totals(*, params_total: int, params_trainable: int, num_layers: int, hidden_size: int,
+            num_heads: int, vocab_size: int, seq_len: int, micro_batch: int, precision: str,
+            method: str, gradient_checkpointing: bool, device: str) -> dict[str, int]:
+    weights = _weight_bytes(params_total, params_trainable, vocab_size, hidden_size, precision, method)
+    grads = params_trainable * TRAINABLE_BYTES
+    optimizer = params_trainable * ADAMW_BYTES
+    activations = _activation_bytes(num_layers, hidden_size, num_heads, vocab_size, seq_len,
+                                    micro_batch, precision, gradient_checkpointing, method)
+    base = weights + grads + optimizer + activations
+    overhead = base * OVERHEAD_FRACTION
+    if device.startswith("cuda"):
+        overhead += CUDA_CONTEXT_BYTES + CUDA_ALLOCATOR_SLACK
+    parts = dict(weights=weights, grads=grads, optimizer=optimizer, activations=activations,
+                 overhead=overhead)
+    parts = {k: int(math.ceil(v)) for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _verdict(total: int, available: int | None) -> str:
+    if available is None or total <= FITS_FRACTION * available:
+        return "fits"
+    return "tight" if total <= available else "wont_fit"
+
+
+def _lora_trainable(num_layers: int, hidden_size: int) -> int:
+    return LORA_PARAMS_PER_LAYER_HIDDEN * hidden_size * num_layers
+
+
+def _advice(kw: dict[str, Any], total: int, available: int) -> list[str]:
+    """What to change, each with the memory it would need; the most effective first.
+
+    When no single change is enough, the first line is the least invasive combination that fits.
+    """
+    fits = FITS_FRACTION * available
+    lora_trainable = min(_lora_trainable(kw["num_layers"], kw["hidden_size"]), kw["params_total"])
+
+    def total_with(changes: dict[str, Any]) -> int:
+        return _totals(**{**kw, **changes})["total"]
+
+    def largest_fitting(name: str, base: dict[str, Any], values: list[int]) -> int:
+        # The first (largest) value that fits with `base`, else the smallest offered.
+        return next((v for v in values if total_with({**base, name: v}) <= fits), values[-1])
+
+    micro_values = list(range(kw["micro_batch"] - 1, 0, -1))
+    seq_values = [kw["seq_len"] // 2 ** k for k in range(1, 12) if kw["seq_len"] // 2 ** k >= 128]
+    # name -> (how invasive, how to apply it on top of other changes, its words)
+    options: dict[str, tuple[int, Any, Any]] = {}
+    if not kw["gradient_checkpointing"]:
+        options["ckpt"] = (0, lambda b: {"gradient_checkpointing": True},
+                           lambda c: "turn on gradient checkpointing (steps get about 30 % slower)")
+    if micro_values:
+        options["micro"] = (1, lambda b: {"micro_batch": largest_fitting("micro_batch", b, micro_values)},
+                            lambda c: f"lower the micro-batch size to {c['micro_batch']} (the effective "
+                                      f"batch stays the same through gradient accumulation)")
+    if kw["method"] == "full":
+        options["lora"] = (2, lambda b: {"method": "lora", "params_trainable": lora_trainable},
+                           lambda c: "train LoRA adapters instead of the full model")
+    if kw["device"].startswith("cuda") and kw["method"] != "qlora":
+        options["qlora"] = (3, lambda b: {"method": "qlora", "params_trainable": lora_trainable},
+                            lambda c: "use QLoRA (the base model loaded in 4 bit)")
+    if seq_values:
+        options["seq"] = (4, lambda b: {"seq_len": largest_fitting("seq_len", b, seq_values)},
+                          lambda c: f"use a shorter sequence length, e.g. {c['seq_len']} tokens")
+
+    def apply(names: tuple[str, ...]) -> dict[str, Any]:
+        changes: dict[str, Any] = {}
+        for name in sorted(names, key=lambda n: options[n][0]):
+            changes.update(options[name][1](changes))
+        return changes
+
+    singles = []
+    for name in options:
+        changes = apply((name,))
+        singles.append((total_with(changes), options[name][0], options[name][2](changes)))
+    singles.sort()
+    advice = [f"{text[0].upper()}{text[1:]}: needs about {format_bytes(t)}." for t, _, text in singles]
+    if singles and singles[0][0] <= fits:
+        return advice
+    # No single change is enough: find the least invasive combination that fits.
+    combos = [c for r in range(2, len(options) + 1) for c in itertools.combinations(options, r)
+              if not {"lora", "qlora"} <= set(c)]
+    combos.sort(key=lambda c: (len(c), sum(options[n][0] for n in c)))
+    for combo in combos:
+        changes = apply(combo)
+        t = total_with(changes)
+        if t <= fits:
+            words = [options[n][2](changes) for n in sorted(combo, key=lambda n: options[n][0])]
+            joined = ", ".join(words[:-1]) + " and " + words[-1]
+            return [f"No single change is enough; together: {joined}. That needs about "
+                    f"{format_bytes(t)}."] + advice
+    return advice + ["Even with all of these changes it would not fit: choose a smaller model."]
+
+
+def estimate_memory(*, params_total: int, params_trainable: int, num_layers: int, hidden_size: int,
+                    num_heads: int, vocab_size: int, seq_len: int, micro_batch: int, precision: str,
+                    method: str, gradient_checkpointing: bool, available: int | None,
+                    device: str) -> MemoryEstimate:
+    """Peak training memory on `device` (bytes), compared with `available` free bytes there."""
+    _check(method, precision)
+    kw = dict(params_total=params_total, params_trainable=params_trainable, num_layers=num_layers,
+              hidden_size=hidden_size, num_heads=num_heads, vocab_size=vocab_size, seq_len=seq_len,
+              micro_batch=micro_batch, precision=precision, method=method,
+              gradient_checkpointing=gradient_checkpointing, device=device)
+    parts = _totals(**kw)
+    verdict = _verdict(parts["total"], available)
+    if available is None:
+        advice = ["Free memory on this device is unknown, so the estimate could not be checked."]
+    elif verdict == "fits":
+        advice = []
+    else:
+        advice = _advice(kw, parts["total"], available)
+    return MemoryEstimate(**parts, available=available, device=device, verdict=verdict,
+                          advice=advice, gradient_checkpointing=gradient_checkpointing)
+
+
+def plan_gradient_checkpointing(requested: bool | None, **kwargs: Any) -> tuple[bool, MemoryEstimate]:
+    """Honour an explicit choice; otherwise turn checkpointing on only if the run won't fit without it."""
+    if requested is not None:
+        return bool(requested), estimate_memory(gradient_checkpointing=bool(requested), **kwargs)
+    off = estimate_memory(gradient_checkpointing=False, **kwargs)
+    if off.verdict == "fits":
+        return False, off
+    return True, estimate_memory(gradient_checkpointing=True, **kwargs)
+
+
+def estimate_disk(*, params_total: int, params_trainable: int, method: str, keep: int,
+                  weight_bytes: int = 4) -> int:
+    """Peak bytes a run writes: the kept checkpoints plus one merged export.
+
+    A new checkpoint is written before the oldest is deleted, so keep + 1 exist for a moment.
+    """
+    if method == "full":
+        weights = params_total * weight_bytes
+    else:
+        weights = params_trainable * TRAINABLE_BYTES     # adapters only
+    per_checkpoint = weights + params_trainable * ADAMW_BYTES
+    export = params_total * weight_bytes
+    return int((keep + 1) * per_checkpoint + export)
+
+
+def eta_seconds(steps_done: int, total_steps: int, seconds_per_step: float) -> float:
+    """Seconds left; inf when the speed is not known yet."""
+    remaining = max(total_steps - steps_done, 0)
+    if remaining == 0:
+        return 0.0
+    if not (seconds_per_step > 0 and math.isfinite(seconds_per_step)):
+        return math.inf
+    return remaining * seconds_per_step
+
+
+def format_bytes(n: int | float) -> str:
+    """'1.4 GB'. Powers of 1024, named as people read them on a GPU's box (a 24 GB card is 24.0 GB)."""
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    if n < 1024:
+        return f"{sign}{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB", "PB"):
+        n /= 1024
+        if n < 1024 or unit == "PB":
+            break
+    return f"{sign}{n:.1f} {unit}" if n < 100 else f"{sign}{n:.0f} {unit}"
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s', '3 min 20 s', '2 h 5 min', '3 d 4 h'; 'unknown' when not finite."""
+    if seconds is None or not math.isfinite(seconds):
+        return "unknown"
+    s = max(int(round(seconds)), 0)
+    if s < 60:
+        return f"{s} s"
+    units = [(86400, "d"), (3600, "h"), (60, "min"), (1, "s")]
+    for i, (size, name) in enumerate(units):
+        if s >= size:
+            small_size, small_name = units[i + 1]
+            big, rest = divmod(s, size)
+            small = rest // small_size
+            return f"{big} {name} {small} {small_name}" if small else f"{big} {name}"
+    return f"{s} s"  # not reached
