@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GB = 1024 ** 3
-CUDA_CONTEXT_BYTES = 400 * 1024 ** 2     # what the CUDA context and kernels take before any tensor
+CUDA_CONTEXT_BYTES = 400 * 1024 ** 2     # CUDA context and kernels (an H200 showed ~620 MB at init, 770 MB later)
 OVERHEAD_FRACTION = 0.10                 # allocator fragmentation, temporary buffers
 FITS_FRACTION = 0.85                     # above this share of free memory a run is "tight"
 ADAMW_BYTES = 8                          # two fp32 moments per trainable parameter
@@ -65,8 +65,8 @@ def _weight_bytes(params_total: int, params_trainable: int, vocab_size: int, hid
 def _activation_bytes(num_layers: int, hidden_size: int, num_heads: int, vocab_size: int,
                       seq_len: int, micro_batch: int, precision: str, checkpointing: bool,
                       method: str = "full") -> float:
-    # Korthikanti et al. (2022): one layer keeps s·b·h·(34 + 5·a·s/h) bytes at 16 bit; the 5·a·s/h
-    # term is the attention matrix, which fused (SDPA/flash) attention never stores: an upper bound.
+    # One layer keeps s·b·h·(44 + 5·a·s/h) bytes at 16 bit (see ACT_BYTES_PER_TOKEN_HIDDEN); the
+    # 5·a·s/h term is the attention matrix, which fused (SDPA/flash) attention never stores.
     half = precision in ("fp16", "bf16")
     sbh = seq_len * micro_batch * hidden_size
     scale = 1 if half else 2
