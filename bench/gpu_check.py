@@ -54,19 +54,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--preset", default="base")
+    ap.add_argument("--corpus-mb", type=int, default=20)
+    ap.add_argument("--oom-batch", type=int, default=512)
     args = ap.parse_args()
     hw = detect()
     gpu = hw.best_gpu()
     print(json.dumps({"check": "hardware", "gpus": [g.name for g in hw.gpus], "driver": hw.driver_version,
                       "cuda": hw.cuda_driver_version, "torch": torch.__version__}), flush=True)
     tmp = Path(tempfile.mkdtemp())
-    data = big_corpus(tmp, 20)
+    data = big_corpus(tmp, args.corpus_mb)
 
     events: list[dict] = []
-    spec = JobSpec(model="scratch:base", data=[str(data)], out=str(tmp / "base"), steps=args.steps,
+    spec = JobSpec(model=f"scratch:{args.preset}", data=[str(data)], out=str(tmp / "base"), steps=args.steps,
                    batch_size=args.batch, seq_len=args.seq, lr=6e-4, tokenizer="train", checkpoint_every=10**6,
                    sample_max_tokens=20, precision="bf16")
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     eng = Engine(spec, events.append)
     eng.run()
@@ -83,17 +88,20 @@ def main() -> None:
         "check": "base_bf16", "gpu": gpu.name if gpu else None, "params": n, "precision": started["precision"],
         "steps": args.steps, "batch": args.batch, "seq_len": args.seq, "tokens_per_s": round(tps),
         "mfu": round(flops_per_token * tps / peak, 4) if peak else None,
-        "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
         "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
         "final_eval_loss": events[-1].get("final_eval_loss"), "wall_s": round(wall, 1),
         "preflight": next(e for e in events if e["type"] == "preflight")["memory"],
     }), flush=True)
     del eng
+    if not cuda:
+        return
     torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
 
     # A real OOM: a micro-batch of 512 x 1024 tokens through the base model does not fit on any card.
     events = []
-    spec = JobSpec(model="scratch:base", data=[str(data)], out=str(tmp / "oom"), steps=3, batch_size=512,
+    spec = JobSpec(model=f"scratch:{args.preset}", data=[str(data)], out=str(tmp / "oom"), steps=3, batch_size=args.oom_batch,
                    seq_len=1024, tokenizer="train", checkpoint_every=10**6, sample_max_tokens=5,
                    precision="bf16", gradient_checkpointing=False)
     t0 = time.time()

@@ -80,7 +80,7 @@ class Engine:
             idx = int(want.split(":", 1)[1]) if want.startswith("cuda:") else torch.cuda.current_device()
             if idx >= torch.cuda.device_count():
                 raise ConfigError("--device", f"there is no GPU number {idx} (found {torch.cuda.device_count()})")
-            gpu = next((g for g in hw.gpus if g.index == idx), None)
+            gpu = hardware.gpu_for_torch_device(hw, idx)
             return torch.device("cuda", idx), gpu
         if want.startswith("cuda"):
             raise ConfigError("--device", "no CUDA GPU is usable here: " + "; ".join(hw.messages or [hw.nvml]))
@@ -93,6 +93,8 @@ class Engine:
         from .models.tokenizer import load_tokenizer
 
         spec = self.spec
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()   # our events are the progress; keep stderr readable
         if spec.threads:
             torch.set_num_threads(spec.threads)
         if spec.is_scratch and spec.resolved_method != "full":
@@ -160,7 +162,7 @@ class Engine:
 
         # Pre-flight: memory, disk, licence, before the first step.
         cfg = model.config
-        total_params, trainable_guess = _param_counts_for_method(model, self.method)
+        total_params, trainable_guess = _param_counts_for_method(model, self.method, spec.lora_r)
         if self.device.type == "cuda":
             available = torch.cuda.mem_get_info(self.device)[0]
         else:
@@ -283,14 +285,14 @@ class Engine:
             loss_sum += loss.detach().float() * weight
         return loss_sum
 
-    def _recover_from_oom(self, error: BaseException) -> None:
+    def _recover_from_oom(self, error: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if self.micro_batch <= 1:
             raise WontFitError("model", "ran out of GPU memory even with a micro-batch of 1; try --method lora "
-                                        "or qlora, a shorter --seq-len, or a smaller model") from error
+                                        "or qlora, a shorter --seq-len, or a smaller model")
         old = self.micro_batch
         self.micro_batch = max(1, old // 2)
         accum = math.ceil(self.spec.batch_size / self.micro_batch)
@@ -307,7 +309,9 @@ class Engine:
                 loss = self._forward_backward(batch)
                 break
             except _oom_errors() as exc:
-                self._recover_from_oom(exc)
+                # Recover outside the except block: its traceback pins the failed step's tensors.
+                oom_message = str(exc).splitlines()[0]
+            self._recover_from_oom(oom_message)
         self.optimizer_step()
         self.step += 1
         self.tokens_seen += batch.numel()
@@ -491,12 +495,15 @@ class Engine:
         return result
 
 
-def _param_counts_for_method(model: torch.nn.Module, method: str) -> tuple[int, int]:
+def _param_counts_for_method(model: torch.nn.Module, method: str, lora_r: int) -> tuple[int, int]:
+    """(total, trainable) before the method is applied, for the pre-flight estimate."""
     total = sum(p.numel() for p in model.parameters())
     if method == "full":
         return total, total
-    # LoRA before it is applied: about r * (in + out) per adapted linear layer; ~1 % is a fair guess.
-    return total, max(1, total // 100)
+    # LoRA adds r * (in + out) per adapted linear layer (all but the output head).
+    lora = sum(lora_r * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
+    return total, max(1, lora)
 
 
 def _licence_from_dict(d: dict):
