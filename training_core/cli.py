@@ -132,8 +132,8 @@ def demo_spec(out: str | None):
     from .paths import runs_dir
     out = out or str(runs_dir() / time.strftime("demo-%Y%m%d-%H%M%S"))
     return JobSpec(model="scratch:tiny", data=[str(resources.path("demo", "stories"))], out=out,
-                   steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20, checkpoint_every=100,
-                   eval_every=50, tokenizer="train", sample_prompts=["Once upon a time", "The fox said"],
+                   steps=150, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10, checkpoint_every=75,
+                   eval_every=25, tokenizer="train", sample_prompts=["Once upon a time", "The fox said"],
                    sample_max_tokens=30)
 
 
