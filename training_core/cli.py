@@ -111,33 +111,34 @@ def _run(spec, args, resume: bool = False) -> int:
     return 0
 
 
-def cmd_finetune(args) -> int:
+def spec_from_args(args):
     from .config import JobSpec
-    spec = JobSpec(model=args.model, data=args.data, out=args.out, method=args.method, steps=args.steps,
+    return JobSpec(model=args.model, data=args.data, out=args.out, method=args.method, steps=args.steps,
                    epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                    seq_len=args.seq_len, lr=args.lr, checkpoint_every=args.checkpoint_every,
                    keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every, seed=args.seed,
                    precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
                    trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer, device=args.device,
                    threads=args.threads, lora_r=args.lora_r)
+
+
+def cmd_finetune(args) -> int:
+    spec = spec_from_args(args)
     out = Path(args.out)
     if (out / "job.json").exists():
         raise UserError(out, f"already holds a run; continue it with `{PROG} resume {out}` or choose another --out")
     return _run(spec, args)
 
 
-def demo_spec(out: str | None):
-    import resources
-    from .config import JobSpec
-    from .paths import runs_dir
-    out = out or str(runs_dir() / time.strftime("demo-%Y%m%d-%H%M%S"))
-    return JobSpec(model="scratch:tiny", data=[str(resources.path("demo", "stories"))], out=out,
-                   steps=150, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10, checkpoint_every=75,
-                   eval_every=25, tokenizer="train", sample_prompts=["Once upon a time", "The fox said"],
-                   sample_max_tokens=30)
+def cmd_plan(args) -> int:
+    from .plan import format_plan, plan_job
+    plan = plan_job(spec_from_args(args))
+    print(json.dumps(plan, indent=2, ensure_ascii=False) if args.json else format_plan(plan))
+    return 0
 
 
 def cmd_demo(args) -> int:
+    from .demo import demo_spec
     spec = demo_spec(args.out)
     if args.steps:
         spec.steps = args.steps
@@ -196,23 +197,10 @@ def cmd_hardware(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Modron's training engine, headless.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add_json(sp):
-        sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
-
-    d = sub.add_parser("demo", help="train the tiny from-scratch model on the bundled stories (about a minute)")
-    d.add_argument("--out", help="run folder (default: a new folder in Modron's data folder)")
-    d.add_argument("--steps", type=int, help=argparse.SUPPRESS)
-    add_json(d)
-    d.set_defaults(func=cmd_demo)
-
-    f = sub.add_parser("finetune", help="train a model on your data")
+def add_job_args(f) -> None:
+    """The job arguments `finetune` and `plan` share."""
     f.add_argument("--model", required=True, help="local model folder, hub id, or scratch:tiny|mini|small|base|medium")
     f.add_argument("--data", required=True, nargs="+", help="files and/or folders")
-    f.add_argument("--out", required=True, help="run folder for checkpoints and the final model")
     f.add_argument("--method", choices=["lora", "full", "qlora"])
     g = f.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int)
@@ -232,8 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="auto")
     f.add_argument("--threads", type=int)
     f.add_argument("--lora-r", type=int, default=16)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Modron's training engine, headless.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_json(sp):
+        sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    d = sub.add_parser("demo", help="train the tiny from-scratch model on the bundled stories (about a minute)")
+    d.add_argument("--out", help="run folder (default: a new folder in Modron's data folder)")
+    d.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    add_json(d)
+    d.set_defaults(func=cmd_demo)
+
+    f = sub.add_parser("finetune", help="train a model on your data")
+    f.add_argument("--out", required=True, help="run folder for checkpoints and the final model")
+    add_job_args(f)
     add_json(f)
     f.set_defaults(func=cmd_finetune)
+
+    pl = sub.add_parser("plan", help="check a job before training: memory, disk, time, licence, data")
+    pl.add_argument("--out", default=".", help=argparse.SUPPRESS)
+    add_job_args(pl)
+    add_json(pl)
+    pl.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("resume", help="continue a run from its last checkpoint")
     r.add_argument("run_dir")

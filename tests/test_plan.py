@@ -1,0 +1,49 @@
+"""`modron-train plan`: the check before queueing, without loading weights."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import make_local_model, write_text_dataset
+from training_core.config import JobSpec
+from training_core.plan import format_plan, plan_job
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plan_scratch_counts_params_steps_and_is_licence_free(tmp_path):
+    data = tmp_path / "d.txt"
+    write_text_dataset(data)
+    plan = plan_job(JobSpec(model="scratch:tiny", data=[str(data)], out=str(tmp_path / "o"), epochs=2,
+                            batch_size=4, seq_len=64, tokenizer="bytes"))
+    size = data.stat().st_size
+    assert plan["tokens"] == size and not plan["tokens_exact"]
+    blocks = size // 64
+    assert plan["steps"] == -(-2 * (blocks - round(blocks * 0.02)) // 4)
+    assert plan["params_total"] == plan["params_trainable"] > 500_000
+    assert plan["verdict"] == "fits" and plan["licence"]["klass"] == "licence-free"
+    assert plan["eta_s"] > 0 and plan["disk"]["needed"] > 0
+    assert "licence-free" in format_plan(plan)
+
+
+def test_plan_lora_on_a_local_model_counts_exact_tokens(tmp_path):
+    data = tmp_path / "d.txt"
+    write_text_dataset(data)
+    base = make_local_model(tmp_path / "base")
+    plan = plan_job(JobSpec(model=str(base), data=[str(data)], out=str(tmp_path / "o"), steps=10, seq_len=32))
+    assert plan["method"] == "lora" and plan["tokens_exact"] and plan["tokens"] > 0
+    assert 0 < plan["params_trainable"] < plan["params_total"]
+    assert plan["licence"]["klass"] == "permissive"
+
+
+def test_plan_cli_json_and_bad_model_folder(tmp_path):
+    data = tmp_path / "d.txt"
+    write_text_dataset(data)
+    ok = subprocess.run([sys.executable, "-m", "training_core.cli", "plan", "--model", "scratch:mini", "--data",
+                         str(data), "--steps", "5", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["steps"] == 5
+    (tmp_path / "nomodel").mkdir()
+    bad = subprocess.run([sys.executable, "-m", "training_core.cli", "plan", "--model", str(tmp_path / "nomodel"),
+                          "--data", str(data)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nomodel" in bad.stderr

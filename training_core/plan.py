@@ -1,0 +1,141 @@
+"""A job's plan before it is queued: memory verdict, disk, rough time, licence, dataset.
+
+Reads configs, never weights, so planning a 7 B model costs seconds and no memory. The real
+pre-flight (same estimate, measured free memory) runs again in the worker before step one.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import hardware, preflight
+from .config import JobSpec
+from .errors import ModelError
+
+# Dense 16-bit tensor-core FLOP/s by compute capability (fp32 for cards without fast fp16),
+# a rough stand-in for "how fast is this GPU"; the real ETA comes from the first steps.
+PEAK_FLOPS_BY_CC = {(5, 2): 7e12, (6, 0): 19e12, (6, 1): 11e12, (7, 0): 112e12, (7, 5): 65e12,
+                    (8, 0): 312e12, (8, 6): 71e12, (8, 9): 165e12, (9, 0): 989e12, (10, 0): 2000e12,
+                    (12, 0): 210e12}
+CPU_FLOPS_PER_CORE = 80e9   # AVX2 FMA fp32 peak of one core at ~2.5 GHz
+ASSUMED_MFU = 0.3
+HUB_META_FILES = ["config.json", "README.md", "LICENSE*", "LICENCE*", "tokenizer*", "special_tokens_map.json",
+                  "vocab*", "merges.txt"]
+
+
+def _model_config(spec: JobSpec) -> tuple[Any, Path | None, Any]:
+    """(config, folder with README/LICENSE/tokenizer or None, tokenizer or None)."""
+    from transformers import AutoConfig
+
+    from .models.presets import preset_config
+    from .models.tokenizer import load_tokenizer
+    if spec.is_scratch:
+        name = spec.model.split(":", 1)[1]
+        tok = None
+        if spec.tokenizer not in ("auto", "train", "bytes"):
+            tok = load_tokenizer(spec.tokenizer)
+        vocab = 258 if spec.tokenizer == "bytes" else (len(tok) if tok else None)
+        return preset_config(name, vocab_size=vocab), None, tok
+    folder = Path(spec.model).expanduser()
+    if folder.exists() or "/" not in spec.model or spec.model.count("/") > 1:
+        from .models.loading import check_model_folder
+        check_model_folder(folder, spec.trust_remote_code)
+    else:  # a hub id: fetch only the small files
+        try:
+            from huggingface_hub import snapshot_download
+            folder = Path(snapshot_download(spec.model, allow_patterns=HUB_META_FILES))
+        except Exception as exc:  # offline, unknown id, gated
+            raise ModelError(spec.model, f"could not download its config: {str(exc).splitlines()[0]}") from None
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+    except Exception as exc:
+        raise ModelError(folder, f"has a config transformers cannot read: {str(exc).splitlines()[0]}") from None
+    return config, folder, load_tokenizer(folder)
+
+
+def _peak_flops(gpu: hardware.GpuInfo | None, logical_cores: int) -> float:
+    if gpu is None or gpu.compute_capability is None:
+        return max(1, logical_cores) * CPU_FLOPS_PER_CORE
+    cc = tuple(gpu.compute_capability)
+    known = [v for k, v in sorted(PEAK_FLOPS_BY_CC.items()) if k <= cc]
+    return known[-1] if known else 5e12
+
+
+def plan_job(spec: JobSpec) -> dict[str, Any]:
+    from .data import validate
+    from .licence import read_licence, scratch_licence
+    from .models.presets import count_params
+
+    config, folder, tokenizer = _model_config(spec)
+    method = spec.resolved_method
+    report = validate(spec.data, tokenizer=tokenizer)
+    tokens_exact = report.tokens is not None
+    tokens = report.tokens if tokens_exact else (report.chars if spec.tokenizer == "bytes" else report.chars // 4)
+
+    params_total = count_params(config)
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    if method == "full":
+        trainable = params_total
+    else:  # r·(in+out) per adapted projection: q,k,v,o + gate,up,down in a Llama-style block
+        inter = getattr(config, "intermediate_size", 4 * hidden)
+        trainable = layers * spec.lora_r * (8 * hidden + 3 * (hidden + inter))
+
+    hw = hardware.detect(include_torch=True)
+    gpu = None
+    if spec.device != "cpu" and hw.torch and hw.torch.get("cuda_available"):
+        gpu = hw.best_gpu()
+    device = "cuda:0" if gpu else "cpu"
+    precision = hardware.choose_precision(gpu, spec.precision)
+    available = gpu.vram_free if gpu else hw.ram_available
+    micro = spec.micro_batch_size or spec.batch_size
+    gc_on, mem = preflight.plan_gradient_checkpointing(
+        spec.gradient_checkpointing, params_total=params_total, params_trainable=trainable, num_layers=layers,
+        hidden_size=hidden, num_heads=config.num_attention_heads, vocab_size=config.vocab_size,
+        seq_len=spec.seq_len, micro_batch=micro, precision=precision, method=method, available=available,
+        device=device)
+
+    blocks = max(0, tokens // spec.seq_len)
+    train_blocks = blocks - (max(1, round(blocks * spec.eval_fraction)) if blocks >= 2 and spec.eval_fraction else 0)
+    steps = spec.steps or max(1, math.ceil((spec.epochs or 1.0) * max(1, train_blocks) / spec.batch_size))
+    flops_per_token = (6 if method == "full" else 4) * params_total * (4 / 3 if gc_on else 1)
+    eta = steps * spec.batch_size * spec.seq_len * flops_per_token / (_peak_flops(gpu, hw.cpu_cores_logical) * ASSUMED_MFU)
+
+    disk_need = preflight.estimate_disk(params_total=params_total, params_trainable=trainable, method=method,
+                                        keep=spec.keep_checkpoints)
+    out_parent = Path(spec.out).expanduser().resolve()
+    while not out_parent.exists():
+        out_parent = out_parent.parent
+    disk_free = shutil.disk_usage(out_parent).free
+    licence = scratch_licence(spec.model.split(":", 1)[1]) if spec.is_scratch else read_licence(folder, spec.model)
+    return {
+        "model": spec.model, "method": method, "precision": precision, "device": device,
+        "gpu": gpu.name if gpu else None, "params_total": params_total, "params_trainable": trainable,
+        "memory": mem.to_dict(), "verdict": mem.verdict, "advice": mem.advice, "gradient_checkpointing": gc_on,
+        "disk": {"needed": disk_need, "free": disk_free, "verdict": "fits" if disk_need < disk_free else "wont_fit"},
+        "licence": licence.to_dict(), "tokens": tokens, "tokens_exact": tokens_exact, "steps": steps,
+        "eta_s": eta, "eta_note": "a rough estimate from the hardware's speed; the real ETA shows after the first steps",
+        "dataset": report.to_dict(),
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    fb, fd = preflight.format_bytes, preflight.format_duration
+    mem, lic = plan["memory"], plan["licence"]
+    lines = [
+        f"Model: {plan['model']} ({plan['params_total']:,} parameters, {plan['params_trainable']:,} trainable), "
+        f"{plan['method']} in {plan['precision']} on {plan['gpu'] or plan['device']}",
+        f"Data: {plan['dataset']['records']:,} records, {'' if plan['tokens_exact'] else 'about '}{plan['tokens']:,} tokens; "
+        f"{plan['steps']:,} steps",
+        f"Memory: {fb(mem['total'])} estimated"
+        + (f" of {fb(mem['available'])} free" if mem.get("available") else "")
+        + f": {plan['verdict'].replace('_', ' ')}",
+        *[f"  - {a}" for a in plan["advice"]],
+        f"Disk: {fb(plan['disk']['needed'])} for checkpoints and the export ({fb(plan['disk']['free'])} free)",
+        f"Time: about {fd(plan['eta_s'])} ({plan['eta_note']})",
+        f"Licence: {lic['klass']}" + (f" ({lic['name']})" if lic.get("name") else "") + f": {lic['summary']}",
+    ]
+    if lic.get("warning"):
+        lines.append(f"  warning: {lic['warning']}")
+    return "\n".join(lines)
