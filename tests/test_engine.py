@@ -121,3 +121,14 @@ def test_data_order_is_a_function_of_seed_and_step(tmp_path):
         assert (ia == ib).all()
         seen.extend(ia.tolist())
     assert sorted(seen[:n]) == list(range(n))  # the first epoch visits every block once
+
+
+def test_pause_then_stop_queued_together_are_both_obeyed(tmp_path):
+    from training_core.controls import Controls
+    controls = Controls()
+    controls.put("pause")
+    controls.put("stop")   # arrives before the worker has even seen the pause
+    events = []
+    result = Engine(tiny_spec(tmp_path, steps=50), events.append, controls).run()
+    assert result.status == "stopped"
+    assert [e["type"] for e in events if e["type"] in ("paused", "stopped")] == ["paused", "stopped"]

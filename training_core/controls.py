@@ -13,14 +13,15 @@ class Controls:
     def put(self, kind: str) -> None:
         self._q.put(kind)
 
-    def poll(self) -> list[str]:
-        """Everything that has arrived, without waiting."""
-        out = []
-        while True:
-            try:
-                out.append(self._q.get_nowait())
-            except queue.Empty:
-                return out
+    def poll(self) -> str | None:
+        """The next message if one has arrived, without waiting.
+
+        One at a time: a `pause` obeyed now must still see the `stop` queued behind it.
+        """
+        try:
+            return self._q.get_nowait()
+        except queue.Empty:
+            return None
 
     def wait(self, timeout: float | None = None) -> str | None:
         try:

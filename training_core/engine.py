@@ -426,7 +426,7 @@ class Engine:
         self.emit("resumed", step=self.step)
 
     def handle_controls(self) -> None:
-        for msg in self.controls.poll():
+        while (msg := self.controls.poll()) is not None:
             if msg == "pause":
                 self.pause()
             elif msg == "stop":

@@ -1,0 +1,326 @@
+"""The job queue: one training worker at a time, driven from the Store so it survives a crash.
+
+Every state change is written to the Store before it is announced, so whatever the app
+shows can be rebuilt from the database after a restart (or a SIGKILL).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psutil
+from PySide6.QtCore import QObject, QTimer, Signal
+
+from training_core.config import JobSpec
+from training_core.errors import UserError
+
+from .store import Job, Store
+from .worker_process import WorkerProcess
+
+SPEC_FILE = "queue-spec.json"   # the spec the queue hands its worker, inside the run folder
+
+_STEP_SUMMARY = ("step", "total_steps", "epoch", "loss", "lr", "tokens_per_s", "eta_s", "elapsed_s",
+                 "vram_used", "vram_reserved", "ram_used", "tokens_seen")
+_STARTED_SUMMARY = ("total_steps", "device", "precision", "method", "model", "params_total",
+                    "params_trainable", "resumed_from")
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[0] if lines else "The job failed for an unknown reason."
+
+
+def _kill_orphan(pid: int, spec_path: Path) -> bool:
+    """Kill a worker left behind by an app that died, so two workers never share a run folder.
+    Only a process whose command line is our worker for this very spec is touched (pids get reused)."""
+    try:
+        proc = psutil.Process(int(pid))
+        cmd = proc.cmdline()
+        if "training_core.worker" not in cmd or str(spec_path) not in cmd:
+            return False
+        proc.kill()
+    except Exception:   # gone already, not ours, or not allowed: nothing to do
+        return False
+    # Not our child, so it may linger as a zombie until its new parent reaps it: dead is enough.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.Error:
+            break
+        time.sleep(0.05)
+    return True
+
+
+class JobQueue(QObject):
+    job_changed = Signal(int)        # a job's state or summary changed
+    job_event = Signal(int, dict)    # every event of the running job
+    queue_changed = Signal()         # jobs added, removed (finished/cancelled) or reordered; pause-all toggled
+
+    def __init__(self, store: Store, parent=None, autostart: bool = True):
+        super().__init__(parent)
+        self.store = store
+        self.autostart = autostart
+        self._worker: WorkerProcess | None = None
+        self._job_id: int | None = None
+        self._intent: str | None = None     # why we asked the worker to stop: "cancel" or "shutdown"
+        self._seen: set[str] = set()        # event types seen from the current worker
+        self._shutting_down = False
+        self._recovered = False
+        if autostart:
+            # recover() is the start-up entry point; run it even if the caller forgets.
+            QTimer.singleShot(0, self.recover)
+
+    # ---- queries --------------------------------------------------------------------------
+    @property
+    def paused_all(self) -> bool:
+        return bool(self.store.get_setting("paused_all", False))
+
+    def running_job(self) -> Job | None:
+        """The job that has a worker (training, or paused with its worker waiting)."""
+        return self.store.get_job(self._job_id) if self._worker is not None else None
+
+    def worker_pid(self) -> int | None:
+        return self._worker.pid if self._worker is not None else None
+
+    # ---- user actions ---------------------------------------------------------------------
+    def submit(self, spec: dict, name: str) -> int:
+        """Queue a job. Raises a UserError (one plain line) when the spec is not valid."""
+        spec = dict(spec)
+        if spec.get("checkpoint_every") is None and "checkpoint_minutes" not in spec:
+            minutes = self.store.get_setting("checkpoint_minutes")
+            if minutes:
+                spec["checkpoint_minutes"] = float(minutes)
+        JobSpec.from_dict({**spec, "out": spec.get("out") or "-"})   # validate before it enters the queue
+        job = self.store.add_job(spec, name)
+        # Store the complete spec, with a fixed job_id, so every worker for this job sees the same one.
+        full = JobSpec.from_dict(job.spec).to_dict()
+        self.store.update_job(job.id, spec=full)
+        self.queue_changed.emit()
+        self.job_changed.emit(job.id)
+        self._schedule()
+        return job.id
+
+    def pause(self, job_id: int) -> None:
+        job = self.store.get_job(job_id)
+        if self._owns(job_id):
+            if job.state == "running":
+                self._worker.send("pause")    # the state follows the worker's `paused` event
+        elif job.state == "queued":
+            self._set(job_id, state="paused")
+
+    def resume(self, job_id: int) -> None:
+        job = self.store.get_job(job_id)
+        if job.state != "paused":
+            return
+        if self._owns(job_id):
+            self._worker.send("resume")       # the state follows the worker's `resumed` event
+            self.store.update_job(job_id, summary={"paused_by_all": False})
+        else:
+            self._set(job_id, state="queued", summary={"paused_by_all": False})
+            self._schedule()
+
+    def cancel(self, job_id: int) -> None:
+        job = self.store.get_job(job_id)
+        if self._owns(job_id):
+            self._intent = "cancel"
+            self._worker.send("stop")         # it checkpoints and exits; _on_exit marks it cancelled
+        elif job.state in ("queued", "paused", "failed"):
+            self._set(job_id, state="cancelled", finished=time.time())
+            self.queue_changed.emit()
+
+    def retry(self, job_id: int) -> None:
+        """Queue a failed or cancelled job again, at the end; its worker resumes from the last checkpoint."""
+        job = self.store.get_job(job_id)
+        if job.state not in ("failed", "cancelled"):
+            return
+        self.store.move_job_to_end(job_id)
+        self._set(job_id, state="queued", error=None, finished=None)
+        self.queue_changed.emit()
+        self._schedule()
+
+    def move(self, job_id: int, index: int) -> None:
+        self.store.move_job(job_id, index)
+        self.queue_changed.emit()
+
+    def pause_all(self) -> None:
+        """Start nothing new, and pause the running job (it checkpoints and frees the GPU)."""
+        self.store.set_setting("paused_all", True)
+        if self._worker is not None:
+            job = self.store.get_job(self._job_id)
+            if job.state == "running":
+                self.store.update_job(job.id, summary={"paused_by_all": True})
+                self._worker.send("pause")
+        self.queue_changed.emit()
+
+    def resume_all(self) -> None:
+        self.store.set_setting("paused_all", False)
+        for job in self.store.list_jobs(("paused",)):
+            if job.summary.get("paused_by_all"):
+                self.resume(job.id)
+        self.queue_changed.emit()
+        self._schedule()
+
+    def start_next(self) -> None:
+        """Start the next queued job now if nothing runs (also when autostart is off)."""
+        self._maybe_start_next(force=True)
+
+    # ---- start-up and quit ----------------------------------------------------------------
+    def recover(self) -> None:
+        """At start-up: a job left 'running' by an app that died goes first, resuming from its checkpoint."""
+        if self._recovered or self._shutting_down:
+            return
+        self._recovered = True
+        for job in self.store.list_jobs(("running", "paused")):
+            if self._owns(job.id):
+                continue
+            pid = job.summary.get("worker_pid")
+            if pid:
+                _kill_orphan(pid, Path(job.run_dir) / SPEC_FILE)
+            if job.state == "running":
+                self.store.add_event(job.id, {"type": "recovered", "time": time.time(),
+                                              "message": "Modron was closed while this job ran; "
+                                                         "it continues from its last checkpoint"})
+                self.store.move_job(job.id, 0)
+                self._set(job.id, state="queued", summary={"worker_pid": None})
+        self.queue_changed.emit()
+        self._schedule()
+
+    def shutdown(self, timeout_ms: int = 30000) -> None:
+        """Quit: the running worker checkpoints and stops (killed after timeout_ms); the job resumes next start.
+        Blocks, on purpose: the app is going away."""
+        self._shutting_down = True
+        w = self._worker
+        if w is None:
+            return
+        job_id = self._job_id
+        self._intent = "shutdown"
+        w.send("stop")
+        if not w.wait(timeout_ms):
+            w.kill()
+            w.wait(5000)
+        if self._worker is w:   # no exit notice came through: record the outcome ourselves
+            self._worker, self._job_id = None, None
+            self._requeue_front(job_id)
+
+    # ---- internals ------------------------------------------------------------------------
+    def _owns(self, job_id: int) -> bool:
+        return self._worker is not None and self._job_id == job_id
+
+    def _set(self, job_id: int, **fields) -> None:
+        self.store.update_job(job_id, **fields)
+        self.job_changed.emit(job_id)
+
+    def _requeue_front(self, job_id: int) -> None:
+        self.store.move_job(job_id, 0)
+        self._set(job_id, state="queued", summary={"worker_pid": None})
+
+    def _schedule(self) -> None:
+        # Later, from the event loop: never start a process from inside another one's signal.
+        QTimer.singleShot(0, self._maybe_start_next)
+
+    def _maybe_start_next(self, force: bool = False) -> None:
+        if (not (self.autostart or force)) or self._shutting_down or self._worker is not None or self.paused_all:
+            return
+        job = self.store.next_queued()
+        if job is not None:
+            self._start(job)
+
+    def _start(self, job: Job) -> None:
+        spec_path = Path(job.run_dir) / SPEC_FILE
+        try:
+            JobSpec.from_dict(job.spec, where=f"job {job.name!r}").save(spec_path)
+        except (UserError, OSError) as exc:
+            self._set(job.id, state="failed", error=_one_line(str(exc)), finished=time.time())
+            self.queue_changed.emit()
+            self._schedule()
+            return
+        resume = job.attempts > 0
+        w = WorkerProcess(spec_path, resume=resume, parent=self)
+        w.event.connect(lambda ev, jid=job.id, w=w: self._on_event(jid, w, ev))
+        w.exited.connect(lambda code, reason, jid=job.id, w=w: self._on_exit(jid, w, code, reason))
+        self._worker, self._job_id, self._intent, self._seen = w, job.id, None, set()
+        self.store.update_job(job.id, state="running", attempts=job.attempts + 1, started=job.started or time.time(),
+                              finished=None, error=None)
+        w.start()
+        self._set(job.id, summary={"worker_pid": w.pid})
+        self.queue_changed.emit()
+
+    def _on_event(self, job_id: int, w: WorkerProcess, ev: dict) -> None:
+        if w is not self._worker:
+            return
+        t = ev["type"]
+        self._seen.add(t)
+        store = self.store
+        if t in ("step", "eval"):
+            store.add_metric(job_id, ev)
+        else:
+            store.add_event(job_id, ev)
+        summary: dict = {}
+        fields: dict = {}
+        if t == "step":
+            summary = {k: ev.get(k) for k in _STEP_SUMMARY}
+        elif t == "eval":
+            summary = {"eval_loss": ev.get("eval_loss"), "perplexity": ev.get("perplexity")}
+        elif t == "started":
+            if w.resume:
+                # Steps after the checkpoint are done again: drop their old points so the chart
+                # holds one history (all of it when there was no checkpoint to resume from).
+                store.truncate_metrics(job_id, ev.get("resumed_from"))
+            summary = {k: ev.get(k) for k in _STARTED_SUMMARY}
+            summary["worker_pid"] = ev.get("pid") or w.pid
+        elif t == "checkpoint":
+            summary = {"checkpoint": ev.get("path"), "checkpoint_step": ev.get("step")}
+        elif t == "paused":
+            fields["state"] = "paused"
+            summary = {"step": ev.get("step"), "vram_used": ev.get("vram_used"), "checkpoint": ev.get("checkpoint")}
+            # The worker reads the controls that arrived together as one batch and, once paused, waits for
+            # new ones: a stop or resume sent while the pause was pending may be lost. Say it again now.
+            if self._intent in ("cancel", "shutdown"):
+                w.send("stop")
+            elif store.get_job(job_id).summary.get("paused_by_all") and not self.paused_all:
+                w.send("resume")
+                summary["paused_by_all"] = False
+        elif t == "resumed":
+            fields["state"] = "running"
+        elif t == "finished":
+            summary = {"step": ev.get("step"), "loss": ev.get("final_loss"), "final_loss": ev.get("final_loss"),
+                       "final_eval_loss": ev.get("final_eval_loss"), "elapsed_s": ev.get("elapsed_s"),
+                       "checkpoint": ev.get("checkpoint"), "eta_s": 0}
+            if ev.get("final_eval_loss") is not None:
+                summary["eval_loss"] = ev["final_eval_loss"]
+            if ev.get("perplexity") is not None:
+                summary["perplexity"] = ev["perplexity"]
+        if summary or fields:
+            store.update_job(job_id, summary=summary, **fields)
+            self.job_changed.emit(job_id)
+        self.job_event.emit(job_id, ev)
+
+    def _on_exit(self, job_id: int, w: WorkerProcess, code: int, reason: str) -> None:
+        if w is not self._worker:
+            return
+        self._worker, self._job_id = None, None
+        intent, seen = self._intent, self._seen
+        self._intent = None
+        w.deleteLater()
+        now = time.time()
+        if code == 0 and "finished" in seen:
+            self._set(job_id, state="finished", finished=now, error=None, summary={"worker_pid": None})
+        elif intent == "cancel":
+            self._set(job_id, state="cancelled", finished=now, summary={"worker_pid": None})
+        elif intent == "shutdown":
+            if self.store.get_job(job_id).state == "paused":   # the user paused it: it stays paused
+                self._set(job_id, summary={"worker_pid": None})
+            else:
+                self._requeue_front(job_id)
+        elif code == 0 and "stopped" in seen:
+            # Stopped from outside (SIGTERM at logout): keep it, as if the user had paused it.
+            self._set(job_id, state="paused", summary={"worker_pid": None})
+        else:
+            if code == 0:
+                reason = "The training process exited without finishing; details are in worker.log in the run folder."
+            self._set(job_id, state="failed", finished=now, error=_one_line(reason), summary={"worker_pid": None})
+        self.queue_changed.emit()
+        if not self._shutting_down:
+            self._schedule()

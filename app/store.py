@@ -1,0 +1,330 @@
+"""The app's database: the job queue, run metrics, event logs and settings in one SQLite file.
+
+WAL mode so a reader (a second Store, a bench script) never blocks the writer, and so a
+SIGKILLed app loses nothing it had committed. No Qt here: one connection, guarded by a lock,
+usable from any thread.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+JOB_STATES = ("queued", "running", "paused", "finished", "failed", "cancelled")
+# Jobs that still belong in the queue (a failed one can be retried); the rest is history.
+ACTIVE_STATES = ("queued", "running", "paused", "failed")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error TEXT,
+    run_dir TEXT NOT NULL,
+    summary TEXT NOT NULL DEFAULT '{}',
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,             -- 'step' or 'eval'
+    step INTEGER NOT NULL,
+    time REAL NOT NULL,
+    elapsed_s REAL,
+    loss REAL,
+    eval_loss REAL,
+    perplexity REAL,
+    lr REAL,
+    tokens_per_s REAL,
+    vram_used INTEGER,
+    vram_reserved INTEGER,
+    ram_used INTEGER,
+    eta_s REAL
+);
+CREATE INDEX IF NOT EXISTS metrics_job ON metrics(job_id, time);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    type TEXT NOT NULL,
+    time REAL NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id, id);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+STEP_COLUMNS = ("step", "time", "elapsed_s", "loss", "lr", "tokens_per_s", "vram_used", "vram_reserved",
+                "ram_used", "eta_s")
+EVAL_COLUMNS = ("step", "time", "elapsed_s", "eval_loss", "perplexity")
+
+
+def eval_key(column: str) -> str:
+    """The metrics() key of an eval-row column: eval_step, eval_time, eval_elapsed_s, eval_loss, eval_perplexity."""
+    return column if column.startswith("eval_") else f"eval_{column}"
+
+
+@dataclass
+class Job:
+    id: int
+    name: str
+    spec: dict
+    state: str
+    position: int
+    created: float
+    started: float | None
+    finished: float | None
+    error: str | None
+    run_dir: str
+    summary: dict = field(default_factory=dict)   # last known figures: step, total_steps, loss, eval_loss...
+    attempts: int = 0                              # workers started for it so far (>0: the next one resumes)
+
+
+_JOB_COLS = "id, name, spec, state, position, created, started, finished, error, run_dir, summary, attempts"
+
+
+def _job(row: tuple) -> Job:
+    return Job(id=row[0], name=row[1], spec=json.loads(row[2]), state=row[3], position=row[4], created=row[5],
+               started=row[6], finished=row[7], error=row[8], run_dir=row[9], summary=json.loads(row[10] or "{}"),
+               attempts=row[11])
+
+
+def _num(value: Any) -> Any:
+    # Protocol numbers may be null (non-finite); anything else non-numeric is not a metric.
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+class Store:
+    def __init__(self, path: Path | str | None = None):
+        if path is None:
+            from training_core.paths import data_dir
+            path = data_dir() / "modron.sqlite3"
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # isolation_level=None: autocommit; multi-statement changes use explicit transactions.
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")   # WAL + NORMAL survives an app crash; fast commits
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                from training_core.errors import UserError
+                raise UserError(self.path, f"was written by a newer Modron (schema {row[0]}); update Modron to open it")
+
+    @classmethod
+    def open_default(cls) -> "Store":
+        return cls(None)
+
+    @property
+    def runs_dir(self) -> Path:
+        # Next to the database, so a data folder is self-contained (and moves as one).
+        return self.path.parent / "runs"
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _q(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ---- jobs -----------------------------------------------------------------------------
+    def add_job(self, spec: dict, name: str) -> Job:
+        spec = dict(spec)
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                pos = self._db.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM jobs").fetchone()[0]
+                cur = self._db.execute(
+                    "INSERT INTO jobs (name, spec, state, position, created, run_dir) VALUES (?, ?, 'queued', ?, ?, '')",
+                    (name, "{}", pos, now))
+                job_id = cur.lastrowid
+                if not spec.get("out"):
+                    spec["out"] = str(self.runs_dir / f"job-{job_id:05d}")
+                self._db.execute("UPDATE jobs SET spec = ?, run_dir = ? WHERE id = ?",
+                                 (json.dumps(spec), str(spec["out"]), job_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.get_job(job_id)
+
+    def get_job(self, job_id: int) -> Job:
+        rows = self._q(f"SELECT {_JOB_COLS} FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise KeyError(f"no job {job_id}")
+        return _job(rows[0])
+
+    def list_jobs(self, states=None) -> list[Job]:
+        if states:
+            states = tuple(states)
+            marks = ",".join("?" * len(states))
+            rows = self._q(f"SELECT {_JOB_COLS} FROM jobs WHERE state IN ({marks}) ORDER BY position, id", states)
+        else:
+            rows = self._q(f"SELECT {_JOB_COLS} FROM jobs ORDER BY position, id")
+        return [_job(r) for r in rows]
+
+    def update_job(self, job_id: int, **fields) -> Job:
+        allowed = {"name", "state", "started", "finished", "error", "summary", "attempts", "position", "spec"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise TypeError(f"update_job: unknown field(s) {', '.join(sorted(unknown))}")
+        if "state" in fields and fields["state"] not in JOB_STATES:
+            raise ValueError(f"unknown job state {fields['state']!r}")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if "summary" in fields:   # merged, so partial updates from different events add up
+                    row = self._db.execute("SELECT summary FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                    if row is None:
+                        raise KeyError(f"no job {job_id}")
+                    merged = json.loads(row[0] or "{}")
+                    merged.update(fields["summary"] or {})
+                    fields["summary"] = json.dumps(merged)
+                if "spec" in fields:
+                    fields["spec"] = json.dumps(fields["spec"])
+                if fields:
+                    sets = ", ".join(f"{k} = ?" for k in fields)
+                    cur = self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
+                    if cur.rowcount == 0:
+                        raise KeyError(f"no job {job_id}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.get_job(job_id)
+
+    def move_job(self, job_id: int, index: int) -> None:
+        """Put a job at `index` among the queue's jobs (ACTIVE_STATES); history keeps its places."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                marks = ",".join("?" * len(ACTIVE_STATES))
+                rows = self._db.execute(f"SELECT id, position FROM jobs WHERE state IN ({marks}) "
+                                        "ORDER BY position, id", ACTIVE_STATES).fetchall()
+                ids = [r[0] for r in rows]
+                if job_id not in ids:
+                    raise KeyError(f"job {job_id} is not in the queue")
+                # Reuse the same set of positions, so the jobs around them in history do not move.
+                slots = sorted(r[1] for r in rows)
+                if len(set(slots)) != len(slots):       # duplicates (old data): spread them out
+                    slots = list(range(slots[0], slots[0] + len(slots)))
+                ids.remove(job_id)
+                ids.insert(max(0, min(index, len(ids))), job_id)
+                for pos, jid in zip(slots, ids):
+                    self._db.execute("UPDATE jobs SET position = ? WHERE id = ?", (pos, jid))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def move_job_to_end(self, job_id: int) -> None:
+        """After every job, history included (used when a job is queued again)."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET position = (SELECT COALESCE(MAX(position), -1) + 1 FROM jobs) "
+                             "WHERE id = ?", (job_id,))
+
+    def next_queued(self) -> Job | None:
+        rows = self._q(f"SELECT {_JOB_COLS} FROM jobs WHERE state = 'queued' ORDER BY position, id LIMIT 1")
+        return _job(rows[0]) if rows else None
+
+    def delete_job(self, job_id: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    # ---- metrics --------------------------------------------------------------------------
+    def add_metric(self, job_id: int, event: dict) -> None:
+        kind = event.get("type", "step")
+        if kind not in ("step", "eval"):
+            raise ValueError(f"add_metric takes step or eval events, not {kind!r}")
+        t = _num(event.get("time")) or time.time()
+        with self._lock:
+            elapsed = _num(event.get("elapsed_s"))
+            if elapsed is None and kind == "eval":
+                # Eval events carry no clock of their own; place them on the run's training clock
+                # from the nearest step row so the time-axis chart can show them.
+                row = self._db.execute("SELECT elapsed_s, time FROM metrics WHERE job_id = ? AND kind = 'step' "
+                                       "AND step <= ? ORDER BY step DESC, id DESC LIMIT 1",
+                                       (job_id, event.get("step", 0))).fetchone()
+                if row and row[0] is not None:
+                    elapsed = row[0]
+            self._db.execute(
+                "INSERT INTO metrics (job_id, kind, step, time, elapsed_s, loss, eval_loss, perplexity, lr, "
+                "tokens_per_s, vram_used, vram_reserved, ram_used, eta_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (job_id, kind, int(event.get("step") or 0), t, elapsed, _num(event.get("loss")),
+                 _num(event.get("eval_loss")), _num(event.get("perplexity")), _num(event.get("lr")),
+                 _num(event.get("tokens_per_s")), _num(event.get("vram_used")), _num(event.get("vram_reserved")),
+                 _num(event.get("ram_used")), _num(event.get("eta_s"))))
+
+    def truncate_metrics(self, job_id: int, after_step: int | None) -> int:
+        """Drop metric rows past `after_step` (all rows when None): a resumed run redoes those steps,
+        so the chart keeps only the history that led to the checkpoint. Returns rows removed."""
+        with self._lock:
+            if after_step is None:
+                cur = self._db.execute("DELETE FROM metrics WHERE job_id = ?", (job_id,))
+            else:
+                cur = self._db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", (job_id, after_step))
+            return cur.rowcount
+
+    def metrics(self, job_id: int) -> dict[str, list]:
+        """Step series under their column names, eval series under eval_* names (see eval_key)."""
+        out: dict[str, list] = {c: [] for c in STEP_COLUMNS}
+        out.update({eval_key(c): [] for c in EVAL_COLUMNS})
+        rows = self._q("SELECT kind, step, time, elapsed_s, loss, lr, tokens_per_s, vram_used, vram_reserved, "
+                       "ram_used, eta_s, eval_loss, perplexity FROM metrics WHERE job_id = ? ORDER BY time, id",
+                       (job_id,))
+        for r in rows:
+            if r[0] == "step":
+                for col, val in zip(STEP_COLUMNS, r[1:11]):
+                    out[col].append(val)
+            else:
+                for col, val in zip(EVAL_COLUMNS, (r[1], r[2], r[3], r[11], r[12])):
+                    out[eval_key(col)].append(val)
+        return out
+
+    def metric_count(self, job_id: int) -> int:
+        return self._q("SELECT COUNT(*) FROM metrics WHERE job_id = ?", (job_id,))[0][0]
+
+    # ---- events ---------------------------------------------------------------------------
+    def add_event(self, job_id: int, event: dict) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO events (job_id, type, time, data) VALUES (?, ?, ?, ?)",
+                             (job_id, str(event.get("type", "")), _num(event.get("time")) or time.time(),
+                              json.dumps(event, ensure_ascii=False)))
+
+    def events(self, job_id: int, types: set[str] | None = None) -> list[dict]:
+        if types:
+            types = tuple(types)
+            marks = ",".join("?" * len(types))
+            rows = self._q(f"SELECT data FROM events WHERE job_id = ? AND type IN ({marks}) ORDER BY id",
+                           (job_id, *types))
+        else:
+            rows = self._q("SELECT data FROM events WHERE job_id = ? ORDER BY id", (job_id,))
+        return [json.loads(r[0]) for r in rows]
+
+    # ---- settings -------------------------------------------------------------------------
+    def get_setting(self, key: str, default=None):
+        rows = self._q("SELECT value FROM settings WHERE key = ?", (key,))
+        return json.loads(rows[0][0]) if rows else default
+
+    def set_setting(self, key: str, value) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
+                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
