@@ -1,0 +1,157 @@
+"""Settings: data folder, checkpoint interval, start with the desktop, and the swarm's idle setting."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
+                               QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from app import autostart
+from training_core.errors import UserError
+
+CHECKPOINT_SETTING = "checkpoint_minutes"
+CONTRIBUTE_SETTING = "contribute_while_idle"
+DATA_DIR_SETTING = "data_dir_next"
+DEFAULT_CHECKPOINT_MINUTES = 10
+
+
+def _note(text: str) -> QLabel:
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setStyleSheet("color: palette(dark);")
+    return label
+
+
+class SettingsView(QWidget):
+    def __init__(self, store, queue, parent=None):
+        super().__init__(parent)
+        self.store, self.queue = store, queue
+
+        title = QLabel("Settings")
+        title.setStyleSheet("font-size: 16pt; font-weight: bold;")
+
+        # Data folder: the store lives in it, so a change can only apply at the next start.
+        self.data_dir_label = QLabel()
+        self.data_dir_label.setWordWrap(True)
+        self.next_dir_label = QLabel()
+        self.next_dir_label.setWordWrap(True)
+        self.change_dir_button = QPushButton("Change…")
+        self.change_dir_button.clicked.connect(self._choose_data_dir)
+        self.default_dir_button = QPushButton("Use the default folder")
+        self.default_dir_button.clicked.connect(lambda: self.set_next_data_dir(None))
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.change_dir_button)
+        buttons.addWidget(self.default_dir_button)
+        buttons.addStretch(1)
+        data_box = QGroupBox("Data folder")
+        data_layout = QVBoxLayout(data_box)
+        data_layout.addWidget(self.data_dir_label)
+        data_layout.addWidget(self.next_dir_label)
+        data_layout.addLayout(buttons)
+        data_layout.addWidget(_note("The queue, history, settings and every run's checkpoints live here. "
+                                    "A change takes effect the next time Modron starts; what is in the old "
+                                    "folder stays there."))
+
+        self.checkpoint_spin = QSpinBox()
+        self.checkpoint_spin.setRange(1, 24 * 60)
+        self.checkpoint_spin.setSuffix(" min")
+        self.checkpoint_spin.setMaximumWidth(120)
+        self.checkpoint_spin.valueChanged.connect(lambda v: self.store.set_setting(CHECKPOINT_SETTING, int(v)))
+        train_box = QGroupBox("Training")
+        train_form = QFormLayout(train_box)
+        train_form.addRow("Save a checkpoint every", self.checkpoint_spin)
+        train_form.addRow(_note("Used by new jobs. A checkpoint is what a paused, stopped or crashed job "
+                                "continues from; more often costs a little speed and disk writes."))
+
+        self.autostart_box = QCheckBox("Start Modron when I log in (in the tray)")
+        self.autostart_box.setEnabled(autostart.supported())
+        self.autostart_box.toggled.connect(self._autostart_toggled)
+        self.autostart_error = QLabel()
+        self.autostart_error.setWordWrap(True)
+        self.autostart_error.setStyleSheet("color: #b00020;")
+        self.autostart_error.hide()
+        desktop_box = QGroupBox("Desktop")
+        desktop_layout = QVBoxLayout(desktop_box)
+        desktop_layout.addWidget(self.autostart_box)
+        desktop_layout.addWidget(self.autostart_error)
+
+        self.contribute_box = QCheckBox("Contribute while idle")
+        self.contribute_box.toggled.connect(lambda on: self.store.set_setting(CONTRIBUTE_SETTING, bool(on)))
+        swarm_box = QGroupBox("Swarm")
+        swarm_layout = QVBoxLayout(swarm_box)
+        swarm_layout.addWidget(self.contribute_box)
+        swarm_layout.addWidget(_note("Lend this computer to community training runs when Modron has nothing "
+                                     "of yours to do. The rules for when and how much come with the swarm "
+                                     "feature; for now this only records your choice (the tray menu has the "
+                                     "same switch)."))
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(title)
+        for box in (data_box, train_box, desktop_box, swarm_box):
+            layout.addWidget(box)
+        layout.addStretch(1)
+        self.reload()
+
+    def reload(self) -> None:
+        """Show what is stored now (the tray may have changed a shared setting)."""
+        from app.main import home_data_dir
+        widgets = (self.checkpoint_spin, self.autostart_box, self.contribute_box)
+        for w in widgets:
+            w.blockSignals(True)
+        self.checkpoint_spin.setValue(int(self.store.get_setting(CHECKPOINT_SETTING, DEFAULT_CHECKPOINT_MINUTES)))
+        self.autostart_box.setChecked(autostart.supported() and autostart.is_enabled())
+        self.contribute_box.setChecked(bool(self.store.get_setting(CONTRIBUTE_SETTING, False)))
+        for w in widgets:
+            w.blockSignals(False)
+        current = Path(self.store.path).parent
+        self.data_dir_label.setText(f"Now: {current}")
+        nxt = self._with_home_store(lambda s: s.get_setting(DATA_DIR_SETTING))
+        target = Path(nxt) if nxt else home_data_dir()
+        changing = target.resolve() != current.resolve()
+        self.next_dir_label.setText(f"From the next start: {target}" if changing else "")
+        self.next_dir_label.setVisible(changing)
+        self.default_dir_button.setVisible(bool(nxt))
+
+    def showEvent(self, event) -> None:
+        self.reload()
+        super().showEvent(event)
+
+    # --- data folder -------------------------------------------------------------------------
+
+    def _with_home_store(self, fn):
+        # The choice is kept in the *default* folder's store: that is where the next start looks.
+        from app.main import home_data_dir
+        from app.store import Store
+        home = home_data_dir()
+        if Path(self.store.path).parent.resolve() == home.resolve():
+            return fn(self.store)
+        store = Store(home / Path(self.store.path).name)
+        try:
+            return fn(store)
+        finally:
+            store.close()
+
+    def set_next_data_dir(self, path: str | Path | None) -> None:
+        """Use `path` as the data folder from the next start (None: back to the default)."""
+        value = str(Path(path).expanduser().resolve()) if path else None
+        self._with_home_store(lambda s: s.set_setting(DATA_DIR_SETTING, value))
+        self.reload()
+
+    def _choose_data_dir(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose Modron's data folder",
+                                                  str(Path(self.store.path).parent))
+        if folder:
+            self.set_next_data_dir(folder)
+
+    # --- autostart ---------------------------------------------------------------------------
+
+    def _autostart_toggled(self, on: bool) -> None:
+        try:
+            autostart.set_enabled(on)
+            self.autostart_error.hide()
+        except UserError as exc:
+            self.autostart_error.setText(str(exc))
+            self.autostart_error.show()
+            self.autostart_box.blockSignals(True)
+            self.autostart_box.setChecked(not on)
+            self.autostart_box.blockSignals(False)
