@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.quit_after_demo:
             watch_job(queue, store, job_id, app.exit)
 
+    if os.environ.get("MODRON_REPORT_READY"):   # for bench/gui_footprint.py: the event loop is up
+        from PySide6.QtCore import QTimer
+        QTimer.singleShot(0, lambda: print(f"modron-ready tray={tray is not None}", flush=True))
     code = app.exec()
     # Quit: the running worker checkpoints and stops (a no-op when the tray's Quit already did it).
     queue.shutdown()

@@ -1,0 +1,223 @@
+"""Live line charts that stay smooth with a day of points.
+
+Data lives in growable numpy buffers (capacity doubles, so appends are amortised O(1)) and
+pyqtgraph draws only what is visible, peak-downsampled to about one point per pixel. Appends
+only mark the chart dirty; one timer tick hands the new arrays to pyqtgraph, so a burst of
+events costs one redraw, not one per event.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QVBoxLayout, QWidget
+
+X_MODES = ("step", "time")
+REDRAW_MS = 100            # at most ~10 redraws a second however fast events come
+DOWNSAMPLE_FACTOR = 1.0   # peak mode keeps a min and a max per bin: ~2 points per pixel column
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1")
+
+
+def format_elapsed(seconds: float) -> str:
+    """Axis tick text for elapsed time: 45s, 12m, 3h05."""
+    s = int(round(seconds))
+    if abs(s) < 60:
+        return f"{s}s"
+    if abs(s) < 3600:
+        return f"{s // 60}m{s % 60:02d}" if s % 60 else f"{s // 60}m"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}"
+
+
+class ElapsedAxis(pg.AxisItem):
+    """Bottom axis that shows seconds as durations when the chart's x is time."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.as_time = False
+
+    def tickStrings(self, values, scale, spacing):
+        if not self.as_time:
+            return super().tickStrings(values, scale, spacing)
+        return [format_elapsed(v * scale) for v in values]
+
+
+def _as_array(values) -> np.ndarray:
+    return np.atleast_1d(np.asarray(values, dtype=np.float64))
+
+
+def keep_last_per_x(xs: np.ndarray) -> np.ndarray:
+    """Mask keeping a strictly increasing x: where x goes back (a run resumed from an earlier
+    checkpoint repeats steps), the later points replace the earlier ones. Vectorised."""
+    if len(xs) < 2:
+        return np.ones(len(xs), dtype=bool)
+    # point i survives if every later x is larger: x[i] < min(x[i+1:])
+    suffix_min = np.minimum.accumulate(xs[::-1])[::-1]
+    keep = np.empty(len(xs), dtype=bool)
+    keep[:-1] = xs[:-1] < suffix_min[1:]
+    keep[-1] = True
+    return keep
+
+
+class SeriesBuffer:
+    """x (step), t (elapsed seconds) and y columns in one growable block."""
+
+    def __init__(self, capacity: int = 1024):
+        self._data = np.empty((3, capacity), dtype=np.float64)
+        self.n = 0
+
+    def _reserve(self, extra: int) -> None:
+        need = self.n + extra
+        cap = self._data.shape[1]
+        if need <= cap:
+            return
+        while cap < need:
+            cap *= 2
+        grown = np.empty((3, cap), dtype=np.float64)
+        grown[:, :self.n] = self._data[:, :self.n]
+        self._data = grown
+
+    @property
+    def x(self) -> np.ndarray:
+        return self._data[0, :self.n]
+
+    @property
+    def t(self) -> np.ndarray:
+        return self._data[1, :self.n]
+
+    @property
+    def y(self) -> np.ndarray:
+        return self._data[2, :self.n]
+
+    def extend(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> None:
+        if len(x) > 1 and not np.all(np.diff(x) > 0):
+            keep = keep_last_per_x(x)
+            x, t, y = x[keep], t[keep], y[keep]
+        if self.n and len(x) and x[0] <= self._data[0, self.n - 1]:
+            # x went back (a resume repeats steps): drop our points at or after the new first x
+            self.n = int(np.searchsorted(self.x, x[0], side="left"))
+        self._reserve(len(x))
+        self._data[0, self.n:self.n + len(x)] = x
+        self._data[1, self.n:self.n + len(x)] = t
+        self._data[2, self.n:self.n + len(x)] = y
+        self.n += len(x)
+
+    def clear(self) -> None:
+        self.n = 0
+
+
+class TimeSeriesChart(QWidget):
+    """A pyqtgraph plot with named curves; x is the step or the elapsed time (`set_x_mode`)."""
+
+    def __init__(self, title: str = "", y_label: str = "", parent=None, x_mode: str = "step"):
+        super().__init__(parent)
+        self._axis = ElapsedAxis("bottom")
+        self.plot_widget = pg.PlotWidget(axisItems={"bottom": self._axis})
+        self.plot_widget.setBackground("w")
+        self.plot = self.plot_widget.getPlotItem()
+        if title:
+            self.plot.setTitle(title)
+        if y_label:
+            self.plot.setLabel("left", y_label)
+        self.plot.showGrid(x=True, y=True, alpha=0.25)
+        self.plot.getAxis("left").enableAutoSIPrefix(False)   # no "(x0.001)" beside the unit
+        self.plot.addLegend(offset=(-10, 10))
+        # Both must be set before curves are added: they are defaults for new curves.
+        self.plot.setDownsampling(auto=True, mode="peak")
+        self.plot.setClipToView(True)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.plot_widget)
+
+        self._buffers: dict[str, SeriesBuffer] = {}
+        self.curves: dict[str, pg.PlotDataItem] = {}
+        self._dirty: set[str] = set()
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(REDRAW_MS)
+        self._timer.timeout.connect(self.redraw)
+        self.x_mode = ""
+        self.set_x_mode(x_mode)
+
+    # ---- series ---------------------------------------------------------------------
+    def add_series(self, name: str, label: str | None = None, color: str | None = None,
+                   symbol: str | None = None) -> None:
+        if name in self.curves:
+            return
+        color = color or PALETTE[len(self.curves) % len(PALETTE)]
+        kwargs = {"symbol": symbol, "symbolSize": 6, "symbolBrush": color, "symbolPen": None} if symbol else {}
+        # skipFiniteCheck: non-finite values are dropped on append, so pyqtgraph need not scan for them
+        curve = self.plot.plot(name=label or name, pen=pg.mkPen(color, width=1), skipFiniteCheck=True,
+                               autoDownsampleFactor=DOWNSAMPLE_FACTOR,
+                               **kwargs)
+        self.curves[name] = curve
+        self._buffers[name] = SeriesBuffer()
+
+    def append(self, name: str, x, y, t=None) -> None:
+        """Add one point or arrays of points. `t` is elapsed seconds (for the time axis);
+        without it the step doubles as t. Points whose x or y is not finite are skipped."""
+        if name not in self.curves:
+            self.add_series(name)
+        x, y = _as_array(x), _as_array(y)
+        t = x if t is None else _as_array(t)
+        ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(t)
+        if not ok.all():
+            x, y, t = x[ok], y[ok], t[ok]
+        if len(x) == 0:
+            return
+        self._buffers[name].extend(x, t, y)
+        self._mark(name)
+
+    def set_series(self, name: str, xs, ys, ts=None) -> None:
+        """Replace a series' points (e.g. reloaded from the store)."""
+        if name not in self.curves:
+            self.add_series(name)
+        self._buffers[name].clear()
+        self.append(name, xs, ys, ts)
+        self._mark(name)
+
+    def count(self, name: str) -> int:
+        buf = self._buffers.get(name)
+        return buf.n if buf else 0
+
+    def data(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The (x, y) a series shows in the current x mode (views, not copies)."""
+        buf = self._buffers[name]
+        return (buf.t if self.x_mode == "time" else buf.x), buf.y
+
+    def series_names(self) -> list[str]:
+        return list(self.curves)
+
+    def clear(self) -> None:
+        for name, buf in self._buffers.items():
+            buf.clear()
+            self._dirty.add(name)
+        self.redraw()
+
+    # ---- display --------------------------------------------------------------------
+    def set_x_mode(self, mode: str) -> None:
+        if mode not in X_MODES:
+            raise ValueError(f"x mode must be one of {X_MODES}")
+        if mode == self.x_mode:
+            return
+        self.x_mode = mode
+        self._axis.as_time = mode == "time"
+        self.plot.setLabel("bottom", "elapsed time" if mode == "time" else "step")
+        self._axis.picture = None      # re-render tick labels in the new format
+        self._dirty.update(self.curves)
+        self.redraw()
+        self.plot.enableAutoRange()
+
+    def _mark(self, name: str) -> None:
+        self._dirty.add(name)
+        if not self._timer.isActive():
+            self._timer.start()
+
+    def redraw(self) -> None:
+        """Push pending data to pyqtgraph now (the timer does this on its own)."""
+        self._timer.stop()
+        for name in self._dirty:
+            x, y = self.data(name)
+            # Hand over views: the buffer only grows past n, so these stay valid until the
+            # next setData, and pyqtgraph copies nothing.
+            self.curves[name].setData(x, y)
+        self._dirty.clear()

@@ -1,0 +1,247 @@
+"""History: finished, failed and cancelled runs with their final figures and charts from the store,
+plus "Open output folder" and "Export merged model…" (a CliTask: merging loads torch)."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from PySide6.QtCore import Qt, QTimer, QUrl
+from PySide6.QtGui import QDesktopServices
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QPushButton,
+                               QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+
+from app.cli_task import CliTask
+from app.views.run_view import RunCharts
+from training_core.preflight import format_duration
+
+HISTORY_STATES = ("finished", "failed", "cancelled")
+COLUMNS = ("Name", "Model", "State", "Ended", "Steps", "Final loss", "Eval loss", "Duration")
+REFRESH_MS = 500
+
+
+def _fmt_loss(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else ""
+
+
+def final_figures(job) -> dict[str, str]:
+    """The texts of a job's row: final loss/eval loss (finished event, else the last known)."""
+    s = job.summary
+    loss = s.get("final_loss", s.get("loss"))
+    eval_loss = s.get("final_eval_loss", s.get("eval_loss"))
+    step, total = s.get("step"), s.get("total_steps")
+    steps = f"{step:,}" if isinstance(step, int) else ""
+    if steps and isinstance(total, int) and total != step:
+        steps += f" / {total:,}"
+    duration = s.get("elapsed_s")
+    return {"loss": _fmt_loss(loss), "eval_loss": _fmt_loss(eval_loss), "steps": steps,
+            "duration": format_duration(duration) if duration is not None else "",
+            "ended": time.strftime("%Y-%m-%d %H:%M", time.localtime(job.finished)) if job.finished else ""}
+
+
+def export_target(folder: str, job_name: str) -> Path:
+    """Export into the chosen folder when it is empty, else into a new subfolder named after the job."""
+    folder = Path(folder)
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return folder
+    base = re.sub(r"[^\w.-]+", "-", job_name).strip("-") or "model"
+    target = folder / f"{base}-merged"
+    n = 2
+    while target.exists():
+        target = folder / f"{base}-merged-{n}"
+        n += 1
+    return target
+
+
+class HistoryView(QWidget):
+    def __init__(self, store, queue, parent=None):
+        super().__init__(parent)
+        self.store, self.queue = store, queue
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.verticalHeader().setVisible(False)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeToContents)
+        header.setSectionResizeMode(0, QHeaderView.Stretch)
+        self.table.itemSelectionChanged.connect(self._on_selection)
+
+        self.open_btn = QPushButton("Open output folder")
+        self.export_btn = QPushButton("Export merged model…")
+        self.open_btn.clicked.connect(self.open_output_folder)
+        self.export_btn.clicked.connect(self._choose_export_folder)
+        self.detail = QLabel("")
+        self.detail.setWordWrap(True)
+        self.detail.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.export_status = QLabel("")
+        self.export_status.setWordWrap(True)
+        self.export_status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.charts = RunCharts()
+
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.open_btn)
+        buttons.addWidget(self.export_btn)
+        buttons.addStretch(1)
+        lower = QWidget()
+        lower_layout = QVBoxLayout(lower)
+        lower_layout.setContentsMargins(0, 0, 0, 0)
+        lower_layout.addWidget(self.detail)
+        lower_layout.addLayout(buttons)
+        lower_layout.addWidget(self.export_status)
+        lower_layout.addWidget(self.charts, 1)
+        split = QSplitter(Qt.Vertical)
+        split.addWidget(self.table)
+        split.addWidget(lower)
+        split.setStretchFactor(1, 3)
+        self.empty_label = QLabel("No finished runs yet.")
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.empty_label)
+        layout.addWidget(split, 1)
+
+        self.job_ids: list[int] = []
+        self.job_id: int | None = None          # the job whose charts are shown
+        self._export: CliTask | None = None
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(REFRESH_MS)
+        self._timer.timeout.connect(self.refresh)
+        # Steps of a running job change nothing here; state changes (and new jobs) do.
+        queue.queue_changed.connect(self._schedule)
+        queue.job_changed.connect(self._on_job_changed)
+        self.refresh()
+
+    # ---- table --------------------------------------------------------------------------
+    def _on_job_changed(self, job_id: int) -> None:
+        try:
+            state = self.store.get_job(job_id).state
+        except KeyError:
+            return
+        if (state in HISTORY_STATES) != (job_id in self.job_ids):
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._timer.isActive():
+            self._timer.start()
+
+    def refresh(self) -> None:
+        self._timer.stop()
+        jobs = sorted(self.store.list_jobs(HISTORY_STATES), key=lambda j: j.finished or j.created, reverse=True)
+        self.job_ids = [j.id for j in jobs]
+        self.table.blockSignals(True)
+        self.table.setRowCount(len(jobs))
+        for row, job in enumerate(jobs):
+            f = final_figures(job)
+            texts = (job.name, str(job.spec.get("model", "")), job.state, f["ended"], f["steps"], f["loss"],
+                     f["eval_loss"], f["duration"])
+            for col, text in enumerate(texts):
+                item = QTableWidgetItem(text)
+                if col == 2 and job.error:
+                    item.setToolTip(job.error)
+                self.table.setItem(row, col, item)
+        self.table.blockSignals(False)
+        self.empty_label.setVisible(not jobs)
+        if self.job_id in self.job_ids:
+            self.table.selectRow(self.job_ids.index(self.job_id))
+        elif self.job_id is not None:
+            self.select_job(None)
+        self._update_buttons()
+
+    def row_texts(self, job_id: int) -> list[str]:
+        row = self.job_ids.index(job_id)
+        return [self.table.item(row, c).text() for c in range(len(COLUMNS))]
+
+    # ---- selection ----------------------------------------------------------------------
+    def _on_selection(self) -> None:
+        rows = self.table.selectionModel().selectedRows()
+        job_id = self.job_ids[rows[0].row()] if rows else None
+        if job_id != self.job_id:
+            self.select_job(job_id)
+
+    def select_job(self, job_id: int | None) -> None:
+        """Show a run's details and reload its charts from the store."""
+        self.job_id = job_id
+        self.export_status.clear()
+        if job_id is None:
+            self.charts.clear()
+            self.detail.clear()
+            self.table.clearSelection()
+            self._update_buttons()
+            return
+        if job_id in self.job_ids:
+            row = self.job_ids.index(job_id)
+            if not self.table.selectionModel().isRowSelected(row):
+                self.table.blockSignals(True)
+                self.table.selectRow(row)
+                self.table.blockSignals(False)
+        job = self.store.get_job(job_id)
+        self.charts.load(self.store.metrics(job_id))
+        lines = [f"<b>{_esc(job.name)}</b> · {job.state} · output: {_esc(job.run_dir)}"]
+        if job.error:
+            lines.append(f"<span style='color:#c62828'>{_esc(job.error)}</span>")
+        samples = self.store.events(job_id, {"sample"})
+        if samples:
+            last = [s for s in samples if s.get("step") == samples[-1].get("step")]
+            lines.append("Last samples: " + " | ".join(_esc(f"{s.get('prompt', '')}{s.get('text', '')}"[:120])
+                                                       for s in last))
+        self.detail.setText("<br>".join(lines))
+        self._update_buttons()
+
+    def _update_buttons(self) -> None:
+        job = self._job()
+        has_output = job is not None and Path(job.run_dir).is_dir()
+        self.open_btn.setEnabled(has_output)
+        has_checkpoint = has_output and (Path(job.run_dir) / "checkpoints").is_dir()
+        self.export_btn.setEnabled(has_checkpoint and self._export is None)
+
+    def _job(self):
+        if self.job_id is None:
+            return None
+        try:
+            return self.store.get_job(self.job_id)
+        except KeyError:
+            return None
+
+    # ---- actions ------------------------------------------------------------------------
+    def open_output_folder(self) -> bool:
+        job = self._job()
+        if job is None:
+            return False
+        return QDesktopServices.openUrl(QUrl.fromLocalFile(job.run_dir))
+
+    def _choose_export_folder(self) -> None:
+        job = self._job()
+        if job is None:
+            return
+        folder = QFileDialog.getExistingDirectory(self, "Export the merged model to a folder")
+        if folder:
+            self.export_merged(str(export_target(folder, job.name)))
+
+    def export_merged(self, out: str) -> CliTask | None:
+        """Write the selected run's merged model to `out` (in a subprocess)."""
+        job = self._job()
+        if job is None or self._export is not None:
+            return None
+        task = CliTask(["export", job.run_dir, "--merged", out], parent=self, json=False)
+        task.done.connect(lambda _text, o=out: self._export_done(f"Merged model written to {o}", ok=True))
+        task.failed.connect(lambda message: self._export_done(message, ok=False))
+        self._export = task
+        self.export_status.setStyleSheet("")
+        self.export_status.setText(f"Exporting to {out}…")
+        self._update_buttons()
+        task.start()
+        return task
+
+    def _export_done(self, message: str, ok: bool) -> None:
+        self._export = None
+        self.export_status.setStyleSheet("" if ok else "color: #c62828;")
+        self.export_status.setText(message)
+        self._update_buttons()
+
+    def exporting(self) -> bool:
+        return self._export is not None
+
+
+def _esc(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -1,0 +1,465 @@
+"""New finetune: data, model, method and length, a pre-flight check, then "Add to queue".
+
+The check runs `training_core.cli plan` (a subprocess: it reads model configs with
+transformers), and "Add to queue" only unlocks once a check passed for exactly the form's
+current values, so what is queued is what was checked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox,
+                               QHBoxLayout, QLabel, QLineEdit, QMessageBox, QPushButton, QRadioButton,
+                               QDoubleSpinBox, QScrollArea, QSpinBox, QToolButton, QVBoxLayout, QWidget)
+
+from app.cli_task import CliTask
+from app.views.drop_zone import ERROR_STYLE, WARN_STYLE, DatasetPanel
+from training_core.config import JobSpec
+from training_core.errors import UserError
+from training_core.preflight import format_bytes, format_duration
+
+PRESETS = (("tiny", "~1 M parameters, minutes on a CPU"), ("mini", "~10 M, fine on a CPU"),
+           ("small", "~40 M, a small GPU helps"), ("base", "~125 M, needs a GPU"),
+           ("medium", "~350 M, needs a good GPU"))
+LOCAL, HUB = "local", "hub"
+METHODS = (("lora", "LoRA (small adapters, little memory)"), ("full", "Full (every weight)"),
+           ("qlora", "QLoRA (4-bit base, least memory; NVIDIA GPU)"))
+VERDICT_TEXT = {"fits": ("Fits", "color: #2e7d32;"), "tight": ("Tight: it may fit", WARN_STYLE),
+                "wont_fit": ("Won't fit", ERROR_STYLE)}
+
+
+def spec_to_args(spec: dict) -> list[str]:
+    """`finetune`/`plan` job arguments for a spec dict (the inverse of the CLI's spec_from_args)."""
+    args = ["--model", spec["model"], "--data", *spec["data"]]
+    flags = (("method", "--method"), ("steps", "--steps"), ("epochs", "--epochs"), ("batch_size", "--batch-size"),
+             ("micro_batch_size", "--micro-batch-size"), ("seq_len", "--seq-len"), ("lr", "--lr"),
+             ("checkpoint_every", "--checkpoint-every"), ("eval_every", "--eval-every"),
+             ("precision", "--precision"), ("tokenizer", "--tokenizer"), ("threads", "--threads"))
+    for key, flag in flags:
+        if spec.get(key) is not None:
+            args += [flag, str(spec[key])]
+    if spec.get("gradient_checkpointing") is not None:
+        args.append("--gradient-checkpointing" if spec["gradient_checkpointing"] else "--no-gradient-checkpointing")
+    if spec.get("trust_remote_code"):
+        args.append("--trust-remote-code")
+    return args
+
+
+def _optional_spin(maximum: int, special: str) -> QSpinBox:
+    # 0 shows as `special` ("auto", "same as batch"...) and means "leave it to the engine".
+    box = QSpinBox()
+    box.setRange(0, maximum)
+    box.setSpecialValueText(special)
+    return box
+
+
+class NewFinetuneView(QWidget):
+    submitted = Signal(int)        # job id, after "Add to queue"
+    demo_submitted = Signal(int)   # job id of the demo; the main window switches to the Run view
+
+    def __init__(self, store, queue, parent=None):
+        super().__init__(parent)
+        self.store, self.queue = store, queue
+        self.plan: dict | None = None
+        self._plan_args: list[str] | None = None
+        self._task: CliTask | None = None
+        self._build()
+        self._on_model_kind()
+        self._invalidate()
+
+    # ---- layout -------------------------------------------------------------------------
+    def _build(self) -> None:
+        self.dataset = DatasetPanel()
+        self.demo_btn = QPushButton("Try the demo")
+        self.demo_btn.setToolTip("Train a tiny model on bundled stories (about a minute) and watch the charts")
+        self.demo_btn.clicked.connect(self.try_demo)
+        data_box = QGroupBox("1. Your data")
+        data_layout = QVBoxLayout(data_box)
+        data_layout.addWidget(self.dataset)
+        demo_row = QHBoxLayout()
+        demo_row.addWidget(QLabel("Nothing to train on yet?"))
+        demo_row.addWidget(self.demo_btn)
+        demo_row.addStretch(1)
+        self.demo_row = QWidget()
+        self.demo_row.setLayout(demo_row)
+        data_layout.addWidget(self.demo_row)
+
+        # model
+        self.model_combo = QComboBox()
+        for name, desc in PRESETS:
+            self.model_combo.addItem(f"New model from scratch: {name} ({desc})", f"scratch:{name}")
+        self.model_combo.addItem("A model folder on this computer…", LOCAL)
+        self.model_combo.addItem("A Hugging Face hub model id", HUB)
+        self.model_edit = QLineEdit()
+        self.browse_btn = QPushButton("Browse…")
+        self.browse_btn.clicked.connect(self._browse_model)
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_edit, 1)
+        model_row.addWidget(self.browse_btn)
+        self.model_row = QWidget()
+        self.model_row.setLayout(model_row)
+        self.method_combo = QComboBox()
+        for key, text in METHODS:
+            self.method_combo.addItem(text, key)
+        self.model_combo.currentIndexChanged.connect(self._on_model_kind)
+
+        # length
+        self.steps_radio = QRadioButton("Steps")
+        self.epochs_radio = QRadioButton("Epochs")
+        self.steps_radio.setChecked(True)
+        group = QButtonGroup(self)
+        group.addButton(self.steps_radio)
+        group.addButton(self.epochs_radio)
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(1, 10_000_000)
+        self.steps_spin.setValue(1000)
+        self.epochs_spin = QDoubleSpinBox()
+        self.epochs_spin.setRange(0.01, 1000)
+        self.epochs_spin.setValue(1.0)
+        length_row = QHBoxLayout()
+        for w in (self.steps_radio, self.steps_spin, self.epochs_radio, self.epochs_spin):
+            length_row.addWidget(w)
+        length_row.addStretch(1)
+        self.steps_radio.toggled.connect(self._on_length_kind)
+        self.name_edit = QLineEdit()
+        self.name_edit.setPlaceholderText("a name for the queue (default: from the data and model)")
+
+        model_box = QGroupBox("2. Model and training")
+        form = QFormLayout(model_box)
+        form.addRow("Model", self.model_combo)
+        form.addRow("", self.model_row)
+        form.addRow("Method", self.method_combo)
+        form.addRow("Length", length_row)
+        form.addRow("Name", self.name_edit)
+
+        # advanced
+        self.advanced_btn = QToolButton()
+        self.advanced_btn.setText("Advanced")
+        self.advanced_btn.setCheckable(True)
+        self.advanced_btn.setToolButtonStyle(Qt.ToolButtonTextBesideIcon)
+        self.advanced_btn.setArrowType(Qt.RightArrow)
+        self.advanced_btn.toggled.connect(self._toggle_advanced)
+        self.advanced = QWidget()
+        adv = QFormLayout(self.advanced)
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(1, 4096)
+        self.batch_spin.setValue(8)
+        self.micro_spin = _optional_spin(4096, "same as batch")
+        self.seq_spin = QSpinBox()
+        self.seq_spin.setRange(8, 131072)
+        self.seq_spin.setValue(256)
+        self.lr_edit = QLineEdit()
+        self.lr_edit.setPlaceholderText("auto (3e-4 full, 2e-4 LoRA)")
+        self.ckpt_spin = _optional_spin(10_000_000, "by time (Settings)")
+        self.ckpt_spin.setSuffix(" steps")
+        self.eval_spin = _optional_spin(10_000_000, "at each checkpoint")
+        self.eval_spin.setSuffix(" steps")
+        self.precision_combo = QComboBox()
+        for p in ("auto", "bf16", "fp16", "fp32"):
+            self.precision_combo.addItem(p, p)
+        self.gc_combo = QComboBox()
+        for text, value in (("auto (on when memory is short)", None), ("on", True), ("off", False)):
+            self.gc_combo.addItem(text, value)
+        self.tokenizer_combo = QComboBox()
+        for text, value in (("auto", "auto"), ("train one on my data", "train"), ("bytes", "bytes")):
+            self.tokenizer_combo.addItem(text, value)
+        self.threads_spin = _optional_spin(512, "auto")
+        self.trust_check = QCheckBox("Trust remote code")
+        self.trust_warning = QLabel("Runs Python code shipped with the model on this computer. "
+                                    "Only turn this on for models whose authors you trust.")
+        self.trust_warning.setWordWrap(True)
+        self.trust_warning.setStyleSheet(WARN_STYLE)
+        self.trust_check.toggled.connect(self.trust_warning.setVisible)
+        self.trust_warning.setVisible(False)
+        adv.addRow("Batch size", self.batch_spin)
+        adv.addRow("Micro-batch", self.micro_spin)
+        adv.addRow("Sequence length", self.seq_spin)
+        adv.addRow("Learning rate", self.lr_edit)
+        adv.addRow("Checkpoint every", self.ckpt_spin)
+        adv.addRow("Evaluate every", self.eval_spin)
+        adv.addRow("Precision", self.precision_combo)
+        adv.addRow("Gradient checkpointing", self.gc_combo)
+        adv.addRow("Tokenizer (scratch)", self.tokenizer_combo)
+        adv.addRow("CPU threads", self.threads_spin)
+        adv.addRow(self.trust_check)
+        adv.addRow(self.trust_warning)
+        self.advanced.setVisible(False)
+        form.addRow(self.advanced_btn)
+        form.addRow(self.advanced)
+
+        # check and queue
+        self.check_btn = QPushButton("Check")
+        self.check_btn.setToolTip("Estimate memory, time and disk and read the model's licence")
+        self.check_btn.clicked.connect(self.check)
+        self.add_btn = QPushButton("Add to queue")
+        self.add_btn.clicked.connect(self.add_to_queue)
+        self.plan_status = QLabel("")
+        self.plan_status.setWordWrap(True)
+        self.verdict_label = QLabel("")
+        self.verdict_label.setWordWrap(True)
+        self.details_label = QLabel("")
+        self.details_label.setWordWrap(True)
+        self.licence_label = QLabel("")
+        self.licence_label.setWordWrap(True)
+        check_box = QGroupBox("3. Check and queue")
+        check_layout = QVBoxLayout(check_box)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.check_btn)
+        buttons.addWidget(self.add_btn)
+        buttons.addStretch(1)
+        check_layout.addLayout(buttons)
+        for w in (self.plan_status, self.verdict_label, self.details_label, self.licence_label):
+            check_layout.addWidget(w)
+
+        body = QWidget()
+        body_layout = QVBoxLayout(body)
+        for box in (data_box, model_box, check_box):
+            body_layout.addWidget(box)
+        body_layout.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(body)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+
+        # Any change makes the last check stale.
+        self.dataset.drop_zone.paths_changed.connect(self._invalidate)
+        self.dataset.validated.connect(lambda _r: self._update_buttons())
+        self.dataset.invalid.connect(lambda _m: self._update_buttons())
+        for sig in (self.model_combo.currentIndexChanged, self.method_combo.currentIndexChanged,
+                    self.model_edit.textChanged, self.steps_radio.toggled, self.steps_spin.valueChanged,
+                    self.epochs_spin.valueChanged, self.batch_spin.valueChanged, self.micro_spin.valueChanged,
+                    self.seq_spin.valueChanged, self.lr_edit.textChanged, self.ckpt_spin.valueChanged,
+                    self.eval_spin.valueChanged, self.precision_combo.currentIndexChanged,
+                    self.gc_combo.currentIndexChanged, self.tokenizer_combo.currentIndexChanged,
+                    self.threads_spin.valueChanged, self.trust_check.toggled):
+            sig.connect(self._invalidate)
+
+    def _toggle_advanced(self, on: bool) -> None:
+        self.advanced.setVisible(on)
+        self.advanced_btn.setArrowType(Qt.DownArrow if on else Qt.RightArrow)
+
+    def _on_model_kind(self, *_):
+        kind = self.model_combo.currentData()
+        self.model_row.setVisible(kind in (LOCAL, HUB))
+        self.browse_btn.setVisible(kind == LOCAL)
+        self.model_edit.setPlaceholderText("e.g. Qwen/Qwen2.5-0.5B" if kind == HUB else "a folder with config.json")
+        # Default method by model kind: full from scratch (LoRA needs a pretrained base), LoRA otherwise.
+        self.method_combo.setCurrentIndex(self.method_combo.findData("full" if self._is_scratch() else "lora"))
+        self.tokenizer_combo.setEnabled(self._is_scratch())
+
+    def _on_length_kind(self, steps: bool) -> None:
+        self.steps_spin.setEnabled(steps)
+        self.epochs_spin.setEnabled(not steps)
+
+    def _is_scratch(self) -> bool:
+        return str(self.model_combo.currentData()).startswith("scratch:")
+
+    def _browse_model(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a model folder (with config.json)")
+        if folder:
+            self.model_edit.setText(folder)
+
+    def set_model(self, model: str) -> None:
+        """Select a preset ("scratch:NAME"), a local folder or a hub id."""
+        index = self.model_combo.findData(model)
+        if index >= 0:
+            self.model_combo.setCurrentIndex(index)
+            return
+        kind = LOCAL if Path(model).expanduser().exists() else HUB
+        self.model_combo.setCurrentIndex(self.model_combo.findData(kind))
+        self.model_edit.setText(model)
+
+    # ---- the spec -----------------------------------------------------------------------
+    def model_id(self) -> str:
+        kind = self.model_combo.currentData()
+        return self.model_edit.text().strip() if kind in (LOCAL, HUB) else kind
+
+    def build_spec(self) -> dict:
+        """The job spec the form describes (without `out`: the store picks the run folder; nor
+        checkpoint_minutes: the queue fills in the Settings value).
+        Raises UserError (one line) when a field is wrong."""
+        model = self.model_id()
+        if not model:
+            raise UserError("Model", "choose a model folder or type a hub id")
+        if not self.dataset.paths():
+            raise UserError("Data", "drop some files or folders first")
+        lr_text = self.lr_edit.text().strip()
+        try:
+            lr = float(lr_text) if lr_text else None
+        except ValueError:
+            raise UserError("Learning rate", f"{lr_text!r} is not a number (try 2e-4)") from None
+        spec = {
+            "model": model,
+            "data": self.dataset.paths(),
+            "method": self.method_combo.currentData(),
+            "steps": self.steps_spin.value() if self.steps_radio.isChecked() else None,
+            "epochs": None if self.steps_radio.isChecked() else self.epochs_spin.value(),
+            "batch_size": self.batch_spin.value(),
+            "micro_batch_size": self.micro_spin.value() or None,
+            "seq_len": self.seq_spin.value(),
+            "lr": lr,
+            "checkpoint_every": self.ckpt_spin.value() or None,
+            "eval_every": self.eval_spin.value() or None,
+            "precision": self.precision_combo.currentData(),
+            "gradient_checkpointing": self.gc_combo.currentData(),
+            "trust_remote_code": self.trust_check.isChecked(),
+            "tokenizer": self.tokenizer_combo.currentData() if self._is_scratch() else "auto",
+            "threads": self.threads_spin.value() or None,
+        }
+        JobSpec.from_dict({**spec, "out": "-"}, where="New finetune")   # the engine's own checks, early
+        return spec
+
+    def job_name(self, spec: dict) -> str:
+        name = self.name_edit.text().strip()
+        if name:
+            return name
+        data = Path(spec["data"][0]).name or spec["data"][0]
+        return f"{data} · {spec['model'].split('/')[-1]}"
+
+    # ---- check and queue ----------------------------------------------------------------
+    def check(self) -> None:
+        """Run the pre-flight plan for the form's values."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self._invalidate()
+        try:
+            args = ["plan", *spec_to_args(self.build_spec()), "--json"]
+        except UserError as exc:
+            self._show_error(str(exc))
+            return
+        task = CliTask(args, parent=self)
+        task.done.connect(lambda plan, t=task, a=args: self._plan_done(t, a, plan))
+        task.failed.connect(lambda message, t=task: self._plan_failed(t, message))
+        self._task = task
+        self.plan_status.setStyleSheet("")
+        self.plan_status.setText("Checking memory, time, disk and licence…")
+        self._update_buttons()
+        task.start()
+
+    def _plan_done(self, task, args, plan) -> None:
+        if task is not self._task:
+            return
+        self._task = None
+        self.show_plan(plan, args)
+
+    def _plan_failed(self, task, message: str) -> None:
+        if task is not self._task:
+            return
+        self._task = None
+        self._show_error(message)
+
+    def show_plan(self, plan: dict, args: list[str] | None = None) -> None:
+        """Show a plan (the `plan --json` output). `args`: what it was run with; None: the form now."""
+        if args is None:
+            try:
+                args = ["plan", *spec_to_args(self.build_spec()), "--json"]
+            except UserError:
+                args = None
+        self.plan, self._plan_args = plan, args
+        verdict = plan.get("verdict", "")
+        text, style = VERDICT_TEXT.get(verdict, (verdict, ""))
+        mem = plan.get("memory") or {}
+        where = "GPU memory" if str(plan.get("device", "")).startswith("cuda") else "memory"
+        avail = f" of {format_bytes(mem['available'])} free" if mem.get("available") else ""
+        lines = [f"<b>{text}</b>: about {format_bytes(mem.get('total', 0))} of {where}{avail}"]
+        lines += [f"• {a}" for a in plan.get("advice") or []]
+        self.verdict_label.setStyleSheet(style)
+        self.verdict_label.setText("<br>".join(_html(l) if i else l for i, l in enumerate(lines)))
+
+        disk = plan.get("disk") or {}
+        eta = plan.get("eta_s")
+        details = [f"Model: {plan.get('model')} · {plan.get('method')} · {plan.get('precision')} on {plan.get('device')}",
+                   f"Parameters: {plan.get('params_total', 0):,} ({plan.get('params_trainable', 0):,} trained)",
+                   f"Steps: {plan.get('steps', '?'):,}" if isinstance(plan.get('steps'), int) else "",
+                   (f"Estimated time: {format_duration(eta)}" if eta is not None else "Estimated time: unknown")
+                   + (f" ({plan['eta_note']})" if plan.get("eta_note") else ""),
+                   f"Disk: needs {format_bytes(disk.get('needed', 0))}, {format_bytes(disk.get('free', 0))} free"
+                   + (" (not enough)" if disk.get("verdict") == "wont_fit" else "")]
+        self.details_label.setText("\n".join(d for d in details if d))
+
+        lic = plan.get("licence") or {}
+        name = f" ({lic['name']})" if lic.get("name") else ""
+        lic_text = f"Licence: {lic.get('klass', 'unknown')}{name}. {lic.get('summary', '')}"
+        if lic.get("warning"):
+            lic_text += f"\n⚠ {lic['warning']}"
+        self.licence_label.setStyleSheet(WARN_STYLE if lic.get("warning") else "")
+        self.licence_label.setText(lic_text)
+        self.plan_status.setStyleSheet("")
+        self.plan_status.setText("Checked. Add it to the queue when you are ready." if args == self._current_args()
+                                 else "Settings changed during the check: check again before queueing.")
+        self._update_buttons()
+
+    def _show_error(self, message: str) -> None:
+        self.plan, self._plan_args = None, None
+        self.plan_status.setStyleSheet(ERROR_STYLE)
+        self.plan_status.setText(message)
+        self._update_buttons()
+
+    def _invalidate(self, *_) -> None:
+        if self.plan is not None or self._plan_args is not None:
+            self.plan_status.setStyleSheet("")
+            self.plan_status.setText("Settings changed: check again before queueing.")
+        self.plan, self._plan_args = None, None
+        self.verdict_label.clear()
+        self.details_label.clear()
+        self.licence_label.clear()
+        self._update_buttons()
+
+    def _current_args(self) -> list[str] | None:
+        try:
+            return ["plan", *spec_to_args(self.build_spec()), "--json"]
+        except UserError:
+            return None
+
+    def can_submit(self) -> bool:
+        return (self.plan is not None and self._task is None and not self.dataset.busy()
+                and self._plan_args is not None and self._plan_args == self._current_args())
+
+    def _update_buttons(self) -> None:
+        self.add_btn.setEnabled(self.can_submit())
+        self.check_btn.setEnabled(self._task is None)
+        self.demo_row.setVisible(not self.dataset.paths())
+
+    def needs_confirmation(self) -> str | None:
+        """Why the user should confirm before queueing (won't fit, licence warning), or None."""
+        if not self.plan:
+            return None
+        reasons = []
+        if self.plan.get("verdict") == "wont_fit":
+            reasons.append("The check says this job won't fit in memory:\n"
+                           + "\n".join(f"• {a}" for a in self.plan.get("advice") or []))
+        warning = (self.plan.get("licence") or {}).get("warning")
+        if warning:
+            reasons.append(f"Licence: {warning}")
+        return "\n\n".join(reasons) or None
+
+    def add_to_queue(self) -> int | None:
+        if not self.can_submit():
+            return None
+        spec = self.build_spec()
+        reason = self.needs_confirmation()
+        if reason:
+            answer = QMessageBox.question(self, "Add to queue anyway?", reason + "\n\nAdd it to the queue anyway?",
+                                          QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+            if answer != QMessageBox.Yes:
+                return None
+        job_id = self.queue.submit(spec, self.job_name(spec))
+        self.plan_status.setStyleSheet("")
+        self.plan_status.setText("Added to the queue.")
+        self.submitted.emit(job_id)
+        return job_id
+
+    def try_demo(self) -> int:
+        # The dashboard's helper, so both "Try the demo" buttons queue the very same job.
+        from app.views.dashboard import submit_demo
+        job_id = submit_demo(self.queue)
+        self.demo_submitted.emit(job_id)
+        return job_id
+
+
+def _html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

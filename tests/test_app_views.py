@@ -1,0 +1,505 @@
+"""The app's views (charts, drop zone, new finetune, queue, run, history) with real subprocesses."""
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
+from PySide6.QtGui import QDragEnterEvent, QDropEvent
+from PySide6.QtWidgets import QApplication, QMessageBox
+
+from app.charts import TimeSeriesChart, keep_last_per_x
+from app.job_queue import JobQueue
+from app.store import Store
+from app.views.drop_zone import DatasetPanel
+from app.views.history import HistoryView, export_target
+from app.views.new_finetune import NewFinetuneView, spec_to_args
+from app.views.queue_view import QueueView
+from app.views.run_view import RunView
+from tests.helpers import write_text_dataset
+
+CLI_TIMEOUT_MS = 60_000
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def drag_and_drop(widget, mime: QMimeData) -> bool:
+    """Send a real drag-enter and, if the widget accepts it, the drop. Returns whether the enter was accepted."""
+    pos = widget.rect().center()
+    with warnings.catch_warnings():   # PySide6 flags the only QDragEnterEvent constructor it binds as deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        enter = QDragEnterEvent(pos, Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
+    enter.ignore()   # only the widget's own acceptProposedAction() may accept it
+    QApplication.sendEvent(widget, enter)
+    if not enter.isAccepted():
+        return False
+    drop = QDropEvent(QPointF(pos), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
+    drop.ignore()
+    QApplication.sendEvent(widget, drop)
+    assert drop.isAccepted()
+    return True
+
+
+def url_mime(*paths) -> QMimeData:
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(p)) for p in paths])
+    return mime
+
+
+def tiny_spec(data, **extra) -> dict:
+    spec = {"model": "scratch:tiny", "data": [str(data)], "steps": 15, "seq_len": 32, "batch_size": 4,
+            "checkpoint_every": 5, "eval_every": 5, "tokenizer": "bytes", "threads": 1}
+    spec.update(extra)
+    return spec
+
+
+def wait_until(qapp, predicate, timeout_s: float, what: str) -> None:
+    # For module fixtures, where pytest-qt's function-scoped qtbot is not available.
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        qapp.processEvents()
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "modron.sqlite3")
+    yield s
+    s.close()
+
+
+# ---- charts ----------------------------------------------------------------------------------
+def test_chart_holds_500k_points_downsampled_and_clipped(qtbot):
+    chart = TimeSeriesChart("Loss", "loss")
+    qtbot.addWidget(chart)
+    chart.resize(800, 300)
+    chart.show()
+    chart.add_series("loss")
+    chart.add_series("eval_loss")
+    chunk = 5_000
+    for i in range(100):
+        xs = np.arange(i * chunk, (i + 1) * chunk, dtype=float)
+        chart.append("loss", xs, np.sin(xs / 5000.0) + 2.0, t=xs * 0.5)
+    chart.append("eval_loss", 10, 1.5)
+    chart.append("eval_loss", [20, 30], [1.4, float("nan")])    # non-finite points are dropped
+    assert chart.count("loss") == 500_000
+    assert chart.count("eval_loss") == 2
+    x, y = chart.data("loss")
+    assert x[0] == 0 and x[-1] == 499_999 and np.all(np.diff(x) == 1)
+    assert y[12_345] == pytest.approx(np.sin(12_345 / 5000.0) + 2.0)
+    # amortised growth: capacity doubled, never resized per append
+    assert chart._buffers["loss"]._data.shape[1] < 2 * 500_000 + 1024
+
+    curve = chart.curves["loss"]
+    assert curve.opts["autoDownsample"] is True
+    assert curve.opts["downsampleMethod"] == "peak"
+    assert curve.opts["clipToView"] is True
+
+    start = time.perf_counter()
+    chart.redraw()
+    qtbot.wait(10)
+    assert len(curve.xData) == 500_000                     # pyqtgraph holds every point...
+    assert len(curve.getData()[0]) < 20_000                # ...and draws about one bin per pixel
+    # zoomed in, only the visible range is drawn (clip to view)
+    chart.plot.setXRange(1000, 2000, padding=0)
+    qtbot.wait(10)
+    shown_x = curve.getData()[0]
+    assert shown_x.min() >= 900 and shown_x.max() <= 2100 and len(shown_x) <= 1200
+    assert time.perf_counter() - start < 5
+
+    chart.set_x_mode("time")
+    tx, _ = chart.data("loss")
+    assert tx[-1] == pytest.approx(499_999 * 0.5)
+
+
+def test_chart_resumed_run_replaces_repeated_steps(qtbot):
+    chart = TimeSeriesChart()
+    qtbot.addWidget(chart)
+    chart.append("loss", np.arange(1, 11), np.arange(1, 11) * 1.0)
+    chart.append("loss", [7, 8], [70.0, 80.0])          # resumed from the step-6 checkpoint
+    x, y = chart.data("loss")
+    assert list(x) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert list(y[-2:]) == [70.0, 80.0]
+    chart.set_series("loss", [1, 2, 3, 2, 3, 4], [1, 2, 3, 20, 30, 40])   # the same, as stored
+    x, y = chart.data("loss")
+    assert list(x) == [1, 2, 3, 4] and list(y) == [1, 20, 30, 40]
+    assert list(keep_last_per_x(np.array([5.0, 1, 2, 3]))) == [False, True, True, True]
+    chart.append("loss", [5, 6, 2], [5, 6, 200])          # a chunk that itself goes back
+    x, y = chart.data("loss")
+    assert list(x) == [1, 2] and list(y) == [1, 200]
+
+
+# ---- drop zone -------------------------------------------------------------------------------
+def test_drop_zone_takes_files_and_folders_and_validates(qtbot, tmp_path):
+    good = tmp_path / "pairs.jsonl"
+    good.write_text('{"instruction": "Say hi", "output": "hi"}\n{"instruction": "Count", "output": "1 2 3"}\n',
+                    encoding="utf-8")
+    folder = tmp_path / "stories"
+    folder.mkdir()
+    (folder / "a.txt").write_text("Once upon a time there was a fox.", encoding="utf-8")
+    (folder / "b.md").write_text("# The crow\nThe crow sang.", encoding="utf-8")
+    panel = DatasetPanel()
+    qtbot.addWidget(panel)
+    panel.show()
+    zone = panel.drop_zone
+
+    # a drag of plain text (e.g. from a browser) is refused, and changes nothing
+    text = QMimeData()
+    text.setText("just some words")
+    assert drag_and_drop(zone, text) is False
+    web = QMimeData()
+    web.setUrls([QUrl("https://example.com/data.txt")])
+    assert drag_and_drop(zone, web) is False
+    assert zone.paths() == []
+
+    with qtbot.waitSignal(panel.validated, timeout=CLI_TIMEOUT_MS) as blocker:
+        assert drag_and_drop(zone, url_mime(good, folder)) is True
+    assert zone.paths() == [str(good), str(folder)]
+    assert [zone.list.item(i).text().rstrip("/") for i in range(zone.list.count())] == [str(good), str(folder)]
+    report = blocker.args[0]
+    assert report["records"] == 4 and report["format"] == "mixed"
+    assert len(report["files"]) == 3
+    assert "4 records" in panel.status.text() and "mixed" in panel.status.text()
+    assert "Say hi" in panel.preview.text()
+    assert panel.is_valid()
+
+    # a broken file: its one-line error, in red, and no report
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json\n', encoding="utf-8")
+    with qtbot.waitSignal(panel.invalid, timeout=CLI_TIMEOUT_MS) as blocker:
+        assert drag_and_drop(zone, url_mime(bad)) is True
+    message = blocker.args[0]
+    assert "broken.jsonl" in message and "line 2" in message and "\n" not in message
+    assert "Traceback" not in message and not message.startswith("modron-train")
+    assert panel.status.text() == message and "c62828" in panel.status.styleSheet()
+    assert not panel.is_valid() and panel.report is None
+
+    # dropping the same paths again adds nothing; clearing empties the list
+    assert drag_and_drop(zone, url_mime(good)) is True
+    assert zone.paths().count(str(good)) == 1
+    zone.clear()
+    assert zone.paths() == [] and panel.report is None and not panel.busy()
+
+
+# ---- new finetune ----------------------------------------------------------------------------
+def _fill_form(view, data):
+    view.set_model("scratch:tiny")
+    view.steps_spin.setValue(15)
+    view.advanced_btn.setChecked(True)
+    view.batch_spin.setValue(4)
+    view.micro_spin.setValue(2)
+    view.seq_spin.setValue(32)
+    view.lr_edit.setText("1e-3")
+    view.ckpt_spin.setValue(5)
+    view.eval_spin.setValue(5)
+    view.precision_combo.setCurrentIndex(view.precision_combo.findData("fp32"))
+    view.gc_combo.setCurrentIndex(view.gc_combo.findData(False))
+    view.tokenizer_combo.setCurrentIndex(view.tokenizer_combo.findData("bytes"))
+    view.threads_spin.setValue(1)
+    view.name_edit.setText("my stories")
+
+
+def test_new_finetune_checks_with_the_real_plan_and_queues_the_spec(qtbot, tmp_path, store, real_run):
+    # real_run is not used here: it is started so that its worker overlaps this test's plan process
+    data = tmp_path / "stories.txt"
+    write_text_dataset(data, n_paragraphs=20)
+    queue = JobQueue(store, autostart=False)
+    view = NewFinetuneView(store, queue)
+    qtbot.addWidget(view)
+    assert view.demo_row.isVisibleTo(view) and not view.add_btn.isEnabled()
+    with qtbot.waitSignal(view.dataset.validated, timeout=CLI_TIMEOUT_MS):
+        view.dataset.drop_zone.set_paths([str(data)])
+    _fill_form(view, data)
+    assert view.method_combo.currentData() == "full"      # the default for a model from scratch
+    assert not view.demo_row.isVisibleTo(view)
+
+    view.check_btn.click()
+    assert not view.add_btn.isEnabled()
+    qtbot.waitUntil(lambda: view.plan is not None or "c62828" in view.plan_status.styleSheet(),
+                    timeout=CLI_TIMEOUT_MS)
+    assert view.plan is not None, view.plan_status.text()
+    assert view.plan["model"] == "scratch:tiny" and view.plan["steps"] == 15
+    assert view.plan["verdict"] in ("fits", "tight")
+    assert view.verdict_label.text().startswith("<b>Fits") or view.verdict_label.text().startswith("<b>Tight")
+    assert "Estimated time" in view.details_label.text() and "Disk" in view.details_label.text()
+    assert "licence-free" in view.licence_label.text()
+    assert view.add_btn.isEnabled()
+
+    # a change after the check makes it stale; a plan for other values never unlocks "Add to queue"
+    plan = view.plan
+    view.seq_spin.setValue(64)
+    assert not view.add_btn.isEnabled() and view.plan is None
+    view.seq_spin.setValue(32)
+    assert not view.add_btn.isEnabled()
+    view.show_plan(plan, ["plan", "--model", "scratch:mini", "--json"])
+    assert not view.add_btn.isEnabled() and "check again" in view.plan_status.text()
+    view.show_plan(plan)            # as if checked again with the form's values
+    assert view.add_btn.isEnabled()
+
+    with qtbot.waitSignal(view.submitted) as blocker:
+        view.add_btn.click()
+    job = store.get_job(blocker.args[0])
+    assert job.name == "my stories" and job.state == "queued"
+    spec = job.spec
+    assert spec["model"] == "scratch:tiny" and spec["method"] == "full" and spec["steps"] == 15
+    assert spec["epochs"] is None and spec["data"] == [str(data)]
+    assert (spec["batch_size"], spec["micro_batch_size"], spec["seq_len"]) == (4, 2, 32)
+    assert spec["lr"] == pytest.approx(1e-3)
+    assert (spec["checkpoint_every"], spec["eval_every"]) == (5, 5)
+    assert (spec["precision"], spec["gradient_checkpointing"], spec["tokenizer"], spec["threads"]) == \
+        ("fp32", False, "bytes", 1)
+    assert spec["trust_remote_code"] is False
+    assert Path(spec["out"]).parent == store.runs_dir
+
+
+def test_new_finetune_plan_display_and_confirmations(qtbot, tmp_path, store, monkeypatch):
+    data = tmp_path / "d.txt"
+    data.write_text("hello world " * 50, encoding="utf-8")
+    queue = JobQueue(store, autostart=False)
+    view = NewFinetuneView(store, queue)
+    qtbot.addWidget(view)
+    with qtbot.waitSignal(view.dataset.validated, timeout=CLI_TIMEOUT_MS):
+        view.dataset.drop_zone.set_paths([str(data)])
+    view.set_model("/nowhere/my-model")
+    assert view.model_combo.currentData() == "hub" and view.model_id() == "/nowhere/my-model"
+    assert view.method_combo.currentData() == "lora"        # the default for a pretrained model
+    view.epochs_radio.setChecked(True)
+    view.epochs_spin.setValue(2.5)
+    view.advanced_btn.click()
+    assert not view.trust_check.isChecked() and not view.trust_warning.isVisibleTo(view)
+    view.trust_check.setChecked(True)
+    assert view.trust_warning.isVisibleTo(view)
+    spec = view.build_spec()
+    assert spec["epochs"] == 2.5 and spec["steps"] is None and spec["trust_remote_code"] is True
+    args = spec_to_args(spec)
+    assert args[:4] == ["--model", "/nowhere/my-model", "--data", str(data)]
+    assert "--epochs" in args and "--steps" not in args and "--trust-remote-code" in args
+
+    plan = {"model": "/nowhere/my-model", "method": "lora", "precision": "bf16", "device": "cuda:0",
+            "params_total": 7_000_000_000, "params_trainable": 40_000_000,
+            "memory": {"total": 30 * 2**30, "available": 8 * 2**30, "verdict": "wont_fit"},
+            "verdict": "wont_fit", "advice": ["use QLoRA", "lower the sequence length to 512"],
+            "disk": {"needed": 2**30, "free": 100 * 2**30, "verdict": "fits"},
+            "licence": {"klass": "non-commercial", "name": "CC-BY-NC-4.0", "summary": "Not for sale.",
+                        "warning": "You may not sell what you make with this model."},
+            "tokens": 600, "tokens_exact": False, "steps": 3, "eta_s": 7200, "eta_note": "rough", "dataset": {}}
+    view.show_plan(plan)
+    assert view.verdict_label.text().startswith("<b>Won't fit")
+    assert "use QLoRA" in view.verdict_label.text() and "c62828" in view.verdict_label.styleSheet()
+    assert "2 h" in view.details_label.text()
+    assert "You may not sell" in view.licence_label.text()
+    reason = view.needs_confirmation()
+    assert "won't fit" in reason and "lower the sequence length" in reason and "may not sell" in reason
+    assert view.add_btn.isEnabled()
+
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a) or QMessageBox.No)
+    view.add_btn.click()
+    assert len(asked) == 1 and store.list_jobs() == []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a) or QMessageBox.Yes)
+    view.add_btn.click()
+    assert len(asked) == 2
+    [job] = store.list_jobs()
+    assert job.spec["epochs"] == 2.5 and job.spec["method"] == "lora" and job.spec["trust_remote_code"] is True
+
+    # a plan failure shows its line in red and locks "Add to queue"
+    view.lr_edit.setText("fast")
+    view.check()
+    assert "Learning rate" in view.plan_status.text() and "c62828" in view.plan_status.styleSheet()
+    assert not view.add_btn.isEnabled()
+
+
+def test_try_the_demo_queues_the_demo_job(qtbot, store):
+    queue = JobQueue(store, autostart=False)
+    view = NewFinetuneView(store, queue)
+    qtbot.addWidget(view)
+    with qtbot.waitSignal(view.demo_submitted) as blocker:
+        view.demo_btn.click()
+    job = store.get_job(blocker.args[0])
+    assert job.name == "Demo" and job.spec["model"] == "scratch:tiny"
+    assert job.run_dir == str(store.runs_dir / f"job-{job.id:05d}")
+
+
+# ---- queue view ------------------------------------------------------------------------------
+def test_queue_view_buttons_drive_the_queue(qtbot, tmp_path, store):
+    data = tmp_path / "d.txt"
+    write_text_dataset(data, n_paragraphs=5)
+    queue = JobQueue(store, autostart=False)      # nothing starts: the buttons act on queued jobs
+    view = QueueView(store, queue)
+    qtbot.addWidget(view)
+    assert view.empty_label.isVisibleTo(view)
+    ids = [queue.submit(tiny_spec(data), f"job {n}") for n in range(3)]
+    view.refresh()
+    assert view.job_ids == ids and not view.empty_label.isVisibleTo(view)
+    assert [view.table.item(r, 0).text() for r in range(3)] == ["job 0", "job 1", "job 2"]
+    assert all(view.state_of(i) == "queued" for i in ids)
+    assert view.table.item(0, 1).text() == "scratch:tiny"
+    assert not view.pause_btn.isEnabled()               # nothing selected
+
+    view.select_job(ids[1])
+    assert view.pause_btn.isEnabled() and not view.resume_btn.isEnabled() and not view.retry_btn.isEnabled()
+    view.pause_btn.click()
+    assert store.get_job(ids[1]).state == "paused" and view.state_of(ids[1]) == "paused"
+    assert view.resume_btn.isEnabled() and not view.pause_btn.isEnabled()
+    view.resume_btn.click()
+    assert store.get_job(ids[1]).state == "queued" and view.state_of(ids[1]) == "queued"
+
+    view.down_btn.click()
+    assert [j.id for j in store.list_jobs()] == [ids[0], ids[2], ids[1]] == view.job_ids
+    assert view.selected_job_id() == ids[1] and not view.down_btn.isEnabled()
+    view.select_job(ids[2])
+    view.up_btn.click()
+    assert view.job_ids == [ids[2], ids[0], ids[1]] and not view.up_btn.isEnabled()
+
+    view.select_job(ids[0])
+    view.cancel_btn.click()
+    assert store.get_job(ids[0]).state == "cancelled"
+    assert ids[0] not in view.job_ids                    # cancelled jobs go to History
+
+    store.update_job(ids[1], state="failed", error="data.txt: no text found")
+    queue.job_changed.emit(ids[1])
+    qtbot.waitUntil(lambda: view.state_of(ids[1]) == "failed", timeout=2000)
+    view.select_job(ids[1])
+    assert view.retry_btn.isEnabled() and "no text found" in view.error_label.text()
+    view.retry_btn.click()
+    assert store.get_job(ids[1]).state == "queued" and view.state_of(ids[1]) == "queued"
+
+    view.pause_all_btn.click()
+    assert queue.paused_all is True
+    view.pause_all_btn.click()
+    assert queue.paused_all is False
+
+    opened = []
+    view.open_job.connect(opened.append)
+    view.table.cellDoubleClicked.emit(0, 0)
+    assert opened == [view.job_ids[0]]
+
+
+# ---- a real run, shared by the run view and history tests ---------------------------------------
+@pytest.fixture(scope="module")
+def real_run(qapp, tmp_path_factory):
+    """A real worker job (tiny, ~15 steps) followed by a RunView through the real JobQueue.
+    Only started here: it runs on while other tests wait on their own subprocesses."""
+    base = tmp_path_factory.mktemp("views-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODRON_DATA_DIR", str(base / "data"))
+        mp.setenv("MODRON_CACHE_DIR", str(base / "cache"))
+        data = base / "stories.txt"
+        write_text_dataset(data)
+        store = Store(base / "data" / "modron.sqlite3")
+        queue = JobQueue(store)
+        view = RunView(store, queue)
+        view.resize(1000, 800)
+        events = []
+        queue.job_event.connect(lambda jid, ev: events.append((jid, ev)))
+        job_id = queue.submit(tiny_spec(data), "tiny run")
+        # the worker inherits this fixture's data folders, so wait until it is spawned
+        wait_until(qapp, lambda: queue.running_job() is not None or store.get_job(job_id).state != "queued", 30,
+                   "the worker to start")
+    yield {"store": store, "queue": queue, "view": view, "job_id": job_id, "events": events, "base": base}
+    queue.shutdown(timeout_ms=10_000)
+    view.deleteLater()
+    store.close()
+
+
+@pytest.fixture
+def finished_run(real_run, qapp):
+    store, job_id = real_run["store"], real_run["job_id"]
+    wait_until(qapp, lambda: store.get_job(job_id).state in ("finished", "failed", "cancelled"), 120,
+               "the worker to finish")
+    qapp.processEvents()
+    return real_run
+
+
+def test_run_view_follows_a_real_worker_to_the_end(finished_run):
+    store, view, job_id = finished_run["store"], finished_run["view"], finished_run["job_id"]
+    job = store.get_job(job_id)
+    assert job.state == "finished", job.error
+    assert view.job_id == job_id                          # it switched to the job that started
+    steps_sent = [ev for jid, ev in finished_run["events"] if jid == job_id and ev["type"] == "step"]
+    evals_sent = [ev for jid, ev in finished_run["events"] if jid == job_id and ev["type"] == "eval"]
+    metrics = store.metrics(job_id)
+    loss_chart = view.charts.loss_chart
+    assert loss_chart.count("loss") > 0
+    assert loss_chart.count("loss") == len(metrics["loss"]) == len(steps_sent)
+    assert loss_chart.count("eval_loss") == len(metrics["eval_loss"]) == len(evals_sent) >= 3
+    x, y = loss_chart.data("loss")
+    assert list(x) == [float(s) for s in metrics["step"]] and x[-1] == 15
+    assert np.allclose(y, metrics["loss"])
+    assert view.charts.speed_chart.count("tokens_per_s") == len(steps_sent)
+    assert view.charts.memory_chart.count("ram_used") == len(steps_sent)
+    assert view.progress.value() == 100 and "15 / 15" in view.progress.format()
+    assert "· finished" in view.state_label.text()
+    assert "Once upon a time" in view.samples.toPlainText() and "At step 15" in view.samples.toPlainText()
+    log = view.log.toPlainText()
+    assert "Started scratch:tiny" in log and "Checkpoint (periodic) at step 5" in log and "Finished at step 15" in log
+    assert not view.pause_btn.isEnabled() and not view.cancel_btn.isEnabled()
+
+    view.charts.set_x_mode("time")
+    tx, _ = loss_chart.data("loss")
+    assert np.allclose(tx, metrics["elapsed_s"]) and np.all(np.diff(tx) >= 0)
+    view.charts.set_x_mode("step")
+
+
+def test_run_view_reloads_the_same_history_after_a_restart(finished_run, qtbot):
+    base, job_id = finished_run["base"], finished_run["job_id"]
+    live = finished_run["view"].charts
+    store = Store(base / "data" / "modron.sqlite3")         # a new app on the same data folder
+    try:
+        queue = JobQueue(store, autostart=False)
+        view = RunView(store, queue)
+        qtbot.addWidget(view)
+        view.show_job()                                    # nothing runs: the newest job
+        assert view.job_id == job_id
+        for name in ("loss", "eval_loss"):
+            assert view.charts.loss_chart.count(name) == live.loss_chart.count(name) > 0
+            assert np.array_equal(view.charts.loss_chart.data(name)[0], live.loss_chart.data(name)[0])
+            assert np.allclose(view.charts.loss_chart.data(name)[1], live.loss_chart.data(name)[1])
+        assert view.charts.memory_chart.count("vram_used") == live.memory_chart.count("vram_used")
+        assert view.progress.value() == 100
+        assert view.samples.toPlainText() == finished_run["view"].samples.toPlainText()
+        assert "Finished at step 15" in view.log.toPlainText()
+    finally:
+        store.close()
+
+
+def test_history_lists_the_run_reloads_charts_and_exports(finished_run, qtbot, tmp_path, monkeypatch):
+    store, queue, job_id = finished_run["store"], finished_run["queue"], finished_run["job_id"]
+    finished = [ev for jid, ev in finished_run["events"] if jid == job_id and ev["type"] == "finished"][0]
+    view = HistoryView(store, queue)
+    qtbot.addWidget(view)
+    assert view.job_ids == [job_id]
+    row = view.row_texts(job_id)
+    assert row[0] == "tiny run" and row[2] == "finished" and row[4] == "15"
+    assert row[5] == f"{finished['final_loss']:.4f}" and row[6] == f"{finished['final_eval_loss']:.4f}"
+
+    view.table.selectRow(0)
+    assert view.job_id == job_id
+    metrics = store.metrics(job_id)
+    assert view.charts.loss_chart.count("loss") == len(metrics["loss"]) > 0
+    assert view.charts.loss_chart.count("eval_loss") == len(metrics["eval_loss"]) > 0
+    assert "Once upon a time" in view.detail.text()
+
+    opened = []
+    monkeypatch.setattr("app.views.history.QDesktopServices.openUrl", lambda url: opened.append(url) or True)
+    view.open_btn.click()
+    assert [u.toLocalFile() for u in opened] == [store.get_job(job_id).run_dir]
+
+    out = tmp_path / "exported"
+    out.mkdir()
+    monkeypatch.setattr("app.views.history.QFileDialog.getExistingDirectory", lambda *a, **k: str(out))
+    view.export_btn.click()
+    assert view.exporting() and not view.export_btn.isEnabled()
+    qtbot.waitUntil(lambda: not view.exporting(), timeout=CLI_TIMEOUT_MS)
+    assert view.export_status.text() == f"Merged model written to {out}", view.export_status.text()
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 128
+    # the folder is no longer empty: a second export would go to a new subfolder
+    assert export_target(str(out), "tiny run") == out / "tiny-run-merged"
