@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from helpers import make_local_model, write_text_dataset
 from training_core.protocol import decode_event

@@ -1,6 +1,4 @@
 """The worker subprocess: protocol lines, controls, SIGKILL and resume, clean failures."""
-import json
-import os
 import signal
 import subprocess
 import sys

@@ -9,7 +9,6 @@ import argparse
 import json
 import signal
 import sys
-import time
 import traceback
 from pathlib import Path
 

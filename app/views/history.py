@@ -8,9 +8,10 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QPushButton,
-                               QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QPushButton,
+                               QSplitter, QTableWidgetItem, QVBoxLayout, QWidget)
 
+from app.views.job_table import job_table
 from app.cli_task import CliTask
 from app.views.run_view import RunCharts
 from training_core.preflight import format_duration
@@ -57,15 +58,7 @@ class HistoryView(QWidget):
     def __init__(self, store, queue, parent=None):
         super().__init__(parent)
         self.store, self.queue = store, queue
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(COLUMNS)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.verticalHeader().setVisible(False)
-        header = self.table.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeToContents)
-        header.setSectionResizeMode(0, QHeaderView.Stretch)
+        self.table = job_table(COLUMNS)
         self.table.itemSelectionChanged.connect(self._on_selection)
 
         self.open_btn = QPushButton("Open output folder")

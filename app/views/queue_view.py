@@ -6,9 +6,10 @@ step updates of a running job into one refresh.
 from __future__ import annotations
 
 from PySide6.QtCore import QTimer, Signal
-from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QProgressBar, QPushButton,
-                               QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QHBoxLayout, QLabel, QProgressBar, QPushButton,
+                               QTableWidgetItem, QVBoxLayout, QWidget)
 
+from app.views.job_table import job_table
 from app.store import ACTIVE_STATES
 from training_core.preflight import format_duration
 
@@ -36,15 +37,7 @@ class QueueView(QWidget):
     def __init__(self, store, queue, parent=None):
         super().__init__(parent)
         self.store, self.queue = store, queue
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(COLUMNS)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.verticalHeader().setVisible(False)
-        header = self.table.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeToContents)
-        header.setSectionResizeMode(0, QHeaderView.Stretch)
+        self.table = job_table(COLUMNS)
         self.table.itemSelectionChanged.connect(self._update_buttons)
         self.table.cellDoubleClicked.connect(lambda row, _c: self._open(row))
 
