@@ -1,0 +1,458 @@
+"""The swarm manifest: what every peer of one swarm must agree on, as TOML or as an invite.
+
+An invite is `modron-invite:1:` + base64url(zlib(JSON of the manifest)), one short line that
+people paste into chat. Invites come from strangers, so reading one is defensive: JSON only
+(never pickle), a cap on the decompressed size, and the same validation as a manifest file.
+
+Imports nothing heavy (no torch, no hivemind): the desktop app reads invites too.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import math
+import re
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+from ..errors import ConfigError
+
+# Kept here instead of importing training_core.models.presets, which imports torch;
+# a test checks this equals tuple(PRESETS) so the two cannot drift apart.
+PRESET_NAMES = ("tiny", "mini", "small", "base", "medium")
+
+COMPRESSIONS = ("none", "float16", "scaled_float16", "uniform8bit", "blockwise8bit")
+DATA_SOURCES = ("bundled", "local", "url")
+OPTIMIZERS = ("adamw", "adam")
+SCHEDULES = ("cosine", "linear", "constant")
+
+INVITE_PREFIX = "modron-invite:"
+INVITE_VERSION = 1
+MAX_INVITE_BYTES = 64 * 1024       # decompressed JSON; a hostile invite must not zip-bomb us
+_MAX_INVITE_CHARS = 128 * 1024     # the pasted text (or invite file) itself
+
+_RUN_ID = re.compile(r"[a-z0-9][a-z0-9_-]{2,63}")
+_BASE58 = re.compile(r"[1-9A-HJ-NP-Za-km-z]+")   # libp2p peer ids (Qm..., 12D3Koo...)
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.0}
+_OPTIMIZER_KEYS = ("name", "lr", "betas", "eps", "weight_decay")
+DEFAULT_SCHEDULE = {"name": "cosine", "warmup_epochs": 2, "total_epochs": 1000}
+_SCHEDULE_KEYS = ("name", "warmup_epochs", "total_epochs")
+DEFAULT_AUTH = {"required": False}
+_AUTH_KEYS = ("required", "issuer")
+# Per data source: (required keys, optional keys), in the order to_toml writes them.
+_DATA_KEYS = {
+    "bundled": (("source", "path"), ("description",)),
+    "local": (("source",), ("description",)),
+    "url": (("source", "url"), ("sha256", "description")),
+}
+
+
+@dataclass
+class SwarmManifest:
+    run_id: str                  # names the hivemind run (the DHT key prefix)
+    model: str                   # "scratch:NAME" or a base model (folder or hub id)
+    data: dict[str, Any]         # {"source": "bundled", "path": "demo/stories"} | {"source": "local"} | {"source": "url", "url": ...}
+    tokenizer: str = "bytes"     # "bytes" | a tokenizer path or hub id | "bundled:PATH" | "auto" (a base model's own)
+    seq_len: int = 128
+    micro_batch: int = 8
+    target_batch_size: int = 4096    # samples per global optimizer epoch (hivemind's target_batch_size)
+    optimizer: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIMIZER))
+    schedule: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))
+    compression: str = "float16"
+    initial_peers: list[str] = field(default_factory=list)   # multiaddrs ending in /p2p/PEER_ID
+    auth: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_AUTH))
+    matchmaking_time: float = 5.0
+    averaging_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        # Validate and normalise here too, so code that builds or replace()s a manifest
+        # cannot make one that a file could not hold.
+        for name, value in _normalize(dataclasses.asdict(self), "swarm manifest").items():
+            setattr(self, name, value)
+
+    @property
+    def is_scratch(self) -> bool:
+        return self.model.startswith("scratch:")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)   # deep copies: callers may mutate the result
+
+    def to_toml(self) -> str:
+        # Top-level values must come before the first [table] in TOML.
+        d = self.to_dict()
+        tables = [k for k, v in d.items() if isinstance(v, dict)]
+        lines = ["# Modron swarm manifest"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in d.items() if k not in tables]
+        for name in tables:
+            lines += ["", f"[{name}]"]
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in d[name].items()]
+        return "\n".join(lines) + "\n"
+
+
+def load_manifest(path: str | Path) -> SwarmManifest:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "is a folder, not a swarm manifest (.toml)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(path, f"cannot be read ({exc.strerror or exc})") from None
+    return parse_manifest(text, str(path))
+
+
+def parse_manifest(text: str, where: str) -> SwarmManifest:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # The message already says "(at line L, column C)".
+        raise ConfigError(where, f"is not valid TOML: {_one_line(str(exc))}") from None
+    return manifest_from_dict(data, where)
+
+
+def manifest_from_dict(data: Any, where: str) -> SwarmManifest:
+    """A manifest from parsed TOML or invite JSON; ConfigError naming `where` if it is wrong."""
+    return SwarmManifest(**_normalize(data, where))
+
+
+def make_invite(manifest: SwarmManifest, initial_peers: list[str] | None = None) -> str:
+    """The invite string; `initial_peers` (e.g. the host's own addresses) replace the manifest's."""
+    if initial_peers is not None:
+        manifest = dataclasses.replace(manifest, initial_peers=list(initial_peers))
+    raw = json.dumps(manifest.to_dict(), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    packed = base64.urlsafe_b64encode(zlib.compress(raw, 9)).decode("ascii").rstrip("=")
+    return f"{INVITE_PREFIX}{INVITE_VERSION}:{packed}"
+
+
+def read_invite(text_or_path: str | Path) -> SwarmManifest:
+    """The manifest in an invite string, or in a file holding one (DIR/invite.txt, or just DIR)."""
+    text, where = str(text_or_path).strip(), "invite"
+    if not text:   # Path("") is the current folder: never read an invite.txt from there by accident
+        raise ConfigError(where, "is empty; paste the whole invite (it starts with 'modron-invite:')")
+    if not text.startswith(INVITE_PREFIX):
+        path = Path(text_or_path)
+        try:
+            if path.is_dir() and (path / "invite.txt").is_file():   # a host's --out folder
+                path = path / "invite.txt"
+            is_file = path.is_file()
+        except (OSError, ValueError):   # names too long or with NUL bytes are not files either
+            is_file = False
+        if not is_file:
+            # Text shaped like a file name gets "no such file"; anything else (another app's
+            # invite, a stray paste) is named "invite" so the message stays one short line.
+            meant_as_path = (len(text) <= 200 and not _CONTROL.search(text) and re.search(r"[/\\.]", text)
+                             and not re.match(r"[\w-]+:\d+:", text))
+            if not meant_as_path:
+                raise ConfigError(where, f"is not a Modron invite (an invite starts with '{INVITE_PREFIX}')")
+            raise ConfigError(text, f"no such file, and not an invite (an invite starts with '{INVITE_PREFIX}')")
+        where = str(path)
+        try:
+            with open(path, "rb") as fh:
+                blob = fh.read(_MAX_INVITE_CHARS + 1)
+        except OSError as exc:
+            raise ConfigError(where, f"cannot be read ({exc.strerror or exc})") from None
+        if len(blob) > _MAX_INVITE_CHARS:
+            raise ConfigError(where, "is too large to be an invite")
+        try:
+            text = blob.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ConfigError(where, "is not an invite (not UTF-8 text)") from None
+        if not text.startswith(INVITE_PREFIX):
+            raise ConfigError(where, f"does not hold a Modron invite (an invite starts with '{INVITE_PREFIX}')")
+    return _decode_invite(text, where)
+
+
+def bundled_path(relative: str) -> Path:
+    """Absolute path of a bundled resource named in a manifest ("demo/stories")."""
+    import resources
+    return resources.path(*relative.split("/"))
+
+
+# --- invite decoding -------------------------------------------------------------------------
+
+def _decode_invite(text: str, where: str) -> SwarmManifest:
+    if len(text) > _MAX_INVITE_CHARS:
+        raise ConfigError(where, "is too large to be an invite")
+    version, sep, packed = text[len(INVITE_PREFIX):].partition(":")
+    if not sep:
+        raise ConfigError(where, "is cut short (no version and data after the prefix)")
+    if version != str(INVITE_VERSION):
+        raise ConfigError(where, f"has invite version {_one_line(version)[:20]!r}; this Modron reads version "
+                                 f"{INVITE_VERSION} (update Modron if the invite is newer)")
+    packed = "".join(packed.split()).rstrip("=")   # chat clients may wrap long lines; padding is optional
+    if not _BASE64URL.fullmatch(packed):
+        raise ConfigError(where, "is damaged (its data is not base64url text); copy the whole invite again")
+    try:
+        blob = base64.urlsafe_b64decode(packed + "=" * (-len(packed) % 4))
+    except (binascii.Error, ValueError):
+        raise ConfigError(where, "is damaged (its base64 data is cut short); copy the whole invite again") from None
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(blob, MAX_INVITE_BYTES + 1)
+    except zlib.error:
+        raise ConfigError(where, "is damaged (its compressed data is corrupt); copy the whole invite again") from None
+    if len(raw) > MAX_INVITE_BYTES:
+        raise ConfigError(where, f"is too large (over {MAX_INVITE_BYTES // 1024} KiB unpacked); refusing it")
+    if not inflater.eof or inflater.unused_data:
+        raise ConfigError(where, "is damaged (its compressed data is incomplete); copy the whole invite again")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):   # UnicodeDecodeError is a ValueError
+        raise ConfigError(where, "is damaged (its data is not valid JSON)") from None
+    return manifest_from_dict(data, where)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(SwarmManifest))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SwarmManifest)
+             if f.default is not dataclasses.MISSING}
+_REQUIRED = ("run_id", "model", "data")
+
+
+def _normalize(data: Any, where: str) -> dict[str, Any]:
+    """Check a manifest's raw values; return them with defaults filled in and types made exact."""
+    def fail(problem: str):
+        raise ConfigError(where, problem)
+
+    if not isinstance(data, dict):
+        fail("is not a swarm manifest (expected a table of keys)")
+    unknown = sorted(str(k) for k in data if k not in _FIELDS)
+    if unknown:
+        fail(f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(_FIELDS)}")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        fail(f"missing key(s) {', '.join(missing)}")
+    out: dict[str, Any] = {}
+
+    run_id = _string(data["run_id"], "run_id", fail)
+    if not _RUN_ID.fullmatch(run_id):
+        fail(f"run_id {run_id[:80]!r} must be 3 to 64 characters of a-z, 0-9, '-' and '_', "
+             "starting with a letter or digit")
+    out["run_id"] = run_id
+
+    model = _string(data["model"], "model", fail)
+    if model.startswith("scratch:") and model[len("scratch:"):] not in PRESET_NAMES:
+        fail(f"unknown preset {model[:80]!r} in model; use one of "
+             + ", ".join(f"scratch:{n}" for n in PRESET_NAMES))
+    out["model"] = model
+
+    tokenizer = _string(data.get("tokenizer", "bytes"), "tokenizer", fail)
+    if tokenizer == "train":
+        fail("tokenizer 'train' would give each peer a different vocabulary; use 'bytes', "
+             "'bundled:PATH', or a tokenizer path or hub id that every peer has")
+    if tokenizer == "auto" and model.startswith("scratch:"):
+        fail("tokenizer 'auto' needs a base model (a scratch model has no tokenizer of its own); use 'bytes'")
+    if tokenizer.startswith("bundled:"):
+        _relative_path(tokenizer[len("bundled:"):], "tokenizer", fail)
+    out["tokenizer"] = tokenizer
+
+    out["data"] = _data(data["data"], fail)
+
+    for name in ("seq_len", "micro_batch", "target_batch_size"):
+        out[name] = _positive_int(data.get(name, _DEFAULTS[name]), name, fail)
+
+    out["optimizer"] = _optimizer(data.get("optimizer", DEFAULT_OPTIMIZER), fail)
+    out["schedule"] = _schedule(data.get("schedule", DEFAULT_SCHEDULE), fail)
+
+    compression = _string(data.get("compression", "float16"), "compression", fail)
+    if compression not in COMPRESSIONS:
+        fail(f"unknown compression {compression[:40]!r}; use one of {', '.join(COMPRESSIONS)}")
+    out["compression"] = compression
+
+    out["initial_peers"] = _peers(data.get("initial_peers", []), fail)
+    out["auth"] = _auth(data.get("auth", DEFAULT_AUTH), fail)
+
+    for name in ("matchmaking_time", "averaging_timeout"):
+        out[name] = _positive_float(data.get(name, _DEFAULTS[name]), name, fail)
+    return out
+
+
+def _string(value: Any, name: str, fail) -> str:
+    if not isinstance(value, str):
+        fail(f"{name} must be a string, not {_type_name(value)}")
+    if not value.strip():
+        fail(f"{name} is empty")
+    if _CONTROL.search(value) or len(value) > 1024:
+        fail(f"{name} must be one line of at most 1024 characters")
+    return value
+
+
+def _positive_int(value: Any, name: str, fail) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        fail(f"{name} must be a whole number, not {_type_name(value)}")
+    if value < 1:
+        fail(f"{name} must be at least 1 (got {value})")
+    return value
+
+
+def _number(value: Any, name: str, fail) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(f"{name} must be a number, not {_type_name(value)}")
+    if not math.isfinite(value):
+        fail(f"{name} must be a finite number (got {value})")
+    return float(value)
+
+
+def _positive_float(value: Any, name: str, fail) -> float:
+    value = _number(value, name, fail)
+    if value <= 0:
+        fail(f"{name} must be more than 0 (got {value})")
+    return value
+
+
+def _table(value: Any, name: str, known: tuple[str, ...], fail) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        fail(f"{name} must be a table, not {_type_name(value)}")
+    unknown = sorted(str(k) for k in value if k not in known)
+    if unknown:
+        fail(f"unknown key(s) in [{name}]: {', '.join(unknown)}; known keys: {', '.join(known)}")
+    return value
+
+
+def _relative_path(value: str, name: str, fail) -> str:
+    # Bundled resources are named by a relative path with '/' separators on every platform.
+    parts = value.split("/")
+    if not value or value.startswith("/") or "\\" in value or ":" in value or any(p in ("", ".", "..") for p in parts):
+        fail(f"{name} {value[:80]!r} must be a relative path inside Modron's resources, like 'demo/stories'")
+    return value
+
+
+def _data(value: Any, fail) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        fail(f"data must be a table, not {_type_name(value)}")
+    source = value.get("source")
+    if source not in DATA_SOURCES:
+        fail(f"data.source must be one of {', '.join(DATA_SOURCES)}"
+             + (f" (got {str(source)[:40]!r})" if source is not None else ""))
+    required, optional = _DATA_KEYS[source]
+    _table(value, "data", required + optional, fail)
+    missing = [k for k in required if k not in value]
+    if missing:
+        fail(f"data with source '{source}' needs key(s) {', '.join(missing)}")
+    out = {k: _string(value[k], f"data.{k}", fail) for k in required + optional if k in value}
+    if source == "bundled":
+        _relative_path(out["path"], "data.path", fail)
+    if source == "url" and not re.match(r"https?://[^\s/]+", out["url"]):
+        fail(f"data.url {out['url'][:80]!r} must be an http:// or https:// address")
+    if "sha256" in out and not _HEX64.fullmatch(out["sha256"]):
+        fail("data.sha256 must be 64 lowercase hex digits")
+    return out
+
+
+def _optimizer(value: Any, fail) -> dict[str, Any]:
+    value = {**DEFAULT_OPTIMIZER, **_table(value, "optimizer", _OPTIMIZER_KEYS, fail)}
+    name = _string(value["name"], "optimizer.name", fail)
+    if name not in OPTIMIZERS:
+        fail(f"unknown optimizer {name[:40]!r}; use one of {', '.join(OPTIMIZERS)}")
+    out: dict[str, Any] = {"name": name, "lr": _positive_float(value["lr"], "optimizer.lr", fail)}
+    betas = value["betas"]
+    if not isinstance(betas, list) or len(betas) != 2:
+        fail("optimizer.betas must be a list of two numbers, like [0.9, 0.95]")
+    out["betas"] = [_number(b, "optimizer.betas", fail) for b in betas]
+    if not all(0 <= b < 1 for b in out["betas"]):
+        fail(f"optimizer.betas must each be at least 0 and below 1 (got {out['betas']})")
+    if "eps" in value:
+        out["eps"] = _positive_float(value["eps"], "optimizer.eps", fail)
+    out["weight_decay"] = _number(value["weight_decay"], "optimizer.weight_decay", fail)
+    if out["weight_decay"] < 0:
+        fail(f"optimizer.weight_decay must be 0 or more (got {out['weight_decay']})")
+    return out
+
+
+def _schedule(value: Any, fail) -> dict[str, Any]:
+    value = {**DEFAULT_SCHEDULE, **_table(value, "schedule", _SCHEDULE_KEYS, fail)}
+    name = _string(value["name"], "schedule.name", fail)
+    if name not in SCHEDULES:
+        fail(f"unknown schedule {name[:40]!r}; use one of {', '.join(SCHEDULES)}")
+    warmup = value["warmup_epochs"]
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        fail(f"schedule.warmup_epochs must be a whole number, 0 or more (got {warmup!r})")
+    total = _positive_int(value["total_epochs"], "schedule.total_epochs", fail)
+    if warmup > total:
+        fail(f"schedule.warmup_epochs ({warmup}) is more than schedule.total_epochs ({total})")
+    return {"name": name, "warmup_epochs": warmup, "total_epochs": total}
+
+
+def _peers(value: Any, fail) -> list[str]:
+    if not isinstance(value, list):
+        fail(f"initial_peers must be a list of multiaddrs, not {_type_name(value)}")
+    return [_multiaddr(p, fail) for p in value]
+
+
+def _multiaddr(addr: Any, fail) -> str:
+    addr = _string(addr, "initial_peers entry", fail)
+    hint = "like '/ip4/1.2.3.4/tcp/31337/p2p/Qm...'"
+    parts = addr.split("/")
+    if not addr.startswith("/") or any(c.isspace() for c in addr) or "" in parts[1:]:
+        fail(f"initial peer {addr[:80]!r} is not a multiaddr ({hint})")
+    # Every /p2p/ must be followed by a peer id; relayed addresses have two.
+    ids = [parts[i + 1] if i + 1 < len(parts) else "" for i, p in enumerate(parts) if p == "p2p"]
+    if not ids:
+        fail(f"initial peer {addr[:80]!r} has no /p2p/PEER_ID part ({hint})")
+    if not all(_BASE58.fullmatch(i) for i in ids):
+        fail(f"initial peer {addr[:80]!r} has a malformed peer id after /p2p/")
+    return addr
+
+
+def _auth(value: Any, fail) -> dict[str, Any]:
+    value = _table(value, "auth", _AUTH_KEYS, fail)
+    required = value.get("required", False)
+    if not isinstance(required, bool):
+        fail(f"auth.required must be true or false, not {_type_name(required)}")
+    out: dict[str, Any] = {"required": required}
+    if "issuer" in value:
+        out["issuer"] = _string(value["issuer"], "auth.issuer", fail)
+    elif required:
+        fail("auth.required is true but auth.issuer (the token issuer's public key or URL) is missing")
+    return out
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+def _type_name(value: Any) -> str:
+    names = {str: "a string", bool: "true/false", int: "a whole number", float: "a number",
+             list: "a list", dict: "a table", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
+
+
+def _toml_string(s: str) -> str:
+    short = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+    return '"' + "".join(short.get(c) or (f"\\u{ord(c):04x}" if _CONTROL.match(c) else c) for c in s) + '"'
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)   # repr of a finite float is valid TOML and reads back to the same float
+    if isinstance(v, str):
+        return _toml_string(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
