@@ -58,3 +58,15 @@ def make_local_model(folder, vocab_texts=None):
     tok.save_pretrained(folder)
     (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny test model\n", encoding="utf-8")
     return folder
+
+
+def tiny_job(tmp_path, **overrides) -> dict:
+    """A job spec dict for the scratch tiny preset on a small story file: seconds to train."""
+    data = tmp_path / "stories.txt"
+    if not data.exists():
+        write_text_dataset(data, n_paragraphs=60)
+    spec = dict(model="scratch:tiny", data=[str(data)], steps=12, batch_size=4, seq_len=32, lr=3e-3,
+                warmup_steps=1, tokenizer="bytes", threads=1, sample_max_tokens=4, sample_prompts=["Once"],
+                checkpoint_every=1000, eval_fraction=0.05)
+    spec.update(overrides)
+    return spec

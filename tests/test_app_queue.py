@@ -17,22 +17,11 @@ from app.cli_task import CliTask
 from app.job_queue import SPEC_FILE, JobQueue
 from app.store import Store
 from app.worker_process import WorkerProcess, exit_reason
-from helpers import write_text_dataset
+from helpers import write_text_dataset, tiny_job as tiny_spec
 from training_core.errors import ConfigError
 from training_core.protocol import encode, make_event
 
 WAIT = 90_000   # ms; a worker needs a few seconds to import torch, more on a busy 2-core machine
-
-
-def tiny_spec(tmp_path, **kw):
-    data = tmp_path / "stories.txt"
-    if not data.exists():
-        write_text_dataset(data, n_paragraphs=60)
-    spec = dict(model="scratch:tiny", data=[str(data)], steps=12, batch_size=4, seq_len=32, lr=3e-3,
-                warmup_steps=1, tokenizer="bytes", threads=1, sample_max_tokens=4, sample_prompts=["Once"],
-                checkpoint_every=1000, eval_fraction=0.05)
-    spec.update(kw)
-    return spec
 
 
 @pytest.fixture

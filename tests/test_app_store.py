@@ -20,7 +20,7 @@ import pytest
 
 from app.job_queue import JobQueue
 from app.store import JOB_STATES, SCHEMA_VERSION, Store
-from helpers import write_text_dataset
+from helpers import tiny_job as tiny_spec
 from training_core.errors import UserError
 from training_core.paths import data_dir
 
@@ -214,16 +214,6 @@ def test_writes_from_several_threads(store):
 
 
 # ---- crash recovery with real workers ------------------------------------------------------
-def tiny_spec(tmp_path, **kw):
-    data = tmp_path / "stories.txt"
-    write_text_dataset(data, n_paragraphs=60)
-    spec = dict(model="scratch:tiny", data=[str(data)], steps=12, batch_size=4, seq_len=32, lr=3e-3,
-                warmup_steps=1, tokenizer="bytes", threads=1, sample_max_tokens=4, sample_prompts=["Once"],
-                checkpoint_every=1000, eval_fraction=0.05)
-    spec.update(kw)
-    return spec
-
-
 def latest_checkpoint_step(run_dir) -> int | None:
     steps = [int(m.group(1)) for p in (Path(run_dir) / "checkpoints").glob("ckpt-*")
              if (m := re.fullmatch(r"ckpt-(\d+)", p.name))]
