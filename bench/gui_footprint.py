@@ -68,7 +68,7 @@ def measure(cmd: list[str], env: dict, idle: float) -> dict:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-    cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall
+    cpu = max(0.0, (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall)
     return {"start_s": round(start_s, 3), "idle_rss_mb": round(max(rss) / 1e6, 1),
             "idle_cpu_pct": round(100 * cpu, 2), "ready": line.strip()}
 
