@@ -18,3 +18,12 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(base / "hf"))
     yield
+
+
+@pytest.fixture
+def queues():
+    """JobQueues a test made; each is shut down (its worker stopped) afterwards."""
+    made = []
+    yield made
+    for q in made:
+        q.shutdown(timeout_ms=5000)

@@ -70,3 +70,15 @@ def tiny_job(tmp_path, **overrides) -> dict:
                 checkpoint_every=1000, eval_fraction=0.05)
     spec.update(overrides)
     return spec
+
+
+def engine_job(tmp_path, name: str = "run", **overrides) -> dict:
+    """The engine and worker tests' job: tiny preset, 64-token blocks of the default story file."""
+    data = tmp_path / "stories.txt"
+    if not data.exists():
+        write_text_dataset(data)
+    spec = dict(model="scratch:tiny", data=[str(data)], out=str(tmp_path / name), steps=30, batch_size=8,
+                seq_len=64, lr=3e-3, warmup_steps=2, tokenizer="bytes", threads=1, sample_max_tokens=8,
+                checkpoint_every=1000)
+    spec.update(overrides)
+    return spec

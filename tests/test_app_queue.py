@@ -24,14 +24,6 @@ from training_core.protocol import encode, make_event
 WAIT = 90_000   # ms; a worker needs a few seconds to import torch, more on a busy 2-core machine
 
 
-@pytest.fixture
-def queues():
-    made = []
-    yield made
-    for q in made:
-        q.shutdown(timeout_ms=5000)
-
-
 def state(store, job_id):
     return store.get_job(job_id).state
 

@@ -220,14 +220,6 @@ def latest_checkpoint_step(run_dir) -> int | None:
     return max(steps) if steps else None
 
 
-@pytest.fixture
-def queues():
-    made = []
-    yield made
-    for q in made:
-        q.shutdown(timeout_ms=5000)
-
-
 APP_SCRIPT = """
 import os, sys
 os.environ["QT_QPA_PLATFORM"] = "offscreen"

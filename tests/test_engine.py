@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import write_text_dataset
+from helpers import engine_job
 from training_core import checkpoint as ckpt_io
 from training_core.config import JobSpec
 from training_core.engine import Engine
@@ -13,14 +13,7 @@ from training_core.protocol import EVENTS
 
 
 def tiny_spec(tmp_path, name="run", **kw):
-    data = tmp_path / "stories.txt"
-    if not data.exists():
-        write_text_dataset(data)
-    base = dict(model="scratch:tiny", data=[str(data)], out=str(tmp_path / name), steps=30, batch_size=8,
-                seq_len=64, lr=3e-3, warmup_steps=2, tokenizer="bytes", threads=1, sample_max_tokens=8,
-                checkpoint_every=1000)
-    base.update(kw)
-    return JobSpec(**base)
+    return JobSpec(**engine_job(tmp_path, name, **kw))
 
 
 def run(spec, resume=False):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from helpers import write_text_dataset
+from helpers import engine_job
 from training_core import checkpoint as ckpt_io
 from training_core.config import JobSpec
 from training_core.protocol import decode_event, encode, make_control
@@ -64,15 +64,8 @@ class Worker:
 
 
 def write_spec(tmp_path, name, **kw):
-    data = tmp_path / "stories.txt"
-    if not data.exists():
-        write_text_dataset(data)
-    spec = dict(model="scratch:tiny", data=[str(data)], out=str(tmp_path / name), steps=16, batch_size=8,
-                seq_len=64, lr=3e-3, warmup_steps=2, tokenizer="bytes", threads=1, sample_max_tokens=8,
-                checkpoint_every=1000)
-    spec.update(kw)
     path = tmp_path / f"{name}.json"
-    JobSpec(**spec).save(path)
+    JobSpec(**engine_job(tmp_path, name, **dict(dict(steps=16), **kw))).save(path)
     return path
 
 
