@@ -35,6 +35,9 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "finished": ("step", "run_dir", "final_loss", "final_eval_loss", "checkpoint", "elapsed_s"),
     "stopped": ("step", "checkpoint"),   # after a `stop` control: checkpointed, exiting 0
     "failed": ("code", "message", "step"),
+    # Swarm contribution (`modron-train swarm join/host --json`); the worker events above still apply.
+    "swarm": ("role", "run_id", "peers", "epoch", "samples_contributed", "bytes_up", "bytes_down"),
+    "invite": ("run_id", "invite", "maddrs"),
 }
 
 CONTROLS: dict[str, tuple[str, ...]] = {
