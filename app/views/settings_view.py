@@ -1,12 +1,14 @@
-"""Settings: data folder, checkpoint interval, start with the desktop, and the swarm's idle setting."""
+"""Settings: data folder, checkpoint interval, start with the desktop, the swarm's idle setting, and the
+installation (what the installer chose; Repair install)."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                                QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
-from app import autostart
+from app import autostart, install_info
 from training_core.errors import UserError
 
 CHECKPOINT_SETTING = "checkpoint_minutes"
@@ -85,9 +87,30 @@ class SettingsView(QWidget):
                                      "feature; for now this only records your choice (the tray menu has the "
                                      "same switch)."))
 
+        # Installation: what the installer picked for this computer, and a rebuild of the environment.
+        self.install_label = QLabel()
+        self.install_label.setWordWrap(True)
+        self.install_label.setTextFormat(Qt.TextFormat.PlainText)   # the record is data, never markup
+        self.install_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.repair_button = QPushButton("Repair install")
+        self.repair_button.clicked.connect(self.repair_install)
+        self.repair_status = QLabel()
+        self.repair_status.setWordWrap(True)
+        repair_row = QHBoxLayout()
+        repair_row.addWidget(self.repair_button)
+        repair_row.addStretch(1)
+        install_box = QGroupBox("Installation")
+        install_layout = QVBoxLayout(install_box)
+        install_layout.addWidget(self.install_label)
+        install_layout.addLayout(repair_row)
+        install_layout.addWidget(self.repair_status)
+        install_layout.addWidget(_note("Repair install runs the installer again: it rebuilds Python's environment "
+                                       "with the PyTorch build for your GPU and keeps your queue, runs and "
+                                       "settings. Quit Modron while it runs and start it again afterwards."))
+
         layout = QVBoxLayout(self)
         layout.addWidget(title)
-        for box in (data_box, train_box, desktop_box, swarm_box):
+        for box in (data_box, train_box, desktop_box, swarm_box, install_box):
             layout.addWidget(box)
         layout.addStretch(1)
         self.reload()
@@ -111,6 +134,7 @@ class SettingsView(QWidget):
         self.next_dir_label.setText(f"From the next start: {target}" if changing else "")
         self.next_dir_label.setVisible(changing)
         self.default_dir_button.setVisible(bool(nxt))
+        self._show_install()
 
     def showEvent(self, event) -> None:
         self.reload()
@@ -155,3 +179,28 @@ class SettingsView(QWidget):
             self.autostart_box.blockSignals(True)
             self.autostart_box.setChecked(not on)
             self.autostart_box.blockSignals(False)
+
+    # --- installation ------------------------------------------------------------------------
+
+    def _show_install(self) -> None:
+        self.install_info = install_info.load()
+        if self.install_info is None:
+            self.install_label.setText(install_info.NOT_INSTALLED)
+        else:
+            self.install_label.setText("\n".join(f"{k}: {v}" for k, v in self.install_info.rows()))
+        self.repair_button.setEnabled(bool(self.install_info and self.install_info.repair_command))
+
+    def repair_install(self) -> None:
+        """Start the installer's repair on its own; it outlives the app."""
+        if not self.install_info:
+            return
+        try:
+            install_info.start_repair(self.install_info)
+        except UserError as exc:
+            self.repair_status.setStyleSheet("color: #b00020;")
+            self.repair_status.setText(str(exc))
+            return
+        self.repair_status.setStyleSheet("")
+        self.repair_status.setText(f"The repair is running; its progress goes to {self.install_info.log_path}. "
+                                   "Quit Modron now and start it again when the repair has finished.")
+        self.repair_button.setEnabled(False)
