@@ -6,6 +6,7 @@ shows can be rebuilt from the database after a restart (or a SIGKILL).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -57,6 +58,9 @@ class JobQueue(QObject):
     job_changed = Signal(int)        # a job's state or summary changed
     job_event = Signal(int, dict)    # every event of the running job
     queue_changed = Signal()         # jobs added, removed (finished/cancelled) or reordered; pause-all toggled
+    # For the GPU's other user (swarm contribution): a job's worker started / ended.
+    gpu_job_started = Signal(int)
+    gpu_job_ended = Signal(int)
 
     def __init__(self, store: Store, parent=None, autostart: bool = True):
         super().__init__(parent)
@@ -68,6 +72,9 @@ class JobQueue(QObject):
         self._seen: set[str] = set()        # event types seen from the current worker
         self._shutting_down = False
         self._recovered = False
+        # Consulted before a job's worker starts; False holds the queue until reconsider() (the swarm
+        # contribution uses it to hand the GPU over first, or to keep it while the swarm has priority).
+        self.gate: Callable[[Job], bool] | None = None
         if autostart:
             # recover() is the start-up entry point; run it even if the caller forgets.
             QTimer.singleShot(0, self.recover)
@@ -83,6 +90,16 @@ class JobQueue(QObject):
 
     def worker_pid(self) -> int | None:
         return self._worker.pid if self._worker is not None else None
+
+    def waiting_job(self) -> Job | None:
+        """The job that would start next if nothing held the queue (None while everything is paused)."""
+        if self.paused_all or self._shutting_down:
+            return None
+        return self.store.next_queued()
+
+    def reconsider(self) -> None:
+        """Whatever held the gate shut has changed: try to start the next job."""
+        self._schedule()
 
     # ---- user actions ---------------------------------------------------------------------
     def submit(self, spec: dict, name: str) -> int:
@@ -224,7 +241,7 @@ class JobQueue(QObject):
         if (not (self.autostart or force)) or self._shutting_down or self._worker is not None or self.paused_all:
             return
         job = self.store.next_queued()
-        if job is not None:
+        if job is not None and (self.gate is None or self.gate(job)):
             self._start(job)
 
     def _start(self, job: Job) -> None:
@@ -246,6 +263,7 @@ class JobQueue(QObject):
         w.start()
         self._set(job.id, summary={"worker_pid": w.pid})
         self.queue_changed.emit()
+        self.gpu_job_started.emit(job.id)
 
     def _on_event(self, job_id: int, w: WorkerProcess, ev: dict) -> None:
         if w is not self._worker:
@@ -322,5 +340,6 @@ class JobQueue(QObject):
                 reason = "The training process exited without finishing; details are in worker.log in the run folder."
             self._set(job_id, state="failed", finished=now, error=_one_line(reason), summary={"worker_pid": None})
         self.queue_changed.emit()
+        self.gpu_job_ended.emit(job_id)
         if not self._shutting_down:
             self._schedule()

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start in the tray without opening the window (used when starting with the desktop)")
     p.add_argument("--quit-after-demo", action="store_true",
                    help="for scripts: run the demo (implies --demo), exit 0 when it finishes, 1 if it fails")
+    p.add_argument("--self-test", action="store_true",
+                   help="check the install without opening a window (app modules, a few engine steps); exit 0/1")
     return p
 
 
@@ -142,6 +144,9 @@ def watch_job(queue, store, job_id: int, on_end: Callable[[int], None]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.self_test:   # before any Qt object exists: it must run without a display
+        from app.self_test import main as self_test
+        return self_test()
     if args.quit_after_demo:
         args.demo = True
     if args.data_dir:
@@ -179,15 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     from app.sysinfo import SysInfoPoller
     from app.tray import Tray
 
+    from app.contribution import Contributor
     queue = JobQueue(store)
     queue.recover()
+    contributor = Contributor(store, queue)   # before the event loop: its gate sees the queue's first start
     poller = SysInfoPoller()
-    window = MainWindow(store, queue, poller=poller)
+    window = MainWindow(store, queue, poller=poller, contributor=contributor)
     has_tray = not args.no_tray and QSystemTrayIcon.isSystemTrayAvailable()
     app.setQuitOnLastWindowClosed(not has_tray)
     tray = None
     if has_tray:
         tray = Tray(store, queue, window)
+        tray.attach_contributor(contributor)
         tray.show()
     banner = [] if has_tray else [NO_TRAY_FLAG_TEXT if args.no_tray else NO_TRAY_TEXT]
     if warning:
@@ -211,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         QTimer.singleShot(0, lambda: print(f"modron-ready tray={tray is not None}", flush=True))
     code = app.exec()
     # Quit: the running worker checkpoints and stops (a no-op when the tray's Quit already did it).
+    contributor.shutdown()
     queue.shutdown()
     poller.shutdown()
     if tray is not None:

@@ -17,6 +17,8 @@ VIEWS = (
     ("queue", "Queue", "app.views.queue_view", "QueueView"),
     ("run", "Run", "app.views.run_view", "RunView"),
     ("history", "History", "app.views.history", "HistoryView"),
+    ("swarm", "Swarm", "app.views.swarm_view", "SwarmView"),
+    ("contribution", "Contribution rules", "app.views.contribution_settings", "ContributionSettingsView"),
     ("settings", "Settings", "app.views.settings_view", "SettingsView"),
 )
 VIEW_NAMES = tuple(v[0] for v in VIEWS)
@@ -51,9 +53,10 @@ class _Views(Mapping):
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, store, queue, parent=None, poller=None):
+    def __init__(self, store, queue, parent=None, poller=None, contributor=None):
         super().__init__(parent)
         self.store, self.queue, self.poller = store, queue, poller
+        self.contributor = contributor   # app.contribution.Contributor, for the swarm views
         self.setWindowTitle("Modron")
         self.setWindowIcon(app_icon())
         self.resize(1180, 760)
@@ -90,6 +93,8 @@ class MainWindow(QMainWindow):
         _name, _label, module, cls_name = VIEWS[index]
         cls = getattr(importlib.import_module(module), cls_name)
         extra = {"poller": self.poller} if name == "dashboard" and self.poller is not None else {}
+        if name in ("swarm", "contribution"):
+            extra = {"contributor": self.contributor}
         view = cls(self.store, self.queue, parent=self, **extra)
         if hasattr(view, "demo_submitted"):   # Dashboard and New finetune have "Try the demo"
             view.demo_submitted.connect(self._show_job)

@@ -63,6 +63,27 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, id);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Swarm contribution, per swarm run id: running totals (kept across worker restarts and crashes)
+-- and the swarm's figures over time for its chart. Added tables only: older apps ignore them.
+CREATE TABLE IF NOT EXISTS swarm_stats (
+    run_id TEXT PRIMARY KEY,
+    samples INTEGER NOT NULL DEFAULT 0,
+    contributed_s REAL NOT NULL DEFAULT 0,
+    bytes_up INTEGER NOT NULL DEFAULT 0,
+    bytes_down INTEGER NOT NULL DEFAULT 0,
+    last_status TEXT NOT NULL DEFAULT '{}',
+    updated REAL
+);
+CREATE TABLE IF NOT EXISTS swarm_metrics (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    time REAL NOT NULL,
+    epoch INTEGER,
+    loss REAL,
+    peers INTEGER,
+    samples_per_s REAL
+);
+CREATE INDEX IF NOT EXISTS swarm_metrics_run ON swarm_metrics(run_id, time);
 """
 
 STEP_COLUMNS = ("step", "time", "elapsed_s", "loss", "lr", "tokens_per_s", "vram_used", "vram_reserved",
@@ -328,3 +349,47 @@ class Store:
         with self._lock:
             self._db.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
                              "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
+
+    # ---- swarm contribution ---------------------------------------------------------------
+    SWARM_TOTALS = ("samples", "contributed_s", "bytes_up", "bytes_down")
+
+    def swarm_stats(self, run_id: str) -> dict:
+        """Totals for one swarm run: samples, contributed_s, bytes_up, bytes_down, last_status, updated."""
+        rows = self._q("SELECT samples, contributed_s, bytes_up, bytes_down, last_status, updated "
+                       "FROM swarm_stats WHERE run_id = ?", (run_id,))
+        if not rows:
+            return {"samples": 0, "contributed_s": 0.0, "bytes_up": 0, "bytes_down": 0, "last_status": {},
+                    "updated": None}
+        r = rows[0]
+        return {"samples": r[0], "contributed_s": r[1], "bytes_up": r[2], "bytes_down": r[3],
+                "last_status": json.loads(r[4] or "{}"), "updated": r[5]}
+
+    def set_swarm_stats(self, run_id: str, **fields) -> None:
+        """Set some of the totals (absolute values) and/or last_status (a dict) for a run."""
+        unknown = set(fields) - set(self.SWARM_TOTALS) - {"last_status"}
+        if unknown:
+            raise TypeError(f"set_swarm_stats: unknown field(s) {', '.join(sorted(unknown))}")
+        if "last_status" in fields:
+            fields["last_status"] = json.dumps(fields["last_status"] or {}, ensure_ascii=False)
+        fields["updated"] = time.time()
+        cols = ", ".join(fields)
+        marks = ", ".join("?" * len(fields))
+        sets = ", ".join(f"{k} = excluded.{k}" for k in fields)
+        with self._lock:
+            self._db.execute(f"INSERT INTO swarm_stats (run_id, {cols}) VALUES (?, {marks}) "
+                             f"ON CONFLICT(run_id) DO UPDATE SET {sets}", (run_id, *fields.values()))
+
+    def add_swarm_metric(self, run_id: str, event: dict) -> None:
+        """One point of a `swarm` event: the swarm's epoch, loss, peers and samples/s."""
+        with self._lock:
+            self._db.execute("INSERT INTO swarm_metrics (run_id, time, epoch, loss, peers, samples_per_s) "
+                             "VALUES (?, ?, ?, ?, ?, ?)",
+                             (run_id, _num(event.get("time")) or time.time(), _num(event.get("epoch")),
+                              _num(event.get("loss")), _num(event.get("peers")),
+                              _num(event.get("global_samples_per_s"))))
+
+    def swarm_metrics(self, run_id: str) -> dict[str, list]:
+        rows = self._q("SELECT time, epoch, loss, peers, samples_per_s FROM swarm_metrics WHERE run_id = ? "
+                       "ORDER BY time, id", (run_id,))
+        names = ("time", "epoch", "loss", "peers", "samples_per_s")
+        return {n: [r[i] for r in rows] for i, n in enumerate(names)}

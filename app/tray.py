@@ -94,8 +94,8 @@ class Tray(QObject):
 
     def _set_status(self, name: str | None, progress: str) -> None:
         if name is None:
-            text = {"paused": "Everything is paused", "error": "The last job failed"}.get(
-                self.state, "No job running")
+            text = {"paused": "Everything is paused", "error": "The last job failed",
+                    "contributing": "Contributing to a swarm while you are away"}.get(self.state, "No job running")
         else:
             verb = "Paused" if self.state == "paused" else "Training"
             text = f"{verb}: {name}" + (f", {progress}" if progress else "")
@@ -106,6 +106,15 @@ class Tray(QObject):
         """For the swarm feature: the icon shows "contributing" while idle and contributing."""
         self.contributing = bool(on)
         self.refresh()
+
+    def attach_contributor(self, contributor) -> None:
+        """Show what the swarm contribution does, and let the menu's switches take effect at once."""
+        contributor.contributing_changed.connect(self.set_contributing)
+        contributor.notify.connect(lambda title, text: self.notify(title, text))
+        self.contribute_action.toggled.connect(contributor.poke)
+        self.snooze_action.triggered.connect(contributor.poke)
+        self.pause_action.toggled.connect(contributor.poke)
+        self.set_contributing(contributor.contributing)
 
     def _job_event(self, job_id: int, event: dict) -> None:
         # Step events come several times a second: update the progress line from the event itself

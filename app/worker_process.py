@@ -75,11 +75,14 @@ class WorkerProcess(QObject):
     event = Signal(dict)        # every protocol event, decoded
     exited = Signal(int, str)   # exit code (-1 if it crashed), plain reason ("" after a normal exit 0)
 
-    def __init__(self, spec_path: Path, resume: bool = False, parent=None):
+    def __init__(self, spec_path: Path | None = None, resume: bool = False, parent=None, *,
+                 command: tuple[str, list[str]] | None = None, run_dir: Path | None = None):
+        """The training worker for `spec_path`, or any program speaking the protocol: `command` is
+        (program, argv) (the swarm peer) and `run_dir` the folder for its worker.log."""
         super().__init__(parent)
-        self.spec_path = Path(spec_path)
+        self.spec_path = Path(spec_path) if spec_path is not None else None
         self.resume = resume
-        self.run_dir = self._run_dir_of(self.spec_path)
+        self.run_dir = Path(run_dir) if run_dir is not None else self._run_dir_of(self.spec_path)
         self.log_path = self.run_dir / "worker.log"
         self.last_failed: dict | None = None
         self.last_event: dict | None = None
@@ -87,9 +90,12 @@ class WorkerProcess(QObject):
         self._killed_by_us = False
         self._done = False
         self._proc = QProcess(self)
-        self._proc.setProgram(sys.executable)
-        args = ["-m", "training_core.worker", "--spec", str(self.spec_path)]
-        self._proc.setArguments(args + (["--resume"] if resume else []))
+        if command is None:
+            command = (sys.executable, ["-m", "training_core.worker", "--spec", str(self.spec_path)]
+                       + (["--resume"] if resume else []))
+        self.command = (command[0], list(command[1]))
+        self._proc.setProgram(self.command[0])
+        self._proc.setArguments(self.command[1])
         env = QProcessEnvironment.systemEnvironment()
         old = env.value("PYTHONPATH", "")
         env.insert("PYTHONPATH", _CODE_ROOT + (os.pathsep + old if old else ""))
@@ -110,8 +116,9 @@ class WorkerProcess(QObject):
     # ---- control --------------------------------------------------------------------------
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        what = self.spec_path if self.spec_path is not None else " ".join(self.command[1])
         self._log(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting worker"
-                  f"{' (resume)' if self.resume else ''}: {self.spec_path}\n".encode())
+                  f"{' (resume)' if self.resume else ''}: {what}\n".encode())
         self._proc.start()
 
     def send(self, kind: str) -> None:

@@ -210,7 +210,8 @@ def test_window_views_and_the_demo_button(qtbot, store):
     assert window.current_view() == "dashboard"
     assert window.views["dashboard"].welcome.isVisible()         # first run
     expected = {"dashboard": "DashboardView", "new": "NewFinetuneView", "queue": "QueueView", "run": "RunView",
-                "history": "HistoryView", "settings": "SettingsView"}
+                "history": "HistoryView", "swarm": "SwarmView", "contribution": "ContributionSettingsView",
+                "settings": "SettingsView"}
     for name in VIEW_NAMES:
         view = window.show_view(name)
         assert type(view).__name__ == expected[name]
@@ -537,8 +538,11 @@ NO_TORCH_SCRIPT = textwrap.dedent("""
     store = Store.open_default()
     queue = JobQueue(store, autostart=False)
     queue.recover()
-    window = MainWindow(store, queue, poller=SysInfoPoller(interval_ms=200))
+    from app.contribution import Contributor
+    contributor = Contributor(store, queue, tick_ms=200)
+    window = MainWindow(store, queue, poller=SysInfoPoller(interval_ms=200), contributor=contributor)
     tray = Tray(store, queue, window)
+    tray.attach_contributor(contributor)
     tray.show()
     window.show()
     for name in window.views:
@@ -558,7 +562,7 @@ def test_the_gui_never_imports_the_training_stack(tmp_path):
                          timeout=120, env=_env(tmp_path))
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["views"] == ["DashboardView", "HistoryView", "NewFinetuneView", "QueueView", "RunView",
-                               "SettingsView"]
+    assert result["views"] == ["ContributionSettingsView", "DashboardView", "HistoryView", "NewFinetuneView",
+                               "QueueView", "RunView", "SettingsView", "SwarmView"]
     assert result["polled"]          # the dashboard's hardware thread ran
     assert result["heavy"] == []

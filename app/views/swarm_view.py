@@ -1,0 +1,247 @@
+"""Swarm: join a community training run with an invite, watch it, see your share and why you are
+(or are not) contributing right now."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtWidgets import (QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton,
+                               QVBoxLayout, QWidget)
+
+from app.charts import TimeSeriesChart
+from app.contribution import (INVITE_SETTING, handback_latencies, join_invite, joined_manifest,
+                              load_rules, save_rules)
+from training_core.errors import ConfigError
+
+STATE_TEXT = {"starting": "Starting the swarm worker…", "contributing": "Contributing now.",
+              "resuming": "Rejoining the swarm…", "pausing": "Handing the GPU back…",
+              "stopping": "Leaving the swarm…"}
+
+
+def human_bytes(n) -> str:
+    n = float(n or 0)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _dash(value, fmt="{}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+class SwarmView(QWidget):
+    def __init__(self, store, queue, parent=None, contributor=None):
+        super().__init__(parent)
+        self.store, self.queue, self.contributor = store, queue, contributor
+        self.setAcceptDrops(True)
+        self._t0: float | None = None     # time of the chart's first point
+        self._run_id: str | None = None
+
+        title = QLabel("Swarm")
+        title.setStyleSheet("font-size: 16pt; font-weight: bold;")
+
+        # Joining: paste or drop.
+        self.invite_edit = QLineEdit()
+        self.invite_edit.setPlaceholderText("Paste an invite (modron-invite:1:…) or drop an invite file here")
+        self.invite_edit.returnPressed.connect(lambda: self.join(self.invite_edit.text()))
+        self.join_button = QPushButton("Join")
+        self.join_button.clicked.connect(lambda: self.join(self.invite_edit.text()))
+        self.error_label = QLabel()
+        self.error_label.setWordWrap(True)
+        self.error_label.setStyleSheet("color: #b00020;")
+        self.error_label.hide()
+        row = QHBoxLayout()
+        row.addWidget(self.invite_edit, 1)
+        row.addWidget(self.join_button)
+        self.join_box = QGroupBox("Join a swarm")
+        join_layout = QVBoxLayout(self.join_box)
+        join_layout.addLayout(row)
+        join_layout.addWidget(self.error_label)
+
+        self.swarm_label = QLabel()
+        self.swarm_label.setWordWrap(True)
+        self.leave_button = QPushButton("Leave swarm")
+        self.leave_button.clicked.connect(self.leave)
+        joined_row = QHBoxLayout()
+        joined_row.addWidget(self.swarm_label, 1)
+        joined_row.addWidget(self.leave_button)
+        self.joined_box = QGroupBox("Your swarm")
+        QVBoxLayout(self.joined_box).addLayout(joined_row)
+
+        # Now: contributing or why not, and the choice when idle can't be read.
+        self.state_label = QLabel()
+        self.state_label.setWordWrap(True)
+        self.state_label.setStyleSheet("font-size: 11pt;")
+        self.latency_label = QLabel()
+        self.unknown_label = QLabel()
+        self.unknown_label.setWordWrap(True)
+        self.assume_idle_button = QPushButton("Contribute when Modron can't tell")
+        self.assume_idle_button.clicked.connect(lambda: self.choose_unknown_idle("assume_idle"))
+        self.never_button = QPushButton("Don't contribute then")
+        self.never_button.clicked.connect(lambda: self.choose_unknown_idle("never"))
+        self.unknown_box = QWidget()
+        unknown_layout = QVBoxLayout(self.unknown_box)
+        unknown_layout.setContentsMargins(0, 0, 0, 0)
+        unknown_layout.addWidget(self.unknown_label)
+        choice = QHBoxLayout()
+        choice.addWidget(self.assume_idle_button)
+        choice.addWidget(self.never_button)
+        choice.addStretch(1)
+        unknown_layout.addLayout(choice)
+        self.unknown_box.hide()
+        now_box = QGroupBox("Now")
+        now_layout = QVBoxLayout(now_box)
+        now_layout.addWidget(self.state_label)
+        now_layout.addWidget(self.unknown_box)
+        now_layout.addWidget(self.latency_label)
+
+        # Figures.
+        self.peers_label, self.epoch_label = QLabel("–"), QLabel("–")
+        self.speed_label = QLabel("–")
+        self.samples_label, self.hours_label = QLabel("–"), QLabel("–")
+        self.bandwidth_label = QLabel("–")
+        figures = QGroupBox("The swarm and your share")
+        form = QFormLayout(figures)
+        form.addRow("Peers", self.peers_label)
+        form.addRow("Epoch", self.epoch_label)
+        form.addRow("Swarm speed", self.speed_label)
+        form.addRow("Your samples", self.samples_label)
+        form.addRow("Your time", self.hours_label)
+        form.addRow("Bandwidth (up / down)", self.bandwidth_label)
+
+        self.chart = TimeSeriesChart("Swarm loss", "loss", x_mode="time")
+        self.chart.add_series("loss", "swarm loss")
+
+        top = QHBoxLayout()
+        left = QVBoxLayout()
+        left.addWidget(now_box)
+        left.addWidget(figures)
+        left.addStretch(1)
+        top.addLayout(left, 2)
+        top.addWidget(self.chart, 3)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(title)
+        layout.addWidget(self.join_box)
+        layout.addWidget(self.joined_box)
+        layout.addLayout(top, 1)
+
+        if contributor is not None:
+            contributor.swarm_event.connect(self.on_event)
+            contributor.changed.connect(self.refresh_state)
+        self.reload()
+
+    # --- joining -------------------------------------------------------------------------------
+    def join(self, text_or_path) -> bool:
+        try:
+            if self.contributor is not None:
+                self.contributor.join(text_or_path)
+            else:
+                join_invite(self.store, text_or_path)
+        except ConfigError as exc:
+            self.error_label.setText(str(exc).splitlines()[0])
+            self.error_label.show()
+            return False
+        self.error_label.hide()
+        self.invite_edit.clear()
+        self.reload()
+        return True
+
+    def leave(self) -> None:
+        if self.contributor is not None:
+            self.contributor.leave()
+        else:
+            self.store.set_setting(INVITE_SETTING, None)
+        self.reload()
+
+    def dragEnterEvent(self, event) -> None:
+        mime = event.mimeData()
+        if mime.hasUrls() or mime.hasText():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        mime = event.mimeData()
+        files = [u.toLocalFile() for u in mime.urls() if u.isLocalFile()] if mime.hasUrls() else []
+        self.join(Path(files[0]) if files else mime.text())
+        event.acceptProposedAction()
+
+    def choose_unknown_idle(self, choice: str) -> None:
+        rules, _ = load_rules(self.store)
+        rules.unknown_idle = choice
+        save_rules(self.store, rules)
+        if self.contributor is not None:
+            self.contributor.poke()
+        self.refresh_state()
+
+    # --- showing ---------------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Everything from the store: the joined swarm, its chart and your totals."""
+        manifest = joined_manifest(self.store)
+        joined = manifest is not None
+        self.join_box.setVisible(not joined)
+        self.joined_box.setVisible(joined)
+        self._run_id = manifest.run_id if joined else None
+        self._t0 = None
+        self.chart.set_series("loss", [], [])
+        if joined:
+            self.swarm_label.setText(f"<b>{manifest.run_id}</b>: {manifest.model}, "
+                                     f"{len(manifest.initial_peers)} initial peer(s)")
+            m = self.store.swarm_metrics(manifest.run_id)
+            pts = [(t, loss) for t, loss in zip(m["time"], m["loss"]) if loss is not None]
+            if pts:
+                self._t0 = pts[0][0]
+                xs = [t - self._t0 for t, _ in pts]
+                self.chart.set_series("loss", xs, [loss for _, loss in pts], xs)
+            stats = self.store.swarm_stats(manifest.run_id)
+            self._show_figures({**stats.get("last_status", {}), **stats})
+        else:
+            self._show_figures({})
+        self.refresh_state()
+
+    def _show_figures(self, s: dict) -> None:
+        self.peers_label.setText(_dash(s.get("peers")))
+        self.epoch_label.setText(_dash(s.get("epoch")))
+        self.speed_label.setText(_dash(s.get("global_samples_per_s"), "{:.1f} samples/s"))
+        self.samples_label.setText(f"{int(s.get('samples') or 0):,}")
+        self.hours_label.setText(f"{float(s.get('contributed_s') or 0) / 3600:.2f} h")
+        self.bandwidth_label.setText(f"{human_bytes(s.get('bytes_up'))} / {human_bytes(s.get('bytes_down'))}")
+
+    def on_event(self, ev: dict) -> None:
+        if ev.get("type") != "swarm" or (self._run_id and ev.get("run_id") not in (None, self._run_id)):
+            return
+        c = self.contributor
+        totals = c.last_swarm if c is not None and c.last_swarm else ev
+        self._show_figures({**ev, **{k: totals.get(k) for k in ("samples", "contributed_s", "bytes_up", "bytes_down")
+                                     if totals.get(k) is not None}})
+        loss, t = ev.get("loss"), ev.get("time")
+        if isinstance(loss, (int, float)) and isinstance(t, (int, float)):
+            if self._t0 is None:
+                self._t0 = t
+            self.chart.append("loss", t - self._t0, loss, t - self._t0)
+
+    def refresh_state(self) -> None:
+        c = self.contributor
+        rules, problem = load_rules(self.store)
+        if c is None:
+            text = "Contribution is not running in this window."
+        elif c.state in STATE_TEXT:
+            text = STATE_TEXT[c.state]
+        else:
+            text = f"Not contributing: {c.reason}" if c.reason else "Not contributing."
+        if problem:
+            text += "\n" + problem
+        self.state_label.setText(text)
+        ask = (c is not None and c.decision is not None and c.decision.rule == "idle_unknown"
+               and rules.unknown_idle == "ask")
+        if ask:
+            note = (c.notes or {}).get("idle_note") or "Modron can't tell whether you are using this computer."
+            self.unknown_label.setText(f"{note[0].upper() + note[1:]}. What should Modron do?")
+        self.unknown_box.setVisible(ask)
+        lat = c.latencies if c is not None else handback_latencies(self.store)
+        self.latency_label.setText(f"Last hand-back of the GPU: {lat[-1]:.2f} s" if lat else "")
+        self.latency_label.setVisible(bool(lat))
+
+    def showEvent(self, event) -> None:
+        self.reload()
+        super().showEvent(event)
