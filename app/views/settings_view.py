@@ -82,10 +82,10 @@ class SettingsView(QWidget):
         swarm_box = QGroupBox("Swarm")
         swarm_layout = QVBoxLayout(swarm_box)
         swarm_layout.addWidget(self.contribute_box)
-        swarm_layout.addWidget(_note("Lend this computer to community training runs when Modron has nothing "
-                                     "of yours to do. The rules for when and how much come with the swarm "
-                                     "feature; for now this only records your choice (the tray menu has the "
-                                     "same switch)."))
+        swarm_layout.addWidget(_note("Lend this computer to the swarm you joined (Swarm view) while you are "
+                                     "away. When it may run (schedule, idle minutes, battery, games, GPU "
+                                     "heat) is set under Contribution rules; the tray menu has the same "
+                                     "switch."))
 
         # Installation: what the installer picked for this computer, and a rebuild of the environment.
         self.install_label = QLabel()
