@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("hardware", help="show GPUs, CPU and memory")
     add_json(h)
     h.set_defaults(func=cmd_hardware)
+
+    from .swarm.commands import add_parser as add_swarm_parser
+    add_swarm_parser(sub)
     return p
 
 

@@ -206,7 +206,7 @@ class Engine:
                 return (step + 1) / (warmup + 1)
             progress_ = (step - warmup) / max(1, total - warmup)
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scheduler = self.make_scheduler(schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         if self.resume_ckpt is not None:
@@ -236,6 +236,13 @@ class Engine:
     def make_optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(params, lr=lr, weight_decay=self.spec.weight_decay, betas=(0.9, 0.95), fused=fused)
+
+    def make_scheduler(self, schedule: Callable[[int], float]):
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+    def checkpoint_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose state a checkpoint holds (the swarm's wraps a plain one)."""
+        return self.optimizer
 
     def optimizer_step(self) -> None:
         if self.spec.max_grad_norm > 0:
@@ -373,7 +380,7 @@ class Engine:
         self.last_eval = eval_result
         samples = self.samples() if with_eval else []
         path = ckpt_io.save(self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
-                            optimizer=self.optimizer, kind="lora" if self.method in ("lora", "qlora") else "full",
+                            optimizer=self.checkpoint_optimizer(), kind="lora" if self.method in ("lora", "qlora") else "full",
                             trainer_state=self.trainer_state(), job=self.spec.to_dict(),
                             licence=self.licence.to_dict(), eval_result=eval_result, samples=samples,
                             keep=self.spec.keep_checkpoints)
@@ -383,7 +390,7 @@ class Engine:
 
     # ---- pause / resume -------------------------------------------------------------------
     def _move_optimizer_state(self, device: torch.device) -> None:
-        for st in self.optimizer.state.values():
+        for st in self.checkpoint_optimizer().state.values():
             for k, v in st.items():
                 if torch.is_tensor(v) and k != "step":
                     st[k] = v.to(device)

@@ -1,0 +1,135 @@
+"""hivemind's Optimizer with Modron's guards wired into the places where peers' data arrives.
+
+- FilteredProgressTracker: drops progress records whose epoch is far ahead of ours unless two
+  or more signers agree (hivemind would otherwise make everyone jump to, and load state for,
+  the highest epoch any single record claims).
+- GuardedOptimizer: averaged gradients that come back with the wrong shapes or non-finite are
+  not applied (local gradients instead; if those are bad too, a zero update).
+- GuardedStateAverager: state downloaded from a peer is checked (shapes, finiteness, a believable
+  epoch) before it replaces ours.
+Every rejection reaches the engine through `on_warning(code, message)`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import hivemind
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from .guards import MAX_EPOCH_LEAD, EpochClaim, all_finite, filter_epoch_claims, tensors_match
+
+Warn = Callable[[str, str], None]
+
+
+def _no_warning(code: str, message: str) -> None:
+    pass
+
+
+class FilteredProgressTracker(ProgressTracker):
+    def __init__(self, *args, on_warning: Warn = _no_warning, **kwargs):
+        self.on_warning = on_warning
+        self.witnesses: list[EpochClaim] = []   # signed metrics records, replaced by the engine
+        self._warned: set[tuple[bytes, int]] = set()
+        super().__init__(*args, **kwargs)
+
+    def _parse_swarm_progress_data(self, metadata):
+        if isinstance(metadata, dict) and metadata:
+            metadata = self.filter_metadata(metadata)
+        return super()._parse_swarm_progress_data(metadata)
+
+    def filter_metadata(self, metadata: dict) -> dict:
+        claims, by_claim = [], {}
+        for subkey, item in metadata.items():
+            value = getattr(item, "value", None)
+            if value is None:
+                continue
+            try:
+                progress = LocalTrainingProgress.parse_obj(value)
+            except Exception:
+                continue
+            claim = EpochClaim(bytes(subkey), progress.epoch, counts=not progress.client_mode)
+            claims.append(claim)
+            by_claim[id(claim)] = subkey
+        kept, rejected = filter_epoch_claims(claims, self.local_progress.epoch, self.witnesses)
+        for c in rejected:
+            if (c.source, c.epoch) not in self._warned:
+                self._warned.add((c.source, c.epoch))
+                self.on_warning("peer_rejected", f"ignored a peer claiming epoch {c.epoch} while this peer is at "
+                                                 f"{self.local_progress.epoch}: no other peer agrees")
+        return {by_claim[id(c)]: metadata[by_claim[id(c)]] for c in kept}
+
+
+class _CheckedStateLoad(DecentralizedAverager):
+    """Sits between TrainingStateAverager and DecentralizedAverager in the MRO, so the state a
+    peer sends is checked before TrainingStateAverager copies it into our parameters."""
+    on_warning: Warn = staticmethod(_no_warning)
+    max_epoch: Callable[[], int] | None = None
+
+    def load_state_from_peers(self, **kwargs):
+        loaded = super().load_state_from_peers(**kwargs)
+        if loaded is None:
+            return None
+        metadata, tensors = loaded
+        expected = [p.shape for p in self.main_parameters] + [t.shape for t in self.extra_tensors]
+        problem = tensors_match(list(tensors[:len(expected)]), expected)
+        if problem is None and not all_finite(tensors[len(expected):]):
+            problem = "non-finite optimizer state"
+        epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
+        if problem is None and self.max_epoch is not None and isinstance(epoch, int) and epoch > self.max_epoch():
+            problem = f"epoch {epoch} is far ahead of the swarm's"
+        if problem is not None:
+            self.on_warning("peer_rejected", f"state from a peer was not loaded: {problem}")
+            return None
+        return loaded
+
+
+class GuardedStateAverager(TrainingStateAverager, _CheckedStateLoad):
+    pass
+
+
+class GuardedOptimizer(hivemind.Optimizer):
+    def __init__(self, *, on_warning: Warn = _no_warning, **kwargs):
+        self.on_warning = on_warning
+        self._loading_local = False
+        super().__init__(**kwargs)
+        self.state_averager.on_warning = on_warning
+        self.state_averager.max_epoch = lambda: max(self.local_epoch, self.tracker.global_epoch) + MAX_EPOCH_LEAD
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
+        return FilteredProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
+                                       client_mode=self.client_mode, status_loglevel=self.status_loglevel,
+                                       start=True, on_warning=self.on_warning, **kwargs)
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        return GuardedStateAverager(
+            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs)
+
+    def _optimized_params(self) -> list[torch.Tensor]:
+        return [p for g in self.state_averager.optimizer.param_groups for p in g["params"]]
+
+    def _load_averaged_gradients_into_optimizer_(self):
+        params = self._optimized_params()
+        with torch.no_grad(), self.grad_averager.get_tensors() as averaged:
+            problem = tensors_match(list(averaged), [p.shape for p in params])
+        if problem is None:
+            return hivemind.Optimizer._load_averaged_gradients_into_optimizer_(self)
+        if not self._loading_local:
+            self.on_warning("peer_rejected", f"averaged gradients from peers were not applied ({problem}); "
+                                             "using this peer's own gradients for this epoch")
+            self._loading_local = True
+            try:
+                self._load_local_gradients_into_optimizer()   # comes back here with local accumulators
+            finally:
+                self._loading_local = False
+            return
+        # Our own accumulated gradients are bad as well: apply no gradient this epoch.
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        self.grad_averager.notify_used_averaged_gradients()

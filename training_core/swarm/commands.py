@@ -1,0 +1,224 @@
+"""`modron-train swarm join|host|invite`: argument handling around SwarmEngine and the host.
+
+In --json mode, stdout carries protocol events only (anything a library prints goes to stderr)
+and control messages are read from stdin, exactly as in `python -m training_core.worker`.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ..controls import Controls
+from ..errors import ConfigError, UserError
+from ..protocol import ProtocolError, decode_control, encode, make_event
+from .manifest import SwarmManifest, load_manifest, make_invite, read_invite
+
+
+def manifest_from_args(args) -> SwarmManifest:
+    given = [x for x in (getattr(args, "invite", None), getattr(args, "invite_file", None),
+                         getattr(args, "manifest", None)) if x]
+    if len(given) != 1:
+        raise ConfigError("swarm", "give exactly one of --invite TEXT, --invite-file FILE or --manifest M.toml")
+    if getattr(args, "manifest", None):
+        return load_manifest(args.manifest)
+    return read_invite(args.invite or args.invite_file)
+
+
+class Output:
+    """Where events go: JSON lines on the real stdout, or short human lines on stderr."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self.lock = threading.Lock()
+        if as_json:
+            events_fd = os.dup(1)
+            os.dup2(2, 1)            # libraries' prints must not corrupt the event stream
+            sys.stdout = sys.stderr
+            self.stream = os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
+        else:
+            from ..cli import TextProgress
+            self.text = TextProgress()
+
+    def __call__(self, ev: dict) -> None:
+        with self.lock:
+            if self.as_json:
+                self.stream.write(encode(ev))
+                self.stream.flush()
+            elif ev["type"] == "swarm":
+                loss = f"{ev['loss']:.4f}" if ev.get("loss") is not None else "-"
+                sys.stderr.write(f"swarm {ev['run_id']}: epoch {ev['epoch']}, {ev['peers']} peers, "
+                                 f"{ev.get('global_samples_per_s') or 0:.1f} samples/s, loss {loss}, "
+                                 f"contributed {ev['samples_contributed']} samples\n")
+            elif ev["type"] == "invite":
+                print(ev["invite"], flush=True)
+            elif ev["type"] in ("started", "stopped"):
+                if ev["type"] == "started":
+                    sys.stderr.write(f"joined swarm {ev['job_id']} as {ev['run_dir']}\n")
+                else:
+                    sys.stderr.write(f"stopped at local step {ev['step']}\n")
+            else:
+                self.text(ev)
+
+
+def _control_stream():
+    """Our own file object on a copy of fd 0, with sys.stdin pointed at /dev/null.
+
+    hivemind forks helper processes, and a forked child closes sys.stdin on start: if our reader
+    thread held sys.stdin's lock at that moment, the child would hang forever.
+    """
+    stream = os.fdopen(os.dup(sys.stdin.fileno()), "r", encoding="utf-8", errors="replace")
+    sys.stdin = open(os.devnull, encoding="utf-8")
+    return stream
+
+
+def _read_controls(stream, controls: Controls, emit, on_control) -> None:
+    for line in stream:
+        if not line.strip():
+            continue
+        try:
+            msg = decode_control(line)
+        except ProtocolError as exc:
+            emit(make_event("warning", code="bad_control", message=str(exc)))
+            continue
+        controls.put(msg["type"])
+        on_control(msg["type"])
+
+
+def _install_stop_signals(on_stop) -> None:
+    """SIGTERM/SIGINT ask for a clean stop; a second one leaves at once (e.g. while the DHT is
+    still starting and nothing reads the control inbox yet)."""
+    seen = []
+
+    def handler(signum, frame):
+        if seen:
+            from .network import reap_children
+            reap_children(grace_s=0.5)
+            os._exit(128 + signum)
+        seen.append(signum)
+        on_stop(signum, frame)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _fail(out: Output | None, exc: UserError, step: int = 0) -> int:
+    from ..cli import PROG
+    sys.stderr.write(f"{PROG}: error: {exc}\n")
+    if out is not None and out.as_json:
+        out(make_event("failed", code=exc.code, message=str(exc), step=step))
+    return 2
+
+
+def cmd_join(args) -> int:
+    from .peer import PeerOptions, SwarmEngine
+    out = Output(args.json)
+    try:
+        manifest = manifest_from_args(args)
+        opts = PeerOptions(steps=args.steps, minutes=args.minutes, device=args.device, threads=args.threads,
+                           data_dir=args.data_dir, client_mode=args.client_mode, token=args.token,
+                           host_maddrs=[f"/ip4/{args.listen_ip}/tcp/{args.port}"],
+                           test_send_nan=os.environ.get("MODRON_TEST_SEND_NAN") == "1")
+        if args.vram_fraction:
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.set_per_process_memory_fraction(args.vram_fraction)
+        controls = Controls()
+        engine = SwarmEngine(manifest, opts, out, controls)
+    except UserError as exc:
+        return _fail(out, exc)
+
+    def on_control(kind: str) -> None:
+        if kind in ("pause", "stop"):
+            engine.interrupt_rounds()
+
+    def on_signal(signum, frame):
+        controls.put("stop")
+        on_control("stop")
+    _install_stop_signals(on_signal)
+    if args.json:
+        threading.Thread(target=_read_controls, args=(_control_stream(), controls, out, on_control),
+                         daemon=True).start()
+    try:
+        engine.run()
+    except UserError as exc:
+        return _fail(out, exc, engine.step)
+    except Exception as exc:
+        if not out.as_json:
+            raise                      # cli.main logs it and exits 1
+        import traceback
+        traceback.print_exc(file=sys.stderr)
+        out(make_event("failed", code="internal", message=f"internal error: {type(exc).__name__}: {exc}",
+                       step=engine.step))
+        return 1
+    return 0
+
+
+def cmd_host(args) -> int:
+    from .host import HostOptions, run_host
+    out = Output(args.json)
+    try:
+        manifest = load_manifest(args.manifest)
+        opts = HostOptions(out=Path(args.out), port=args.port, listen_ip=args.listen_ip,
+                           announce_ip=args.announce_ip, minutes=args.minutes, token=args.token,
+                           checkpoint_minutes=args.checkpoint_minutes, threads=args.threads)
+        controls = Controls()
+        _install_stop_signals(lambda *_: controls.put("stop"))
+        if args.json:
+            threading.Thread(target=_read_controls, args=(_control_stream(), controls, out, lambda k: None),
+                             daemon=True).start()
+        run_host(manifest, opts, out, controls)
+    except UserError as exc:
+        return _fail(out, exc)
+    return 0
+
+
+def cmd_invite(args) -> int:
+    manifest = load_manifest(args.manifest)
+    print(make_invite(manifest, list(args.peer) if args.peer else None))
+    return 0
+
+
+def add_parser(sub) -> None:
+    from .network import DEFAULT_HOST_PORT
+    s = sub.add_parser("swarm", help="train one model together with other people's computers (hivemind)")
+    ss = s.add_subparsers(dest="swarm_command", required=True, metavar="SWARM_COMMAND")
+
+    j = ss.add_parser("join", help="contribute to a swarm")
+    g = j.add_mutually_exclusive_group()
+    g.add_argument("--invite", help="the invite text (modron-invite:...) or a file holding it")
+    g.add_argument("--invite-file", help="a file holding the invite")
+    g.add_argument("--manifest", help="a swarm manifest (.toml)")
+    b = j.add_mutually_exclusive_group()
+    b.add_argument("--steps", type=int, help="leave after this many local steps")
+    b.add_argument("--minutes", type=float, help="leave after this many minutes")
+    j.add_argument("--device", default="auto")
+    j.add_argument("--threads", type=int)
+    j.add_argument("--vram-fraction", type=float)
+    j.add_argument("--data-dir", help="this peer's data (swarms whose data is local or a download)")
+    j.add_argument("--client-mode", choices=["on", "off", "auto"], default="auto",
+                   help="client peers make only outgoing connections (auto: decided by a reachability check)")
+    j.add_argument("--token", help="the swarm's token, for private swarms (or MODRON_SWARM_TOKEN)")
+    j.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
+    j.add_argument("--listen-ip", default="0.0.0.0")
+    j.add_argument("--json", action="store_true", help="protocol events on stdout, controls on stdin")
+    j.set_defaults(func=cmd_join)
+
+    h = ss.add_parser("host", help="bootstrap and watch a swarm; keep its state as checkpoints")
+    h.add_argument("--manifest", required=True)
+    h.add_argument("--out", required=True, help="folder for invite.txt, identity.key and checkpoints")
+    h.add_argument("--port", type=int, default=DEFAULT_HOST_PORT)
+    h.add_argument("--listen-ip", default="0.0.0.0")
+    h.add_argument("--announce-ip", help="the address peers should dial (e.g. your public IP)")
+    h.add_argument("--minutes", type=float, help="stop after this many minutes")
+    h.add_argument("--token", help="private swarms: the shared token (default: one is made, in OUT/token.txt)")
+    h.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    h.add_argument("--threads", type=int, default=1)
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(func=cmd_host)
+
+    i = ss.add_parser("invite", help="print an invite for a manifest")
+    i.add_argument("--manifest", required=True)
+    i.add_argument("--peer", action="append", metavar="MADDR", help="an initial peer's multiaddr (repeatable)")
+    i.set_defaults(func=cmd_invite)

@@ -1,0 +1,121 @@
+"""Swarm metrics: each peer's loss and progress as a signed, schema-checked DHT record.
+
+Records live under f"{run_id}_metrics", one subkey per signer (its RSA public key). hivemind's
+RSASignatureValidator rejects records not signed by the key named in their subkey, and the
+SchemaValidator rejects any that do not fit `MetricsRecord`; readers parse again before use.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from pydantic.v1 import BaseModel, StrictFloat, ValidationError, confloat, conint, constr, validator
+
+from hivemind.dht.schema import BytesWithPublicKey
+
+from .guards import EpochClaim, auth_ok, auth_tag
+
+METRICS_TTL_S = 30.0     # a peer gone this long drops out of "peers alive"
+
+
+Role = constr(regex=r"^(peer|host)$", strict=True)
+AuthTag = constr(regex=r"^[0-9a-f]{64}$", strict=True)
+
+
+class MetricsRecord(BaseModel):
+    role: Role
+    epoch: conint(ge=0, strict=True)
+    samples: conint(ge=0, strict=True)             # samples contributed since the peer joined
+    samples_per_s: confloat(ge=0.0, strict=True)
+    loss: Optional[confloat(ge=0.0, lt=1e4, strict=True)] = None
+    time: StrictFloat
+    auth: Optional[AuthTag] = None
+
+    @validator("samples_per_s", "time", "loss")
+    def _finite(cls, v):  # noqa: N805 - pydantic's signature
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+
+class MetricsSchema(BaseModel):
+    metrics: Dict[BytesWithPublicKey, Optional[MetricsRecord]]
+
+
+def make_validators(run_id: str, private_key=None) -> list:
+    """Validators every swarm DHT (peer and host) adds; the signer is the process-wide key by default."""
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.schema import SchemaValidator
+    return [SchemaValidator(MetricsSchema, prefix=run_id), RSASignatureValidator(private_key)]
+
+
+def metrics_key(run_id: str) -> str:
+    return f"{run_id}_metrics"
+
+
+def publish(dht, run_id: str, public_key: bytes, record: MetricsRecord, token: str | None = None) -> None:
+    """Store our record (signed by the DHT's RSASignatureValidator on the way out). Non-blocking."""
+    from hivemind.utils import get_dht_time
+    if token is not None:
+        record = record.copy(update={"auth": auth_tag(token, run_id, public_key)})
+    dht.store(metrics_key(run_id), subkey=public_key, value=record.dict(),
+              expiration_time=get_dht_time() + METRICS_TTL_S, return_future=True)
+
+
+@dataclass
+class PeerView:
+    public_key: bytes
+    record: MetricsRecord
+    authorized: bool
+
+
+def parse_records(raw: Any, run_id: str, token: str | None = None, require_auth: bool = False) -> list[PeerView]:
+    """The records in a DHT dictionary value that validate; with require_auth, only those whose
+    tag matches our token."""
+    if not isinstance(raw, dict):
+        return []
+    out = []
+    for subkey, item in raw.items():
+        value = getattr(item, "value", item)
+        if value is None or not isinstance(subkey, bytes):
+            continue
+        try:
+            record = MetricsRecord.parse_obj(value)
+        except (ValidationError, TypeError, ValueError):
+            continue
+        authorized = token is not None and auth_ok(record.auth, token, run_id, subkey)
+        if require_auth and not authorized:
+            continue
+        out.append(PeerView(subkey, record, authorized))
+    return out
+
+
+def read(dht, run_id: str, token: str | None = None, require_auth: bool = False) -> list[PeerView]:
+    found = dht.get(metrics_key(run_id), latest=True)
+    return parse_records(found.value if found is not None else None, run_id, token, require_auth)
+
+
+@dataclass
+class SwarmSummary:
+    peers: int                 # contributing peers with a fresh record (the host not counted)
+    epoch: int
+    samples: int
+    samples_per_s: float
+    loss: float | None
+
+    @classmethod
+    def of(cls, views: list[PeerView], now: float | None = None) -> "SwarmSummary":
+        now = time.time() if now is None else now
+        fresh = [v.record for v in views if now - v.record.time <= METRICS_TTL_S]
+        peers = [r for r in fresh if r.role == "peer"]
+        losses = [r.loss for r in peers if r.loss is not None]
+        return cls(peers=len(peers), epoch=max((r.epoch for r in fresh), default=0),
+                   samples=sum(r.samples for r in peers), samples_per_s=sum(r.samples_per_s for r in peers),
+                   loss=sum(losses) / len(losses) if losses else None)
+
+
+def witnesses(views: list[PeerView]) -> list[EpochClaim]:
+    """Signed metrics as corroboration for the epoch filter (the host's record counts here)."""
+    return [EpochClaim(v.public_key, v.record.epoch) for v in views]

@@ -1,0 +1,130 @@
+"""Joining the swarm's DHT: identity, addresses, the reachability check, traffic estimates."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from .manifest import SwarmManifest
+
+DEFAULT_HOST_PORT = 31337
+PROBE_TIMEOUT_S = 5.0
+
+# Bytes per element on the wire for each manifest compression (for the traffic estimate).
+WIRE_BYTES = {"none": 4.0, "float16": 2.0, "scaled_float16": 2.0, "uniform8bit": 1.0, "blockwise8bit": 1.0}
+
+
+def quiet_hivemind() -> None:
+    """hivemind logs every round at INFO on stderr; keep warnings only unless asked otherwise."""
+    if os.environ.get("MODRON_SWARM_VERBOSE"):
+        return
+    from hivemind.utils.logging import use_hivemind_log_handler
+    use_hivemind_log_handler("in_root_logger")
+    logging.getLogger("hivemind").setLevel(logging.WARNING)
+
+
+def compression_for(name: str):
+    from hivemind import compression as c
+    return {"none": c.NoCompression, "float16": c.Float16Compression, "scaled_float16": c.ScaledFloat16Compression,
+            "uniform8bit": c.Uniform8BitQuantization, "blockwise8bit": c.BlockwiseQuantization}[name]()
+
+
+@dataclass
+class DHTHandle:
+    dht: object
+    client_mode: bool
+    reason: str     # why this mode, for the `client_mode` warning / docs
+
+
+async def _probe_reachable(peer_ids, _dht, node) -> bool | None:
+    """Ask initial peers to dial us back (hivemind's ping with validate=True). None: nobody answered."""
+    from hivemind.proto import dht_pb2
+    answered = False
+    for peer_id in peer_ids:
+        try:
+            request = dht_pb2.PingRequest(peer=node.protocol.node_info, validate=True)
+            response = await node.protocol.get_stub(peer_id).rpc_ping(request, timeout=PROBE_TIMEOUT_S)
+        except Exception:
+            continue
+        answered = True
+        if response.available:
+            return True
+    return False if answered else None
+
+
+def start_dht(manifest: SwarmManifest, *, identity_path: Path | None, client_mode: str = "auto",
+              host_maddrs: list[str] | None = None, announce_maddrs: list[str] | None = None,
+              validators: list | None = None) -> DHTHandle:
+    """Start a DHT for this swarm; `client_mode` on|off|auto (auto: full peer iff the initial
+    peers can dial us back; alone, we are the bootstrap and must be a full peer)."""
+    import hivemind
+    from hivemind.p2p import PeerID
+
+    initial = list(manifest.initial_peers)
+    if identity_path is not None:
+        identity_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def start(client: bool):
+        try:
+            return hivemind.DHT(
+                initial_peers=initial, start=True, client_mode=client, record_validators=validators or [],
+                host_maddrs=host_maddrs or ["/ip4/0.0.0.0/tcp/0"], announce_maddrs=announce_maddrs,
+                identity_path=str(identity_path) if identity_path else None,
+                use_relay=True, use_auto_relay=client, await_ready=True)
+        except Exception as exc:   # unreachable bootstrap, port taken, identity in use
+            where = "initial_peers" if initial else "--port"
+            raise ConfigError(where, f"could not join the swarm's network: {str(exc).splitlines()[0][:300]}") from None
+
+    if client_mode == "on":
+        return DHTHandle(start(True), True, "asked for (--client-mode on)")
+    dht = start(False)
+    if client_mode == "off":
+        return DHTHandle(dht, False, "asked for (--client-mode off)")
+    if not initial:
+        return DHTHandle(dht, False, "no initial peers: this peer bootstraps the swarm")
+    peer_ids = []
+    for addr in initial:
+        try:
+            peer_ids.append(PeerID.from_base58(addr.rsplit("/p2p/", 1)[1]))
+        except Exception:
+            continue
+    reachable = dht.run_coroutine(functools.partial(_probe_reachable, peer_ids))
+    if reachable:
+        return DHTHandle(dht, False, "initial peers can reach this peer directly")
+    dht.shutdown()
+    why = "no initial peer answered the reachability check" if reachable is None else \
+        "initial peers cannot dial this peer back (NAT or firewall)"
+    return DHTHandle(start(True), True, why + "; joining as a client through relays")
+
+
+def reap_children(grace_s: float = 3.0) -> None:
+    """End the helper processes hivemind forked (DHT, averagers, p2pd) that outlived shutdown.
+
+    A forked averager stuck in a round would otherwise keep this process from exiting: Python
+    joins its children at exit.
+    """
+    import psutil
+    children = psutil.Process().children(recursive=True)
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+def visible_maddrs(dht) -> list[str]:
+    return [str(a) for a in dht.get_visible_maddrs()]
+
+
+def round_bytes(numel: int, group_size: int, compression: str) -> float:
+    """Bytes one peer sends (and, alike, receives) in one butterfly all-reduce of `numel` values:
+    (n-1)/n of the tensor out in reduce-scatter and again in all-gather. An estimate: p2pd has no
+    per-peer byte counter."""
+    if group_size <= 1:
+        return 0.0
+    return 2.0 * (group_size - 1) / group_size * numel * WIRE_BYTES[compression]
