@@ -103,8 +103,9 @@ def main() -> int:
         print(f"  engine:       FAILED: {problem}")
     else:
         started = next(e for e in events if e["type"] == "started")
-        losses = [e["loss"] for e in events if e["type"] == "step"]
-        print(f"  engine:       ok ({len(losses)} demo steps on {started['device']}, "
+        finished = next(e for e in events if e["type"] == "finished")
+        losses = [e["loss"] for e in events if e["type"] == "step"]   # step events are rate-limited
+        print(f"  engine:       ok ({finished['step']} demo steps on {started['device']}, "
               f"{started['precision']}; loss {losses[0]:.3f} -> {losses[-1]:.3f})")
     print(f"{'PASSED' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s")
     return 0 if ok else 1
