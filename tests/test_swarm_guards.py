@@ -251,3 +251,26 @@ def test_the_dht_stores_only_signed_records_that_fit_the_schema():
         assert [v.public_key for v in views] == [me] and math.isclose(views[0].record.loss, 3.2)
     finally:
         dht.shutdown()
+
+
+def test_pause_moves_hivemind_gradient_accumulators_with_the_model():
+    # On a GPU, hivemind's per-parameter accumulators would keep a model's worth of memory after a
+    # pause; the peer moves them with the parameters. Fake tensors record where they were sent.
+    import types
+    import torch
+    from training_core.swarm.peer import SwarmEngine
+
+    class Buffer:
+        def __init__(self):
+            self.data = self
+
+        def to(self, device):
+            moved = Buffer()
+            moved.device = device
+            return moved
+
+    accs = (Buffer(), Buffer())
+    engine = SwarmEngine.__new__(SwarmEngine)
+    engine.optimizer = types.SimpleNamespace(grad_averager=types.SimpleNamespace(_local_accumulators=accs))
+    engine._move_grad_accumulators(torch.device("cpu"))
+    assert [a.data.device for a in accs] == [torch.device("cpu")] * 2

@@ -282,6 +282,24 @@ class SwarmEngine(Engine):
         except Exception:
             pass
 
+    def _move_grad_accumulators(self, device: torch.device) -> None:
+        """hivemind keeps one gradient accumulator per parameter on the parameters' device, outside
+        the model and the optimizer state that the engine moves; without this a paused peer would
+        keep a model's worth of GPU memory."""
+        grad_averager = getattr(getattr(self, "optimizer", None), "grad_averager", None)
+        for t in getattr(grad_averager, "_local_accumulators", None) or ():
+            t.data = t.data.to(device)
+
+    def _release_accelerator(self) -> None:
+        if self.device.type == "cuda":
+            self._move_grad_accumulators(torch.device("cpu"))
+        super()._release_accelerator()
+
+    def _reclaim_accelerator(self) -> None:
+        super()._reclaim_accelerator()
+        if self.device.type == "cuda":
+            self._move_grad_accumulators(self.device)
+
     def pause(self) -> None:
         self.paused = True
         self._leave_rounds()
