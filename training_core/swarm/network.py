@@ -24,6 +24,9 @@ def quiet_hivemind() -> None:
     from hivemind.utils.logging import use_hivemind_log_handler
     use_hivemind_log_handler("in_root_logger")
     logging.getLogger("hivemind").setLevel(logging.WARNING)
+    # hivemind's event loops are torn down with tasks still pending when a peer leaves; asyncio then
+    # logs "Task was destroyed but it is pending!" at exit, which reads like a failure to users.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def compression_for(name: str):
