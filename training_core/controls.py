@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import queue
+from typing import Callable, Iterable
+
+from .protocol import ProtocolError, decode_control, make_event
 
 
 class Controls:
@@ -28,3 +31,23 @@ class Controls:
             return self._q.get(timeout=timeout)
         except queue.Empty:
             return None
+
+
+def read_controls(lines: Iterable[str], controls: Controls, emit: Callable[[dict], None],
+                  on_control: Callable[[str], None] | None = None) -> None:
+    """Feed protocol control lines (a worker's stdin) into `controls` until the stream ends.
+
+    A malformed line is answered with a `bad_control` warning and otherwise ignored. `on_control`
+    runs in this reading thread, for what must happen before the training loop looks (the swarm
+    peer leaves an averaging round at once on `pause`)."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            msg = decode_control(line)
+        except ProtocolError as exc:
+            emit(make_event("warning", code="bad_control", message=str(exc)))
+            continue
+        controls.put(msg["type"])
+        if on_control is not None:
+            on_control(msg["type"])

@@ -14,7 +14,7 @@ import sys
 import threading
 import traceback
 
-from .protocol import ProtocolError, decode_control, encode, make_event
+from .protocol import encode, make_event
 
 
 def _event_stream():
@@ -23,18 +23,6 @@ def _event_stream():
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     return os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
-
-
-def _read_controls(stream, controls, emit) -> None:
-    for line in stream:
-        if not line.strip():
-            continue
-        try:
-            msg = decode_control(line)
-        except ProtocolError as exc:
-            emit(make_event("warning", code="bad_control", message=str(exc)))
-            continue
-        controls.put(msg["type"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
             out.write(encode(event))
             out.flush()
 
-    from .controls import Controls
+    from .controls import Controls, read_controls
     from .errors import UserError
     controls = Controls()
-    threading.Thread(target=_read_controls, args=(sys.stdin, controls, emit), daemon=True).start()
+    threading.Thread(target=read_controls, args=(sys.stdin, controls, emit), daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: controls.put("stop"))
 
     engine = None

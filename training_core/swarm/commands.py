@@ -11,9 +11,9 @@ import sys
 import threading
 from pathlib import Path
 
-from ..controls import Controls
+from ..controls import Controls, read_controls
 from ..errors import ConfigError, UserError
-from ..protocol import ProtocolError, decode_control, encode, make_event
+from ..protocol import encode, make_event
 from .manifest import SwarmManifest, load_manifest, make_invite, read_invite
 
 
@@ -74,19 +74,6 @@ def _control_stream():
     return stream
 
 
-def _read_controls(stream, controls: Controls, emit, on_control) -> None:
-    for line in stream:
-        if not line.strip():
-            continue
-        try:
-            msg = decode_control(line)
-        except ProtocolError as exc:
-            emit(make_event("warning", code="bad_control", message=str(exc)))
-            continue
-        controls.put(msg["type"])
-        on_control(msg["type"])
-
-
 def _install_stop_signals(on_stop) -> None:
     """SIGTERM/SIGINT ask for a clean stop; a second one leaves at once (e.g. while the DHT is
     still starting and nothing reads the control inbox yet)."""
@@ -138,7 +125,7 @@ def cmd_join(args) -> int:
         on_control("stop")
     _install_stop_signals(on_signal)
     if args.json:
-        threading.Thread(target=_read_controls, args=(_control_stream(), controls, out, on_control),
+        threading.Thread(target=read_controls, args=(_control_stream(), controls, out, on_control),
                          daemon=True).start()
     try:
         engine.run()
@@ -166,7 +153,7 @@ def cmd_host(args) -> int:
         controls = Controls()
         _install_stop_signals(lambda *_: controls.put("stop"))
         if args.json:
-            threading.Thread(target=_read_controls, args=(_control_stream(), controls, out, lambda k: None),
+            threading.Thread(target=read_controls, args=(_control_stream(), controls, out),
                              daemon=True).start()
         run_host(manifest, opts, out, controls)
     except UserError as exc:

@@ -25,7 +25,7 @@ from . import metrics
 from .guards import EpochClaim, believed_epoch_ceiling
 from .manifest import SwarmManifest, make_invite
 from .network import compression_for, quiet_hivemind, reap_children, start_dht, visible_maddrs
-from .peer import PeerOptions, epoch_schedule, swarm_spec
+from .peer import PeerOptions, optimizer_factories, swarm_spec
 
 REPORT_INTERVAL_S = 2.0
 MIN_LOAD_INTERVAL_S = 3.0
@@ -105,20 +105,12 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
                        host_maddrs=[f"/ip4/{opts.listen_ip}/tcp/{opts.port}"], announce_maddrs=announce,
                        validators=metrics.make_validators(manifest.run_id))
     dht = handle.dht
-    from hivemind.dht.crypto import RSASignatureValidator
-    from hivemind.utils.crypto import RSAPrivateKey
-    public_key = RSASignatureValidator(RSAPrivateKey.process_wide()).local_public_key
-
-    opt_cfg = manifest.optimizer
-    kwargs = dict(lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]), weight_decay=opt_cfg["weight_decay"])
-    if "eps" in opt_cfg:
-        kwargs["eps"] = opt_cfg["eps"]
-    cls = torch.optim.AdamW if opt_cfg["name"] == "adamw" else torch.optim.Adam
-    factor = epoch_schedule(manifest.schedule)
+    public_key = metrics.local_public_key()
+    make_opt, make_sched = optimizer_factories(manifest)
     compression = compression_for(manifest.compression)
     averager = GuardedStateAverager(
-        dht=dht, prefix=f"{manifest.run_id}_state_averager", optimizer=lambda ps: cls(ps, **kwargs), params=params,
-        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, factor), initialize_optimizer=True,
+        dht=dht, prefix=f"{manifest.run_id}_state_averager", optimizer=make_opt, params=params,
+        scheduler=make_sched, initialize_optimizer=True,
         offload_optimizer=False, compression=compression, state_compression=compression_for("none"),
         min_matchmaking_time=manifest.matchmaking_time, client_mode=False, start=True)
     warn = lambda code, message: emit(make_event("warning", code=code, message=message))  # noqa: E731

@@ -51,6 +51,13 @@ def make_validators(run_id: str, private_key=None) -> list:
     return [SchemaValidator(MetricsSchema, prefix=run_id), RSASignatureValidator(private_key)]
 
 
+def local_public_key() -> bytes:
+    """The public half of this process's hivemind key: the subkey its signed records go under."""
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.utils.crypto import RSAPrivateKey
+    return RSASignatureValidator(RSAPrivateKey.process_wide()).local_public_key
+
+
 def metrics_key(run_id: str) -> str:
     return f"{run_id}_metrics"
 

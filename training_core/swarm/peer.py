@@ -113,6 +113,18 @@ def epoch_schedule(schedule: dict[str, Any]):
     return factor
 
 
+def optimizer_factories(manifest: SwarmManifest):
+    """(optimizer factory, scheduler factory) from the manifest. Peers and the host must build the
+    same optimizer, or the state they share would not line up."""
+    cfg = manifest.optimizer
+    kwargs = dict(lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"])
+    if "eps" in cfg:
+        kwargs["eps"] = cfg["eps"]
+    cls = torch.optim.AdamW if cfg["name"] == "adamw" else torch.optim.Adam
+    factor = epoch_schedule(manifest.schedule)
+    return (lambda params: cls(params, **kwargs)), (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+
+
 class _SwarmLR:
     """What the engine's `step` events and trainer_state read from a scheduler."""
 
@@ -169,21 +181,13 @@ class SwarmEngine(Engine):
                                 validators=metrics.make_validators(m.run_id))
         if self.handle.client_mode:
             self.warn("client_mode", f"joined as a client (no incoming connections): {self.handle.reason}")
-        opt_cfg = m.optimizer
-        kwargs = dict(lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]), weight_decay=opt_cfg["weight_decay"])
-        if "eps" in opt_cfg:
-            kwargs["eps"] = opt_cfg["eps"]
-        cls = torch.optim.AdamW if opt_cfg["name"] == "adamw" else torch.optim.Adam
-        factor = epoch_schedule(m.schedule)
+        make_opt, make_sched = optimizer_factories(m)
         compression = compression_for(m.compression)
         self.param_numel = sum(p.numel() for p in params)
-        from hivemind.utils.crypto import RSAPrivateKey
-        from hivemind.dht.crypto import RSASignatureValidator
-        self.public_key = RSASignatureValidator(RSAPrivateKey.process_wide()).local_public_key
+        self.public_key = metrics.local_public_key()
         opt = GuardedOptimizer(
             dht=self.handle.dht, run_id=m.run_id, target_batch_size=m.target_batch_size,
-            batch_size_per_step=m.micro_batch, params=params, optimizer=lambda ps: cls(ps, **kwargs),
-            scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, factor),
+            batch_size_per_step=m.micro_batch, params=params, optimizer=make_opt, scheduler=make_sched,
             matchmaking_time=m.matchmaking_time, averaging_timeout=m.averaging_timeout,
             load_state_timeout=max(30.0, m.averaging_timeout), offload_optimizer=False,
             grad_compression=compression, state_averaging_compression=compression,
