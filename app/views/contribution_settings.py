@@ -10,6 +10,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
 from app.contribution import (DEFAULT_GRACE_S, GRACE_SETTING, PRIORITIES, PRIORITY_SETTING, grace_s,
                               gpu_priority, load_rules, save_rules)
 from app.idle_policy import IdleRules, Window
+from app.views.settings_view import note
 from training_core.errors import ConfigError
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -59,13 +60,6 @@ def format_schedule(windows: list[Window]) -> str:
     return "\n".join(f"{DAYS[w.weekday].capitalize()} {w.start:%H:%M}-{w.end:%H:%M}" for w in windows)
 
 
-def _note(text: str) -> QLabel:
-    label = QLabel(text)
-    label.setWordWrap(True)
-    label.setStyleSheet("color: palette(dark);")
-    return label
-
-
 class ContributionSettingsView(QWidget):
     def __init__(self, store, queue, parent=None, contributor=None):
         super().__init__(parent)
@@ -73,7 +67,7 @@ class ContributionSettingsView(QWidget):
 
         title = QLabel("Contribution rules")
         title.setStyleSheet("font-size: 16pt; font-weight: bold;")
-        intro = _note("When \"Contribute while idle\" is on (tray menu), Modron lends your GPU to the swarm you "
+        intro = note("When \"Contribute while idle\" is on (tray menu), Modron lends your GPU to the swarm you "
                       "joined only while all of these hold, and hands it back as soon as one fails.")
 
         self.schedule_edit = QPlainTextEdit()

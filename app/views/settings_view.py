@@ -17,7 +17,8 @@ DATA_DIR_SETTING = "data_dir_next"
 DEFAULT_CHECKPOINT_MINUTES = 10
 
 
-def _note(text: str) -> QLabel:
+def note(text: str) -> QLabel:
+    """A wrapped, muted line of explanation under a setting."""
     label = QLabel(text)
     label.setWordWrap(True)
     label.setStyleSheet("color: palette(dark);")
@@ -50,7 +51,7 @@ class SettingsView(QWidget):
         data_layout.addWidget(self.data_dir_label)
         data_layout.addWidget(self.next_dir_label)
         data_layout.addLayout(buttons)
-        data_layout.addWidget(_note("The queue, history, settings and every run's checkpoints live here. "
+        data_layout.addWidget(note("The queue, history, settings and every run's checkpoints live here. "
                                     "A change takes effect the next time Modron starts; what is in the old "
                                     "folder stays there."))
 
@@ -62,7 +63,7 @@ class SettingsView(QWidget):
         train_box = QGroupBox("Training")
         train_form = QFormLayout(train_box)
         train_form.addRow("Save a checkpoint every", self.checkpoint_spin)
-        train_form.addRow(_note("Used by new jobs. A checkpoint is what a paused, stopped or crashed job "
+        train_form.addRow(note("Used by new jobs. A checkpoint is what a paused, stopped or crashed job "
                                 "continues from; more often costs a little speed and disk writes."))
 
         self.autostart_box = QCheckBox("Start Modron when I log in (in the tray)")
@@ -82,7 +83,7 @@ class SettingsView(QWidget):
         swarm_box = QGroupBox("Swarm")
         swarm_layout = QVBoxLayout(swarm_box)
         swarm_layout.addWidget(self.contribute_box)
-        swarm_layout.addWidget(_note("Lend this computer to the swarm you joined (Swarm view) while you are "
+        swarm_layout.addWidget(note("Lend this computer to the swarm you joined (Swarm view) while you are "
                                      "away. When it may run (schedule, idle minutes, battery, games, GPU "
                                      "heat) is set under Contribution rules; the tray menu has the same "
                                      "switch."))
@@ -104,7 +105,7 @@ class SettingsView(QWidget):
         install_layout.addWidget(self.install_label)
         install_layout.addLayout(repair_row)
         install_layout.addWidget(self.repair_status)
-        install_layout.addWidget(_note("Repair install runs the installer again: it rebuilds Python's environment "
+        install_layout.addWidget(note("Repair install runs the installer again: it rebuilds Python's environment "
                                        "with the PyTorch build for your GPU and keeps your queue, runs and "
                                        "settings. Quit Modron while it runs and start it again afterwards."))
 
