@@ -38,6 +38,8 @@ class ElapsedAxis(pg.AxisItem):
     def tickStrings(self, values, scale, spacing):
         if not self.as_time:
             return super().tickStrings(values, scale, spacing)
+        if spacing * scale < 1:   # a chart with little or no data yet: don't repeat "0s 0s 1s"
+            return [f"{v * scale:.1f}s" for v in values]
         return [format_elapsed(v * scale) for v in values]
 
 

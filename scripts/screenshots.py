@@ -22,18 +22,22 @@ def main() -> int:
     os.environ.setdefault("MODRON_DATA_DIR", tempfile.mkdtemp(prefix="modron-shots-"))
     from PySide6.QtWidgets import QApplication
     app = QApplication([sys.argv[0]])
+    from app.contribution import Contributor
     from app.job_queue import JobQueue
     from app.main_window import MainWindow
     from app.store import Store
     from app.sysinfo import SysInfoPoller
     from app.tray import Tray
     from training_core.demo import demo_spec
+    from training_core.swarm.manifest import bundled_path, load_manifest, make_invite
 
     store = Store.open_default()
     queue = JobQueue(store)
     poller = SysInfoPoller()
-    window = MainWindow(store, queue, poller=poller)
+    contributor = Contributor(store, queue)
+    window = MainWindow(store, queue, poller=poller, contributor=contributor)
     tray = Tray(store, queue, window)
+    tray.attach_contributor(contributor)
     tray.show()
     window.show()
     spec = demo_spec().to_dict()
@@ -42,6 +46,10 @@ def main() -> int:
     job_id = queue.submit(spec, "Demo: tiny model on the bundled stories")
     second = dict(spec, steps=50)
     queue.submit(second, "Queued: another demo")
+    # The demo swarm joined (an invite without peers: nothing is contacted); the local demo run
+    # holds the GPU, so the Swarm view shows why contribution waits.
+    window.show_view("swarm").join(make_invite(load_manifest(bundled_path("swarms/demo.toml"))))
+    store.set_setting("contribute_while_idle", True)
     window.show_view("run")
 
     def pump(seconds: float) -> None:
@@ -59,7 +67,7 @@ def main() -> int:
     else:
         print("screenshots: the demo did not reach its third eval in time", file=sys.stderr)
     shots = []
-    for name in ("dashboard", "new", "queue", "run", "history", "settings"):
+    for name in ("dashboard", "new", "queue", "run", "history", "swarm", "contribution", "settings"):
         window.show_view(name)
         pump(2.5 if name == "dashboard" else 1.0)
         path = out / f"{name}.png"
@@ -73,6 +81,7 @@ def main() -> int:
         subprocess.run(["import", "-window", "root", str(screen)], check=False)
         shots.append(screen)
     tray.menu.hide()
+    contributor.shutdown()
     queue.shutdown()
     poller.shutdown()
     store.close()

@@ -503,3 +503,13 @@ def test_history_lists_the_run_reloads_charts_and_exports(finished_run, qtbot, t
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 128
     # the folder is no longer empty: a second export would go to a new subfolder
     assert export_target(str(out), "tiny run") == out / "tiny-run-merged"
+
+
+def test_time_axis_ticks_read_as_durations_and_stay_distinct_below_a_second(qtbot):
+    from app.charts import ElapsedAxis
+    axis = ElapsedAxis(orientation="bottom")
+    axis.as_time = True
+    assert axis.tickStrings([0, 90, 3900], 1.0, 30) == ["0s", "1m30", "1h05"]
+    # An empty chart spans 0..1 s; whole seconds would print "0s 0s 0s 1s 1s".
+    ticks = axis.tickStrings([0.0, 0.2, 0.4, 0.6], 1.0, 0.2)
+    assert len(set(ticks)) == 4 and ticks[1] == "0.2s"
