@@ -432,13 +432,16 @@ class Engine:
         self._reclaim_accelerator()
         self.emit("resumed", step=self.step)
 
+    def checkpoint_on_stop(self) -> str | None:
+        """A stopped local run resumes from here; a swarm peer returns None (the swarm holds the state)."""
+        return str(self.save_checkpoint("stop", with_eval=False))
+
     def handle_controls(self) -> None:
         while (msg := self.controls.poll()) is not None:
             if msg == "pause":
                 self.pause()
             elif msg == "stop":
-                path = self.save_checkpoint("stop", with_eval=False)
-                self.emit("stopped", step=self.step, checkpoint=str(path))
+                self.emit("stopped", step=self.step, checkpoint=self.checkpoint_on_stop())
                 raise StopRun
             elif msg == "checkpoint":
                 self.save_checkpoint("requested")

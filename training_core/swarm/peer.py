@@ -326,15 +326,8 @@ class SwarmEngine(Engine):
         self.paused = False
         self.emit("resumed", step=self.step)
 
-    def handle_controls(self) -> None:
-        while (msg := self.controls.poll()) is not None:
-            if msg == "pause":
-                self.pause()
-            elif msg == "stop":
-                self.emit("stopped", step=self.step, checkpoint=None)
-                raise StopRun
-            elif msg == "checkpoint":
-                self.save_checkpoint("requested")
+    def checkpoint_on_stop(self) -> None:
+        return None
 
     # ---- swarm reporting ------------------------------------------------------------------
     def _report_loop(self) -> None:
