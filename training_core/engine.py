@@ -414,26 +414,21 @@ class Engine:
             return 0, 0
         return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
 
-    def wait_while_paused(self, checkpoint: str | None) -> None:
-        """Block until `resume`; on `stop`, report `stopped` with `checkpoint` and end the run.
-        Paused time does not count as training time."""
-        paused_at = time.monotonic()
-        while True:
-            msg = self.controls.wait()
-            if msg == "resume":
-                break
-            if msg == "stop":
-                self.emit("stopped", step=self.step, checkpoint=checkpoint)
-                raise StopRun
-        self._paused_total += time.monotonic() - paused_at
-
     def pause(self) -> None:
         """Checkpoint, give the GPU back, and wait for resume or stop."""
         self._release_accelerator()
         path = self.save_checkpoint("pause", with_eval=False)
         self.emit("paused", step=self.step, vram_used=self.vram()[0], vram_reserved=self.vram()[1],
                   checkpoint=str(path))
-        self.wait_while_paused(str(path))
+        paused_at = time.monotonic()
+        while True:
+            msg = self.controls.wait()
+            if msg == "resume":
+                break
+            if msg == "stop":
+                self.emit("stopped", step=self.step, checkpoint=str(path))
+                raise StopRun
+        self._paused_total += time.monotonic() - paused_at
         self._reclaim_accelerator()
         self.emit("resumed", step=self.step)
 

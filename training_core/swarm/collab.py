@@ -28,22 +28,6 @@ def _no_warning(code: str, message: str) -> None:
     pass
 
 
-def progress_claims(records) -> list[tuple[object, EpochClaim]]:
-    """(subkey, claim) for each well-formed progress record hivemind's tracker keeps in the DHT
-    (a dict of subkey -> ValueWithExpiration); malformed records from peers are dropped."""
-    out = []
-    for subkey, item in (records.items() if isinstance(records, dict) else ()):
-        value = getattr(item, "value", None)
-        if value is None:
-            continue
-        try:
-            progress = LocalTrainingProgress.parse_obj(value)
-        except Exception:
-            continue
-        out.append((subkey, EpochClaim(bytes(subkey), progress.epoch, counts=not progress.client_mode)))
-    return out
-
-
 class FilteredProgressTracker(ProgressTracker):
     def __init__(self, *args, on_warning: Warn = _no_warning, **kwargs):
         self.on_warning = on_warning
@@ -57,9 +41,18 @@ class FilteredProgressTracker(ProgressTracker):
         return super()._parse_swarm_progress_data(metadata)
 
     def filter_metadata(self, metadata: dict) -> dict:
-        parsed = progress_claims(metadata)
-        claims = [claim for _, claim in parsed]
-        by_claim = {id(claim): subkey for subkey, claim in parsed}
+        claims, by_claim = [], {}
+        for subkey, item in metadata.items():
+            value = getattr(item, "value", None)
+            if value is None:
+                continue
+            try:
+                progress = LocalTrainingProgress.parse_obj(value)
+            except Exception:
+                continue
+            claim = EpochClaim(bytes(subkey), progress.epoch, counts=not progress.client_mode)
+            claims.append(claim)
+            by_claim[id(claim)] = subkey
         kept, rejected = filter_epoch_claims(claims, self.local_progress.epoch, self.witnesses)
         for c in rejected:
             if (c.source, c.epoch) not in self._warned:

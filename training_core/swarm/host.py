@@ -59,9 +59,21 @@ def host_token(manifest: SwarmManifest, opts: HostOptions) -> str | None:
 
 
 def progress_epochs(dht, run_id: str) -> list[EpochClaim]:
-    from .collab import progress_claims
+    from hivemind.optim.progress_tracker import LocalTrainingProgress
     found = dht.get(f"{run_id}_progress", latest=True)
-    return [claim for _, claim in progress_claims(found.value if found is not None else None)]
+    raw = found.value if found is not None else None
+    claims = []
+    if isinstance(raw, dict):
+        for subkey, item in raw.items():
+            value = getattr(item, "value", None)
+            if value is None:
+                continue
+            try:
+                p = LocalTrainingProgress.parse_obj(value)
+            except Exception:
+                continue
+            claims.append(EpochClaim(bytes(subkey), p.epoch, counts=not p.client_mode))
+    return claims
 
 
 def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: Controls) -> None:

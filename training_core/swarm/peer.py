@@ -19,7 +19,7 @@ import torch
 
 from ..config import JobSpec
 from ..controls import Controls
-from ..engine import Emit, Engine
+from ..engine import Emit, Engine, StopRun
 from ..errors import ConfigError
 from ..paths import data_dir
 from . import guards, metrics
@@ -310,7 +310,15 @@ class SwarmEngine(Engine):
         self._release_accelerator()
         used, reserved = self.vram()
         self.emit("paused", step=self.step, vram_used=used, vram_reserved=reserved, checkpoint=None)
-        self.wait_while_paused(None)
+        paused_at = time.monotonic()
+        while True:
+            msg = self.controls.wait()
+            if msg == "resume":
+                break
+            if msg == "stop":
+                self.emit("stopped", step=self.step, checkpoint=None)
+                raise StopRun
+        self._paused_total += time.monotonic() - paused_at
         self._reclaim_accelerator()
         opt = self.optimizer
         if opt.local_epoch < opt.tracker.global_epoch:
