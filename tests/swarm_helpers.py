@@ -16,12 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MANIFEST = """\
 run_id = "{run_id}"
+algorithm = "{algorithm}"
 model = "scratch:tiny"
 tokenizer = "bytes"
 seq_len = 32
 micro_batch = 4
 target_batch_size = {target}
-compression = "float16"
+compression = "{compression}"
 matchmaking_time = 1.0
 averaging_timeout = 6.0
 initial_peers = {peers}
@@ -38,13 +39,21 @@ lr = 3e-3
 name = "constant"
 warmup_epochs = 0
 total_epochs = 1000
+
+[diloco]
+inner_steps = {inner_steps}
+max_round_s = {max_round_s}
+overlap = {overlap}
 {auth}"""
 
 
 def write_manifest(path: Path, run_id: str = "test-swarm", target: int = 48, peers: list[str] | None = None,
-                   auth: bool = False) -> Path:
+                   auth: bool = False, algorithm: str = "sync", compression: str = "float16",
+                   inner_steps: int = 10, max_round_s: float = 60.0, overlap: bool = True) -> Path:
     auth_text = '\n[auth]\nrequired = true\nissuer = "the test"\n' if auth else ""
-    path.write_text(MANIFEST.format(run_id=run_id, target=target, peers=json.dumps(peers or []), auth=auth_text),
+    path.write_text(MANIFEST.format(run_id=run_id, target=target, peers=json.dumps(peers or []), auth=auth_text,
+                                    algorithm=algorithm, compression=compression, inner_steps=inner_steps,
+                                    max_round_s=max_round_s, overlap="true" if overlap else "false"),
                     encoding="utf-8")
     return path
 

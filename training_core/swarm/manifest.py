@@ -31,7 +31,8 @@ from ..errors import ConfigError
 # a test checks this equals tuple(PRESETS) so the two cannot drift apart.
 PRESET_NAMES = ("tiny", "mini", "small", "base", "medium")
 
-COMPRESSIONS = ("none", "float16", "scaled_float16", "uniform8bit", "blockwise8bit")
+COMPRESSIONS = ("none", "float16", "scaled_float16", "uniform8bit", "blockwise8bit", "blockwise4bit")
+ALGORITHMS = ("diloco", "sync")
 DATA_SOURCES = ("bundled", "local", "url")
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -52,6 +53,11 @@ _OPTIMIZER_KEYS = ("name", "lr", "betas", "eps", "weight_decay")
 DEFAULT_SCHEDULE = {"name": "cosine", "warmup_epochs": 2, "total_epochs": 1000}
 _SCHEDULE_KEYS = ("name", "warmup_epochs", "total_epochs")
 DEFAULT_AUTH = {"required": False}
+# DiLoCo rounds (arXiv 2311.08105): `inner_steps` local AdamW steps per peer, then an all-reduce of
+# the peers' pseudo-gradients and an outer Nesterov SGD step (lr 0.7, momentum 0.9 as in the papers).
+DEFAULT_DILOCO = {"inner_steps": 500, "outer_lr": 0.7, "outer_momentum": 0.9, "max_round_s": 1800.0,
+                  "overlap": True}
+_DILOCO_KEYS = tuple(DEFAULT_DILOCO)
 _AUTH_KEYS = ("required", "issuer")
 # Per data source: (required keys, optional keys), in the order to_toml writes them.
 _DATA_KEYS = {
@@ -66,13 +72,15 @@ class SwarmManifest:
     run_id: str                  # names the hivemind run (the DHT key prefix)
     model: str                   # "scratch:NAME" or a base model (folder or hub id)
     data: dict[str, Any]         # {"source": "bundled", "path": "demo/stories"} | {"source": "local"} | {"source": "url", "url": ...}
+    algorithm: str = "diloco"    # "diloco": rounds of local steps + compressed pseudo-gradients; "sync": per-step gradients
     tokenizer: str = "bytes"     # "bytes" | a tokenizer path or hub id | "bundled:PATH" | "auto" (a base model's own)
     seq_len: int = 128
     micro_batch: int = 8
-    target_batch_size: int = 4096    # samples per global optimizer epoch (hivemind's target_batch_size)
+    target_batch_size: int = 4096    # sync: samples per global optimizer epoch (hivemind's target_batch_size)
     optimizer: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIMIZER))
     schedule: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))
-    compression: str = "float16"
+    compression: str = "float16"     # on the wire: sync's gradients, diloco's pseudo-gradients
+    diloco: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_DILOCO))
     initial_peers: list[str] = field(default_factory=list)   # multiaddrs ending in /p2p/PEER_ID
     auth: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_AUTH))
     matchmaking_time: float = 5.0
@@ -254,6 +262,11 @@ def _normalize(data: Any, where: str) -> dict[str, Any]:
              + ", ".join(f"scratch:{n}" for n in PRESET_NAMES))
     out["model"] = model
 
+    algorithm = _string(data.get("algorithm", "diloco"), "algorithm", fail)
+    if algorithm not in ALGORITHMS:
+        fail(f"unknown algorithm {algorithm[:40]!r}; use one of {', '.join(ALGORITHMS)}")
+    out["algorithm"] = algorithm
+
     tokenizer = _string(data.get("tokenizer", "bytes"), "tokenizer", fail)
     if tokenizer == "train":
         fail("tokenizer 'train' would give each peer a different vocabulary; use 'bytes', "
@@ -277,6 +290,7 @@ def _normalize(data: Any, where: str) -> dict[str, Any]:
         fail(f"unknown compression {compression[:40]!r}; use one of {', '.join(COMPRESSIONS)}")
     out["compression"] = compression
 
+    out["diloco"] = _diloco(data.get("diloco", DEFAULT_DILOCO), fail)
     out["initial_peers"] = _peers(data.get("initial_peers", []), fail)
     out["auth"] = _auth(data.get("auth", DEFAULT_AUTH), fail)
 
@@ -389,6 +403,26 @@ def _schedule(value: Any, fail) -> dict[str, Any]:
     if warmup > total:
         fail(f"schedule.warmup_epochs ({warmup}) is more than schedule.total_epochs ({total})")
     return {"name": name, "warmup_epochs": warmup, "total_epochs": total}
+
+
+def _diloco(value: Any, fail) -> dict[str, Any]:
+    value = {**DEFAULT_DILOCO, **_table(value, "diloco", _DILOCO_KEYS, fail)}
+    steps = _positive_int(value["inner_steps"], "diloco.inner_steps", fail)
+    if steps > 100_000:
+        fail(f"diloco.inner_steps must be at most 100000 (got {steps})")
+    lr = _positive_float(value["outer_lr"], "diloco.outer_lr", fail)
+    if lr > 10:
+        fail(f"diloco.outer_lr must be at most 10 (got {lr})")
+    momentum = _number(value["outer_momentum"], "diloco.outer_momentum", fail)
+    if not 0 <= momentum < 1:
+        fail(f"diloco.outer_momentum must be at least 0 and below 1 (got {momentum})")
+    deadline = _positive_float(value["max_round_s"], "diloco.max_round_s", fail)
+    if deadline > 86400:
+        fail(f"diloco.max_round_s must be at most 86400 (a day; got {deadline})")
+    if not isinstance(value["overlap"], bool):
+        fail(f"diloco.overlap must be true or false, not {_type_name(value['overlap'])}")
+    return {"inner_steps": steps, "outer_lr": lr, "outer_momentum": momentum, "max_round_s": deadline,
+            "overlap": value["overlap"]}
 
 
 def _peers(value: Any, fail) -> list[str]:
