@@ -451,7 +451,11 @@ class Contributor(QObject):
                   "contributed_s": float(b.get("contributed_s", 0.0)) + session_s,
                   "bytes_up": int(b.get("bytes_up", 0)) + int(ev.get("bytes_up") or 0),
                   "bytes_down": int(b.get("bytes_down", 0)) + int(ev.get("bytes_down") or 0)}
+        # The round figures too (DiLoCo workers send them), so a restarted app still shows the last
+        # round; not the phase or the next exchange, which are stale once the worker is gone.
         status = {k: ev.get(k) for k in ("time", "peers", "epoch", "loss", "global_samples_per_s", "client_mode")}
+        status.update({k: ev[k] for k in ("algorithm", "round", "round_peers", "round_bytes_up", "round_bytes_down")
+                       if k in ev})
         self.last_swarm = {**ev, **totals}
         self.store.set_swarm_stats(run_id, last_status=status, **totals)
         self.store.add_swarm_metric(run_id, ev)

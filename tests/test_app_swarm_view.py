@@ -14,7 +14,7 @@ from PySide6.QtWidgets import QApplication
 from app.contribution import INVITE_SETTING, Contributor, load_rules
 from app.idle_policy import Sensors
 from app.store import Store
-from app.views.swarm_view import SwarmView, human_bytes
+from app.views.swarm_view import SwarmView, about, human_bytes
 from training_core.swarm.manifest import bundled_path, load_manifest, make_invite
 
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
@@ -136,3 +136,113 @@ def test_events_update_figures_and_chart_and_the_store_reloads_them(qtbot, store
 def test_human_bytes():
     assert [human_bytes(x) for x in (0, 999, 1500, 2_000_000, 3.2e9)] == ["0 B", "999 B", "1.5 KB", "2.0 MB",
                                                                         "3.2 GB"]
+
+
+# --- DiLoCo rounds: algorithm, round, what the peer does now, the last round -------------------------
+
+def diloco_event(phase, **kw):
+    fields = dict(algorithm="diloco", round=12, phase=phase, next_exchange_s=None, round_bytes_up=1_200_000,
+                  round_bytes_down=3_400_000, round_peers=3)
+    return swarm_event(time.time(), 64, 4.2, **{**fields, **kw})
+
+
+def joined_view(qtbot, store, contributor=None):
+    view = SwarmView(store, None, contributor=contributor)
+    qtbot.addWidget(view)
+    assert view.join(INVITE)
+    return view
+
+
+def test_diloco_events_show_the_algorithm_round_phase_next_exchange_and_last_round(qtbot, store):
+    view = joined_view(qtbot, store)
+    assert view.algorithm_label.text() == "–" and not view.form.isRowVisible(view.round_label)
+    assert view.activity_label.isHidden()
+
+    view.on_event(diloco_event("inner", next_exchange_s=130.0))
+    assert view.algorithm_label.text() == "DiLoCo rounds"
+    assert view.form.isRowVisible(view.round_label) and view.round_label.text() == "12"
+    assert view.activity_label.text() == "Training locally (round 12), next exchange in about 2 min"
+    assert not view.activity_label.isHidden()
+    assert view.last_round_label.text() == "3 peers, 1.2 MB up / 3.4 MB down"
+
+    expected = {"exchanging": "Exchanging with 3 peers (round 12)", "waiting": "Waiting for the swarm",
+                "syncing": "Catching up with the swarm", "paused": "Paused"}
+    for phase, text in expected.items():
+        view.on_event(diloco_event(phase, next_exchange_s=42.0))    # the next exchange only while training
+        assert view.activity_label.text() == text, phase
+    view.on_event(diloco_event("exchanging", peers=2))
+    assert view.activity_label.text() == "Exchanging with 1 peer (round 12)"
+    view.on_event(diloco_event("exchanging", peers=1))
+    assert view.activity_label.text() == "Exchanging with the swarm (round 12)"
+    view.on_event(diloco_event("watching", role="host", next_exchange_s=20.0))
+    assert view.activity_label.text() == "Watching the swarm (round 12), next exchange in about 20 s"
+    view.on_event(diloco_event("inner", next_exchange_s=2.0))
+    assert view.activity_label.text() == "Training locally (round 12), next exchange in a few seconds"
+
+    # Before the first round: round figures are 0.
+    view.on_event(diloco_event("inner", round=0, round_peers=0, round_bytes_up=0, round_bytes_down=0))
+    assert view.last_round_label.text() == "none yet" and view.round_label.text() == "0"
+    assert view.activity_label.text() == "Training locally (round 0)"
+    # A phase this app doesn't know yet: no line rather than a wrong one.
+    view.on_event(diloco_event("reticulating"))
+    assert view.activity_label.isHidden()
+
+
+def test_sync_events_with_and_without_the_new_fields(qtbot, store):
+    view = joined_view(qtbot, store)
+    view.on_event(swarm_event(time.time(), 64, 4.0))    # an older, sync-only worker
+    assert view.algorithm_label.text() == "Per-step averaging" and view.last_round_label.text() == "–"
+    assert not view.form.isRowVisible(view.round_label) and view.activity_label.isHidden()
+    assert view.peers_label.text() == "4" and view.epoch_label.text() == "7"
+
+    view.on_event(swarm_event(time.time(), 64, 4.0, algorithm="sync", round=7, phase="inner", next_exchange_s=7300,
+                              round_bytes_up=2500, round_bytes_down=999, round_peers=1))
+    assert view.algorithm_label.text() == "Per-step averaging" and not view.form.isRowVisible(view.round_label)
+    assert view.activity_label.text() == "Training locally (epoch 7), next exchange in about 2 h"
+    assert view.last_round_label.text() == "1 peer, 2.5 KB up / 999 B down"
+
+    view.on_event(diloco_event("inner"))      # then a DiLoCo worker: the round row appears
+    assert view.form.isRowVisible(view.round_label)
+    view.on_event(swarm_event(time.time(), 64, 4.0))
+    assert not view.form.isRowVisible(view.round_label) and view.activity_label.isHidden()
+
+
+def test_the_phase_shows_only_while_contributing_and_round_figures_survive_a_restart(qtbot, store):
+    c = Contributor(store, None, sensors=lambda exclude=frozenset(): (Sensors(
+        now=__import__("datetime").datetime.now(), idle_seconds=None), {}), tick_ms=0)
+    view = joined_view(qtbot, store, contributor=c)
+    c.state = "contributing"
+
+    def deliver(ev):          # what Contributor._on_event does with a worker's `swarm` event
+        c._record_swarm(ev)
+        c.swarm_event.emit(ev)
+        c.changed.emit()
+
+    deliver(diloco_event("exchanging", round_bytes_up=5_000_000))
+    assert view.activity_label.text() == "Exchanging with 3 peers (round 12)" and not view.activity_label.isHidden()
+    assert view.last_round_label.text() == "3 peers, 5.0 MB up / 3.4 MB down"
+
+    c.state = "pausing"        # the GPU is being handed back: the phase is stale from now on
+    c.changed.emit()
+    assert view.activity_label.isHidden()
+    assert view.state_label.text() == "Handing the GPU back…"
+    c.state = "contributing"   # resumed: nothing shown until the worker says what it does
+    c.changed.emit()
+    assert view.activity_label.isHidden()
+    deliver(diloco_event("syncing"))
+    assert view.activity_label.text() == "Catching up with the swarm"
+
+    fresh = SwarmView(store, None)      # after a restart: the figures from the store, no phase
+    qtbot.addWidget(fresh)
+    assert fresh.algorithm_label.text() == "DiLoCo rounds" and fresh.round_label.text() == "12"
+    assert fresh.form.isRowVisible(fresh.round_label)
+    assert fresh.last_round_label.text() == "3 peers, 1.2 MB up / 3.4 MB down"
+    assert fresh.activity_label.isHidden()
+    c.shutdown()
+
+
+def test_about_reads_as_a_rough_time():
+    assert [about(s) for s in (0, 9.9, 12, 44, 60, 130, 89 * 60, 5400, -3)] == [
+        "in a few seconds", "in a few seconds", "in about 10 s", "in about 45 s", "in about 1 min",
+        "in about 2 min", "in about 89 min", "in about 1.5 h", "in a few seconds"]
+    assert about(4000) == "in about 67 min"

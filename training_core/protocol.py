@@ -36,6 +36,8 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "stopped": ("step", "checkpoint"),   # after a `stop` control: checkpointed, exiting 0
     "failed": ("code", "message", "step"),
     # Swarm contribution (`modron-train swarm join/host --json`); the worker events above still apply.
+    # `swarm`: the DiLoCo fields (algorithm, round, phase, next_exchange_s, round_bytes_*, round_peers) stay
+    # optional so that older, sync-only workers still speak version 1.
     "swarm": ("role", "run_id", "peers", "epoch", "samples_contributed", "bytes_up", "bytes_down"),
     "invite": ("run_id", "invite", "maddrs"),
 }

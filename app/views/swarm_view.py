@@ -2,6 +2,7 @@
 (or are not) contributing right now."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from PySide6.QtWidgets import (QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton,
@@ -30,6 +31,74 @@ def _dash(value, fmt="{}") -> str:
     return "–" if value is None else fmt.format(value)
 
 
+# `swarm` event fields (docs/protocol.md). Workers before DiLoCo send none of the round fields and
+# only ever average every step: their events read as "sync" with no round figures.
+ALGORITHM_TEXT = {"sync": "Per-step averaging", "diloco": "DiLoCo rounds"}
+PHASE_TEXT = {"waiting": "Waiting for the swarm", "syncing": "Catching up with the swarm", "paused": "Paused"}
+
+
+def _num(value):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def algorithm_text(s: dict) -> str:
+    """The swarm's algorithm in words; "–" before any status of the swarm is known."""
+    algo = s.get("algorithm")
+    if algo is None:
+        return "–" if s.get("peers") is None else ALGORITHM_TEXT["sync"]
+    return ALGORITHM_TEXT.get(algo, str(algo))
+
+
+def about(seconds) -> str:
+    """A rough time from now: "in a few seconds", "in about 45 s", "in about 2 min", "in about 1.5 h"."""
+    s = max(0.0, float(seconds))
+    if s < 10:
+        return "in a few seconds"
+    if s < 55:
+        return f"in about {5 * round(s / 5):.0f} s"
+    if s < 90 * 60:
+        return f"in about {max(1, round(s / 60)):.0f} min"
+    return f"in about {f'{s / 3600:.1f}'.removesuffix('.0')} h"
+
+
+def activity_text(ev: dict) -> str:
+    """What the peer (or host) is doing now, from its last `swarm` event; "" when it doesn't say."""
+    phase = ev.get("phase")
+    unit = "round" if ev.get("algorithm") == "diloco" else "epoch"
+    rnd = _num(ev.get("round"))
+    where = f" ({unit} {int(rnd)})" if rnd is not None else ""
+    if phase == "inner":
+        text = f"Training locally{where}"
+    elif phase == "exchanging":
+        peers = _num(ev.get("peers"))      # alive in the swarm, this peer included
+        with_whom = _plural(int(peers) - 1, "peer") if peers is not None and peers > 1 else "the swarm"
+        text = f"Exchanging with {with_whom}{where}"
+    elif phase == "watching":
+        text = f"Watching the swarm{where}"
+    elif phase in PHASE_TEXT:
+        text = PHASE_TEXT[phase]
+    else:
+        return ""
+    nxt = _num(ev.get("next_exchange_s"))
+    if phase in ("inner", "watching") and nxt is not None and math.isfinite(nxt):
+        text += f", next exchange {about(nxt)}"
+    return text
+
+
+def last_round_text(s: dict) -> str:
+    """Peers and bytes of this peer's last completed round: "3 peers, 1.2 MB up / 3.4 MB down"."""
+    n, up, down = (_num(s.get(k)) for k in ("round_peers", "round_bytes_up", "round_bytes_down"))
+    if n is None and up is None and down is None:
+        return "–"
+    if not n and not up and not down:
+        return "none yet"
+    return f"{_plural(int(n or 0), 'peer')}, {human_bytes(up)} up / {human_bytes(down)} down"
+
+
 class SwarmView(QWidget):
     def __init__(self, store, queue, parent=None, contributor=None):
         super().__init__(parent)
@@ -37,6 +106,7 @@ class SwarmView(QWidget):
         self.setAcceptDrops(True)
         self._t0: float | None = None     # time of the chart's first point
         self._run_id: str | None = None
+        self._live: dict = {}             # the last `swarm` event of the running worker (phase...)
 
         title = QLabel("Swarm")
         title.setStyleSheet("font-size: 16pt; font-weight: bold;")
@@ -93,6 +163,10 @@ class SwarmView(QWidget):
         now_box = QGroupBox("Now")
         now_layout = QVBoxLayout(now_box)
         now_layout.addWidget(self.state_label)
+        self.activity_label = QLabel()     # what the worker is doing now, from its `swarm` events
+        self.activity_label.setWordWrap(True)
+        self.activity_label.hide()
+        now_layout.addWidget(self.activity_label)
         now_layout.addWidget(self.unknown_box)
         now_layout.addWidget(self.latency_label)
 
@@ -101,10 +175,15 @@ class SwarmView(QWidget):
         self.speed_label = QLabel("–")
         self.samples_label, self.hours_label = QLabel("–"), QLabel("–")
         self.bandwidth_label = QLabel("–")
+        self.algorithm_label, self.round_label = QLabel("–"), QLabel("–")
+        self.last_round_label = QLabel("–")
         figures = QGroupBox("The swarm and your share")
-        form = QFormLayout(figures)
+        self.form = form = QFormLayout(figures)
+        form.addRow("Algorithm", self.algorithm_label)
         form.addRow("Peers", self.peers_label)
         form.addRow("Epoch", self.epoch_label)
+        form.addRow("Round", self.round_label)          # DiLoCo only: a sync swarm's round is its epoch
+        form.addRow("Last round", self.last_round_label)
         form.addRow("Swarm speed", self.speed_label)
         form.addRow("Your samples", self.samples_label)
         form.addRow("Your time", self.hours_label)
@@ -181,7 +260,10 @@ class SwarmView(QWidget):
         joined = manifest is not None
         self.join_box.setVisible(not joined)
         self.joined_box.setVisible(joined)
-        self._run_id = manifest.run_id if joined else None
+        run_id = manifest.run_id if joined else None
+        if run_id != self._run_id:
+            self._live = {}
+        self._run_id = run_id
         self._t0 = None
         self.chart.set_series("loss", [], [])
         if joined:
@@ -200,6 +282,11 @@ class SwarmView(QWidget):
         self.refresh_state()
 
     def _show_figures(self, s: dict) -> None:
+        self.algorithm_label.setText(algorithm_text(s))
+        diloco = s.get("algorithm") == "diloco"
+        self.round_label.setText(_dash(_num(s.get("round")), "{:.0f}"))
+        self.form.setRowVisible(self.round_label, diloco)
+        self.last_round_label.setText(last_round_text(s))
         self.peers_label.setText(_dash(s.get("peers")))
         self.epoch_label.setText(_dash(s.get("epoch")))
         self.speed_label.setText(_dash(s.get("global_samples_per_s"), "{:.1f} samples/s"))
@@ -214,6 +301,8 @@ class SwarmView(QWidget):
         totals = c.last_swarm if c is not None and c.last_swarm else ev
         self._show_figures({**ev, **{k: totals.get(k) for k in ("samples", "contributed_s", "bytes_up", "bytes_down")
                                      if totals.get(k) is not None}})
+        self._live = dict(ev)
+        self._show_activity()
         loss, t = ev.get("loss"), ev.get("time")
         if isinstance(loss, (int, float)) and isinstance(t, (int, float)):
             if self._t0 is None:
@@ -232,6 +321,9 @@ class SwarmView(QWidget):
         if problem:
             text += "\n" + problem
         self.state_label.setText(text)
+        if c is not None and c.state != "contributing":
+            self._live = {}     # paused, stopped or restarting: the last phase is stale
+        self._show_activity()
         ask = (c is not None and c.decision is not None and c.decision.rule == "idle_unknown"
                and rules.unknown_idle == "ask")
         if ask:
@@ -241,6 +333,11 @@ class SwarmView(QWidget):
         lat = c.latencies if c is not None else handback_latencies(self.store)
         self.latency_label.setText(f"Last hand-back of the GPU: {lat[-1]:.2f} s" if lat else "")
         self.latency_label.setVisible(bool(lat))
+
+    def _show_activity(self) -> None:
+        text = activity_text(self._live)
+        self.activity_label.setText(text)
+        self.activity_label.setVisible(bool(text))
 
     def showEvent(self, event) -> None:
         self.reload()
