@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..controls import Controls, read_controls
 from ..errors import ConfigError, UserError
+from ..proc_guard import own_children
 from ..protocol import encode, make_event
 from .manifest import SwarmManifest, load_manifest, make_invite, read_invite
 
@@ -99,6 +100,7 @@ def _fail(out: Output | None, exc: UserError, step: int = 0) -> int:
 
 
 def cmd_join(args) -> int:
+    own_children()      # before hivemind forks anything: its DHT, averagers and p2pd die with us
     from .peer import PeerOptions, SwarmEngine
     out = Output(args.json)
     try:
@@ -143,6 +145,7 @@ def cmd_join(args) -> int:
 
 
 def cmd_host(args) -> int:
+    own_children()      # as in cmd_join: a host killed with kill -9 must not keep its port through p2pd
     from .host import HostOptions, run_host
     out = Output(args.json)
     try:

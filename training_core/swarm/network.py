@@ -107,7 +107,8 @@ def reap_children(grace_s: float = 3.0) -> None:
     """End the helper processes hivemind forked (DHT, averagers, p2pd) that outlived shutdown.
 
     A forked averager stuck in a round would otherwise keep this process from exiting: Python
-    joins its children at exit.
+    joins its children at exit. (When this process is killed instead, proc_guard.own_children(),
+    called by the swarm commands, takes the children down.)
     """
     import psutil
     children = psutil.Process().children(recursive=True)
@@ -118,6 +119,20 @@ def reap_children(grace_s: float = 3.0) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=grace_s)
+
+
+def identity_path_for(base_dir: Path, device: str | None) -> Path:
+    """This install's peer identity for `device`, so that one install can run one peer per GPU.
+
+    auto, cpu, cuda, cuda:0 (and any other first device) keep `identity.key`, the name installs
+    already have; another device gets its own key, e.g. cuda:1 -> `identity-cuda1.key`.
+    """
+    kind, _, index = (device or "auto").strip().lower().partition(":")
+    if index and not (kind.isalnum() and index.isdigit()):
+        raise ConfigError("--device", f"{device!r} is not a device (auto, cpu, cuda or cuda:N)")
+    if not index or int(index) == 0:
+        return base_dir / "identity.key"
+    return base_dir / f"identity-{kind}{int(index)}.key"
 
 
 def visible_maddrs(dht) -> list[str]:
