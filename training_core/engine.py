@@ -1,8 +1,10 @@
-"""The training loop shared by local finetunes and (later) swarm contribution.
+"""The training loop shared by local finetunes and swarm contribution.
 
-`Engine(spec, emit, controls).run()` trains, emitting protocol events through `emit`.
-The swarm swaps only `optimizer_step`; everything else (data order, checkpoints, pause,
-OOM recovery, events) is the same code.
+`Engine(spec, emit, controls, strategy=...).run()` sets up in steps (device, restore, model, data,
+pre-flight, optimizer), then runs one loop, emitting protocol events through `emit`. What differs
+between a local run and a swarm peer (the optimizer step, the schedule, pause, what a checkpoint
+holds) is a strategy object (training_core/strategy.py); data order, checkpoints, pause, OOM
+recovery and events are this same code for both.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from .config import JobSpec
 from .controls import Controls
 from .errors import ConfigError, WontFitError
 from .protocol import make_event
+from .strategy import LocalStrategy
 
 Emit = Callable[[dict], None]
 
@@ -51,8 +54,10 @@ def _oom_errors() -> tuple[type[BaseException], ...]:
 
 
 class Engine:
-    def __init__(self, spec: JobSpec, emit: Emit, controls: Controls | None = None, resume: bool = False):
+    def __init__(self, spec: JobSpec, emit: Emit, controls: Controls | None = None, resume: bool = False,
+                 strategy: LocalStrategy | None = None):
         self.spec = spec
+        self.strategy = strategy or LocalStrategy()
         self.emit_event = emit
         self.controls = controls or Controls()
         self.resume = resume
@@ -62,10 +67,13 @@ class Engine:
         self.elapsed_before = 0.0     # training seconds from earlier sessions of this run
         self.last_loss: float | None = None
         self.last_eval: dict[str, Any] = {}
+        self.paused = False
+        self.compute_s = 0.0           # seconds in forward, backward and optimizer steps, this session
         self._fake_oom_done: set[int] = set()
 
     # ---- events ---------------------------------------------------------------------------
     def emit(self, type_: str, **fields: Any) -> None:
+        self.strategy.event_fields(type_, fields)
         self.emit_event(make_event(type_, **fields))
 
     def warn(self, code: str, message: str) -> None:
@@ -87,11 +95,25 @@ class Engine:
         return torch.device("cpu"), None
 
     def _setup(self) -> None:
-        from . import data as data_mod
-        from .licence import read_licence, scratch_licence
-        from .models import apply_method, count_trainable, load_base
-        from .models.tokenizer import load_tokenizer
+        """The set-up steps, in order; each reads what the ones before it left on self."""
+        self._prepare()
+        state = self._restore()
+        base_source = self._load_model()
+        self._load_data(state)
+        gc_on = self._preflight()
+        self._place_model(gc_on)
+        self._make_optimizer(state)
+        self.emit("started", job_id=self.spec.job_id, run_dir=str(self.run_dir), device=str(self.device),
+                  precision=self.precision, method=self.method, model=self.spec.model, base_source=base_source,
+                  params_total=self.params_total, params_trainable=self.params_trainable,
+                  total_steps=self.total_steps, resumed_from=self.step if self.resume_ckpt else None,
+                  micro_batch=self.micro_batch, batch_size=self.spec.batch_size, seq_len=self.spec.seq_len,
+                  train_blocks=self.data.num_train, eval_blocks=self.data.num_eval,
+                  gradient_checkpointing=gc_on, pid=os.getpid())
+        self.strategy.started(self)
 
+    def _prepare(self) -> None:
+        """Threads, the method, the run folder, the device and the precision."""
         spec = self.spec
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()   # our events are the progress; keep stderr readable
@@ -100,7 +122,6 @@ class Engine:
         if spec.is_scratch and spec.resolved_method != "full":
             raise ConfigError("--method", "a from-scratch model has nothing to adapt; use --method full")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-
         hw = hardware.detect(include_torch=True, exclude_pids={os.getpid()})
         self.device, gpu = self._pick_device(hw)
         if self.device.type == "cpu":
@@ -114,43 +135,56 @@ class Engine:
                 self.warn("precision", note)
         self.method = spec.resolved_method
 
+    def _restore(self) -> dict[str, Any] | None:
+        """The latest checkpoint (found through its manifest) and its trainer state, when resuming."""
         self.resume_ckpt = ckpt_io.latest(self.run_dir) if self.resume else None
-        state = ckpt_io.read_json(self.resume_ckpt, "trainer_state.json") if self.resume_ckpt else None
         if self.resume and self.resume_ckpt is None:
             self.warn("no_checkpoint", f"{self.run_dir}: no checkpoint yet, starting from the beginning")
+        return ckpt_io.read_json(self.resume_ckpt, "trainer_state.json") if self.resume_ckpt else None
 
-        # Model and tokenizer. Half-precision base weights only where they stay frozen (LoRA).
+    def _load_model(self) -> str:
+        """Model, tokenizer and licence; returns where the weights came from."""
+        from . import data as data_mod
+        from .licence import read_licence, scratch_licence
+        from .models import load_base
+        from .models.tokenizer import load_tokenizer
+
+        spec = self.spec
+        # Half-precision base weights only where they stay frozen (LoRA).
         load_dtype = HALF.get(self.precision, torch.float32) if self.method in ("lora", "qlora") else torch.float32
         texts = lambda: data_mod.iter_texts(spec.data)  # noqa: E731 - only read when a tokenizer is trained
+        model_dir = None
         if self.resume_ckpt is not None and self.method == "full":
             from transformers import AutoModelForCausalLM
-            model = AutoModelForCausalLM.from_pretrained(self.resume_ckpt / "model", use_safetensors=True,
-                                                         dtype=torch.float32)
-            tokenizer = load_tokenizer(self.resume_ckpt / "tokenizer")
-            model_dir = None
+            self.model = AutoModelForCausalLM.from_pretrained(self.resume_ckpt / "model", use_safetensors=True,
+                                                              dtype=torch.float32)
+            self.tokenizer = load_tokenizer(self.resume_ckpt / "tokenizer")
             base_source = "checkpoint"
         else:
             loaded = load_base(spec, texts=texts, dtype=load_dtype)
-            model, tokenizer, model_dir, base_source = loaded.model, loaded.tokenizer, loaded.model_dir, loaded.source
-        self.tokenizer = tokenizer
-
+            self.model, self.tokenizer, model_dir, base_source = (loaded.model, loaded.tokenizer, loaded.model_dir,
+                                                                  loaded.source)
         if spec.is_scratch:
             self.licence = scratch_licence(spec.model.split(":", 1)[1])
         elif self.resume_ckpt is not None:
             self.licence = _licence_from_dict(ckpt_io.read_json(self.resume_ckpt, "licence.json"))
         else:
             self.licence = read_licence(model_dir, spec.model)
+        return base_source
 
-        # Data (validated and tokenized before anything heavy lands on the GPU).
+    def _load_data(self, state: dict[str, Any] | None) -> None:
+        """The dataset (validated and tokenized before anything heavy lands on the GPU), the step count."""
+        from . import data as data_mod
+        spec = self.spec
+
         def progress(done: int, total: int) -> None:
             pass
-        self.data = data_mod.build_dataset(spec.data, tokenizer, spec.seq_len, eval_fraction=spec.eval_fraction,
+        self.data = data_mod.build_dataset(spec.data, self.tokenizer, spec.seq_len, eval_fraction=spec.eval_fraction,
                                            seed=spec.seed, progress=progress)
         for w in self.data.warnings:
             self.warn("data", w)
         if state and state.get("data_fingerprint") not in (None, self.data.fingerprint):
             self.warn("data_changed", "the dataset changed since the checkpoint; the data order will differ")
-
         if state:
             self.total_steps = int(state["total_steps"])
         elif spec.steps:
@@ -160,9 +194,10 @@ class Engine:
             self.total_steps = max(1, math.ceil(epochs * self.data.num_train / spec.batch_size))
         self.micro_batch = int(state["micro_batch"]) if state else (spec.micro_batch_size or spec.batch_size)
 
-        # Pre-flight: memory, disk, licence, before the first step.
-        cfg = model.config
-        total_params, trainable_guess = _param_counts_for_method(model, self.method, spec.lora_r)
+    def _preflight(self) -> bool:
+        """Memory, disk and licence verdicts before the first step; returns gradient checkpointing on/off."""
+        spec, cfg = self.spec, self.model.config
+        total_params, trainable_guess = _param_counts_for_method(self.model, self.method, spec.lora_r)
         if self.device.type == "cuda":
             available = torch.cuda.mem_get_info(self.device)[0]
         else:
@@ -186,8 +221,12 @@ class Engine:
                               f"but only {preflight.format_bytes(disk_free)} is free")
         if mem.verdict == "wont_fit":
             self.warn("wont_fit", "the estimate says this will not fit: " + "; ".join(mem.advice))
+        return gc_on
 
-        model = apply_method(model, spec, self.method, gc_on)
+    def _place_model(self, gc_on: bool) -> None:
+        """The finetuning method (LoRA adapters...), resumed adapter weights, then the device."""
+        from .models import apply_method, count_trainable
+        model = apply_method(self.model, self.spec, self.method, gc_on)
         if self.resume_ckpt is not None and self.method != "full":
             ckpt_io.load_weights(model, self.resume_ckpt, self.method)
         model.to(self.device)
@@ -195,22 +234,16 @@ class Engine:
         self.model = model
         self.params_total, self.params_trainable = count_trainable(model)
 
-        trainable = [p for p in model.parameters() if p.requires_grad]
+    def _make_optimizer(self, state: dict[str, Any] | None) -> None:
+        """Optimizer, schedule and loss scaler from the strategy; their state when resuming."""
+        spec = self.spec
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         lr = spec.lr or (2e-4 if self.method in ("lora", "qlora") else 3e-4)
-        self.optimizer = self.make_optimizer(trainable, lr)
-        warmup = spec.warmup_steps if spec.warmup_steps is not None else min(100, max(0, self.total_steps // 20))
-        total = self.total_steps
-
-        def schedule(step: int) -> float:  # linear warmup, cosine decay to 10 %
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress_ = (step - warmup) / max(1, total - warmup)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
-        self.scheduler = self.make_scheduler(schedule)
+        self.optimizer = self.strategy.make_optimizer(self, trainable, lr)
+        self.scheduler = self.strategy.make_scheduler(self)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-
         if self.resume_ckpt is not None:
-            ckpt_io.load_optimizer(self.optimizer, self.resume_ckpt)
+            ckpt_io.load_optimizer(self.strategy.checkpoint_optimizer(self), self.resume_ckpt)
             self.scheduler.load_state_dict(state["scheduler"])
             if state.get("grad_scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["grad_scaler"])
@@ -224,41 +257,11 @@ class Engine:
             torch.manual_seed(spec.seed)
             spec.save(self.run_dir / "job.json")
 
-        self.emit("started", job_id=spec.job_id, run_dir=str(self.run_dir), device=str(self.device),
-                  precision=self.precision, method=self.method, model=spec.model, base_source=base_source,
-                  params_total=self.params_total, params_trainable=self.params_trainable,
-                  total_steps=self.total_steps, resumed_from=self.step if self.resume_ckpt else None,
-                  micro_batch=self.micro_batch, batch_size=spec.batch_size, seq_len=spec.seq_len,
-                  train_blocks=self.data.num_train, eval_blocks=self.data.num_eval,
-                  gradient_checkpointing=gc_on, pid=os.getpid())
-
-    # ---- the parts the swarm replaces -----------------------------------------------------
-    def make_optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        fused = self.device.type == "cuda"
-        return torch.optim.AdamW(params, lr=lr, weight_decay=self.spec.weight_decay, betas=(0.9, 0.95), fused=fused)
-
-    def make_scheduler(self, schedule: Callable[[int], float]):
-        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-
-    def checkpoint_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer whose state a checkpoint holds (the swarm's wraps a plain one)."""
-        return self.optimizer
-
-    def optimizer_step(self) -> None:
-        if self.spec.max_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(
-                (p for g in self.optimizer.param_groups for p in g["params"]), self.spec.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
     # ---- one step -------------------------------------------------------------------------
     def batch_indices(self, step: int) -> np.ndarray:
         """Train block indices for optimizer step `step`: a pure function of (seed, step)."""
         bs, n = self.spec.batch_size, self.data.num_train
-        start = step * bs
+        start = (step + self.strategy.data_offset(self)) * bs
         out = []
         while len(out) < bs:
             epoch, pos = divmod(start + len(out), n)
@@ -311,6 +314,7 @@ class Engine:
         idx = self.batch_indices(self.step)
         batch = torch.from_numpy(self.data.train_batch(idx))
         batch = batch.to(self.device, non_blocking=True)
+        t0 = time.monotonic()
         while True:
             try:
                 loss = self._forward_backward(batch)
@@ -319,7 +323,8 @@ class Engine:
                 # Recover outside the except block: its traceback pins the failed step's tensors.
                 oom_message = str(exc).splitlines()[0]
             self._recover_from_oom(oom_message)
-        self.optimizer_step()
+        self.strategy.optimizer_step(self)
+        self.compute_s += time.monotonic() - t0   # a strategy that waits on the network says so itself
         self.step += 1
         self.tokens_seen += batch.numel()
         if self.spec.test_sleep_per_step:
@@ -373,6 +378,7 @@ class Engine:
             "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "elapsed_s": self.elapsed(), "data_fingerprint": self.data.fingerprint,
             "last_loss": self.last_loss, "precision": self.precision, "method": self.method,
+            **self.strategy.trainer_state(self),
         }
 
     def save_checkpoint(self, reason: str, with_eval: bool = True) -> Path:
@@ -380,7 +386,7 @@ class Engine:
         self.last_eval = eval_result
         samples = self.samples() if with_eval else []
         path = ckpt_io.save(self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
-                            optimizer=self.checkpoint_optimizer(), kind="lora" if self.method in ("lora", "qlora") else "full",
+                            optimizer=self.strategy.checkpoint_optimizer(self), kind="lora" if self.method in ("lora", "qlora") else "full",
                             trainer_state=self.trainer_state(), job=self.spec.to_dict(),
                             licence=self.licence.to_dict(), eval_result=eval_result, samples=samples,
                             keep=self.spec.keep_checkpoints)
@@ -388,26 +394,27 @@ class Engine:
         self.emit("checkpoint", step=self.step, path=str(path), reason=reason)
         return path
 
-    # ---- pause / resume -------------------------------------------------------------------
-    def _move_optimizer_state(self, device: torch.device) -> None:
-        for st in self.checkpoint_optimizer().state.values():
+    # ---- pause / resume ---------------------------------------------------------------------
+    def _move_to(self, device: torch.device) -> None:
+        """Model, optimizer state and the strategy's own device tensors to `device`."""
+        self.model.to(device)
+        for st in self.strategy.checkpoint_optimizer(self).state.values():
             for k, v in st.items():
                 if torch.is_tensor(v) and k != "step":
                     st[k] = v.to(device)
+        for t in self.strategy.device_tensors(self):
+            t.data = t.data.to(device)
 
     def _release_accelerator(self) -> None:
         if self.device.type != "cuda":
             return
-        self.model.to("cpu")
-        self._move_optimizer_state(torch.device("cpu"))
+        self._move_to(torch.device("cpu"))
         gc.collect()
         torch.cuda.empty_cache()
 
     def _reclaim_accelerator(self) -> None:
-        if self.device.type != "cuda":
-            return
-        self.model.to(self.device)
-        self._move_optimizer_state(self.device)
+        if self.device.type == "cuda":
+            self._move_to(self.device)
 
     def vram(self) -> tuple[int, int]:
         if self.device.type != "cuda":
@@ -415,33 +422,33 @@ class Engine:
         return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
 
     def pause(self) -> None:
-        """Checkpoint, give the GPU back, and wait for resume or stop."""
+        """Give the GPU back (checkpointing first where the strategy wants it), wait for resume or stop."""
+        self.paused = True
+        self.strategy.pausing(self)
         self._release_accelerator()
-        path = self.save_checkpoint("pause", with_eval=False)
-        self.emit("paused", step=self.step, vram_used=self.vram()[0], vram_reserved=self.vram()[1],
-                  checkpoint=str(path))
+        path = str(self.save_checkpoint("pause", with_eval=False)) if self.strategy.checkpoint_on_pause else None
+        used, reserved = self.vram()
+        self.emit("paused", step=self.step, vram_used=used, vram_reserved=reserved, checkpoint=path)
         paused_at = time.monotonic()
         while True:
             msg = self.controls.wait()
             if msg == "resume":
                 break
             if msg == "stop":
-                self.emit("stopped", step=self.step, checkpoint=str(path))
+                self.emit("stopped", step=self.step, checkpoint=path)
                 raise StopRun
         self._paused_total += time.monotonic() - paused_at
         self._reclaim_accelerator()
+        self.strategy.resumed(self)
+        self.paused = False
         self.emit("resumed", step=self.step)
-
-    def checkpoint_on_stop(self) -> str | None:
-        """A stopped local run resumes from here; a swarm peer returns None (the swarm holds the state)."""
-        return str(self.save_checkpoint("stop", with_eval=False))
 
     def handle_controls(self) -> None:
         while (msg := self.controls.poll()) is not None:
             if msg == "pause":
                 self.pause()
             elif msg == "stop":
-                self.emit("stopped", step=self.step, checkpoint=self.checkpoint_on_stop())
+                self.emit("stopped", step=self.step, checkpoint=self.strategy.stop_checkpoint(self))
                 raise StopRun
             elif msg == "checkpoint":
                 self.save_checkpoint("requested")
@@ -451,6 +458,12 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:
+            self.strategy.close(self)   # a swarm leaves its network even when set-up failed
+
+    def _run(self) -> RunResult:
         self._t0 = time.monotonic()
         self._paused_total = 0.0
         self._setup()
@@ -466,6 +479,7 @@ class Engine:
             while self.step < self.total_steps:
                 self.handle_controls()
                 loss_acc += self.train_step()
+                self.strategy.after_step(self)
                 now = time.monotonic()
                 due_ckpt = (self.step % spec.checkpoint_every == 0) if spec.checkpoint_every else \
                     (now - self.last_ckpt_time >= spec.checkpoint_minutes * 60)

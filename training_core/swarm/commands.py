@@ -1,4 +1,4 @@
-"""`modron-train swarm join|host|invite`: argument handling around SwarmEngine and the host.
+"""`modron-train swarm join|host|invite`: argument handling around the swarm peer and the host.
 
 In --json mode, stdout carries protocol events only (anything a library prints goes to stderr)
 and control messages are read from stdin, exactly as in `python -m training_core.worker`.
@@ -101,7 +101,7 @@ def _fail(out: Output | None, exc: UserError, step: int = 0) -> int:
 
 def cmd_join(args) -> int:
     own_children()      # before hivemind forks anything: its DHT, averagers and p2pd die with us
-    from .peer import PeerOptions, SwarmEngine
+    from .peer import PeerOptions, swarm_engine
     out = Output(args.json)
     try:
         manifest = manifest_from_args(args)
@@ -114,13 +114,13 @@ def cmd_join(args) -> int:
             if torch.cuda.is_available():
                 torch.cuda.set_per_process_memory_fraction(args.vram_fraction)
         controls = Controls()
-        engine = SwarmEngine(manifest, opts, out, controls)
+        engine = swarm_engine(manifest, opts, out, controls)
     except UserError as exc:
         return _fail(out, exc)
 
     def on_control(kind: str) -> None:
         if kind in ("pause", "stop"):
-            engine.interrupt_rounds()
+            engine.strategy.interrupt()
 
     def on_signal(signum, frame):
         controls.put("stop")
