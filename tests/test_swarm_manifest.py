@@ -49,7 +49,8 @@ def make_blob_invite(payload: bytes, version: str = "1") -> str:
 def test_demo_manifest_loads_and_its_data_is_bundled():
     m = load_manifest(DEMO)
     assert m.run_id == "modron-demo" and m.model == "scratch:tiny" and m.is_scratch
-    assert m.tokenizer == "bytes" and m.compression == "float16" and m.initial_peers == []
+    assert m.tokenizer == "bytes" and m.compression == "blockwise8bit" and m.initial_peers == []
+    assert m.algorithm == "diloco" and m.diloco["inner_steps"] == 50 and m.diloco["overlap"] is True
     assert m.data == {"source": "bundled", "path": "demo/stories"}
     assert m.target_batch_size == 256 and m.auth == {"required": False}
     stories = bundled_path(m.data["path"])
@@ -329,3 +330,28 @@ def test_invite_file_errors(tmp_path):
     assert "not UTF-8" in error_line(read_invite, path)
     path.write_text("x" * 200_000, encoding="utf-8")
     assert "too large" in error_line(read_invite, path)
+
+
+# --- algorithms ---------------------------------------------------------------------------------
+
+def test_new_swarms_default_to_diloco_with_the_papers_outer_optimizer():
+    m = parse_manifest(MINIMAL, "m.toml")
+    assert m.algorithm == "diloco"
+    assert m.diloco == {"inner_steps": 500, "outer_lr": 0.7, "outer_momentum": 0.9, "max_round_s": 1800.0,
+                        "overlap": True}
+    assert parse_manifest(MINIMAL.replace('[data]', 'algorithm = "sync"\n[data]'), "m.toml").algorithm == "sync"
+
+
+@pytest.mark.parametrize("table, words", [
+    ('algorithm = "gossip"', "unknown algorithm 'gossip'; use one of diloco, sync"),
+    ("[diloco]\ninner_steps = 0", "diloco.inner_steps must be at least 1"),
+    ("[diloco]\ninner_steps = 1000000", "diloco.inner_steps must be at most 100000"),
+    ("[diloco]\nouter_lr = 1e300", "diloco.outer_lr must be at most 10"),
+    ("[diloco]\nouter_momentum = 1.0", "diloco.outer_momentum must be at least 0 and below 1"),
+    ("[diloco]\nmax_round_s = 1e9", "diloco.max_round_s must be at most 86400"),
+    ("[diloco]\noverlap = 1", "diloco.overlap must be true or false"),
+    ("[diloco]\nrounds = 3", "unknown key(s) in [diloco]: rounds"),
+])
+def test_bad_algorithm_and_diloco_values(table, words):
+    text = MINIMAL.replace("[data]", table + "\n[data]") if table.startswith("algorithm") else MINIMAL + table + "\n"
+    assert words in bad_manifest(text)
