@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..engine import Engine
-from . import guards
+from . import guards, metrics
 from .peer import SwarmStrategy, epoch_schedule
 
 
@@ -68,7 +68,7 @@ class DiLoCoStrategy(SwarmStrategy):
         super().started(engine)
 
     def local_epoch(self) -> int:
-        return self.rounds.round
+        return self.rounds.epoch     # the tracker's clock (closed rounds), which signed records vouch for
 
     def optimizer_step(self, engine: Engine) -> bool:
         if self.opts.test_send_nan:
@@ -88,7 +88,6 @@ class DiLoCoStrategy(SwarmStrategy):
         samples = self.manifest.micro_batch if getattr(self, "_stepped", False) else 0
         self._stepped = False
         self.samples_contributed += samples
-        t0 = time.monotonic()
         if engine.step % 8 == 0 and not guards.all_finite(self.params):
             self.rounds.reset_to_outer()   # the local drift went bad: start the round again from the swarm's weights
             engine.optimizer.state.clear()
@@ -98,7 +97,6 @@ class DiLoCoStrategy(SwarmStrategy):
         self.waited_s += self.rounds.take_blocked_s()
         if self.rounds.round != round_before:
             engine.scheduler.step()
-        del t0
         super().after_step(engine)
 
     def trainer_state(self, engine: Engine) -> dict[str, Any]:
@@ -129,8 +127,10 @@ class DiLoCoStrategy(SwarmStrategy):
     # ---- reporting ------------------------------------------------------------------------
     def report_fields(self, views: list) -> dict[str, Any]:
         r = self.rounds
+        r.tracker.witnesses = [w for w in metrics.witnesses(views) if w.source != self.public_key]
         phase = "paused" if self.engine.paused else r.phase
-        return dict(peers=r.num_peers(), epoch=r.round, round=r.round, swarm_epoch=r.swarm_round(),
+        return dict(peers=r.num_peers(), epoch=r.epoch, round=r.round, swarm_epoch=r.swarm_round(),
+                    outer_hash=r.digest,
                     bytes_up=int(r.bytes_up), bytes_down=int(r.bytes_down), averaging_s=self.waited_s,
                     phase=phase, next_exchange_s=r.next_exchange_s(), round_bytes_up=int(r.last_round_bytes_up),
                     round_bytes_down=int(r.last_round_bytes_down), round_peers=r.last_round_peers)
