@@ -38,7 +38,9 @@ def test_two_peers_agreeing_far_ahead_are_believed():
 
 
 def test_one_source_cannot_agree_with_itself_and_clients_do_not_vote():
-    claims = [claim("evil", 50), claim("evil", 60), claim("client", 60, counts=False)]
+    # With another training peer beside us (b); were evil our only fellow, its word would count
+    # (the majority rule, tests/test_swarm_epoch_filter.py).
+    claims = [claim("b", 3), claim("evil", 50), claim("evil", 60), claim("client", 60, counts=False)]
     assert believed_epoch_ceiling(claims, local_epoch=3) == 5   # local + MAX_EPOCH_LEAD
 
 

@@ -1,8 +1,8 @@
 """hivemind's Optimizer with Modron's guards wired into the places where peers' data arrives.
 
 - FilteredProgressTracker: drops progress records whose epoch is far ahead of ours unless two
-  or more signers agree (hivemind would otherwise make everyone jump to, and load state for,
-  the highest epoch any single record claims).
+  or more signers agree, or most other training peers do (hivemind would otherwise make everyone
+  jump to, and load state for, the highest epoch any single record claims).
 - GuardedOptimizer: averaged gradients that come back with the wrong shapes or non-finite are
   not applied (local gradients instead; if those are bad too, a zero update).
 - GuardedStateAverager: state downloaded from a peer is checked (shapes, finiteness, a believable
@@ -53,12 +53,16 @@ class FilteredProgressTracker(ProgressTracker):
             claim = EpochClaim(bytes(subkey), progress.epoch, counts=not progress.client_mode)
             claims.append(claim)
             by_claim[id(claim)] = subkey
-        kept, rejected = filter_epoch_claims(claims, self.local_progress.epoch, self.witnesses)
+        # Our own record is no voice in the majority rule: a newcomer's epoch 0 would outvote the
+        # one peer it came to catch up with.
+        kept, rejected = filter_epoch_claims(claims, self.local_progress.epoch, self.witnesses,
+                                             own=getattr(self, "_local_public_key", None))
         for c in rejected:
             if (c.source, c.epoch) not in self._warned:
                 self._warned.add((c.source, c.epoch))
                 self.on_warning("peer_rejected", f"ignored a peer claiming epoch {c.epoch} while this peer is at "
-                                                 f"{self.local_progress.epoch}: no other peer agrees")
+                                                 f"{self.local_progress.epoch}: neither another signer nor most "
+                                                 "other peers agree")
         return {by_claim[id(c)]: metadata[by_claim[id(c)]] for c in kept}
 
 

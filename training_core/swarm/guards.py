@@ -12,42 +12,69 @@ from typing import Iterable, Sequence
 
 import torch
 
-# An epoch more than this far ahead of ours is believed only when two or more peers claim it.
+# An epoch more than this far ahead of ours is believed only when other signers vouch for it (below).
 MAX_EPOCH_LEAD = 2
 
 
 @dataclass(frozen=True)
 class EpochClaim:
-    source: bytes        # who claims it: the signer's public key (one key = one voice)
+    source: bytes         # who claims it: the signer's public key (one key = one voice)
     epoch: int
-    counts: bool = True  # False for client-mode peers: hivemind ignores their epoch too
+    counts: bool = True   # False for client-mode peers: hivemind ignores their epoch too
+    witness: bool = False  # a signed metrics record (peers' and the host's): it can vouch for an
+                           # epoch, but it is not a training peer's progress record (no vote below)
 
 
-def believed_epoch_ceiling(claims: Iterable[EpochClaim], local_epoch: int, max_lead: int = MAX_EPOCH_LEAD) -> int:
-    """The highest epoch we accept: local + max_lead, or up to max_lead past an epoch that two
-    distinct sources agree on.
-
-    "Agree" means both claim at least that epoch, so a swarm whose peers are an epoch or two apart
-    still moves everyone forward, while one peer shouting "epoch 10**6" moves no one.
-    """
-    ceiling = local_epoch + max_lead
-    epochs_by_source: dict[bytes, int] = {}
+def _epochs_by_source(claims: Iterable[EpochClaim], exclude: bytes | None = None) -> dict[bytes, int]:
+    out: dict[bytes, int] = {}
     for c in claims:
-        if c.counts:
-            epochs_by_source[c.source] = max(c.epoch, epochs_by_source.get(c.source, -1))
-    ahead = sorted((e for e in epochs_by_source.values() if e > ceiling), reverse=True)
+        if c.counts and c.source != exclude:
+            out[c.source] = max(c.epoch, out.get(c.source, -1))
+    return out
+
+
+def believed_epoch_ceiling(claims: Iterable[EpochClaim], local_epoch: int, max_lead: int = MAX_EPOCH_LEAD,
+                           own: bytes | None = None) -> int:
+    """The highest epoch we accept: max_lead past the highest of
+    - our own epoch;
+    - the highest epoch that two distinct signers (progress or metrics records) both claim, or exceed;
+    - the lower median of the epochs in the *other* training peers' progress records (`own`, our
+      signer, left out): an epoch that more than half of them claim, or exceed.
+
+    With two or more other training peers the median adds nothing (more than half of them is two
+    signers or more). It matters with exactly one: then that peer's word is the swarm's epoch. A
+    newcomer (epoch 0) or a peer that fell far behind must be able to catch up with a swarm of one
+    other peer, and waiting for a second signer fails there: the host's metrics record trails the
+    swarm (it downloads state every few seconds), a peer reads metrics records only every 2 s, and
+    a swarm need not have a host at all. Our own record cannot be a voice, or a newcomer would
+    outvote that peer with its epoch 0. What stays: one signer claiming epoch 10**6 moves no one
+    who has another training peer beside it (the lower median of two is the lower one), and a
+    swarm of many honest peers needs two signers to move. The price: a peer whose only fellow
+    training peer lies follows it; with one other voice there is nobody to tell them apart.
+    Metrics records vouch but do not vote: the host's trails the swarm, and a newcomer publishes
+    one at epoch 0 before it has loaded anything.
+    """
+    claims = list(claims)
+    ceiling = local_epoch + max_lead
+    ahead = sorted((e for e in _epochs_by_source(claims).values() if e > ceiling), reverse=True)
     # ahead[1] is the highest epoch that at least two distinct sources claim (or exceed); peers a
     # little past it are the same swarm seen a moment later, as they are for our own epoch.
     if len(ahead) >= 2:
         ceiling = ahead[1] + max_lead
+    voices = sorted(_epochs_by_source((c for c in claims if not c.witness), exclude=own).values())
+    if voices:
+        ceiling = max(ceiling, voices[(len(voices) - 1) // 2] + max_lead)
     return ceiling
 
 
 def filter_epoch_claims(claims: Sequence[EpochClaim], local_epoch: int, witnesses: Iterable[EpochClaim] = (),
-                        max_lead: int = MAX_EPOCH_LEAD) -> tuple[list[EpochClaim], list[EpochClaim]]:
+                        max_lead: int = MAX_EPOCH_LEAD,
+                        own: bytes | None = None) -> tuple[list[EpochClaim], list[EpochClaim]]:
     """Split progress claims into (kept, rejected). Witnesses (e.g. signed metrics) can corroborate
-    an epoch but are never kept themselves."""
-    ceiling = believed_epoch_ceiling(list(claims) + list(witnesses), local_epoch, max_lead)
+    an epoch but are never kept themselves, and never vote (see believed_epoch_ceiling); `own` is
+    the signer of our own progress record."""
+    witnesses = [EpochClaim(w.source, w.epoch, w.counts, witness=True) for w in witnesses]
+    ceiling = believed_epoch_ceiling(list(claims) + witnesses, local_epoch, max_lead, own)
     kept = [c for c in claims if c.epoch <= ceiling]
     rejected = [c for c in claims if c.epoch > ceiling]
     return kept, rejected

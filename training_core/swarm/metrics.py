@@ -124,5 +124,6 @@ class SwarmSummary:
 
 
 def witnesses(views: list[PeerView]) -> list[EpochClaim]:
-    """Signed metrics as corroboration for the epoch filter (the host's record counts here)."""
-    return [EpochClaim(v.public_key, v.record.epoch) for v in views]
+    """Signed metrics as corroboration for the epoch filter (the host's record counts here). They
+    vouch for an epoch but do not vote in the majority rule (guards.believed_epoch_ceiling)."""
+    return [EpochClaim(v.public_key, v.record.epoch, witness=True) for v in views]
