@@ -4,7 +4,8 @@
   or more signers agree, or most other training peers do (hivemind would otherwise make everyone
   jump to, and load state for, the highest epoch any single record claims).
 - GuardedOptimizer: averaged gradients that come back with the wrong shapes or non-finite are
-  not applied (local gradients instead; if those are bad too, a zero update).
+  not applied (local gradients instead; if those are bad too, a zero update). Its gradient
+  averager keeps the local gradients through the round, so that there are some to fall back on.
 - GuardedStateAverager: state downloaded from a peer is checked (shapes, finiteness, a believable
   epoch) before it replaces ours.
 Every rejection reaches the engine through `on_warning(code, message)`.
@@ -16,6 +17,7 @@ from typing import Callable
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 
@@ -94,6 +96,19 @@ class GuardedStateAverager(TrainingStateAverager, _CheckedStateLoad):
     pass
 
 
+class LocalGradsKeptAverager(GradientAverager):
+    """hivemind's GradientAverager, except that starting a round leaves the local gradient
+    accumulators as they are. hivemind zeroes them there, and its Optimizer falls back on them
+    ("local gradients") when the round fails, as ours does when the averaged gradients are
+    rejected: it applied zeros, so while one peer sent NaN nobody learned anything. The Optimizer
+    resets the accumulators itself once the epoch's update is done."""
+
+    def step(self, weight=None, reset_accumulators: bool = True, control=None, timeout=None, wait: bool = True,
+             **kwargs):
+        return super().step(weight=weight, reset_accumulators=False, control=control, timeout=timeout, wait=wait,
+                            **kwargs)
+
+
 class GuardedOptimizer(hivemind.Optimizer):
     def __init__(self, *, on_warning: Warn = _no_warning, **kwargs):
         self.on_warning = on_warning
@@ -106,6 +121,9 @@ class GuardedOptimizer(hivemind.Optimizer):
         return FilteredProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
                                        client_mode=self.client_mode, status_loglevel=self.status_loglevel,
                                        start=True, on_warning=self.on_warning, **kwargs)
+
+    def _make_gradient_averager(self, factory, **kwargs) -> GradientAverager:
+        return super()._make_gradient_averager(factory or LocalGradsKeptAverager, **kwargs)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         return GuardedStateAverager(
