@@ -257,10 +257,11 @@ def test_the_dht_stores_only_signed_records_that_fit_the_schema():
 
 def test_pause_moves_hivemind_gradient_accumulators_with_the_model():
     # On a GPU, hivemind's per-parameter accumulators would keep a model's worth of memory after a
-    # pause; the peer moves them with the parameters. Fake tensors record where they were sent.
+    # pause; the sync strategy names them, and the engine moves them with the model.
     import types
     import torch
-    from training_core.swarm.peer import SwarmEngine
+    from training_core.engine import Engine
+    from training_core.swarm.sync_strategy import SyncStrategy
 
     class Buffer:
         def __init__(self):
@@ -272,7 +273,10 @@ def test_pause_moves_hivemind_gradient_accumulators_with_the_model():
             return moved
 
     accs = (Buffer(), Buffer())
-    engine = SwarmEngine.__new__(SwarmEngine)
-    engine.optimizer = types.SimpleNamespace(grad_averager=types.SimpleNamespace(_local_accumulators=accs))
-    engine._move_grad_accumulators(torch.device("cpu"))
+    strategy = SyncStrategy.__new__(SyncStrategy)
+    strategy.optimizer = types.SimpleNamespace(grad_averager=types.SimpleNamespace(_local_accumulators=accs),
+                                               opt=types.SimpleNamespace(state={}))
+    engine = Engine.__new__(Engine)
+    engine.strategy, engine.model = strategy, torch.nn.Linear(2, 2)
+    engine._move_to(torch.device("cpu"))
     assert [a.data.device for a in accs] == [torch.device("cpu")] * 2

@@ -351,6 +351,8 @@ def test_new_swarms_default_to_diloco_with_the_papers_outer_optimizer():
     ("[diloco]\nmax_round_s = 1e9", "diloco.max_round_s must be at most 86400"),
     ("[diloco]\noverlap = 1", "diloco.overlap must be true or false"),
     ("[diloco]\nrounds = 3", "unknown key(s) in [diloco]: rounds"),
+    ('algorithm = "sync"\ncompression = "blockwise4bit"',
+     "compression 'blockwise4bit' needs algorithm 'diloco'; 'sync' averages with hivemind's own codecs"),
 ])
 def test_bad_algorithm_and_diloco_values(table, words):
     text = MINIMAL.replace("[data]", table + "\n[data]") if table.startswith("algorithm") else MINIMAL + table + "\n"

@@ -414,8 +414,9 @@ class DiLoCoRounds:
             self.phase = "inner"
         self.bytes_up += report.get("bytes_up", 0)
         self.bytes_down += report.get("bytes_down", 0)
-        self.last_round_bytes_up, self.last_round_bytes_down = report.get("bytes_up", 0), report.get("bytes_down", 0)
-        self.last_round_peers = report.get("peers", 0)
+        if not report.get("failure"):   # "the last round" is the last one that happened
+            self.last_round_bytes_up, self.last_round_bytes_down = report.get("bytes_up", 0), report.get("bytes_down", 0)
+            self.last_round_peers = report.get("peers", 0)
         if report.get("failure"):
             if not self._interrupted:
                 self.on_warning("round_failed", f"round {self.epoch} failed ({report['failure']}); "

@@ -33,6 +33,8 @@ PRESET_NAMES = ("tiny", "mini", "small", "base", "medium")
 
 COMPRESSIONS = ("none", "float16", "scaled_float16", "uniform8bit", "blockwise8bit", "blockwise4bit")
 ALGORITHMS = ("diloco", "sync")
+# hivemind's stock averagers (sync) decode by codec number: only its own codecs that work here.
+SYNC_COMPRESSIONS = ("none", "float16", "scaled_float16")
 DATA_SOURCES = ("bundled", "local", "url")
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -288,6 +290,9 @@ def _normalize(data: Any, where: str) -> dict[str, Any]:
     compression = _string(data.get("compression", "float16"), "compression", fail)
     if compression not in COMPRESSIONS:
         fail(f"unknown compression {compression[:40]!r}; use one of {', '.join(COMPRESSIONS)}")
+    if algorithm == "sync" and compression not in SYNC_COMPRESSIONS:
+        fail(f"compression {compression!r} needs algorithm 'diloco'; 'sync' averages with hivemind's own codecs: "
+             + ", ".join(SYNC_COMPRESSIONS))
     out["compression"] = compression
 
     out["diloco"] = _diloco(data.get("diloco", DEFAULT_DILOCO), fail)

@@ -13,9 +13,6 @@ from .manifest import SwarmManifest
 DEFAULT_HOST_PORT = 31337
 PROBE_TIMEOUT_S = 5.0
 
-# Bytes per element on the wire for each manifest compression (for the traffic estimate).
-WIRE_BYTES = {"none": 4.0, "float16": 2.0, "scaled_float16": 2.0, "uniform8bit": 1.0, "blockwise8bit": 1.0}
-
 
 def quiet_hivemind() -> None:
     """hivemind logs every round at INFO on stderr; keep warnings only unless asked otherwise."""
@@ -30,9 +27,9 @@ def quiet_hivemind() -> None:
 
 
 def compression_for(name: str):
-    from hivemind import compression as c
-    return {"none": c.NoCompression, "float16": c.Float16Compression, "scaled_float16": c.ScaledFloat16Compression,
-            "uniform8bit": c.Uniform8BitQuantization, "blockwise8bit": c.BlockwiseQuantization}[name]()
+    """The codec for a manifest compression name (training_core/swarm/compression.py)."""
+    from .compression import compression_for as codec
+    return codec(name)
 
 
 @dataclass
@@ -145,4 +142,5 @@ def round_bytes(numel: int, group_size: int, compression: str) -> float:
     per-peer byte counter."""
     if group_size <= 1:
         return 0.0
-    return 2.0 * (group_size - 1) / group_size * numel * WIRE_BYTES[compression]
+    from .compression import wire_bytes_per_value
+    return 2.0 * (group_size - 1) / group_size * numel * wire_bytes_per_value(compression)

@@ -45,7 +45,7 @@ class PeerOptions:
     client_mode: str = "auto"            # on | off | auto
     token: str | None = None
     identity_path: Path | None = None    # default <data_dir>/swarm/identity.key (per install and device)
-    run_dir: Path | None = None          # default <data_dir>/swarm/<run_id>/
+    run_dir: Path | None = None          # default <data_dir>/swarm/<run_id>/ (per device: peer_run_dir)
     host_maddrs: list[str] | None = None
     test_send_nan: bool = False          # test hook: send NaN gradients, our own guard disabled
 
@@ -54,6 +54,14 @@ def swarm_dir() -> Path:
     p = data_dir() / "swarm"
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def peer_run_dir(run_id: str, device: str) -> Path:
+    """<data dir>/swarm/<run_id>/, or <run_id>-cuda1/ for a second GPU's peer: a run folder belongs to
+    one peer, as its identity does (network.identity_path_for)."""
+    key = identity_path_for(swarm_dir(), device).stem        # identity, identity-cuda1, ...
+    suffix = key[len("identity"):]
+    return swarm_dir() / f"{run_id}{suffix}"
 
 
 def check_token(manifest: SwarmManifest, token: str | None) -> str | None:
@@ -152,13 +160,16 @@ class SwarmStrategy(LocalStrategy):
         quiet_hivemind()
         self.engine = engine
         m = self.manifest
-        identity = self.opts.identity_path or identity_path_for(swarm_dir(), self.opts.device)
-        self.handle = start_dht(m, identity_path=identity, client_mode=self.opts.client_mode,
+        self.handle = start_dht(m, identity_path=self.identity_path(), client_mode=self.opts.client_mode,
                                 host_maddrs=self.opts.host_maddrs, validators=metrics.make_validators(m.run_id))
         if self.handle.client_mode:
             engine.warn("client_mode", f"joined as a client (no incoming connections): {self.handle.reason}")
         self.public_key = metrics.local_public_key()
         return self.handle
+
+    def identity_path(self) -> Path:
+        """Per install and device: two GPUs of one install are two peers with two identities."""
+        return self.opts.identity_path or identity_path_for(swarm_dir(), self.opts.device)
 
     def started(self, engine: Engine) -> None:
         threading.Thread(target=self._report_loop, name="swarm-report", daemon=True).start()
@@ -255,6 +266,6 @@ def swarm_engine(manifest: SwarmManifest, opts: PeerOptions, emit: Emit, control
         from .sync_strategy import SyncStrategy as cls
     else:
         from .diloco_strategy import DiLoCoStrategy as cls
-    run_dir = opts.run_dir or swarm_dir() / manifest.run_id
     strategy = cls(manifest, opts, token)
+    run_dir = opts.run_dir or peer_run_dir(manifest.run_id, opts.device)
     return Engine(swarm_spec(manifest, opts, run_dir), emit, controls, strategy=strategy)
