@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -61,6 +63,11 @@ def outer_step_(weights, momentum, grads, lr: float, momentum_coef: float) -> No
             bf[sl] = (bf[sl].double() * m + g64).float()
             d = (bf[sl].double() * m + g64).float()
             wf[sl] = (wf[sl].double() - d.double() * lr).float()
+
+
+def _trace(*what) -> None:
+    if os.environ.get("MODRON_DILOCO_TRACE"):
+        print("diloco-trace", time.time(), *what, file=sys.stderr, flush=True)
 
 
 def digest(tensors) -> str:
@@ -306,6 +313,11 @@ class DiLoCoRounds:
         left = max(0.0, self.max_round_s - (time.monotonic() - self._round_began))
         return min(left, max(0.0, self.tracker.global_progress.eta_next_epoch - get_dht_time()))
 
+    def identity(self) -> tuple[int, int, str]:
+        """(epoch, round, digest of θ_g), read together (the reporter thread reads while rounds apply)."""
+        with self._state_lock:
+            return self.epoch, self.round, self.digest
+
     def take_blocked_s(self) -> float:
         blocked, self._blocked_s = self._blocked_s, 0.0
         return blocked
@@ -376,7 +388,10 @@ class DiLoCoRounds:
         with self._state_lock:
             self.epoch += 1
         self._samples_epoch, self._round_began = 0, time.monotonic()
-        self.tracker.report_local_progress(self.epoch, 0)     # others see the round close and meet us
+        # Others see the round close and meet us; update_epoch also resets the global count we hold
+        # (else the last round's samples, still counted until the next fetch, close the next round at once).
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self.epoch)
         if not all_finite(delta):
             self.on_warning("round_failed", "local weights are not finite; this peer skips the exchange")
             return
@@ -437,6 +452,7 @@ class DiLoCoRounds:
             outer_step_(self.outer, self.momentum, avg_delta, self.outer_lr, self.outer_momentum)
             self.round += 1
             self.digest = digest(self.outer)
+            _trace("apply", self.epoch, self.round, self.digest, weight)
         with torch.no_grad():
             for p, w, s in zip(self.params, self.outer, snapshot or self.outer):
                 if exact:
@@ -513,6 +529,7 @@ class DiLoCoRounds:
             self.outer = [t.detach().contiguous() for t in tensors[:n]]
             self.momentum = [t.detach().contiguous() for t in tensors[n:]]
             self.round, self.epoch, self.digest = meta["round"], max(self.epoch, meta["epoch"]), digest(self.outer)
+            _trace("loaded", self.epoch, self.round, self.digest, meta)
         with torch.no_grad():
             for p, new, was in zip(self.params, self.outer, old):
                 if self._samples_drift == 0 or self.follower:

@@ -129,8 +129,9 @@ class DiLoCoStrategy(SwarmStrategy):
         r = self.rounds
         r.tracker.witnesses = [w for w in metrics.witnesses(views) if w.source != self.public_key]
         phase = "paused" if self.engine.paused else r.phase
-        return dict(peers=r.num_peers(), epoch=r.epoch, round=r.round, swarm_epoch=r.swarm_round(),
-                    outer_hash=r.digest,
+        epoch, round_, outer_hash = r.identity()
+        return dict(peers=r.num_peers(), epoch=epoch, round=round_, swarm_epoch=r.swarm_round(),
+                    outer_hash=outer_hash,
                     bytes_up=int(r.bytes_up), bytes_down=int(r.bytes_down), averaging_s=self.waited_s,
                     phase=phase, next_exchange_s=r.next_exchange_s(), round_bytes_up=int(r.last_round_bytes_up),
                     round_bytes_down=int(r.last_round_bytes_down), round_peers=r.last_round_peers)

@@ -1,12 +1,18 @@
 """The swarm host: a bootstrap peer with a stable address that watches the swarm and keeps its state.
 
-It computes no gradients. It downloads the averaged state from peers whenever the swarm's epoch
-moves on (through the same checked state loader the peers use), serves that copy to late joiners
-(at a lower priority than live peers), writes it as ordinary checkpoints, and reports the swarm
-from the signed metrics records.
+It computes no gradients. It downloads the swarm's state from peers when a checkpoint is due
+(through the same checked loaders the peers use), serves that copy to late joiners (at a lower
+priority than live peers), writes it as ordinary checkpoints, and reports the swarm from the signed
+metrics records.
+
+Crash-proof: a host killed in any way restarts from its latest checkpoint (weights, optimizer state,
+round) with the same identity and address; it dials the peers it last knew (OUT/known_peers.json),
+and if they moved on meanwhile it syncs from them once several agree (the epoch filter), so the
+swarm's progress is never lost while any peer holds it.
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -29,6 +35,7 @@ from .peer import PeerOptions, optimizer_factories, swarm_spec
 
 REPORT_INTERVAL_S = 2.0
 MIN_LOAD_INTERVAL_S = 3.0
+MAX_KNOWN_PEERS = 32
 
 
 @dataclass
@@ -58,9 +65,10 @@ def host_token(manifest: SwarmManifest, opts: HostOptions) -> str | None:
     return token
 
 
-def progress_epochs(dht, run_id: str) -> list[EpochClaim]:
+def progress_epochs(dht, key: str) -> list[EpochClaim]:
+    """The epochs in the progress records under `key` (hivemind's ProgressTracker: f"{prefix}_progress")."""
     from hivemind.optim.progress_tracker import LocalTrainingProgress
-    found = dht.get(f"{run_id}_progress", latest=True)
+    found = dht.get(key, latest=True)
     raw = found.value if found is not None else None
     claims = []
     if isinstance(raw, dict):
@@ -76,10 +84,132 @@ def progress_epochs(dht, run_id: str) -> list[EpochClaim]:
     return claims
 
 
+class _SyncState:
+    """`sync`: hivemind's state averager holding parameters and the peers' Adam state, by epoch."""
+
+    def __init__(self, manifest: SwarmManifest, dht, params, warn):
+        from .collab import GuardedStateAverager
+        make_opt, make_sched = optimizer_factories(manifest)
+        self.averager = GuardedStateAverager(
+            dht=dht, prefix=f"{manifest.run_id}_state_averager", optimizer=make_opt, params=params,
+            scheduler=make_sched, initialize_optimizer=True, offload_optimizer=False,
+            compression=compression_for(manifest.compression), state_compression=compression_for("none"),
+            min_matchmaking_time=manifest.matchmaking_time, client_mode=False, start=True)
+        self.averager.on_warning = warn
+        self.ceiling = 0
+        self.averager.max_epoch = lambda: self.ceiling
+        self.numel = sum(p.numel() for p in params)
+        self.progress_key = f"{manifest.run_id}_progress"
+        self.timeout = max(10.0, manifest.averaging_timeout)
+
+    @property
+    def epoch(self) -> int:
+        return self.averager.local_epoch
+
+    round = epoch
+    digest = None
+
+    @property
+    def optimizer(self):
+        return self.averager.optimizer
+
+    def restore(self, epoch: int, extra: dict) -> None:
+        self.averager.local_epoch = epoch
+        self.serve_behind_peers()
+
+    def serve_behind_peers(self) -> None:
+        self.averager.state_sharing_priority = max(0.0, self.epoch - 0.5)   # live peers serve first
+
+    def sync(self, swarm_epoch: int) -> int:
+        """Download the swarm's state; bytes that came down."""
+        before = self.epoch
+        try:
+            self.averager.load_state_from_peers(timeout=self.timeout)
+        except Exception as exc:
+            raise RuntimeError(f"could not download the swarm's state: {exc}") from None
+        if self.epoch > before:
+            self.serve_behind_peers()
+            return 3 * self.numel * 4
+        return 0
+
+    def write_params(self) -> None:
+        pass   # the averager loads into the model's parameters directly
+
+    def trainer_state(self) -> dict:
+        return {}
+
+    def witnesses(self, views) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()
+
+
+class _DiLoCoState:
+    """`diloco`: the outer weights, the outer Nesterov momentum and the round, as a follower of the
+    rounds (it takes no part in them)."""
+
+    def __init__(self, manifest: SwarmManifest, dht, params, warn):
+        from .diloco import DiLoCoRounds
+        d = manifest.diloco
+        self.params = params
+        self.rounds = DiLoCoRounds(
+            dht, manifest.run_id, params, micro_batch=manifest.micro_batch, inner_steps=d["inner_steps"],
+            outer_lr=d["outer_lr"], outer_momentum=d["outer_momentum"], compression=manifest.compression,
+            matchmaking_time=manifest.matchmaking_time, averaging_timeout=manifest.averaging_timeout,
+            max_round_s=d["max_round_s"], overlap=d["overlap"], on_warning=warn, follower=True,
+            sharing_priority=-0.5)   # live peers serve first
+        self.progress_key = f"{manifest.run_id}_diloco_progress"
+        self.ceiling = 0
+        self.optimizer = torch.optim.SGD(params, lr=d["outer_lr"], momentum=d["outer_momentum"], nesterov=True)
+
+    @property
+    def epoch(self) -> int:
+        return self.rounds.epoch
+
+    @property
+    def round(self) -> int:
+        return self.rounds.round
+
+    @property
+    def digest(self) -> str:
+        return self.rounds.identity()[2]
+
+    def restore(self, epoch: int, extra: dict) -> None:
+        momentum = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.params]
+        state = self.rounds.state_dict()
+        if all(m is not None for m in momentum):
+            state["momentum"] = [m.detach().float().cpu() for m in momentum]
+        state["round"] = int(extra.get("diloco_round", epoch))
+        state["epoch"] = max(epoch, state["round"])
+        self.rounds.load_state_dict(state)
+
+    def sync(self, swarm_epoch: int) -> int:
+        before = self.rounds.bytes_down
+        self.rounds.poll()   # a follower behind the swarm downloads the state (checked) here
+        return self.rounds.bytes_down - before
+
+    def write_params(self) -> None:
+        """The outer weights and momentum into the model and the SGD whose state a checkpoint holds."""
+        state = self.rounds.state_dict()
+        with torch.no_grad():
+            for p, w, m in zip(self.params, state["outer"], state["momentum"]):
+                p.copy_(w)
+                self.optimizer.state[p]["momentum_buffer"] = m
+
+    def trainer_state(self) -> dict:
+        return {"diloco_round": self.rounds.round, "outer_hash": self.rounds.digest}
+
+    def witnesses(self, views) -> None:
+        self.rounds.tracker.witnesses = metrics.witnesses(views)
+
+    def shutdown(self) -> None:
+        self.rounds.shutdown()
+
+
 def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: Controls) -> None:
-    from ..licence import scratch_licence, read_licence
+    from ..licence import read_licence, scratch_licence
     from ..models import load_base
-    from .collab import GuardedStateAverager
 
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
@@ -87,6 +217,7 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
         torch.set_num_threads(opts.threads)
     token = host_token(manifest, opts)
     quiet_hivemind()
+    warn = lambda code, message: emit(make_event("warning", code=code, message=message))  # noqa: E731
 
     # The same model and optimizer layout as the peers, so their state loads here.
     spec = swarm_spec(manifest, PeerOptions(device="cpu", threads=opts.threads), out)
@@ -94,29 +225,31 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
     model, tokenizer = loaded.model, loaded.tokenizer
     licence = scratch_licence(manifest.model.split(":", 1)[1]) if manifest.is_scratch else \
         read_licence(loaded.model_dir, manifest.model)
+    kind = "full"
     if not manifest.is_scratch:
         from ..models import apply_method
         model = apply_method(model, spec, spec.resolved_method, False)
+        kind = "lora" if spec.resolved_method in ("lora", "qlora") else "full"
     params = [p for p in model.parameters() if p.requires_grad]
+    resume = _latest_own_checkpoint(out, manifest, warn)
+    if resume is not None:
+        ckpt_io.load_weights(model, resume, kind)
 
     require_port_free(opts.listen_ip, opts.port)
     announce = [f"/ip4/{opts.announce_ip}/tcp/{opts.port}"] if opts.announce_ip else None
-    handle = start_dht(manifest, identity_path=out / "identity.key", client_mode="off",
-                       host_maddrs=[f"/ip4/{opts.listen_ip}/tcp/{opts.port}"], announce_maddrs=announce,
-                       validators=metrics.make_validators(manifest.run_id))
+    handle = _start_host_dht(manifest, out, opts, announce)
     dht = handle.dht
     public_key = metrics.local_public_key()
-    make_opt, make_sched = optimizer_factories(manifest)
-    compression = compression_for(manifest.compression)
-    averager = GuardedStateAverager(
-        dht=dht, prefix=f"{manifest.run_id}_state_averager", optimizer=make_opt, params=params,
-        scheduler=make_sched, initialize_optimizer=True,
-        offload_optimizer=False, compression=compression, state_compression=compression_for("none"),
-        min_matchmaking_time=manifest.matchmaking_time, client_mode=False, start=True)
-    warn = lambda code, message: emit(make_event("warning", code=code, message=message))  # noqa: E731
-    averager.on_warning = warn
-    believed = {"epoch": 0}
-    averager.max_epoch = lambda: believed["epoch"]
+    keeper = (_SyncState if manifest.algorithm == "sync" else _DiLoCoState)(manifest, dht, params, warn)
+
+    if resume is not None:
+        state = ckpt_io.read_json(resume, "trainer_state.json")
+        try:
+            ckpt_io.load_optimizer(keeper.optimizer, resume)
+        except Exception as exc:   # a checkpoint of another algorithm: the weights still count
+            warn("host_restore", f"{resume}: optimizer state not restored ({type(exc).__name__})")
+        keeper.restore(int(state.get("swarm_epoch", 0)), state)
+        emit(make_event("checkpoint", step=keeper.epoch, path=str(resume), reason="restored"))
 
     maddrs = visible_maddrs(dht)
     invite = make_invite(manifest, maddrs)
@@ -125,74 +258,148 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
     if token and not (opts.token or os.environ.get("MODRON_SWARM_TOKEN")):
         warn("token", f"private swarm: give peers the token in {out / 'token.txt'}")
 
-    host_epoch, loaded_once, last_load = 0, False, 0.0
-    last_ckpt_epoch, last_ckpt_time = -1, time.monotonic()
+    synced_once = resume is not None
+    last_sync, last_ckpt_epoch, last_ckpt_time = 0.0, keeper.epoch, time.monotonic()
     deadline = time.monotonic() + opts.minutes * 60 if opts.minutes else None
     bytes_down = 0
-    numel = sum(p.numel() for p in params)
 
     def checkpoint(reason: str) -> None:
         nonlocal last_ckpt_epoch, last_ckpt_time
-        state = {"step": host_epoch, "swarm_epoch": host_epoch, "run_id": manifest.run_id,
+        keeper.write_params()
+        epoch = keeper.epoch
+        state = {"step": epoch, "swarm_epoch": epoch, "run_id": manifest.run_id, "algorithm": manifest.algorithm,
                  "total_steps": manifest.schedule["total_epochs"], "micro_batch": manifest.micro_batch,
                  "tokens_seen": 0, "elapsed_s": 0.0, "last_loss": None, "precision": "fp32",
-                 "method": spec.resolved_method, "data_fingerprint": None, "scheduler": {"swarm_epoch": host_epoch},
-                 "grad_scaler": None, "manifest": manifest.to_dict()}
-        path = ckpt_io.save(out, host_epoch, model=model, tokenizer=tokenizer, optimizer=averager.optimizer,
-                            kind="lora" if spec.resolved_method in ("lora", "qlora") else "full",
+                 "method": spec.resolved_method, "data_fingerprint": None, "scheduler": {"swarm_epoch": epoch},
+                 "grad_scaler": None, "manifest": manifest.to_dict(), **keeper.trainer_state()}
+        path = ckpt_io.save(out, epoch, model=model, tokenizer=tokenizer, optimizer=keeper.optimizer, kind=kind,
                             trainer_state=state, job=spec.to_dict(), licence=licence.to_dict(), eval_result=None,
                             samples=None, keep=3)
-        last_ckpt_epoch, last_ckpt_time = host_epoch, time.monotonic()
-        emit(make_event("checkpoint", step=host_epoch, path=str(path), reason=reason))
+        last_ckpt_epoch, last_ckpt_time = epoch, time.monotonic()
+        emit(make_event("checkpoint", step=epoch, path=str(path), reason=reason))
 
     try:
         while True:
             msg = controls.wait(REPORT_INTERVAL_S)
             if msg == "stop" or (deadline is not None and time.monotonic() >= deadline):
                 break
-            if msg == "checkpoint" and loaded_once:
-                checkpoint("requested")
             views = metrics.read(dht, manifest.run_id, token, require_auth=bool(manifest.auth.get("required")))
-            claims = progress_epochs(dht, manifest.run_id)
-            ceiling = believed_epoch_ceiling(claims + metrics.witnesses(views), host_epoch)
-            swarm_epoch = max([c.epoch for c in claims if c.counts and c.epoch <= ceiling] + [host_epoch])
-            believed["epoch"] = ceiling
-            if swarm_epoch > host_epoch and time.monotonic() - last_load >= MIN_LOAD_INTERVAL_S:
-                last_load = time.monotonic()
+            keeper.witnesses(views)
+            claims = progress_epochs(dht, keeper.progress_key)
+            ceiling = believed_epoch_ceiling(claims + metrics.witnesses(views), keeper.epoch)
+            swarm_epoch = max([c.epoch for c in claims if c.counts and c.epoch <= ceiling] + [keeper.epoch])
+            keeper.ceiling = ceiling
+            # The host's traffic stays small: it downloads the state when a checkpoint is due (or was
+            # asked for), not every round; peers serve late joiners first anyway.
+            due = msg == "checkpoint" or not synced_once or \
+                time.monotonic() - last_sync >= max(opts.checkpoint_minutes * 60, MIN_LOAD_INTERVAL_S)
+            if swarm_epoch > keeper.epoch and due:
+                last_sync = time.monotonic()
                 try:
-                    averager.load_state_from_peers(timeout=max(10.0, manifest.averaging_timeout))
-                except Exception as exc:
-                    warn("state_load", f"could not download the swarm's state: {exc}")
-                if averager.local_epoch > host_epoch:
-                    host_epoch, loaded_once = averager.local_epoch, True
-                    bytes_down += 3 * numel * 4
-                    averager.state_sharing_priority = max(0.0, host_epoch - 0.5)   # live peers serve first
-            if loaded_once and host_epoch != last_ckpt_epoch and \
-                    time.monotonic() - last_ckpt_time >= opts.checkpoint_minutes * 60:
-                checkpoint("periodic")
+                    got = keeper.sync(swarm_epoch)
+                except RuntimeError as exc:
+                    warn("state_load", str(exc))
+                    got = 0
+                if got:
+                    bytes_down += got
+                    synced_once = True
+            if synced_once and (msg == "checkpoint" or (keeper.epoch != last_ckpt_epoch and
+                                time.monotonic() - last_ckpt_time >= opts.checkpoint_minutes * 60)):
+                checkpoint("requested" if msg == "checkpoint" else "periodic")
+            _remember_peers(dht, out)
             summary = metrics.SwarmSummary.of(views)
             metrics.publish(dht, manifest.run_id, public_key,
-                            metrics.MetricsRecord(role="host", epoch=host_epoch, samples=0, samples_per_s=0.0,
+                            metrics.MetricsRecord(role="host", epoch=keeper.epoch, samples=0, samples_per_s=0.0,
                                                   time=time.time()), token)
-            emit(make_event("swarm", role="host", run_id=manifest.run_id, peers=summary.peers, epoch=swarm_epoch,
+            emit(make_event("swarm", role="host", run_id=manifest.run_id, algorithm=manifest.algorithm,
+                            peers=summary.peers, epoch=swarm_epoch, round=keeper.round, phase="watching",
                             samples_contributed=summary.samples, bytes_up=0, bytes_down=bytes_down,
                             global_samples_per_s=summary.samples_per_s, loss=summary.loss, client_mode=False,
-                            host_epoch=host_epoch))
-        if loaded_once and host_epoch != last_ckpt_epoch:
+                            host_epoch=keeper.epoch, outer_hash=keeper.digest))
+        if synced_once and keeper.epoch != last_ckpt_epoch:
             checkpoint("final")
-        emit(make_event("stopped", step=host_epoch, checkpoint=None))
+        emit(make_event("stopped", step=keeper.epoch, checkpoint=None))
     finally:
         try:
-            averager.shutdown()
+            keeper.shutdown()
         except Exception:
             pass
         dht.shutdown()
         reap_children()
 
 
+def _latest_own_checkpoint(out: Path, manifest: SwarmManifest, warn) -> Path | None:
+    """OUT's newest checkpoint, if it is this swarm's (a folder reused for another swarm starts fresh)."""
+    ckpt = ckpt_io.latest(out)
+    if ckpt is None:
+        return None
+    try:
+        state = ckpt_io.read_json(ckpt, "trainer_state.json")
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict) or state.get("run_id") != manifest.run_id:
+        warn("host_restore", f"{ckpt} is not a checkpoint of swarm {manifest.run_id!r}; starting from the "
+                             "manifest's initial weights")
+        return None
+    return ckpt
+
+
+def _start_host_dht(manifest: SwarmManifest, out: Path, opts: HostOptions, announce):
+    """The host's DHT on its fixed address; after a restart it dials the peers it last knew, so the
+    swarm finds it again without anyone re-joining."""
+    import dataclasses
+    kwargs = dict(identity_path=out / "identity.key", client_mode="off",
+                  host_maddrs=[f"/ip4/{opts.listen_ip}/tcp/{opts.port}"], announce_maddrs=announce,
+                  validators=metrics.make_validators(manifest.run_id))
+    known = _known_peers(out)
+    if known:
+        try:
+            return start_dht(dataclasses.replace(manifest, initial_peers=known), **kwargs)
+        except ConfigError:
+            pass   # none of them answered: bootstrap alone, they find us through the invite
+    return start_dht(dataclasses.replace(manifest, initial_peers=[]), **kwargs)
+
+
+def _known_peers(out: Path) -> list[str]:
+    from .manifest import manifest_from_dict
+    try:
+        raw = json.loads((out / "known_peers.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(raw, list):
+        return []
+    good = []
+    for addr in raw[:MAX_KNOWN_PEERS]:
+        try:   # the manifest's own multiaddr check
+            good += manifest_from_dict({"run_id": "chk", "model": "scratch:tiny", "data": {"source": "local"},
+                                        "initial_peers": [addr]}, "known_peers.json").initial_peers
+        except Exception:
+            continue
+    return good
+
+
+async def _connected_peers(_dht, node) -> list[str]:
+    """Runs in the DHT's process (so it is a module-level function: hivemind pickles it by name)."""
+    return [f"{a}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for a in info.addrs]
+
+
+def _remember_peers(dht, out: Path) -> None:
+    """The addresses of the peers connected now, for a restart (the file is ours, written atomically)."""
+    try:
+        addrs = dht.run_coroutine(_connected_peers)
+    except Exception:
+        return
+    addrs = [a for a in addrs if "/p2p-circuit" not in a][:MAX_KNOWN_PEERS]
+    if addrs:
+        atomic_write_text(out / "known_peers.json", json.dumps(addrs) + "\n")
+
+
 def require_port_free(ip: str, port: int) -> None:
     import socket
     with socket.socket() as s:
+        # SO_REUSEADDR: a port left in TIME_WAIT by a killed host is free for us (Linux still refuses
+        # it while a live listener holds it).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((ip, port))
         except OSError:
