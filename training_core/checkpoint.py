@@ -10,7 +10,12 @@ RUN/checkpoints/ckpt-00000120/
   job.json licence.json eval.json samples.json
 
 A folder is written under a ".tmp-" name, fsynced and renamed: a folder named ckpt-* is
-always complete. Nothing here is unpickled: tensors go through safetensors, the rest JSON.
+always complete. One is deleted by renaming it to a ".trash-" name first, so a kill halfway
+through a deletion never leaves a correctly named checkpoint with files missing. Leftover
+".tmp-"/".trash-" folders are debris: `clean_debris` removes them when a run starts, and a
+failed save removes its own. `latest` skips a checkpoint whose files are missing or whose
+safetensors headers are damaged. Nothing here is unpickled: tensors go through safetensors,
+the rest JSON.
 """
 from __future__ import annotations
 
@@ -18,18 +23,21 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DiskError, user_error_from
 from .fsutil import fsync_dir
 
 FORMAT = "modron-checkpoint"
 VERSION = 1
 PREFIX = "ckpt-"
+TMP_PREFIX = ".tmp-"       # a checkpoint being written
+TRASH_PREFIX = ".trash-"   # a checkpoint being deleted
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -47,8 +55,58 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest checkpoint that is whole (see `latest_good`)."""
+    return latest_good(run_dir)[0]
+
+
+def latest_good(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint that passes `problem`, [(newer damaged checkpoint, its problem)])."""
+    skipped = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        trouble = problem(ckpt)
+        if trouble is None:
+            return ckpt, skipped
+        skipped.append((ckpt, trouble))
+    return None, skipped
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be read (its header, and that the file holds all it announces),
+    as the library's first line; None when it reads."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as fh:
+            fh.keys()
+    except Exception as exc:   # SafetensorError, OSError: all mean "damaged"
+        text = str(exc).strip().splitlines()
+        return text[0] if text else type(exc).__name__
+    return None
+
+
+def problem(ckpt: Path) -> str | None:
+    """None when the checkpoint is whole: a valid manifest, every file it lists present, every
+    safetensors header readable. Otherwise one line saying what is wrong."""
+    try:
+        manifest = read_manifest(ckpt)
+    except CheckpointError as exc:
+        return exc.problem
+    for name in manifest.get("files") or []:
+        path = Path(ckpt) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if name.endswith(".safetensors"):
+            trouble = safetensors_problem(path)
+            if trouble:
+                return f"{name} is damaged ({trouble})"
+    return None
+
+
+def job_id_of(ckpt: Path) -> str | None:
+    """The job a checkpoint was written for (from its job.json), None if it does not say."""
+    try:
+        return json.loads((Path(ckpt) / "job.json").read_text(encoding="utf-8")).get("job_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -88,20 +146,49 @@ def _write_json(path: Path, data: Any) -> None:
 
 def save(run_dir: Path, step: int, *, model, tokenizer, optimizer, kind: str,
          trainer_state: dict, job: dict, licence: dict, eval_result: dict | None,
-         samples: list | None, keep: int) -> Path:
-    """Write checkpoint `step` atomically, then drop all but the newest `keep`."""
+         samples: list | None, keep: int, test_sleep: float = 0.0) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest `keep`.
+
+    A save that fails (a full disk...) removes what it wrote, so the next attempt has the space,
+    and raises a DiskError (one line) when the cause is the user's disk. `test_sleep` (tests only)
+    pauses halfway through the write and the deletion, so a test can kill the process there.
+    """
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        _write(tmp, step, model=model, tokenizer=tokenizer, optimizer=optimizer, kind=kind,
+               trainer_state=trainer_state, job=job, licence=licence, eval_result=eval_result,
+               samples=samples, test_sleep=test_sleep)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = user_error_from(exc) if isinstance(exc, Exception) else None
+        if err is None:
+            raise
+        kept = latest(run_dir)
+        kept_note = f"; the last good checkpoint, {kept.name}, is kept" if kept is not None else ""
+        raise DiskError(err.where or root, f"the checkpoint for step {step} could not be written: "
+                                           f"{err.problem}{kept_note}") from None
+    if final.exists():  # same step saved twice (e.g. stop right after a periodic save)
+        _discard(final, test_sleep)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    prune(run_dir, keep, test_sleep)
+    return final
 
+
+def _write(tmp: Path, step: int, *, model, tokenizer, optimizer, kind: str, trainer_state: dict, job: dict,
+           licence: dict, eval_result: dict | None, samples: list | None, test_sleep: float) -> None:
+    tmp.mkdir()
     if kind == "lora":
         model.save_pretrained(tmp / "adapter", safe_serialization=True)
     else:
         model.save_pretrained(tmp / "model", safe_serialization=True, max_shard_size="100GB")
+    if test_sleep:
+        time.sleep(test_sleep)
     tokenizer.save_pretrained(tmp / "tokenizer")
     opt_tensors, opt_plain = _optimizer_to_files(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -124,22 +211,43 @@ def save(run_dir: Path, step: int, *, model, tokenizer, optimizer, kind: str,
             with open(p, "rb+") as fh:
                 os.fsync(fh.fileno())
     fsync_dir(tmp)
-    if final.exists():  # same step saved twice (e.g. stop right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    prune(run_dir, keep)
-    return final
 
 
-def prune(run_dir: Path, keep: int) -> None:
+def _discard(ckpt: Path, test_sleep: float = 0.0) -> None:
+    """Delete a checkpoint folder: renamed away first (one atomic step), then removed."""
+    trash = ckpt.parent / f"{TRASH_PREFIX}{ckpt.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    os.replace(ckpt, trash)
+    fsync_dir(ckpt.parent)
+    if test_sleep:
+        time.sleep(test_sleep)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def prune(run_dir: Path, keep: int, test_sleep: float = 0.0) -> None:
     found = list_checkpoints(run_dir)
     for old in found[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    # Leftovers of a save that was killed halfway.
-    for junk in checkpoints_dir(run_dir).glob(".tmp-*"):
-        if not junk.name.endswith(f"-{os.getpid()}"):
+        _discard(old, test_sleep)
+    clean_debris(run_dir, keep_own=True)
+
+
+def clean_debris(run_dir: Path, keep_own: bool = False) -> list[str]:
+    """Remove what killed saves and deletions left (".tmp-*", ".trash-*"); returns the names removed.
+    keep_own: spare this process's own temporary folders."""
+    root = checkpoints_dir(run_dir)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for junk in root.iterdir():
+        if not junk.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            continue
+        if keep_own and junk.name.startswith(TMP_PREFIX) and junk.name.endswith(f"-{os.getpid()}"):
+            continue
+        if junk.is_dir() and not junk.is_symlink():
             shutil.rmtree(junk, ignore_errors=True)
+        else:
+            junk.unlink(missing_ok=True)
+        removed.append(junk.name)
+    return removed
 
 
 def read_manifest(ckpt: Path) -> dict:

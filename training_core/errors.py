@@ -39,3 +39,55 @@ class CheckpointError(UserError):
 
 class WontFitError(UserError):
     code = "wont_fit"
+
+
+class DivergedError(UserError):
+    """The loss stopped being a finite number: the run stopped, its last good checkpoint is kept."""
+    code = "diverged"
+
+    def __init__(self, where, problem: str, *, step: int, lr: float | None, suggested_lr: float | None,
+                 checkpoint: str | None):
+        super().__init__(where, problem)
+        self.step, self.lr, self.suggested_lr, self.checkpoint = step, lr, suggested_lr, checkpoint
+
+
+class DiskError(UserError):
+    """The disk said no: full, read-only, not allowed. The user's situation, not a bug."""
+    code = "disk"
+
+
+# errno -> what to do about it. The user can fix each of these; none is a bug in Modron.
+_OS_ADVICE = {
+    "ENOSPC": "no space left on the disk; free some space (or choose a folder on another disk), then resume",
+    "EDQUOT": "the disk quota is used up; free some space (or choose a folder on another disk), then resume",
+    "EROFS": "is on a read-only file system; choose a folder you can write to",
+    "EACCES": "permission denied; choose a folder you can write to, or change its permissions",
+    "EPERM": "operation not permitted; choose a folder you can write to, or change its permissions",
+    "ELOOP": "symlink loop (too many levels of symbolic links); remove or fix the link",
+    "ENAMETOOLONG": "the name is too long for this file system; choose a shorter path",
+    "ENOTDIR": "a part of this path is a file, not a folder; choose another path",
+    "EISDIR": "is a folder where a file was expected",
+    "EEXIST": "already exists and is not a folder; choose another path",
+    "EIO": "the disk reported an input/output error; check the disk, then resume",
+}
+_DISK_FULL_WORDS = ("No space left on device", "StorageFull", "os error 28", "code: 28,", "Disk quota exceeded")
+
+
+def user_error_from(exc: BaseException) -> UserError | None:
+    """The user's situation hidden in a library's exception (a full disk, a read-only folder, a symlink
+    loop), as one plain line; None when `exc` looks like a bug."""
+    import errno as errno_mod
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno_mod.errorcode.get(exc.errno, "")
+        advice = _OS_ADVICE.get(name)
+        if advice is None:
+            return None
+        where = exc.filename if exc.filename is not None else None
+        return DiskError(where, advice)
+    text = str(exc)
+    # Libraries written in Rust or C (safetensors, tokenizers) wrap the OS error in their own type.
+    if any(w in text for w in _DISK_FULL_WORDS):
+        return DiskError(None, _OS_ADVICE["ENOSPC"])
+    return None

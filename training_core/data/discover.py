@@ -49,10 +49,18 @@ def _walk(folder: Path, ancestors: frozenset[str], out: list[Path], skipped: lis
             if real in ancestors:
                 raise DataError(path, f"symlink loop: this folder links back to {real}")
             _walk(path, ancestors | {real}, out, skipped)
-        elif entry.is_file():
+        elif _is_file(entry, path):
             (out if file_kind(path)[0] else skipped).append(path)
         elif entry.is_symlink():
             raise DataError(path, "broken symlink: its target does not exist")
+
+
+def _is_file(entry: os.DirEntry, path: Path) -> bool:
+    try:
+        return entry.is_file()   # follows symlinks
+    except OSError as exc:       # ELOOP: a link to itself, or two links to each other
+        raise DataError(path, f"cannot be followed ({exc.strerror or exc}): a symlink loop? Remove or fix "
+                              "this link") from None
 
 
 def discover_files(paths: list[str | Path], warnings: list[str] | None = None) -> list[Path]:

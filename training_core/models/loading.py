@@ -100,6 +100,13 @@ def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
             raise ModelError(folder, "has only pickled weights (pytorch_model.bin); "
                                      + CONVERT_HINT.replace("'FOLDER'", repr(str(folder))))
         raise ModelError(folder, "has no model weights (model.safetensors)")
+    else:
+        shards = {"model.safetensors"}
+    from ..checkpoint import safetensors_problem
+    for shard in sorted(shards):   # headers only: cheap, and a damaged file fails here in one line
+        trouble = safetensors_problem(folder / shard)
+        if trouble:
+            raise ModelError(folder / shard, f"is damaged or incomplete ({trouble}); download or copy the model again")
 
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(folder, "has no tokenizer files (tokenizer.json or tokenizer.model)")
@@ -115,11 +122,21 @@ def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
     return config
 
 
-def _load_pretrained(folder: Path, spec: JobSpec, dtype, source: str) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_pretrained(folder: Path, spec: JobSpec, dtype, source: str,
+                     check_config: Callable[[object, Path], None] | None = None) -> LoadedModel:
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_model_folder(folder, spec.trust_remote_code)
     kwargs = {"use_safetensors": True, "trust_remote_code": spec.trust_remote_code, "dtype": dtype}
+    if check_config is not None:
+        # From the config alone, before any weight is allocated (a huge model is refused in a second).
+        try:
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=spec.trust_remote_code)
+        except Exception as exc:   # config classes raise many types; all mean "unusable config"
+            raise ModelError(folder / "config.json", f"cannot be read as a model config ({_first_line(exc)})") from None
+        check_config(config, folder / "config.json")
+        kwargs["config"] = config
     if spec.resolved_method == "qlora":
         kwargs.update(methods.qlora_load_kwargs(spec.device))
     try:
@@ -130,7 +147,7 @@ def _load_pretrained(folder: Path, spec: JobSpec, dtype, source: str) -> LoadedM
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except torch.cuda.OutOfMemoryError:  # the caller turns this into advice, not a model error
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError, SafetensorError) as exc:
         text = str(exc)
         if "trust_remote_code" in text:
             raise ModelError(folder, "needs the custom code it ships with; if you trust its author, "
@@ -158,8 +175,11 @@ def _download(repo_id: str, trust_remote_code: bool) -> Path:
 
 
 def load_base(spec: JobSpec, texts: Callable[[], Iterable[str]] | None = None,
-              dtype=torch.float32) -> LoadedModel:
-    """The model and tokenizer `spec.model` names, ready for `methods.apply_method`."""
+              dtype=torch.float32, check_config: Callable[[object, Path], None] | None = None) -> LoadedModel:
+    """The model and tokenizer `spec.model` names, ready for `methods.apply_method`.
+
+    `check_config(config, config_path)` runs on a pretrained model's config before its weights are
+    loaded (the engine refuses a model that cannot fit there)."""
     if spec.is_scratch:
         if spec.resolved_method == "qlora":
             raise ModelError("--method", "QLoRA needs a pretrained model; train from scratch with --method full")
@@ -168,10 +188,10 @@ def load_base(spec: JobSpec, texts: Callable[[], Iterable[str]] | None = None,
         methods.require_qlora()
     path = Path(spec.model).expanduser()
     if path.exists() or not HUB_ID.match(spec.model):
-        return _load_pretrained(path, spec, dtype, "local")
+        return _load_pretrained(path, spec, dtype, "local", check_config)
     snapshot = _download(spec.model, spec.trust_remote_code)
     try:
-        return _load_pretrained(snapshot, spec, dtype, "hub")
+        return _load_pretrained(snapshot, spec, dtype, "hub", check_config)
     except ModelError as exc:
         # Name what the user typed, not the cache folder it was downloaded to.
         raise ModelError(spec.model, exc.problem.replace(str(snapshot), spec.model), exc.code) from None
