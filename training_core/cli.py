@@ -21,9 +21,9 @@ PROG = "modron-train"
 class TextProgress:
     """Human output for a terminal (a live bar) or a log file (a line now and then)."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr   # looked up now, not at import (tests and callers redirect it)
+        self.tty = self.stream.isatty()
         self.last_line_step = -1
         self.total = 0
 
@@ -63,7 +63,8 @@ class TextProgress:
         elif t == "warning":
             self._say(f"warning: {ev['message']}")
         elif t == "eval":
-            self._say(f"eval at step {ev['step']}: loss {ev['eval_loss']:.4f}, perplexity {ev['perplexity']:.2f}")
+            self._say(f"eval at step {ev['step']}: loss {_num(ev['eval_loss'], '.4f')}, "
+                      f"perplexity {_num(ev['perplexity'], '.2f')}")
         elif t == "sample":
             self._say(f"sample: {ev['prompt']!s}{ev['text']!s}".replace("\n", " ")[:200])
         elif t == "checkpoint":
@@ -73,7 +74,10 @@ class TextProgress:
         elif t in ("paused", "resumed"):
             self._say(f"{t} at step {ev['step']}")
         elif t == "stopped":
-            self._say(f"stopped at step {ev['step']}; continue with: {PROG} resume {Path(ev['checkpoint']).parents[1]}")
+            run_dir = ev.get("run_dir") or (Path(ev["checkpoint"]).parents[1] if ev.get("checkpoint") else None)
+            before = "" if ev.get("checkpoint") else " (before its first checkpoint)"
+            self._say(f"stopped at step {ev['step']}{before}"
+                      + (f"; continue with: {PROG} resume {run_dir}" if run_dir else ""))
         elif t == "finished":
             loss = f", loss {ev['final_loss']:.4f}" if ev.get("final_loss") is not None else ""
             ev_loss = f", eval loss {ev['final_eval_loss']:.4f}" if ev.get("final_eval_loss") is not None else ""
@@ -82,6 +86,11 @@ class TextProgress:
     def _say(self, text: str) -> None:
         self.stream.write(text + "\n")
         self.stream.flush()
+
+
+def _num(value, fmt: str) -> str:
+    """A number for a line of text; "nan" for the null that stands for a non-finite one."""
+    return format(value, fmt) if isinstance(value, (int, float)) else "nan"
 
 
 def json_emitter(ev: dict) -> None:
@@ -101,8 +110,9 @@ def _run(spec, args, resume: bool = False) -> int:
         if interrupted:
             raise KeyboardInterrupt
         interrupted.append(signum)
-        sys.stderr.write("\nstopping after this step (checkpointing); press Ctrl-C again to quit at once\n")
-        controls.put("stop")
+        if controls.polling:
+            sys.stderr.write("\nstopping after this step (checkpointing); press Ctrl-C again to quit at once\n")
+        controls.stop()   # before the loop runs (loading, tokenizing) this ends set-up at once
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     emit = json_emitter if args.json else TextProgress()
@@ -118,13 +128,14 @@ def spec_from_args(args):
                    keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every, seed=args.seed,
                    precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
                    trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer, device=args.device,
-                   threads=args.threads, lora_r=args.lora_r)
+                   threads=args.threads, lora_r=args.lora_r, on_divergence=args.on_divergence.replace("-", "_"))
 
 
 def cmd_finetune(args) -> int:
     spec = spec_from_args(args)
     out = Path(args.out)
-    if (out / "job.json").exists():
+    # A folder whose earlier run never wrote a checkpoint holds nothing to lose: start again there.
+    if (out / "job.json").exists() and any((out / "checkpoints").glob("ckpt-*")):
         raise UserError(out, f"already holds a run; continue it with `{PROG} resume {out}` or choose another --out")
     return _run(spec, args)
 
@@ -154,6 +165,9 @@ def cmd_resume(args) -> int:
         raise UserError(run_dir, "is not a Modron run folder (no job.json)")
     spec = JobSpec.load(run_dir / "job.json")
     spec.out = str(run_dir)
+    if args.lr is not None:   # e.g. lower after the loss diverged; the schedule goes on at the new height
+        import dataclasses
+        spec = dataclasses.replace(spec, lr=args.lr)
     return _run(spec, args, resume=True)
 
 
@@ -219,6 +233,9 @@ def add_job_args(f) -> None:
     f.add_argument("--device", default="auto")
     f.add_argument("--threads", type=int)
     f.add_argument("--lora-r", type=int, default=16)
+    f.add_argument("--on-divergence", choices=["stop", "lower-lr"], default="stop",
+                   help="if the loss stops being finite: stop (the last good checkpoint is kept), or go back to "
+                        "it with a third of the learning rate (at most 3 times)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("resume", help="continue a run from its last checkpoint")
     r.add_argument("run_dir")
+    r.add_argument("--lr", type=float, help="a new peak learning rate from here on (e.g. lower after divergence)")
     add_json(r)
     r.set_defaults(func=cmd_resume)
 
@@ -273,16 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .controls import StopRequested
+    from .errors import DivergedError, user_error_from
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopRequested):
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
     except Exception as exc:
+        err = user_error_from(exc)   # bad input, or the user's disk (full, read-only, a symlink loop...)
+        if err is not None:
+            hint = ""
+            if isinstance(err, DivergedError) and err.suggested_lr:
+                hint = f" (`{PROG} resume {err.where} --lr {err.suggested_lr:g}`)"
+            sys.stderr.write(f"{PROG}: error: {err}{hint}\n")
+            return 2
         from .paths import data_dir
         log = data_dir() / "last-error.log"
         log.write_text(traceback.format_exc(), encoding="utf-8")

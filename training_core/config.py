@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,7 @@ from .errors import ConfigError
 
 METHODS = ("lora", "full", "qlora")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+ON_DIVERGENCE = ("stop", "lower_lr")
 
 DEFAULT_SAMPLE_PROMPTS = ["Once upon a time", "The most important thing is"]
 
@@ -49,9 +52,14 @@ class JobSpec:
     sample_max_tokens: int = 40
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
     threads: int | None = None              # torch CPU threads; None: torch's default
+    on_divergence: str = "stop"             # loss not finite: "stop" (exit 2, last good checkpoint kept) or
+                                            # "lower_lr" (back to the last good checkpoint, a third of the LR)
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     test_oom_at_steps: list[int] = field(default_factory=list)  # test hook: fake CUDA OOM at these steps
     test_sleep_per_step: float = 0.0        # test hook: slow steps down so tests can interrupt them
+    test_sleep_in_checkpoint: float = 0.0   # test hook: pause halfway through checkpoint writes and deletions
+    test_sleep_in_setup: float = 0.0        # test hook: a slow model load, so tests can stop one
+    test_nan_at_steps: list[int] = field(default_factory=list)  # test hook: the loss is NaN at these steps
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, Path)):
@@ -75,8 +83,11 @@ class JobSpec:
             raise ConfigError("--steps", "give --steps or --epochs, not both")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ConfigError("--checkpoint-every", "must be at least 1")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError("--lr", "must be more than 0")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError("--lr", f"must be a finite number more than 0 (got {self.lr})")
+        if self.on_divergence not in ON_DIVERGENCE:
+            raise ConfigError("--on-divergence", f"unknown choice {self.on_divergence!r}; use one of "
+                                                 f"{', '.join(ON_DIVERGENCE)}")
         if not 0 <= self.eval_fraction < 0.5:
             raise ConfigError("--eval-fraction", "must be between 0 and 0.5")
 
@@ -90,6 +101,28 @@ class JobSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_absolute_paths(self, base: str | Path | None = None) -> "JobSpec":
+        """The same job with its data, output, local model and tokenizer paths made absolute (against
+        `base`, default the current folder), so job.json means the same from any folder."""
+        base = Path(base) if base is not None else Path.cwd()
+
+        def absolute(p: str) -> str:
+            path = Path(p).expanduser()
+            return os.path.abspath(path if path.is_absolute() else base / path)
+
+        def local(p: str) -> bool:   # a hub id ("org/name") or a preset is not a path
+            path = Path(p).expanduser()
+            return path.is_absolute() or (base / path).exists()
+
+        model = self.model
+        if not self.is_scratch and local(model):
+            model = absolute(model)
+        tokenizer = self.tokenizer
+        if tokenizer not in ("auto", "train", "bytes") and local(tokenizer):
+            tokenizer = absolute(tokenizer)
+        return dataclasses.replace(self, data=[absolute(d) for d in self.data], out=absolute(self.out),
+                                   model=model, tokenizer=tokenizer)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "job spec") -> "JobSpec":

@@ -7,11 +7,26 @@ from typing import Callable, Iterable
 from .protocol import ProtocolError, decode_control, make_event
 
 
+class StopRequested(BaseException):
+    """A stop that came before the training loop reads its controls (while a model loads, data is
+    tokenized...): raised in the main thread, so set-up ends at once. A BaseException, like
+    KeyboardInterrupt, so that a library's `except Exception` does not swallow it."""
+
+
 class Controls:
     """A thread-safe inbox of control message types: pause, resume, stop, checkpoint."""
 
     def __init__(self) -> None:
         self._q: queue.Queue[str] = queue.Queue()
+        self.polling = False    # set by the engine once its loop reads this inbox
+
+    def stop(self) -> None:
+        """Stop from a signal handler (main thread): queued while the loop reads controls (it checkpoints
+        first), else StopRequested is raised right here, ending set-up."""
+        if self.polling:
+            self.put("stop")
+        else:
+            raise StopRequested
 
     def put(self, kind: str) -> None:
         self._q.put(kind)

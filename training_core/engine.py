@@ -9,6 +9,7 @@ recovery and events are this same code for both.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import shutil
@@ -24,8 +25,8 @@ import torch
 from . import checkpoint as ckpt_io
 from . import hardware, preflight
 from .config import JobSpec
-from .controls import Controls
-from .errors import ConfigError, WontFitError
+from .controls import Controls, StopRequested
+from .errors import ConfigError, DiskError, DivergedError, WontFitError, user_error_from
 from .protocol import make_event
 from .strategy import LocalStrategy
 
@@ -34,6 +35,8 @@ Emit = Callable[[dict], None]
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_EVAL_BLOCKS = 64          # eval cost stays bounded on big eval splits
 EMIT_INTERVAL_S = 0.25        # step events at most 4 per second (plus first and last)
+LR_RETRY_FACTOR = 3.0         # on_divergence="lower_lr": each retry divides the learning rate by this
+MAX_LR_RETRIES = 3
 
 
 class StopRun(Exception):
@@ -56,7 +59,7 @@ def _oom_errors() -> tuple[type[BaseException], ...]:
 class Engine:
     def __init__(self, spec: JobSpec, emit: Emit, controls: Controls | None = None, resume: bool = False,
                  strategy: LocalStrategy | None = None):
-        self.spec = spec
+        self.spec = spec = spec.with_absolute_paths()   # job.json means the same from any folder
         self.strategy = strategy or LocalStrategy()
         self.emit_event = emit
         self.controls = controls or Controls()
@@ -70,6 +73,9 @@ class Engine:
         self.paused = False
         self.compute_s = 0.0           # seconds in forward, backward and optimizer steps, this session
         self._fake_oom_done: set[int] = set()
+        self._fake_nan_done: set[int] = set()
+        self._lr_retries = 0
+        self._run_dir_lock = None
 
     # ---- events ---------------------------------------------------------------------------
     def emit(self, type_: str, **fields: Any) -> None:
@@ -121,7 +127,7 @@ class Engine:
             torch.set_num_threads(spec.threads)
         if spec.is_scratch and spec.resolved_method != "full":
             raise ConfigError("--method", "a from-scratch model has nothing to adapt; use --method full")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._claim_run_dir()
         hw = hardware.detect(include_torch=True, exclude_pids={os.getpid()})
         self.device, gpu = self._pick_device(hw)
         if self.device.type == "cpu":
@@ -135,9 +141,48 @@ class Engine:
                 self.warn("precision", note)
         self.method = spec.resolved_method
 
+    def _claim_run_dir(self) -> None:
+        """Make the run folder and hold it for this job alone: a folder whose job.json or checkpoints
+        belong to another job is refused (a job never continues another's weights), and so is one that
+        another process trains in. Debris of killed saves is cleared; job.json is written at once, so
+        even a run stopped before its first checkpoint can be resumed."""
+        run_dir, spec = self.run_dir, self.spec
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(run_dir, "is a file, not a folder; choose a new or empty folder for the run")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            err = user_error_from(exc)
+            if err is None:
+                raise
+            raise DiskError(run_dir, f"cannot hold the run: {err.problem}") from None
+        self._run_dir_lock = _lock_folder(run_dir)
+        owner = _job_id_in(run_dir / "job.json")
+        newest = ckpt_io.latest(run_dir)
+        if owner is None and newest is not None:
+            owner = ckpt_io.job_id_of(newest)
+        if owner is not None and owner != spec.job_id and (self.resume or ckpt_io.list_checkpoints(run_dir)):
+            raise ConfigError(run_dir, f"belongs to another job (job id {owner}, this job is {spec.job_id}); "
+                                       "a run folder holds one job's checkpoints: choose another folder")
+        removed = ckpt_io.clean_debris(run_dir)
+        if removed:
+            self.warn("debris", f"{ckpt_io.checkpoints_dir(run_dir)}: removed {len(removed)} unfinished "
+                                "checkpoint folder(s) left by an earlier session")
+        spec.save(run_dir / "job.json")
+
     def _restore(self) -> dict[str, Any] | None:
-        """The latest checkpoint (found through its manifest) and its trainer state, when resuming."""
-        self.resume_ckpt = ckpt_io.latest(self.run_dir) if self.resume else None
+        """The latest whole checkpoint (found through its manifest) and its trainer state, when resuming."""
+        self.resume_ckpt = None
+        if self.resume:
+            self.resume_ckpt, damaged = ckpt_io.latest_good(self.run_dir)
+            for path, trouble in damaged:
+                self.warn("damaged_checkpoint", f"{path}: {trouble}; skipped")
+        if self.resume_ckpt is not None and ckpt_io.job_id_of(self.resume_ckpt) not in (None, self.spec.job_id):
+            raise ConfigError(self.resume_ckpt, "was written by another job; a run continues only its own "
+                                                "checkpoints: choose another folder")
         if self.resume and self.resume_ckpt is None:
             self.warn("no_checkpoint", f"{self.run_dir}: no checkpoint yet, starting from the beginning")
         return ckpt_io.read_json(self.resume_ckpt, "trainer_state.json") if self.resume_ckpt else None
@@ -154,6 +199,8 @@ class Engine:
         load_dtype = HALF.get(self.precision, torch.float32) if self.method in ("lora", "qlora") else torch.float32
         texts = lambda: data_mod.iter_texts(spec.data)  # noqa: E731 - only read when a tokenizer is trained
         model_dir = None
+        if spec.test_sleep_in_setup:
+            time.sleep(spec.test_sleep_in_setup)
         if self.resume_ckpt is not None and self.method == "full":
             from transformers import AutoModelForCausalLM
             self.model = AutoModelForCausalLM.from_pretrained(self.resume_ckpt / "model", use_safetensors=True,
@@ -161,7 +208,7 @@ class Engine:
             self.tokenizer = load_tokenizer(self.resume_ckpt / "tokenizer")
             base_source = "checkpoint"
         else:
-            loaded = load_base(spec, texts=texts, dtype=load_dtype)
+            loaded = load_base(spec, texts=texts, dtype=load_dtype, check_config=self._refuse_if_cannot_fit)
             self.model, self.tokenizer, model_dir, base_source = (loaded.model, loaded.tokenizer, loaded.model_dir,
                                                                   loaded.source)
         if spec.is_scratch:
@@ -171,6 +218,19 @@ class Engine:
         else:
             self.licence = read_licence(model_dir, spec.model)
         return base_source
+
+    def _refuse_if_cannot_fit(self, config: Any, where: Path) -> None:
+        """Before any weight is allocated: a model whose weights alone exceed all the memory here is
+        refused in one line (allocating it would thrash, then fail minutes later)."""
+        gpu = self.device.type == "cuda"
+        limit, where_memory = preflight.memory_limit(
+            gpu_name=torch.cuda.get_device_name(self.device) if gpu else None,
+            gpu_total=torch.cuda.get_device_properties(self.device).total_memory if gpu else None,
+            method=self.method)
+        problem = preflight.cannot_fit(config, method=self.method, precision=self.precision, limit=limit,
+                                       where_memory=where_memory, gpu=self.device.type == "cuda")
+        if problem:
+            raise WontFitError(where, problem)
 
     def _load_data(self, state: dict[str, Any] | None) -> None:
         """The dataset (validated and tokenized before anything heavy lands on the GPU), the step count."""
@@ -253,9 +313,28 @@ class Engine:
             self.elapsed_before = float(state.get("elapsed_s", 0.0))
             self.last_loss = state.get("last_loss")
             self.last_eval = ckpt_io.read_json(self.resume_ckpt, "eval.json")
+            self._change_lr(lr)
         else:
             torch.manual_seed(spec.seed)
             spec.save(self.run_dir / "job.json")
+
+    def _change_lr(self, lr: float) -> None:
+        """Resuming with another peak learning rate than the checkpoint's (`resume --lr`, or lowered
+        after the loss diverged): rescale the schedule, so it goes on from here at the new height."""
+        base = getattr(self.scheduler, "base_lrs", None)
+        if not base or math.isclose(base[0], lr, rel_tol=1e-9):
+            return
+        factor = lr / base[0]
+        self.scheduler.base_lrs = [b * factor for b in base]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.warn("lr_changed", f"learning rate {base[0]:.3g} -> {lr:.3g} from step {self.step}")
+
+    def peak_lr(self) -> float:
+        return self.spec.lr or (2e-4 if self.method in ("lora", "qlora") else 3e-4)
 
     # ---- one step -------------------------------------------------------------------------
     def batch_indices(self, step: int) -> np.ndarray:
@@ -290,6 +369,9 @@ class Engine:
                 raise torch.OutOfMemoryError("CUDA out of memory (test hook)")
             with self._autocast():
                 loss = self.model(input_ids=chunk, labels=chunk).loss
+            if self.step in self.spec.test_nan_at_steps and self.step not in self._fake_nan_done:
+                self._fake_nan_done.add(self.step)
+                loss = loss * float("nan")
             weight = chunk.shape[0] / total
             self.scaler.scale(loss * weight).backward()
             loss_sum += loss.detach().float() * weight
@@ -381,7 +463,26 @@ class Engine:
             **self.strategy.trainer_state(self),
         }
 
+    def weights_finite(self) -> bool:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return not params or bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all())
+
+    def diverged(self, loss: float | None) -> DivergedError:
+        """The error that ends a run whose loss (or weights) stopped being finite numbers."""
+        lr = self.peak_lr()
+        suggested = float(f"{lr / LR_RETRY_FACTOR:.2g}")
+        kept = ckpt_io.latest(self.run_dir)
+        kept_text = (f"the last good checkpoint (step {ckpt_io.read_manifest(kept)['step']}) is kept"
+                     if kept is not None else "no checkpoint had been written yet")
+        what = f"the loss became {loss}" if loss is not None else "the weights stopped being finite numbers"
+        return DivergedError(self.run_dir, f"training diverged: {what} by step {self.step} with learning rate "
+                                           f"{lr:.3g}; {kept_text}; continue with a lower learning rate, "
+                                           f"e.g. {suggested:g}",
+                             step=self.step, lr=lr, suggested_lr=suggested, checkpoint=str(kept) if kept else None)
+
     def save_checkpoint(self, reason: str, with_eval: bool = True) -> Path:
+        if self.strategy.name == "local" and not self.weights_finite():
+            raise self.diverged(None)   # a checkpoint to resume from must never hold NaN weights
         eval_result = self.evaluate() if with_eval else self.last_eval
         self.last_eval = eval_result
         samples = self.samples() if with_eval else []
@@ -389,7 +490,7 @@ class Engine:
                             optimizer=self.strategy.checkpoint_optimizer(self), kind="lora" if self.method in ("lora", "qlora") else "full",
                             trainer_state=self.trainer_state(), job=self.spec.to_dict(),
                             licence=self.licence.to_dict(), eval_result=eval_result, samples=samples,
-                            keep=self.spec.keep_checkpoints)
+                            keep=self.spec.keep_checkpoints, test_sleep=self.spec.test_sleep_in_checkpoint)
         self.last_ckpt_time = time.monotonic()
         self.emit("checkpoint", step=self.step, path=str(path), reason=reason)
         return path
@@ -459,9 +560,47 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> RunResult:
         try:
-            return self._run()
+            while True:
+                try:
+                    return self._run()
+                except DivergedError as exc:
+                    if not self._retry_with_lower_lr(exc):
+                        raise
+        except StopRequested:
+            # A stop before the loop read its controls (SIGTERM while a model loads): nothing new to save.
+            kept = ckpt_io.latest(self.run_dir) if self.run_dir.is_dir() else None
+            self.emit("stopped", step=self.step, checkpoint=str(kept) if kept else None, run_dir=str(self.run_dir))
+            return RunResult("stopped", self.step, None, self.last_loss, self.last_eval.get("eval_loss"))
         finally:
             self.strategy.close(self)   # a swarm leaves its network even when set-up failed
+            if self._run_dir_lock is not None:
+                self._run_dir_lock.close()
+                self._run_dir_lock = None
+
+    def _retry_with_lower_lr(self, exc: DivergedError) -> bool:
+        """on_divergence="lower_lr": back to the last good checkpoint (or the start) with a third of the
+        learning rate, at most MAX_LR_RETRIES times; False when the run should stop instead."""
+        if (self.spec.on_divergence != "lower_lr" or self._lr_retries >= MAX_LR_RETRIES
+                or self.strategy.name != "local"):
+            return False
+        self._lr_retries += 1
+        self.spec.lr = exc.suggested_lr
+        back_to = f"step {ckpt_io.read_manifest(exc.checkpoint)['step']}" if exc.checkpoint else "the start"
+        self.warn("diverged", f"the loss stopped being finite at step {exc.step} with learning rate {exc.lr:.3g}; "
+                              f"going back to {back_to} with learning rate {exc.suggested_lr:g} "
+                              f"(retry {self._lr_retries} of {MAX_LR_RETRIES})")
+        if self._run_dir_lock is not None:
+            self._run_dir_lock.close()
+            self._run_dir_lock = None
+        for name in ("model", "optimizer", "scheduler", "scaler", "data"):
+            self.__dict__.pop(name, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.resume, self.step, self.tokens_seen, self.elapsed_before = True, 0, 0, 0.0
+        self.last_loss, self.last_eval = None, {}
+        self.controls.polling = False
+        return True
 
     def _run(self) -> RunResult:
         self._t0 = time.monotonic()
@@ -476,6 +615,7 @@ class Engine:
         loss_acc = torch.zeros((), device=self.device)
         step_time_ema: float | None = None
         try:
+            self.controls.polling = True   # from here a stop is obeyed between steps, after a checkpoint
             while self.step < self.total_steps:
                 self.handle_controls()
                 loss_acc += self.train_step()
@@ -492,6 +632,8 @@ class Engine:
                     step_time_ema = per_step if step_time_ema is None else 0.7 * step_time_ema + 0.3 * per_step
                     self.last_loss = loss
                     used, reserved = self.vram()
+                    if not math.isfinite(loss) and self.strategy.name == "local":
+                        raise self.diverged(loss)   # before any checkpoint could keep what it did
                     if not math.isfinite(loss):
                         self.warn("nonfinite_loss", f"loss is {loss} at step {self.step}; try a lower --lr")
                     self.emit("step", step=self.step, total_steps=self.total_steps,
@@ -528,6 +670,32 @@ def _param_counts_for_method(model: torch.nn.Module, method: str, lora_r: int) -
     lora = sum(lora_r * (m.in_features + m.out_features) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
     return total, max(1, lora)
+
+
+def _job_id_in(job_json: Path) -> str | None:
+    """The job id a run folder's job.json names (None: no job.json, or one that does not say)."""
+    try:
+        job_id = json.loads(job_json.read_text(encoding="utf-8")).get("job_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return job_id if isinstance(job_id, str) else None
+
+
+def _lock_folder(folder: Path):
+    """Hold `folder` for this process (released when it exits, even by SIGKILL). Two processes training
+    in one run folder would mix their checkpoints; the second is refused in one line."""
+    try:
+        import fcntl
+    except ImportError:   # Windows: no advisory locks; the app's one-worker-per-job rule still holds
+        return None
+    fh = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise ConfigError(folder, "is in use by another Modron training process; wait for it to end "
+                                  "or stop it first") from None
+    return fh
 
 
 def _licence_from_dict(d: dict):

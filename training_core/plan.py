@@ -12,7 +12,7 @@ from typing import Any
 
 from . import hardware, preflight
 from .config import JobSpec
-from .errors import ModelError
+from .errors import ModelError, WontFitError
 
 # Dense 16-bit tensor-core FLOP/s by compute capability (fp32 for cards without fast fp16),
 # a rough stand-in for "how fast is this GPU"; the real ETA comes from the first steps.
@@ -70,6 +70,19 @@ def plan_job(spec: JobSpec) -> dict[str, Any]:
 
     config, folder, tokenizer = _model_config(spec)
     method = spec.resolved_method
+    hw = hardware.detect(include_torch=True)
+    gpu = None
+    if spec.device != "cpu" and hw.torch and hw.torch.get("cuda_available"):
+        gpu = hw.best_gpu()
+    device = "cuda:0" if gpu else "cpu"
+    precision = hardware.choose_precision(gpu, spec.precision)
+    # From the config's numbers alone: counting an absurd model's parameters would build it.
+    limit, where_memory = preflight.memory_limit(gpu_name=gpu.name if gpu else None,
+                                                 gpu_total=gpu.vram_total if gpu else None, method=method)
+    problem = preflight.cannot_fit(config, method=method, precision=precision, limit=limit,
+                                   where_memory=where_memory, gpu=gpu is not None)
+    if problem:
+        raise WontFitError(folder / "config.json" if folder else spec.model, problem)
     report = validate(spec.data, tokenizer=tokenizer)
     tokens_exact = report.tokens is not None
     tokens = report.tokens if tokens_exact else (report.chars if spec.tokenizer == "bytes" else report.chars // 4)
@@ -82,12 +95,6 @@ def plan_job(spec: JobSpec) -> dict[str, Any]:
         inter = getattr(config, "intermediate_size", 4 * hidden)
         trainable = layers * spec.lora_r * (8 * hidden + 3 * (hidden + inter))
 
-    hw = hardware.detect(include_torch=True)
-    gpu = None
-    if spec.device != "cpu" and hw.torch and hw.torch.get("cuda_available"):
-        gpu = hw.best_gpu()
-    device = "cuda:0" if gpu else "cpu"
-    precision = hardware.choose_precision(gpu, spec.precision)
     available = gpu.vram_free if gpu else hw.ram_available
     micro = spec.micro_batch_size or spec.batch_size
     gc_on, mem = preflight.plan_gradient_checkpointing(

@@ -217,6 +217,74 @@ def plan_gradient_checkpointing(requested: bool | None, **kwargs: Any) -> tuple[
     return True, estimate_memory(gradient_checkpointing=True, **kwargs)
 
 
+def min_params_from_config(config: Any) -> int | None:
+    """A lower bound on the parameters of the decoder-only model `config` describes, from its numbers
+    alone (no model is built, so an absurd config costs nothing). None when the numbers are missing.
+
+    Per layer at least the query and output projections (2·h²), keys and values (2·h·kv) and a
+    two-matrix MLP (2·h·ffn, times the experts of a mixture-of-experts); plus one embedding matrix."""
+    def num(*names: str) -> int | None:
+        for name in names:
+            value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+    hidden, layers, vocab = num("hidden_size", "n_embd", "d_model"), num("num_hidden_layers", "n_layer"), \
+        num("vocab_size")
+    if hidden is None or layers is None or vocab is None:
+        return None
+    heads = num("num_attention_heads", "n_head") or 1
+    head_dim = num("head_dim") or max(1, hidden // heads)
+    kv = (num("num_key_value_heads") or heads) * head_dim
+    ffn = num("intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
+    experts = num("num_local_experts", "num_experts", "n_routed_experts") or 1
+    return layers * (2 * hidden * hidden + 2 * hidden * kv + 2 * hidden * ffn * experts) + vocab * hidden
+
+
+def min_training_bytes(params: int, method: str, precision: str) -> int:
+    """Bytes no run of `method` on a model of `params` parameters can go below, whatever the batch:
+    full: fp32 weights, gradients and AdamW's two moments; LoRA: the frozen base; QLoRA: the 4-bit base."""
+    if method == "full":
+        return params * (4 + TRAINABLE_BYTES + ADAMW_BYTES)
+    if method == "qlora":
+        return int(params * QLORA_BYTES)
+    return params * (2 if precision in ("fp16", "bf16") else 4)
+
+
+def memory_limit(*, gpu_name: str | None = None, gpu_total: int | None = None,
+                 method: str = "full") -> tuple[int, str]:
+    """All the memory a run could ever use here, and its name: the GPU's when training there (the base is
+    loaded to the GPU, and weights that do not fit in it cannot train on it), else RAM plus swap."""
+    import psutil
+    limit = psutil.virtual_memory().total + psutil.swap_memory().total
+    if gpu_total and (method == "qlora" or gpu_total < limit):
+        return gpu_total, f"the GPU's memory ({gpu_name or 'GPU'})"
+    return limit, "this computer's memory (RAM and swap)"
+
+
+def cannot_fit(config: Any, *, method: str, precision: str, limit: int, where_memory: str,
+               gpu: bool = False) -> str | None:
+    """Why a model cannot train here at all (its weights alone exceed `limit`, all the memory there is),
+    in plain words with what to change; None when it might fit (the full estimate decides then)."""
+    params = min_params_from_config(config)
+    if params is None:
+        return None
+    need = min_training_bytes(params, method, precision)
+    if need <= limit:
+        return None
+    get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    shape = ", ".join(f"{k} {get(k):,}" for k in ("hidden_size", "intermediate_size", "num_hidden_layers")
+                      if isinstance(get(k), int))
+    need_text = format_bytes(need) if need < 1000 * 1024 ** 5 else f"{need:.2g} bytes"
+    text = (f"a model of at least {params:,.3g} parameters ({shape}) needs at least {need_text} "
+            f"for {method} training, more than all of {where_memory} ({format_bytes(limit)})")
+    lighter = [m for m in {"full": ["lora", "qlora"], "lora": ["qlora"]}.get(method, [])
+               if (m != "qlora" or gpu) and min_training_bytes(params, m, "bf16") <= limit]
+    if lighter:
+        return text + f"; use --method {lighter[0]} or a smaller model"
+    return text + "; choose a smaller model"
+
+
 def estimate_disk(*, params_total: int, params_trainable: int, method: str, keep: int,
                   weight_bytes: int = 4) -> int:
     """Peak bytes a run writes: the kept checkpoints plus one merged export.

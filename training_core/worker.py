@@ -7,6 +7,7 @@ stderr, so stdout carries protocol lines only. Exit: 0 finished or stopped, 2 ba
 """
 from __future__ import annotations
 
+import _thread
 import argparse
 import os
 import signal
@@ -39,24 +40,40 @@ def main(argv: list[str] | None = None) -> int:
             out.write(encode(event))
             out.flush()
 
-    from .controls import Controls, read_controls
-    from .errors import UserError
+    from .controls import Controls, StopRequested, read_controls
+    from .errors import user_error_from
     controls = Controls()
-    threading.Thread(target=read_controls, args=(sys.stdin, controls, emit), daemon=True).start()
-    signal.signal(signal.SIGTERM, lambda *_: controls.put("stop"))
+
+    def on_control(kind: str) -> None:
+        # A stop while the model loads or the data is tokenized: interrupt set-up now (the main thread
+        # runs the SIGTERM handler below), not after minutes of loading.
+        if kind == "stop" and not controls.polling:
+            _thread.interrupt_main(signal.SIGTERM)
 
     engine = None
     try:
+        # SIGTERM acts as `stop` at every phase: checkpoint and stop in the loop, end set-up at once before it.
+        signal.signal(signal.SIGTERM, lambda *_: controls.stop())
+        threading.Thread(target=read_controls, args=(sys.stdin, controls, emit, on_control), daemon=True).start()
         from .config import JobSpec
         from .engine import Engine
         spec = JobSpec.load(args.spec)
         engine = Engine(spec, emit, controls, resume=args.resume)
         engine.run()
         return 0
-    except UserError as exc:
-        emit(make_event("failed", code=exc.code, message=str(exc), step=engine.step if engine else 0))
-        return 2
-    except Exception as exc:  # a bug: say so plainly, keep the traceback on stderr for the log
+    except StopRequested:   # before the engine could take it (still importing)
+        emit(make_event("stopped", step=engine.step if engine else 0, checkpoint=None))
+        return 0
+    except Exception as exc:
+        err = user_error_from(exc)   # bad input, or the user's disk (full, read-only, a symlink loop...)
+        if err is not None:
+            extra = {}
+            for name in ("suggested_lr", "checkpoint"):
+                if getattr(err, name, None) is not None:
+                    extra[name] = getattr(err, name)
+            emit(make_event("failed", code=err.code, message=str(err), step=engine.step if engine else 0, **extra))
+            return 2
+        # A bug: say so plainly, keep the traceback on stderr for the log.
         traceback.print_exc(file=sys.stderr)
         emit(make_event("failed", code="internal", message=f"internal error: {type(exc).__name__}: {exc}",
                         step=engine.step if engine else 0))
