@@ -148,10 +148,14 @@ class JobQueue(QObject):
             self.queue_changed.emit()
 
     def retry(self, job_id: int) -> None:
-        """Queue a failed or cancelled job again, at the end; its worker resumes from the last checkpoint."""
+        """Queue a failed or cancelled job again, at the end; its worker resumes from the last checkpoint.
+        A run whose loss diverged goes on with the lower learning rate its failure suggested."""
         job = self.store.get_job(job_id)
         if job.state not in ("failed", "cancelled"):
             return
+        lower = job.summary.get("suggested_lr")
+        if job.state == "failed" and isinstance(lower, (int, float)) and lower > 0:
+            self.store.update_job(job_id, spec={**job.spec, "lr": lower}, summary={"suggested_lr": None})
         self.store.move_job_to_end(job_id)
         self._set(job_id, state="queued", error=None, finished=None)
         self.queue_changed.emit()
@@ -269,6 +273,7 @@ class JobQueue(QObject):
         if w is not self._worker:
             return
         t = ev["type"]
+        started_before = "started" in self._seen
         self._seen.add(t)
         store = self.store
         if t in ("step", "eval"):
@@ -282,8 +287,9 @@ class JobQueue(QObject):
         elif t == "eval":
             summary = {"eval_loss": ev.get("eval_loss"), "perplexity": ev.get("perplexity")}
         elif t == "started":
-            if w.resume:
-                # Steps after the checkpoint are done again: drop their old points so the chart
+            if w.resume or started_before:
+                # Steps after the checkpoint are done again (a resumed worker, or one that went back to
+                # its last good checkpoint after the loss diverged): drop their old points so the chart
                 # holds one history (all of it when there was no checkpoint to resume from).
                 store.truncate_metrics(job_id, ev.get("resumed_from"))
             summary = {k: ev.get(k) for k in _STARTED_SUMMARY}
@@ -338,7 +344,14 @@ class JobQueue(QObject):
         else:
             if code == 0:
                 reason = "The training process exited without finishing; details are in worker.log in the run folder."
-            self._set(job_id, state="failed", finished=now, error=_one_line(reason), summary={"worker_pid": None})
+            summary: dict = {"worker_pid": None}
+            failed = w.last_failed or {}
+            error = _one_line(reason)
+            lower = failed.get("suggested_lr")
+            if failed.get("code") == "diverged" and isinstance(lower, (int, float)):
+                summary["suggested_lr"] = lower
+                error += f". Retry goes on from there with learning rate {lower:g}."
+            self._set(job_id, state="failed", finished=now, error=error, summary=summary)
         self.queue_changed.emit()
         self.gpu_job_ended.emit(job_id)
         if not self._shutting_down:

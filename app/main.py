@@ -48,9 +48,11 @@ def home_data_dir() -> Path:
 def apply_data_dir_choice() -> str | None:
     """Point MODRON_DATA_DIR at the folder chosen in Settings. Returns a warning line, or None."""
     global _home
-    from app.store import Store
+    from app.store import DB_NAME, Store, store_problem
     from training_core.paths import data_dir
     _home = data_dir()
+    if store_problem(_home / DB_NAME):   # main() asks what to do about it; opening it here would hide it
+        return None
     store = Store.open_default()
     try:
         chosen = store.get_setting(DATA_DIR_SETTING)
@@ -65,6 +67,54 @@ def apply_data_dir_choice() -> str | None:
                 f"using {_home} this time.")
     os.environ["MODRON_DATA_DIR"] = str(chosen)   # also what the workers see
     return None
+
+
+# --- a damaged store -----------------------------------------------------------------------------
+
+def ask_to_replace_store(path: Path, problem: str, parent=None) -> bool:
+    """The start-up question when the database is damaged or emptied: True to keep it aside and start
+    a fresh one (with what can be read, and the runs found again on disk), False to quit."""
+    from PySide6.QtWidgets import QMessageBox
+    box = QMessageBox(parent)
+    box.setObjectName("store_damaged")
+    box.setIcon(QMessageBox.Icon.Warning)
+    box.setWindowTitle("Modron: the database needs attention")
+    box.setText(f"Modron's database {path} {problem}.")
+    box.setInformativeText(
+        "Modron can keep the damaged file aside (nothing is deleted), start a fresh database with everything "
+        "it can still read from it, and find your runs again from their folders: they appear in History, "
+        "and Retry continues one from its last checkpoint.\n\n"
+        "Or quit now, and put back a backup of the file yourself.")
+    fresh = box.addButton("Keep it aside and start fresh", QMessageBox.ButtonRole.AcceptRole)
+    box.addButton("Quit", QMessageBox.ButtonRole.RejectRole)
+    box.setDefaultButton(fresh)
+    from PySide6.QtWidgets import QApplication
+    app = QApplication.instance()
+    quit_on_close = app.quitOnLastWindowClosed()
+    app.setQuitOnLastWindowClosed(False)   # closing the question must not end the app before it starts
+    try:
+        box.exec()
+    finally:
+        app.setQuitOnLastWindowClosed(quit_on_close)
+    return box.clickedButton() is fresh
+
+
+def open_store(folder: Path):
+    """The app's store in `folder`: (store, a note for the banner or None), or (None, None) when the
+    store is damaged and the user chose to quit."""
+    from app.store import DB_NAME, Store, recover_store, rediscover_runs, store_problem
+    path = folder / DB_NAME
+    problem = store_problem(path)
+    if problem:
+        if not ask_to_replace_store(path, problem):
+            return None, None
+        store, recovery = recover_store(path)
+        return store, recovery.message()
+    new = not path.exists()
+    store = Store(path)
+    found = rediscover_runs(store) if new else []
+    note = (f"{len(found)} run(s) found in {store.runs_dir} were added to History." if found else None)
+    return store, note
 
 
 # --- one app per data folder --------------------------------------------------------------------
@@ -170,8 +220,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Modron is already running on {folder}; its window was brought up.")
             return 0
         from app.job_queue import JobQueue
-        from app.store import Store
-        store = Store.open_default()
+        store, store_note = open_store(folder)
+        if store is None:
+            sys.stderr.write(f"modron: the database in {folder} is damaged; nothing was changed\n")
+            lock.unlock()
+            return 2
     except UserError as exc:
         sys.stderr.write(f"modron: {exc}\n")
         return 2
@@ -200,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     banner = [] if has_tray else [NO_TRAY_FLAG_TEXT if args.no_tray else NO_TRAY_TEXT]
     if warning:
         banner.append(warning)
+    if store_note:
+        banner.append(store_note)
     window.show_banner("\n".join(banner))
     server = _listen_for_show(folder, tray.open_window if tray else lambda: (window.showNormal(),
                                                                            window.raise_(),

@@ -3,13 +3,22 @@
 WAL mode so a reader (a second Store, a bench script) never blocks the writer, and so a
 SIGKILLed app loses nothing it had committed. No Qt here: one connection, guarded by a lock,
 usable from any thread.
+
+A damaged or emptied file is found at start (`store_problem`) and, when the user agrees,
+replaced (`recover_store`): the file is kept aside, what can still be read is copied into a
+fresh store, and runs whose folders are on disk are found again from their job.json and
+checkpoints (`rediscover_runs`). A job's run folder is named after its id and never shared:
+a folder left by an earlier store gets a new name instead.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,8 +186,12 @@ class Store:
                     "INSERT INTO jobs (name, spec, state, position, created, run_dir) VALUES (?, ?, 'queued', ?, ?, '')",
                     (name, "{}", pos, now))
                 job_id = cur.lastrowid
+                spec.setdefault("job_id", uuid.uuid4().hex[:12])
                 if not spec.get("out"):
-                    spec["out"] = str(self.runs_dir / f"job-{job_id:05d}")
+                    out = self.runs_dir / f"job-{job_id:05d}"
+                    if os.path.lexists(out):   # left by an earlier store (reset, damaged): never share it
+                        out = self.runs_dir / f"job-{job_id:05d}-{spec['job_id']}"
+                    spec["out"] = str(out)
                 self._db.execute("UPDATE jobs SET spec = ?, run_dir = ? WHERE id = ?",
                                  (json.dumps(spec), str(spec["out"]), job_id))
                 self._db.execute("COMMIT")
@@ -393,3 +406,243 @@ class Store:
                        "ORDER BY time, id", (run_id,))
         names = ("time", "epoch", "loss", "peers", "samples_per_s")
         return {n: [r[i] for r in rows] for i, n in enumerate(names)}
+
+
+# ---- a damaged or emptied store --------------------------------------------------------------
+DB_NAME = "modron.sqlite3"
+_RUN_FOLDER = re.compile(r"^job-(\d+)(-[0-9a-f]+)?$")
+_SALVAGE_TABLES = ("jobs", "settings", "metrics", "events", "swarm_stats", "swarm_metrics")
+
+
+def run_folders(runs_dir: Path) -> list[Path]:
+    """Folders under `runs_dir` that hold a run (a job.json)."""
+    try:
+        return sorted(p for p in Path(runs_dir).iterdir() if (p / "job.json").is_file())
+    except OSError:
+        return []
+
+
+def store_problem(path: Path | str) -> str | None:
+    """What is wrong with the store file at `path`, in plain words; None when it is sound or absent.
+
+    Damaged pages fail SQLite's quick_check (or any read); an emptied file (0 bytes, or one that
+    holds no jobs table) is a problem only when run folders next to it show it once held jobs."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    runs = run_folders(path.parent / "runs")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if size == 0:
+        return f"is empty (0 bytes), although {len(runs)} run folder(s) are next to it" if runs else None
+    try:
+        db = sqlite3.connect(str(path), timeout=10)
+        try:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        return f"is damaged ({exc})"
+    if rows != [("ok",)]:
+        return f"is damaged ({rows[0][0] if rows else 'quick_check gave no answer'})"
+    if "jobs" not in tables and runs:
+        return f"holds no jobs, although {len(runs)} run folder(s) are next to it"
+    return None
+
+
+@dataclass
+class Recovery:
+    aside: Path | None                 # where the damaged file now is
+    copied: dict[str, int]             # table -> rows copied from it
+    found_runs: list[int]              # ids of jobs rebuilt from run folders
+
+    def message(self) -> str:
+        parts = []
+        if self.aside is not None:
+            parts.append(f"The damaged database was kept as {self.aside}.")
+        jobs = self.copied.get("jobs", 0)
+        if self.copied:
+            parts.append(f"{jobs} job(s) and {self.copied.get('metrics', 0):,} chart point(s) could be read from it.")
+        if self.found_runs:
+            parts.append(f"{len(self.found_runs)} run(s) were found again from their folders and are in History; "
+                         "Retry continues one from its last checkpoint.")
+        return " ".join(parts)
+
+
+def _salvage_rows(db: sqlite3.Connection, table: str) -> tuple[list[str], list[tuple]]:
+    """(columns, rows) of `table`, reading around damaged pages by rowid where a full scan fails."""
+    try:
+        cur = db.execute(f"SELECT * FROM {table} LIMIT 0")
+        columns = [d[0] for d in cur.description]
+    except sqlite3.DatabaseError:
+        return [], []
+    try:
+        top = db.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+        top = top[0] if top else None
+    except sqlite3.DatabaseError:
+        top = None
+    rows: list[tuple] = []
+    last, skip = -(2 ** 62), 1
+    while skip < 2 ** 40:
+        try:
+            for row in db.execute(f"SELECT rowid, * FROM {table} WHERE rowid > ? ORDER BY rowid", (last,)):
+                rows.append(row[1:])
+                last, skip = row[0], 1
+            break   # read to the end
+        except sqlite3.DatabaseError:
+            if top is not None and last >= top:
+                break
+            last = max(last, 0) + skip   # step over the damaged part, further each time
+            skip *= 2
+    return columns, rows
+
+
+def _salvage(path: Path) -> dict[str, tuple[list[str], list[tuple]]]:
+    out: dict[str, tuple[list[str], list[tuple]]] = {}
+    if not path.exists() or path.stat().st_size == 0:
+        return out
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error:
+        return out
+    try:
+        for table in _SALVAGE_TABLES:
+            out[table] = _salvage_rows(db, table)
+    finally:
+        db.close()
+    return out
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 2
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+        n += 1
+    for suffix in ("-wal", "-shm"):   # the write-ahead log belongs with the file it was written for
+        extra = path.with_name(path.name + suffix)
+        if extra.exists():
+            os.replace(extra, aside.with_name(aside.name + suffix))
+    os.replace(path, aside)
+    return aside
+
+
+def recover_store(path: Path | str) -> tuple[Store, Recovery]:
+    """Keep the file at `path` aside, start a fresh store there with every row that can still be read
+    from it, then find the runs on disk that it no longer knows (see `rediscover_runs`)."""
+    path = Path(path)
+    salvaged = _salvage(path)
+    aside = _move_aside(path) if path.exists() else None
+    store = Store(path)
+    copied: dict[str, int] = {}
+    job_ids: set[int] = set()
+    with store._lock:
+        db = store._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for table in _SALVAGE_TABLES:
+                columns, rows = salvaged.get(table, ([], []))
+                known = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                keep = [i for i, c in enumerate(columns) if c in known]
+                if not rows or not keep:
+                    continue
+                names = ", ".join(columns[i] for i in keep)
+                marks = ", ".join("?" * len(keep))
+                n = 0
+                for row in rows:
+                    values = [row[i] for i in keep]
+                    record = dict(zip((columns[i] for i in keep), values))
+                    if table in ("metrics", "events") and record.get("job_id") not in job_ids:
+                        continue   # its job could not be read
+                    try:
+                        db.execute(f"INSERT OR IGNORE INTO {table} ({names}) VALUES ({marks})", values)
+                    except sqlite3.Error:   # a row damaged in its values: leave it out
+                        continue
+                    n += 1
+                    if table == "jobs":
+                        job_ids.add(record.get("id"))
+                copied[table] = n
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    found = rediscover_runs(store)
+    return store, Recovery(aside, copied, found)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _newest_checkpoint(run_dir: Path) -> tuple[Path | None, dict]:
+    """The newest complete checkpoint folder of a run and its trainer state (JSON only: no torch here)."""
+    root = run_dir / "checkpoints"
+    try:
+        found = [p for p in root.iterdir() if p.name.startswith("ckpt-") and (p / "modron_checkpoint.json").is_file()]
+    except OSError:
+        return None, {}
+    for ckpt in sorted(found, key=lambda p: p.name, reverse=True):
+        state = _read_json(ckpt / "trainer_state.json")
+        if isinstance(state, dict):
+            return ckpt, state
+    return None, {}
+
+
+def rediscover_runs(store: Store) -> list[int]:
+    """Add to History every run folder in the store's runs folder that no job of the store names, from
+    its job.json and newest checkpoint; returns the new jobs' ids. A job keeps the id its folder is named
+    after when that id is free, so new jobs never reuse a folder's number."""
+    known_dirs = {str(Path(j.run_dir)) for j in store.list_jobs()}
+    known_ids = {j.spec.get("job_id") for j in store.list_jobs()}
+    added = []
+    for folder in run_folders(store.runs_dir):
+        spec = _read_json(folder / "job.json")
+        if not isinstance(spec, dict) or str(folder) in known_dirs or (spec.get("job_id") or None) in known_ids - {None}:
+            continue
+        spec["out"] = str(folder)
+        ckpt, state = _newest_checkpoint(folder)
+        evals = _read_json(ckpt / "eval.json") if ckpt else None
+        evals = evals if isinstance(evals, dict) else {}
+        step, total = state.get("step"), state.get("total_steps")
+        finished = ckpt is not None and isinstance(step, int) and isinstance(total, int) and step >= total
+        summary = {"step": step, "total_steps": total, "loss": state.get("last_loss"),
+                   "elapsed_s": state.get("elapsed_s"), "eval_loss": evals.get("eval_loss"),
+                   "perplexity": evals.get("perplexity"), "model": spec.get("model"),
+                   "checkpoint": str(ckpt) if ckpt else None, "checkpoint_step": step, "found_on_disk": True}
+        if finished:
+            summary.update(final_loss=state.get("last_loss"), final_eval_loss=evals.get("eval_loss"))
+        error = None if finished else (
+            "Found again in its run folder after the database was replaced; Retry continues it from "
+            + (f"its last checkpoint (step {step})." if ckpt else "the start."))
+        try:
+            when = (folder / "job.json").stat().st_mtime
+        except OSError:
+            when = time.time()
+        m = _RUN_FOLDER.match(folder.name)
+        with store._lock:
+            db = store._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                wanted = int(m.group(1)) if m else None
+                if wanted is not None and db.execute("SELECT 1 FROM jobs WHERE id = ?", (wanted,)).fetchone():
+                    wanted = None
+                pos = db.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM jobs").fetchone()[0]
+                cur = db.execute(
+                    "INSERT INTO jobs (id, name, spec, state, position, created, started, finished, error, run_dir, "
+                    "summary, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                    (wanted, f"{folder.name} (found on disk)", json.dumps(spec),
+                     "finished" if finished else "cancelled", pos, when, when, when, error, str(folder),
+                     json.dumps(summary)))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        added.append(cur.lastrowid)
+    return added
