@@ -302,3 +302,24 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path, 
     code, _, err = run_cli("resume", run_dir)
     assert code == 0, err
     assert "no checkpoint yet, starting from the beginning" in err and "finished: step 6" in err
+
+
+def test_interruptible_keeps_the_main_thread_answering_signals_during_a_long_call():
+    """What lets SIGTERM stop a tokenizer's training (Rust, never back in Python for seconds)."""
+    import threading
+    from training_core.controls import StopRequested, interruptible
+    assert interruptible(lambda a, b=0: a + b, 1, b=2) == 3
+    with pytest.raises(KeyError):
+        interruptible(lambda: {}["missing"])
+
+    release = threading.Event()
+    old = signal.signal(signal.SIGUSR1, lambda *_: (_ for _ in ()).throw(StopRequested()))
+    try:
+        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1)).start()
+        t0 = time.monotonic()
+        with pytest.raises(StopRequested):
+            interruptible(release.wait, 30)   # blocks its helper thread until released
+        assert time.monotonic() - t0 < 5
+    finally:
+        release.set()
+        signal.signal(signal.SIGUSR1, old)

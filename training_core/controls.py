@@ -2,15 +2,38 @@
 from __future__ import annotations
 
 import queue
-from typing import Callable, Iterable
+import threading
+from typing import Any, Callable, Iterable, TypeVar
 
 from .protocol import ProtocolError, decode_control, make_event
+
+T = TypeVar("T")
 
 
 class StopRequested(BaseException):
     """A stop that came before the training loop reads its controls (while a model loads, data is
     tokenized...): raised in the main thread, so set-up ends at once. A BaseException, like
     KeyboardInterrupt, so that a library's `except Exception` does not swallow it."""
+
+
+def interruptible(fn: Callable[..., T], *args, **kwargs) -> T:
+    """fn(*args, **kwargs) in a helper thread while this (main) thread waits in short sleeps, so a signal
+    handler (a stop raising StopRequested) still runs during long native calls that never return to
+    Python, such as a tokenizer's training in Rust. fn's exception, if any, is raised here."""
+    out: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as exc:   # handed to the caller as it is
+            out["error"] = exc
+    thread = threading.Thread(target=call, name=getattr(fn, "__name__", "call"), daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 class Controls:

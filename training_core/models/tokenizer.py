@@ -8,6 +8,7 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from ..controls import interruptible
 from ..errors import ModelError
 
 EOS = "<|endoftext|>"
@@ -46,7 +47,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int = 50_0
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_capped(texts, max_chars), trainer=trainer)
+    # Training runs in Rust for a while without coming back to Python: in a helper thread, so that a
+    # stop (SIGTERM) during it is obeyed at once.
+    interruptible(tok.train_from_iterator, _capped(texts, max_chars), trainer=trainer)
     return _wrap(tok)
 
 
