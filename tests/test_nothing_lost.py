@@ -271,15 +271,13 @@ def test_pruning_renames_a_checkpoint_away_before_deleting_it(tmp_path, monkeypa
     assert [p.name for p in ckpt_io.checkpoints_dir(run).iterdir()] == ["ckpt-00000004"]
 
 
-def test_stale_debris_is_cleared_and_a_damaged_newest_checkpoint_is_skipped(tmp_path):
+def test_stale_debris_is_cleared_and_a_damaged_newest_checkpoint_is_skipped(tmp_path, run_cli):
     spec = JobSpec(**engine_job(tmp_path, "run", steps=4, checkpoint_every=2, seq_len=32, keep_checkpoints=3))
     engine_run(spec)
     root = ckpt_io.checkpoints_dir(tmp_path / "run")
     (root / ".tmp-ckpt-00000006-99999" / "model").mkdir(parents=True)   # a save killed halfway
     (root / ".trash-ckpt-00000000-99999-abcdef").mkdir()                # a deletion killed halfway
     (root / "ckpt-00000004" / "optimizer.safetensors").write_bytes(b"\xff" * 20)   # bit rot
-    spec.steps = 6
-    spec.save(tmp_path / "run" / "job.json")
     result, events = engine_run(JobSpec.load(tmp_path / "run" / "job.json"), resume=True)
     codes = {e["code"]: e["message"] for e in events if e["type"] == "warning"}
     assert "removed 2 unfinished checkpoint folder(s)" in codes["debris"]
@@ -287,6 +285,10 @@ def test_stale_debris_is_cleared_and_a_damaged_newest_checkpoint_is_skipped(tmp_
     assert next(e for e in events if e["type"] == "started")["resumed_from"] == 2
     assert result.status == "finished"
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    assert result.step == 4 and ckpt_io.problem(root / "ckpt-00000004") is None   # written again, whole
+    (root / "ckpt-00000004" / "model" / "model.safetensors").write_bytes(b"\x10" * 8)   # truncated
+    code, _, err = run_cli("export", root / "ckpt-00000004", "--merged", tmp_path / "merged")
+    assert code == 2 and "ckpt-00000004: is damaged (model/model.safetensors is damaged" in last_line(err), err
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path, run_cli):

@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .checkpoint import read_manifest
+from .checkpoint import latest_good, problem, read_manifest
 from .config import JobSpec
 from .errors import CheckpointError, UserError
 from .fsutil import fsync_dir
@@ -47,10 +47,15 @@ def _resolve(source: Path) -> Path:
     if not source.is_dir():
         raise CheckpointError(source, "no such run or checkpoint folder")
     if (source / "modron_checkpoint.json").is_file():
-        return source
-    ckpt = latest_checkpoint(source)
-    if ckpt is None:
-        raise CheckpointError(source, "has no finished checkpoint to export (no checkpoints/ckpt-* folder)")
+        ckpt = source
+    else:
+        ckpt = latest_checkpoint(source)
+        if ckpt is None:
+            raise CheckpointError(source, "has no finished checkpoint to export (no checkpoints/ckpt-* folder)")
+        ckpt = latest_good(source)[0] or ckpt   # a damaged newest one gives way to the one before it
+    trouble = problem(ckpt)
+    if trouble:
+        raise CheckpointError(ckpt, f"is damaged ({trouble}); export an earlier checkpoint of the run")
     return ckpt
 
 
