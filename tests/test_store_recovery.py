@@ -237,3 +237,19 @@ def test_a_diverged_job_says_why_and_retry_goes_on_with_the_lower_lr(qtbot, tmp_
     job = store.get_job(job_id)
     assert job.state == "queued" and job.spec["lr"] == 0.001 and job.summary.get("suggested_lr") is None
     store.close()
+
+
+def test_new_finetune_offers_going_back_with_a_lower_lr(qtbot, tmp_path):
+    from app.views.new_finetune import NewFinetuneView, spec_to_args
+    store = Store(tmp_path / DB_NAME)
+    view = NewFinetuneView(store, JobQueue(store, autostart=False))
+    qtbot.addWidget(view)
+    view.set_model("/nowhere/my-model")
+    view.dataset.drop_zone.set_paths([str(tmp_path / "d.txt")])
+    assert view.diverge_combo.currentData() == "stop"
+    view.diverge_combo.setCurrentIndex(view.diverge_combo.findData("lower_lr"))
+    spec = view.build_spec()
+    assert spec["on_divergence"] == "lower_lr"
+    args = spec_to_args(spec)
+    assert args[args.index("--on-divergence") + 1] == "lower-lr"
+    store.close()

@@ -43,6 +43,8 @@ def spec_to_args(spec: dict) -> list[str]:
         args.append("--gradient-checkpointing" if spec["gradient_checkpointing"] else "--no-gradient-checkpointing")
     if spec.get("trust_remote_code"):
         args.append("--trust-remote-code")
+    if spec.get("on_divergence") not in (None, "stop"):
+        args += ["--on-divergence", spec["on_divergence"].replace("_", "-")]
     return args
 
 
@@ -165,6 +167,12 @@ class NewFinetuneView(QWidget):
         for text, value in (("auto", "auto"), ("train one on my data", "train"), ("bytes", "bytes")):
             self.tokenizer_combo.addItem(text, value)
         self.threads_spin = _optional_spin(512, "auto")
+        self.diverge_combo = QComboBox()
+        for text, value in (("stop, keeping the last good checkpoint", "stop"),
+                            ("go back to it with a lower learning rate", "lower_lr")):
+            self.diverge_combo.addItem(text, value)
+        self.diverge_combo.setToolTip("When the loss stops being a finite number (the learning rate is too high). "
+                                      "Going back retries at a third of the learning rate, at most 3 times.")
         self.trust_check = QCheckBox("Trust remote code")
         self.trust_warning = QLabel("Runs Python code shipped with the model on this computer. "
                                     "Only turn this on for models whose authors you trust.")
@@ -182,6 +190,7 @@ class NewFinetuneView(QWidget):
         adv.addRow("Gradient checkpointing", self.gc_combo)
         adv.addRow("Tokenizer (scratch)", self.tokenizer_combo)
         adv.addRow("CPU threads", self.threads_spin)
+        adv.addRow("If training diverges", self.diverge_combo)
         adv.addRow(self.trust_check)
         adv.addRow(self.trust_warning)
         self.advanced.setVisible(False)
@@ -308,6 +317,7 @@ class NewFinetuneView(QWidget):
             "trust_remote_code": self.trust_check.isChecked(),
             "tokenizer": self.tokenizer_combo.currentData() if self._is_scratch() else "auto",
             "threads": self.threads_spin.value() or None,
+            "on_divergence": self.diverge_combo.currentData(),
         }
         JobSpec.from_dict({**spec, "out": "-"}, where="New finetune")   # the engine's own checks, early
         return spec
