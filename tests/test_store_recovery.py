@@ -253,3 +253,19 @@ def test_new_finetune_offers_going_back_with_a_lower_lr(qtbot, tmp_path):
     args = spec_to_args(spec)
     assert args[args.index("--on-divergence") + 1] == "lower-lr"
     store.close()
+
+
+def test_going_back_after_divergence_trims_the_chart_to_the_checkpoint(qtbot, tmp_path):
+    store = Store(tmp_path / DB_NAME)
+    queue = JobQueue(store, autostart=False)
+    job_id = queue.submit(dict(SPEC), "Night run")
+    w = FakeWorker({})
+    queue._worker, queue._job_id = w, job_id
+    started = {"type": "started", "time": time.time(), "total_steps": 8, "resumed_from": None}
+    queue._on_event(job_id, w, started)
+    for step in range(1, 7):
+        queue._on_event(job_id, w, {"type": "step", "time": time.time(), "step": step, "loss": 1.0})
+    queue._on_event(job_id, w, {"type": "warning", "time": time.time(), "code": "diverged", "message": "back"})
+    queue._on_event(job_id, w, {**started, "resumed_from": 4})   # the same worker starts again from step 4
+    assert store.metrics(job_id)["step"] == [1, 2, 3, 4]
+    store.close()
