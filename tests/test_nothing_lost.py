@@ -188,6 +188,13 @@ def test_relative_paths_are_stored_absolute_and_resume_works_from_anywhere(tmp_p
     code, _, err = run_cli("resume", "../work/run")
     assert code == 0, err
 
+    # A job.json from before paths were stored absolute: found from the run folder's own place.
+    job.update(data=["stories.txt"], out="run", steps=3)
+    (work / "run" / "job.json").write_text(json.dumps(job))
+    code, _, err = run_cli("resume", work / "run")
+    assert code == 0, err
+    assert json.loads((work / "run" / "job.json").read_text())["data"] == [str(work / "stories.txt")]
+
 
 # ---- 6. the user's situation is exit 2 with one line ---------------------------------------------
 def test_out_naming_a_file_and_a_read_only_out_are_exit_2(tmp_path, run_cli, monkeypatch):

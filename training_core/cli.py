@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import traceback
@@ -164,6 +165,14 @@ def cmd_resume(args) -> int:
     if not (run_dir / "job.json").is_file():
         raise UserError(run_dir, "is not a Modron run folder (no job.json)")
     spec = JobSpec.load(run_dir / "job.json")
+    typed = Path(spec.out)
+    if not typed.is_absolute():
+        # Written by an older Modron, relative to the folder it was started from: that folder is the run
+        # folder minus `out` as it was typed, so its other relative paths can be found from anywhere.
+        here = Path(os.path.abspath(run_dir))
+        n = len(typed.parts)
+        if n and here.parts[-n:] == typed.parts:
+            spec = spec.with_absolute_paths(Path(*here.parts[:-n]))
     spec.out = str(run_dir)
     if args.lr is not None:   # e.g. lower after the loss diverged; the schedule goes on at the new height
         import dataclasses
