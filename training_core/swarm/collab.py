@@ -21,6 +21,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 
+from .admission import AdmissionMixin
 from .guards import MAX_EPOCH_LEAD, EpochClaim, all_finite, filter_epoch_claims, tensors_match
 
 Warn = Callable[[str, str], None]
@@ -92,11 +93,11 @@ class _CheckedStateLoad(DecentralizedAverager):
         return loaded
 
 
-class GuardedStateAverager(TrainingStateAverager, _CheckedStateLoad):
+class GuardedStateAverager(AdmissionMixin, TrainingStateAverager, _CheckedStateLoad):
     pass
 
 
-class LocalGradsKeptAverager(GradientAverager):
+class LocalGradsKeptAverager(AdmissionMixin, GradientAverager):
     """hivemind's GradientAverager, except that starting a round leaves the local gradient
     accumulators as they are. hivemind zeroes them there, and its Optimizer falls back on them
     ("local gradients") when the round fails, as ours does when the averaged gradients are

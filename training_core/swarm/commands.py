@@ -212,3 +212,73 @@ def add_parser(sub) -> None:
     i.add_argument("--manifest", required=True)
     i.add_argument("--peer", action="append", metavar="MADDR", help="an initial peer's multiaddr (repeatable)")
     i.set_defaults(func=cmd_invite)
+    add_credential_parsers(ss, j)
+
+
+def add_credential_parsers(ss, join) -> None:
+    """`swarm credential issuer|issue|revoke`, and join's --credential and --print-peer-id (admission.py)."""
+    join.add_argument("--credential", metavar="FILE",
+                      help="private swarms: the credential the host issued to this peer (or MODRON_SWARM_CREDENTIAL)")
+    join.add_argument("--print-peer-id", action="store_true",
+                      help="print this install's peer id (what the host's `swarm credential issue --peer` needs) and exit")
+    inner = join.get_default("func")
+    join.set_defaults(func=lambda args: _join_admitted(inner, args))
+
+    c = ss.add_parser("credential", help="private swarms: the host's issuer key and the peers' credentials")
+    cs = c.add_subparsers(dest="credential_command", required=True, metavar="CREDENTIAL_COMMAND")
+    k = cs.add_parser("issuer", help="print the issuer key for the manifest's auth.issuer (made in OUT if missing)")
+    i = cs.add_parser("issue", help="print a credential (JSON) for one peer id")
+    i.add_argument("--manifest", required=True)
+    i.add_argument("--days", type=float, default=30.0, help="valid for this many days (default 30)")
+    r = cs.add_parser("revoke", help="refuse one peer id from now on (the running host publishes it)")
+    for p in (k, i, r):
+        p.add_argument("--out", required=True, help="the host's OUT folder (holds swarm-issuer.key)")
+        p.set_defaults(func=cmd_credential)
+    for p in (i, r):
+        p.add_argument("--peer", required=True, metavar="PEER_ID", help="the peer id (swarm join --print-peer-id)")
+
+
+def _join_admitted(inner, args) -> int:
+    if args.print_peer_id:
+        try:
+            from .admission import identity_peer_id
+            from .network import identity_path_for
+            from .peer import swarm_dir
+            print(identity_peer_id(identity_path_for(swarm_dir(), args.device)))
+        except UserError as exc:
+            return _fail(None, exc)
+        return 0
+    if args.credential:     # read where the peer starts its DHT (peer.py), as MODRON_SWARM_TOKEN is
+        os.environ["MODRON_SWARM_CREDENTIAL"] = str(Path(args.credential).resolve())
+    return inner(args)
+
+
+def cmd_credential(args) -> int:
+    from . import admission
+    out = Path(args.out)
+    try:
+        if args.credential_command == "issuer":
+            print(admission.issuer_public(admission.load_issuer(out, create=True)))
+            return 0
+        key = admission.load_issuer(out)
+        if args.credential_command == "revoke":
+            admission.revoke(out, args.peer)
+            sys.stderr.write(f"revoked {args.peer.strip()}: a running host refuses it within "
+                             f"{admission.MAINTAIN_S:.0f} s, its peers soon after\n")
+            return 0
+        manifest = load_manifest(args.manifest)
+        issuer = manifest.auth.get("issuer")
+        if not manifest.auth.get("required") or admission.parse_issuer(issuer) is None:
+            raise ConfigError(args.manifest, "not a private swarm with an issuer key: set [auth] required = true "
+                                             f"and issuer = \"{admission.issuer_public(key)}\"")
+        if issuer != admission.issuer_public(key):
+            raise ConfigError(args.manifest, f"auth.issuer is not the key in {out}; it should be "
+                                             f"\"{admission.issuer_public(key)}\"")
+        print(admission.issue(key, manifest.run_id, args.peer, args.days).to_json())
+        return 0
+    except admission.AdmissionError as exc:
+        return _fail(None, ConfigError("credential", str(exc)))
+    except UserError as exc:
+        return _fail(None, exc)
+    except OSError as exc:      # OUT is a file, unwritable, ...
+        return _fail(None, ConfigError(str(out), exc.strerror or str(exc)))

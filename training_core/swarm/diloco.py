@@ -40,6 +40,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout, as_aiter, attach_event_on_finished, azip, enter_asynchronously
 
+from .admission import AdmissionMixin
 from .collab import FilteredProgressTracker
 from .compression import compression_for, decompress
 from .guards import MAX_EPOCH_LEAD, all_finite
@@ -186,7 +187,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
-class DiLoCoAverager(DecentralizedAverager):
+class DiLoCoAverager(AdmissionMixin, DecentralizedAverager):
     """Averages pseudo-gradients with ExactAllReduceRunner and *copies* the result into its tensors;
     a step's result is a report dict (failure, bytes, chosen lineage). Serves `state_source()`."""
     state_source: Callable | None = None

@@ -351,6 +351,8 @@ def _start_host_dht(manifest: SwarmManifest, out: Path, opts: HostOptions, annou
     kwargs = dict(identity_path=out / "identity.key", client_mode="off",
                   host_maddrs=[f"/ip4/{opts.listen_ip}/tcp/{opts.port}"], announce_maddrs=announce,
                   validators=metrics.make_validators(manifest.run_id))
+    from .admission import for_host     # private swarms: the host admits itself with its issuer key
+    kwargs["authorizer"] = for_host(manifest, out, out / "identity.key")
     known = _known_peers(out)
     if known:
         try:

@@ -57,9 +57,10 @@ async def _probe_reachable(peer_ids, _dht, node) -> bool | None:
 
 def start_dht(manifest: SwarmManifest, *, identity_path: Path | None, client_mode: str = "auto",
               host_maddrs: list[str] | None = None, announce_maddrs: list[str] | None = None,
-              validators: list | None = None) -> DHTHandle:
+              validators: list | None = None, authorizer=None) -> DHTHandle:
     """Start a DHT for this swarm; `client_mode` on|off|auto (auto: full peer iff the initial
-    peers can dial us back; alone, we are the bootstrap and must be a full peer)."""
+    peers can dial us back; alone, we are the bootstrap and must be a full peer). `authorizer`:
+    a private swarm's admission.Admission (checks every DHT request; averagers find it on the DHT)."""
     import hivemind
     from hivemind.p2p import PeerID
 
@@ -69,11 +70,15 @@ def start_dht(manifest: SwarmManifest, *, identity_path: Path | None, client_mod
 
     def start(client: bool):
         try:
-            return hivemind.DHT(
+            dht = hivemind.DHT(
                 initial_peers=initial, start=True, client_mode=client, record_validators=validators or [],
                 host_maddrs=host_maddrs or ["/ip4/0.0.0.0/tcp/0"], announce_maddrs=announce_maddrs,
                 identity_path=str(identity_path) if identity_path else None,
-                use_relay=True, use_auto_relay=client, await_ready=True)
+                use_relay=True, use_auto_relay=client, await_ready=True, authorizer=authorizer)
+            if authorizer is not None:
+                from .admission import attach
+                attach(dht, authorizer)
+            return dht
         except Exception as exc:   # unreachable bootstrap, port taken, identity in use
             where = "initial_peers" if initial else "--port"
             raise ConfigError(where, f"could not join the swarm's network: {str(exc).splitlines()[0][:300]}") from None

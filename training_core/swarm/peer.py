@@ -160,8 +160,12 @@ class SwarmStrategy(LocalStrategy):
         quiet_hivemind()
         self.engine = engine
         m = self.manifest
+        from .admission import for_peer     # private swarms: our credential, checked by every peer
+        credential = getattr(self.opts, "credential", None) or os.environ.get("MODRON_SWARM_CREDENTIAL")
+        authorizer = for_peer(m, Path(credential) if credential else None, self.identity_path())
         self.handle = start_dht(m, identity_path=self.identity_path(), client_mode=self.opts.client_mode,
-                                host_maddrs=self.opts.host_maddrs, validators=metrics.make_validators(m.run_id))
+                                host_maddrs=self.opts.host_maddrs, validators=metrics.make_validators(m.run_id),
+                                authorizer=authorizer)
         if self.handle.client_mode:
             engine.warn("client_mode", f"joined as a client (no incoming connections): {self.handle.reason}")
         self.public_key = metrics.local_public_key()
