@@ -6,7 +6,7 @@ Design
   (`OUT/swarm-issuer.key`, PEM, 0600). Its public half goes in the manifest as
   `auth.issuer = "ed25519:<base64>"` (`modron-train swarm credential issuer --out OUT` prints it).
   A private swarm whose `auth.issuer` is anything else (an URL, a name) keeps the older token-only
-  behaviour: nothing below is enforced, and the host and peers say so.
+  behaviour: nothing below is enforced.
 * A credential binds run_id, the peer's libp2p peer id and an expiry, signed by the issuer
   (`swarm credential issue --out OUT --manifest M --peer PEER_ID --days N > cred.json`; the peer
   learns its id with `swarm join --print-peer-id`). hivemind's peer identity (identity.key) is an
