@@ -261,10 +261,12 @@ def test_cli_issuer_issue_revoke_round_trip(tmp_path, capsys):
     assert "--days" in _one_line(capsys)
     assert main(["swarm", "credential", "revoke", "--out", str(tmp_path / "nohost"), "--peer", pid]) == 2
     assert "issuer key" in _one_line(capsys)
-    token_only = write_manifest(tmp_path / "t.toml", run_id=RUN, auth=True)      # issuer = "the test"
-    assert main(["swarm", "credential", "issue", "--out", str(out), "--manifest", str(token_only),
-                 "--peer", pid]) == 2
-    assert "issuer" in _one_line(capsys)
+    named = write_manifest(tmp_path / "t.toml", run_id=RUN, auth=True)      # issuer = "the test": the host's key
+    assert main(["swarm", "credential", "issue", "--out", str(out), "--manifest", str(named), "--peer", pid]) == 0
+    assert A.verify(A.Credential.from_json(capsys.readouterr().out), A.parse_issuer(pub), RUN) is None
+    public = write_manifest(tmp_path / "p.toml", run_id=RUN)
+    assert main(["swarm", "credential", "issue", "--out", str(out), "--manifest", str(public), "--peer", pid]) == 2
+    assert "private" in _one_line(capsys)
     other = tmp_path / "other"
     main(["swarm", "credential", "issuer", "--out", str(other)])
     capsys.readouterr()
@@ -290,3 +292,20 @@ def test_join_needs_a_credential_in_a_swarm_with_an_issuer_key(tmp_path, capsys,
     bad.write_text(A.issue(key, RUN, pid, 1).to_json())
     assert A.for_peer(m, bad, tmp_path / "id.key").peer_id == pid
     assert A.for_peer(load_manifest(write_manifest(tmp_path / "p.toml")), None, tmp_path / "id.key") is None
+    named = load_manifest(write_manifest(tmp_path / "n.toml", run_id=RUN, auth=True))   # issuer = "the test"
+    with pytest.raises(ConfigError, match="invite"):
+        A.for_peer(named, bad, tmp_path / "id.key")
+
+
+def test_host_puts_its_issuer_key_in_a_private_manifest(tmp_path):
+    from training_core.swarm.manifest import load_manifest, make_invite, read_invite
+    named = load_manifest(write_manifest(tmp_path / "n.toml", run_id=RUN, auth=True))
+    hosted = A.host_manifest(named, tmp_path / "out")
+    key = A.load_issuer(tmp_path / "out")
+    assert hosted.auth["issuer"] == A.issuer_public(key) and hosted.auth["required"]
+    assert read_invite(make_invite(hosted, None)).auth["issuer"] == A.issuer_public(key)
+    assert A.host_manifest(hosted, tmp_path / "elsewhere") is hosted          # a key already there stays
+    public = load_manifest(write_manifest(tmp_path / "p.toml"))
+    assert A.host_manifest(public, tmp_path / "out") is public
+    assert A.for_host(public, tmp_path / "out", tmp_path / "id.key") is None
+    assert A.for_host(hosted, tmp_path / "out", tmp_path / "id.key").peer_id == A.identity_peer_id(tmp_path / "id.key")

@@ -5,8 +5,9 @@ Design
 * The swarm's secret is the host's Ed25519 *issuer* key, kept in the host's OUT folder
   (`OUT/swarm-issuer.key`, PEM, 0600). Its public half goes in the manifest as
   `auth.issuer = "ed25519:<base64>"` (`modron-train swarm credential issuer --out OUT` prints it).
-  A private swarm whose `auth.issuer` is anything else (an URL, a name) keeps the older token-only
-  behaviour: nothing below is enforced.
+  When `auth.issuer` is anything else (an URL, a name), the host puts its own key there
+  (host_manifest), so the invite it prints carries it; a peer given such a manifest instead of the
+  invite stops with one line.
 * A credential binds run_id, the peer's libp2p peer id and an expiry, signed by the issuer
   (`swarm credential issue --out OUT --manifest M --peer PEER_ID --days N > cred.json`; the peer
   learns its id with `swarm join --print-peer-id`). hivemind's peer identity (identity.key) is an
@@ -424,11 +425,27 @@ def attach(dht, auth: Admission | None, period: float = MAINTAIN_S) -> None:
 
 
 # ---- building it from the manifest ------------------------------------------------------------
+def host_manifest(manifest, out: Path):
+    """A private swarm whose auth.issuer is not a key (a name, an URL): the host puts its own issuer
+    key there, so the invite it prints makes every joining peer check credentials."""
+    if not manifest.auth.get("required") or parse_issuer(manifest.auth.get("issuer")) is not None:
+        return manifest
+    import dataclasses
+    try:
+        key = load_issuer(out, create=not (Path(out) / ISSUER_FILE).exists())
+    except AdmissionError as e:
+        raise ConfigError("auth.issuer", str(e)) from None
+    return dataclasses.replace(manifest, auth=dict(manifest.auth, issuer=issuer_public(key)))
+
+
 def for_peer(manifest, credential_path: Path | None, identity_path: Path) -> Admission | None:
-    """A joining peer's authorizer; None for a public or token-only swarm."""
-    issuer = parse_issuer(manifest.auth.get("issuer")) if manifest.auth.get("required") else None
-    if issuer is None:
+    """A joining peer's authorizer; None for a public swarm."""
+    if not manifest.auth.get("required"):
         return None
+    issuer = parse_issuer(manifest.auth.get("issuer"))
+    if issuer is None:
+        raise ConfigError("auth.issuer", f"{str(manifest.auth.get('issuer'))[:80]!r} is not the host's issuer key "
+                                         "(ed25519:...): join with the invite the host printed, which carries it")
     if credential_path is None:
         raise ConfigError("--credential", f"swarm {manifest.run_id!r} admits only peers with a credential from its "
                                           f"host: send the host your peer id (swarm join --print-peer-id) and pass "

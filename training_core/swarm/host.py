@@ -213,6 +213,8 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
 
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
+    from .admission import host_manifest     # a private swarm's invite carries the host's issuer key
+    manifest = host_manifest(manifest, out)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     token = host_token(manifest, opts)
