@@ -7,6 +7,10 @@ the worker is told to `pause` and, if no `paused` comes within the grace period,
 left paused for long is stopped so its CUDA context goes too. The local finetune queue and the swarm
 share one GPU: `gpu_priority` says which one waits (JobQueue.gate is how the queue asks).
 
+A hub model or tokenizer that an invite names is downloaded only with the user's consent: the Swarm
+view asks (model, licence class, where it comes from) before joining; the consent is kept with the
+invite and given to the worker as `--accept-download ORG/NAME`.
+
 Everything the user would miss after a crash lives in the Store: the joined invite, the rules,
 contribution totals per swarm run (absolute values rewritten on every `swarm` event), the swarm's
 chart points and recent hand-back latencies.
@@ -24,7 +28,8 @@ from app.idle_policy import Decision, IdlePolicy, IdleRules, Sensors
 from app.swarm_runner import Runner, pick_runner
 from app.worker_process import WorkerProcess
 from training_core.errors import ConfigError
-from training_core.swarm.manifest import SwarmManifest, make_invite, read_invite
+from training_core.swarm.manifest import SwarmManifest, hub_downloads, make_invite, read_invite
+from training_core.swarm.sources import CONSENT_FLAG, consent_problem
 
 # Settings keys (the tray owns the first two; IdleRules.enabled / snooze_until come from them).
 CONTRIBUTE_SETTING = "contribute_while_idle"
@@ -35,6 +40,7 @@ GRACE_SETTING = "swarm_grace_s"
 PRIORITY_SETTING = "gpu_priority"
 LATENCY_SETTING = "swarm_handback_s"
 PID_SETTING = "swarm_worker_pid"    # so a worker left behind by a crashed app is ended at the next start
+CONSENT_SETTING = "swarm_download_consent"   # hub ids of the joined invite the user agreed to download
 
 DEFAULT_GRACE_S = 10.0
 PAUSED_KEEP_S = 300.0          # a worker paused longer than this is stopped (frees its CUDA context)
@@ -91,11 +97,29 @@ def joined_manifest(store) -> SwarmManifest | None:
         return None
 
 
-def join_invite(store, text_or_path) -> SwarmManifest:
-    """Check an invite (text or a file) and remember it. Raises ConfigError (one plain line) when bad."""
+def join_invite(store, text_or_path, accept_downloads=()) -> SwarmManifest:
+    """Check an invite (text or a file) and remember it, with the hub downloads the user agreed to.
+    Raises ConfigError (one plain line) when bad, or when it needs a download not in `accept_downloads`."""
     manifest = read_invite(text_or_path)
+    problem = consent_problem(manifest, list(accept_downloads))
+    if problem:
+        raise ConfigError("invite", problem)
     store.set_setting(INVITE_SETTING, make_invite(manifest))
+    store.set_setting(CONSENT_SETTING, sorted({repo for _, repo in hub_downloads(manifest)}))
     return manifest
+
+
+def missing_consent(store, manifest: SwarmManifest) -> list[str]:
+    """Hub ids this swarm would download that the user has not agreed to (no network, no cache look-up)."""
+    agreed = store.get_setting(CONSENT_SETTING) or []
+    agreed = set(agreed) if isinstance(agreed, list) else set()
+    return [repo for _, repo in hub_downloads(manifest) if repo not in agreed]
+
+
+def consent_args(store, manifest: SwarmManifest) -> list[str]:
+    """`--accept-download ORG/NAME` for each hub download of this swarm that the user agreed to."""
+    missing = set(missing_consent(store, manifest))
+    return [arg for _, repo in hub_downloads(manifest) if repo not in missing for arg in (CONSENT_FLAG, repo)]
 
 
 def handback_latencies(store) -> list[float]:
@@ -262,6 +286,10 @@ class Contributor(QObject):
         if manifest is None:
             return Decision(False, "join a swarm first: paste an invite in the Swarm view", "no_invite")
         self.run_id = manifest.run_id
+        missing = missing_consent(self.store, manifest)
+        if missing:   # an invite kept from before consent was asked: ask again by joining again
+            return Decision(False, f"the swarm needs your agreement to download {missing[0]}: leave it and "
+                                   "join again in the Swarm view", "no_invite")
         if self._hold is not None:
             if self._hold[0] == invite:
                 return Decision(False, self._hold[1], "failed")
@@ -323,7 +351,7 @@ class Contributor(QObject):
         invite_file.write_text(self.store.get_setting(INVITE_SETTING) + "\n", encoding="utf-8")
         rules = self.policy.rules
         args = ["--invite-file", self.runner.path(invite_file), "--json", "--device", "auto",
-                "--vram-fraction", f"{rules.vram_cap_fraction:g}"]
+                "--vram-fraction", f"{rules.vram_cap_fraction:g}", *consent_args(self.store, manifest)]
         args += self.join_args
         w = WorkerProcess(command=self.runner.command(args), run_dir=folder / manifest.run_id, parent=self)
         w.event.connect(lambda ev, w=w: self._on_event(w, ev))
@@ -365,6 +393,7 @@ class Contributor(QObject):
     def leave(self) -> None:
         """Leave the swarm: forget the invite; a running worker leaves the swarm and exits."""
         self.store.set_setting(INVITE_SETTING, None)
+        self.store.set_setting(CONSENT_SETTING, None)
         self._hold, self._retry_at, self.message = None, None, ""
         if self._worker is not None:
             if self.state == "pausing":
@@ -374,9 +403,10 @@ class Contributor(QObject):
         self.policy.running = False
         self.poke()
 
-    def join(self, text_or_path) -> SwarmManifest:
-        """Join a swarm (ConfigError when the invite is bad). A worker of another swarm is stopped."""
-        manifest = join_invite(self.store, text_or_path)
+    def join(self, text_or_path, accept_downloads=()) -> SwarmManifest:
+        """Join a swarm (ConfigError when the invite is bad, or names a hub download not in
+        `accept_downloads`). A worker of another swarm is stopped."""
+        manifest = join_invite(self.store, text_or_path, accept_downloads)
         if self._worker is not None and self.run_id != manifest.run_id:
             self._stop_after_pause = True
             if self.state in ACTIVE:

@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+import sys
 import time
 import warnings
 
@@ -246,3 +247,103 @@ def test_about_reads_as_a_rough_time():
         "in a few seconds", "in a few seconds", "in about 10 s", "in about 45 s", "in about 1 min",
         "in about 2 min", "in about 89 min", "in about 1.5 h", "in a few seconds"]
     assert about(4000) == "in about 67 min"
+
+
+# --- consent before a hub download ----------------------------------------------------------------
+
+def hub_invite(model="someorg/some-model", **changes) -> str:
+    import dataclasses
+    m = dataclasses.replace(load_manifest(bundled_path("swarms/demo.toml")), model=model, tokenizer="auto",
+                            **changes)
+    return make_invite(m, [PEER])
+
+
+def test_an_invite_with_a_hub_model_asks_before_joining_and_cancel_joins_nothing(qtbot, store):
+    from app.contribution import CONSENT_SETTING
+    view = SwarmView(store, None)
+    qtbot.addWidget(view)
+    view.show()
+    view.invite_edit.setText(hub_invite())
+    view.join_button.click()
+    dialog = view.consent_dialog
+    assert dialog is not None and dialog.isVisible() and dialog.windowTitle() == "Download from the Hugging Face hub?"
+    text = dialog.text_label.text()
+    assert "<b>someorg/some-model</b>" in text and "modron-demo" in text
+    assert "downloaded from the Hugging Face hub (https://huggingface.co/someorg/some-model)" in text
+    assert "Licence: unknown until downloaded: check it on https://huggingface.co/someorg/some-model" in text
+    assert "Nothing is downloaded unless you choose" in text
+    assert dialog.cancel_button.isDefault() and dialog.accept_button.text() == "Download and join"
+    assert store.get_setting(INVITE_SETTING) is None                 # nothing joined while asking
+
+    qtbot.keyClick(dialog, Qt.Key_Return)                           # Enter does not agree: it cancels
+    qtbot.waitUntil(lambda: view.consent_dialog is None)
+    assert store.get_setting(INVITE_SETTING) is None and store.get_setting(CONSENT_SETTING) is None
+    assert view.error_label.isVisible()
+    assert view.error_label.text() == "Not joined: you did not agree to download someorg/some-model."
+    assert view.invite_edit.text() == hub_invite()                   # still there to think again
+
+
+def test_agreeing_joins_and_the_worker_is_given_the_consent(qtbot, store):
+    from app.contribution import CONSENT_SETTING, consent_args
+    runs = []
+
+    class Runner:
+        name = "fake"
+
+        def command(self, args):
+            runs.append(list(args))
+            return sys.executable, ["-c", "pass"]
+
+        def available(self):
+            return True, ""
+
+        def path(self, p):
+            return str(p)
+
+    c = Contributor(store, None, runner=Runner(), tick_ms=0,
+                    sensors=lambda exclude=frozenset(): (Sensors(now=__import__("datetime").datetime.now(),
+                                                                  idle_seconds=None), {}))
+    view = SwarmView(store, None, contributor=c)
+    qtbot.addWidget(view)
+    view.show()
+    invite = hub_invite()
+    assert view.join(invite) is False                                 # asked, not joined yet
+    view.consent_dialog.accept_button.click()
+    qtbot.waitUntil(lambda: store.get_setting(INVITE_SETTING) is not None)
+    assert view.consent_dialog is None and not view.error_label.isVisible()
+    assert store.get_setting(CONSENT_SETTING) == ["someorg/some-model"]
+    assert "someorg/some-model (from the Hugging Face hub)" in view.swarm_label.text()
+    manifest = load_manifest(bundled_path("swarms/demo.toml"))
+    assert consent_args(store, manifest) == []                          # the demo downloads nothing
+    c._launch()
+    assert runs and runs[-1][-2:] == ["--accept-download", "someorg/some-model"]
+    c.shutdown(timeout_ms=5000)
+
+    view.leave_button.click()
+    assert store.get_setting(CONSENT_SETTING) is None
+
+
+def test_an_invite_kept_without_consent_waits_with_a_reason(qtbot, store):
+    store.set_setting(INVITE_SETTING, hub_invite("someorg/other"))     # e.g. kept by an older Modron
+    store.set_setting("contribute_while_idle", True)
+    c = Contributor(store, None, tick_ms=0,
+                    sensors=lambda exclude=frozenset(): (Sensors(now=__import__("datetime").datetime.now(),
+                                                                  idle_seconds=10_000), {}))
+    c.tick()
+    assert c.worker_pid is None and "agreement to download someorg/other" in c.reason
+    c.shutdown()
+
+
+def test_an_invite_naming_a_local_folder_is_refused_in_the_view(qtbot, store, tmp_path):
+    import base64
+    import json
+    import zlib
+    data = load_manifest(bundled_path("swarms/demo.toml")).to_dict()
+    data.update(model=str(tmp_path), tokenizer="auto")
+    invite = "modron-invite:1:" + base64.urlsafe_b64encode(zlib.compress(json.dumps(data).encode())).decode()
+    view = SwarmView(store, None)
+    qtbot.addWidget(view)
+    view.invite_edit.setText(invite)
+    view.join_button.click()
+    assert view.consent_dialog is None and store.get_setting(INVITE_SETTING) is None
+    assert "not allowed in an invite" in view.error_label.text() and "\n" not in view.error_label.text()

@@ -72,3 +72,71 @@ def test_host_makes_a_private_token_once(tmp_path, monkeypatch):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert host_token(manifest, opts) == token                  # kept across restarts
     assert host_token(load_manifest(write_manifest(tmp_path / "p.toml")), opts) is None   # public swarm
+
+
+# --- invites from strangers: consent, local paths, the memory pre-flight ------------------------
+
+def hub_invite(model: str = "org/base-model", **changes) -> str:
+    import dataclasses
+    from training_core.swarm.manifest import bundled_path, make_invite
+    m = dataclasses.replace(load_manifest(bundled_path("swarms/demo.toml")), model=model, tokenizer="auto", **changes)
+    return make_invite(m)
+
+
+def test_a_hub_model_in_an_invite_needs_consent(capsys):
+    assert main(["swarm", "join", "--invite", hub_invite()]) == 2
+    line = one_line_error(capsys)
+    assert line == ("modron-train: error: invite: this swarm trains with the model 'org/base-model', which would be "
+                    "downloaded from the Hugging Face hub (licence: unknown until downloaded: check it on "
+                    "https://huggingface.co/org/base-model); to agree, join again with --accept-download org/base-model")
+    assert main(["swarm", "join", "--invite", hub_invite(), "--accept-download", "org/other"]) == 2
+    assert "--accept-download org/base-model" in one_line_error(capsys)
+
+
+def test_consent_passes_the_check_and_the_download_stops_at_the_offline_hub(capsys, monkeypatch, tmp_path):
+    # A folder named like the hub id in the current folder is never read instead of the hub.
+    from helpers import make_local_model
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "base-model").mkdir(parents=True)
+    make_local_model(tmp_path / "org" / "base-model")
+    capsys.readouterr()                      # the model writer's progress bar
+    assert main(["swarm", "join", "--invite", hub_invite(), "--accept-download", "org/base-model",
+                 "--device", "cpu"]) == 2
+    line = one_line_error(capsys)
+    assert line.startswith("modron-train: error: org/base-model: could not download its config.json from the "
+                           "Hugging Face hub")
+
+
+def test_join_arguments_are_checked(capsys, tmp_path):
+    manifest = str(write_manifest(tmp_path / "m.toml"))
+    for flags, words in ((["--vram-fraction", "1e300"], "--vram-fraction: must be more than 0 and at most 1"),
+                         (["--vram-fraction", "0"], "--vram-fraction"), (["--device", "gpu0"], "is not a device"),
+                         (["--minutes", "nan"], "--minutes"), (["--steps", "0"], "--steps: must be at least 1"),
+                         (["--port", "70000"], "--port: must be from 0 to 65535")):
+        assert main(["swarm", "join", "--manifest", manifest, *flags]) == 2
+        assert words in one_line_error(capsys)
+
+
+def test_a_manifest_naming_a_local_model_makes_no_invite(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "m.toml")
+    manifest.write_text(manifest.read_text().replace('model = "scratch:tiny"', f'model = "{tmp_path / "model"}"'))
+    assert main(["swarm", "invite", "--manifest", str(manifest)]) == 2
+    line = one_line_error(capsys)
+    assert f"{manifest}: model '{tmp_path / 'model'}' is not allowed in an invite" in line
+
+
+def test_the_pre_flight_with_torch_checks_the_device_the_engine_will_use(tmp_path, monkeypatch):
+    from training_core.errors import WontFitError
+    from training_core.swarm import peer
+    opts = peer.PeerOptions(device="cpu")
+    limit, words, device, precision = peer.device_memory(opts)
+    assert limit > 0 and words == "this computer's RAM" and (device, precision) == ("cpu", "fp32")
+    m = load_manifest(write_manifest(tmp_path / "m.toml"))
+    peer.prepare_sources(m, opts, "m.toml", from_invite=True)     # the test swarm fits; nothing to download
+    assert opts.model_source is None and opts.tokenizer_source is None
+    monkeypatch.setattr(peer, "device_memory", lambda o: (64 * 1024 ** 2, "the memory of the Tiny GPU", "cuda:0",
+                                                          "bf16"))
+    import dataclasses
+    with pytest.raises(WontFitError, match=r"m.toml: this swarm needs about .* more than all of the memory of the "
+                                           r"Tiny GPU \(64.0 MB\); this computer cannot join it"):
+        peer.prepare_sources(dataclasses.replace(m, micro_batch=512, seq_len=2048), opts, "m.toml", from_invite=True)

@@ -88,7 +88,7 @@ def test_toml_round_trip_with_awkward_values(tmp_path):
         schedule={"name": "constant", "warmup_epochs": 0, "total_epochs": 1},
         compression="blockwise8bit", initial_peers=[PEER, RELAYED],
         auth={"required": True, "issuer": "https://auth.example.org/key"},
-        matchmaking_time=0.25, averaging_timeout=1e16,
+        matchmaking_time=0.25, averaging_timeout=3599.5,
     )
     path = tmp_path / "m.toml"
     path.write_text(m.to_toml(), encoding="utf-8")
@@ -199,7 +199,7 @@ def test_unknown_compression_lists_the_valid_ones():
 ])
 def test_non_positive_sizes(line, name):
     msg = bad_manifest(line + "\n" + MINIMAL)
-    assert name in msg and ("at least 1" in msg or "more than 0" in msg)
+    assert name in msg and "at least" in msg and "at most" in msg
 
 
 @pytest.mark.parametrize("addr, words", [
@@ -249,13 +249,13 @@ def test_bad_data(table, words):
 
 @pytest.mark.parametrize("table, words", [
     ('[optimizer]\nname = "lion"', "unknown optimizer 'lion'; use one of adamw, adam"),
-    ("[optimizer]\nlr = 0", "optimizer.lr must be more than 0"),
+    ("[optimizer]\nlr = 0", "optimizer.lr must be at least 1e-08 and at most 1 (got 0)"),
     ("[optimizer]\nbetas = [0.9]", "two numbers"),
     ("[optimizer]\nbetas = [0.9, 1.0]", "below 1"),
-    ("[optimizer]\nweight_decay = -0.1", "0 or more"),
+    ("[optimizer]\nweight_decay = -0.1", "optimizer.weight_decay must be at least 0 and at most 1"),
     ('[schedule]\nname = "step"', "unknown schedule 'step'"),
     ("[schedule]\nwarmup_epochs = 2000", "more than schedule.total_epochs"),
-    ("[schedule]\ntotal_epochs = 0", "schedule.total_epochs must be at least 1"),
+    ("[schedule]\ntotal_epochs = 0", "schedule.total_epochs must be at least 1 and at most 10000000"),
     ("[auth]\nrequired = true", "auth.issuer"),
     ('[auth]\nrequired = "yes"', "auth.required must be true or false"),
 ])
@@ -357,3 +357,131 @@ def test_new_swarms_default_to_diloco_with_the_papers_outer_optimizer():
 def test_bad_algorithm_and_diloco_values(table, words):
     text = MINIMAL.replace("[data]", table + "\n[data]") if table.startswith("algorithm") else MINIMAL + table + "\n"
     assert words in bad_manifest(text)
+
+
+# --- ranges ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("line, words", [
+    ("micro_batch = 100000000", "micro_batch must be at least 1 and at most 4096 (got 100000000)"),
+    ("seq_len = 1", "seq_len must be at least 2 and at most 32768 (got 1)"),
+    ("seq_len = 1000000", "seq_len must be at least 2 and at most 32768"),
+    ("target_batch_size = 10000000000000000000", "target_batch_size"),   # TOML's ints stop at 2^63
+    ("averaging_timeout = 1e300", "averaging_timeout must be at least 1 and at most 3600 (got 1e+300)"),
+    ("averaging_timeout = 0.5", "averaging_timeout must be at least 1"),
+    ("matchmaking_time = 1e9", "matchmaking_time must be at least 0.1 and at most 300 (got 1e+09)"),
+    ("matchmaking_time = 0.01", "matchmaking_time must be at least 0.1"),
+])
+def test_every_top_level_number_has_a_range(line, words):
+    assert words in bad_manifest(line + "\n" + MINIMAL)
+
+
+@pytest.mark.parametrize("table, words", [
+    ("[optimizer]\nlr = 1e300", "optimizer.lr must be at least 1e-08 and at most 1 (got 1e+300)"),
+    ("[optimizer]\nlr = 1e-20", "optimizer.lr must be at least 1e-08"),
+    ("[optimizer]\neps = 1", "optimizer.eps must be at least 1e-12 and at most 0.1 (got 1)"),
+    ("[optimizer]\neps = 1e-30", "optimizer.eps must be at least 1e-12"),
+    ("[optimizer]\nweight_decay = 1e300", "optimizer.weight_decay must be at least 0 and at most 1"),
+    ("[optimizer]\nbetas = [0.9, 1e300]", "below 1"),
+    ("[schedule]\ntotal_epochs = 100000000000", "schedule.total_epochs must be at least 1 and at most 10000000"),
+])
+def test_every_table_number_has_a_range(table, words):
+    assert words in bad_manifest(MINIMAL + table + "\n")
+
+
+def test_the_edges_of_each_range_are_allowed():
+    m = parse_manifest("seq_len = 32768\nmicro_batch = 4096\ntarget_batch_size = 16777216\nmatchmaking_time = 0.1\n"
+                       "averaging_timeout = 3600\n" + MINIMAL + "[optimizer]\nlr = 1\neps = 1e-12\nweight_decay = 1\n"
+                       "[schedule]\ntotal_epochs = 10000000\nwarmup_epochs = 10000000\n", "m.toml")
+    assert (m.seq_len, m.micro_batch, m.target_batch_size, m.averaging_timeout) == (32768, 4096, 2 ** 24, 3600.0)
+    assert m.optimizer["lr"] == 1.0 and m.schedule["total_epochs"] == 10 ** 7
+
+
+def invite_of(**changes) -> str:
+    data = load_manifest(DEMO).to_dict()
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return make_blob_invite(json.dumps(data).encode())
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"optimizer": {"lr": 1e300}}, "invite: optimizer.lr must be at least 1e-08 and at most 1 (got 1e+300)"),
+    ({"target_batch_size": 10 ** 40}, "invite: target_batch_size must be at least 1 and at most 16777216 (got 1e+40)"),
+    ({"averaging_timeout": 1e300}, "invite: averaging_timeout must be at least 1 and at most 3600 (got 1e+300)"),
+    ({"micro_batch": 10 ** 8}, "invite: micro_batch must be at least 1 and at most 4096 (got 100000000)"),
+    # JSON numbers have no size limit: a 400-digit integer must not reach float() (OverflowError)
+    ({"optimizer": {"lr": 10 ** 400}}, "invite: optimizer.lr is far out of range (got a number of about 401 digits)"),
+    ({"target_batch_size": 10 ** 400}, "invite: target_batch_size must be at least 1 and at most 16777216 "
+                                       "(got a number of about 401 digits)"),
+    ({"seq_len": -(10 ** 4000)}, "invite: seq_len must be at least 2"),
+    ({"diloco": {"outer_lr": 10 ** 400}}, "invite: diloco.outer_lr is far out of range"),
+    ({"optimizer": {"lr": -(10 ** 400)}}, "invite: optimizer.lr is far out of range"),
+])
+def test_absurd_numbers_in_an_invite_are_one_line_errors(changes, words):
+    assert error_line(read_invite, invite_of(**changes)).startswith(words)
+
+
+# --- invites name nothing on the reader's computer -----------------------------------------------
+
+@pytest.mark.parametrize("model", [
+    "/etc", "~/models/llama", "../models/x", "./x/y", "C:\\models\\x", "C:/models/x", "models\\x",
+    "org/../../etc", "org/name/extra", "https://huggingface.co/org/name", "file:///etc/passwd", "org//name",
+    "org/.hidden", "org/name.", "-org/name", "org/na--me", "name-only", "/org/name",
+])
+def test_an_invite_cannot_name_a_local_model(model):
+    msg = error_line(read_invite, invite_of(model=model, tokenizer="auto"))
+    assert msg.startswith("invite: model ") and "not allowed in an invite" in msg and "never a folder" in msg
+
+
+@pytest.mark.parametrize("tokenizer", ["/tmp/tok.json", "~/tok", "../tok", "tok.json", "C:\\tok", "org/name/x"])
+def test_an_invite_cannot_name_a_local_tokenizer(tokenizer):
+    msg = error_line(read_invite, invite_of(tokenizer=tokenizer))
+    assert msg.startswith("invite: tokenizer ") and "never a file or folder" in msg
+
+
+def test_an_invite_may_name_hub_ids_and_bundled_things():
+    from training_core.swarm.manifest import hub_downloads
+    m = read_invite(invite_of(model="Org-1/name_2.v3", tokenizer="auto"))
+    assert hub_downloads(m) == [("model", "Org-1/name_2.v3")]
+    m = read_invite(invite_of(tokenizer="org/tok"))
+    assert m.is_scratch and hub_downloads(m) == [("tokenizer", "org/tok")]
+    assert hub_downloads(read_invite(invite_of())) == []               # the demo: nothing to download
+    msg = error_line(read_invite, invite_of(model="org/base", tokenizer="other/tok"))
+    assert "would not be used" in msg and "use tokenizer 'auto'" in msg
+    # A bundled tokenizer or data path stays inside Modron's resources (checked before).
+    assert "relative path" in error_line(read_invite, invite_of(tokenizer="bundled:../../etc/passwd"))
+
+
+def test_a_manifest_file_may_still_name_a_local_model(tmp_path):
+    m = parse_manifest(MINIMAL.replace("scratch:tiny", str(tmp_path / "my-model")), "m.toml")
+    assert m.model == str(tmp_path / "my-model")
+    from training_core.swarm.manifest import invite_problem
+    assert "not allowed in an invite" in invite_problem(m)
+
+
+@pytest.mark.parametrize("addr, words", [
+    ("/unix/tmp/p2pd.sock/p2p/QmXr3QmfbLdZtQqBqkHDSxKkUmv7CwmTAnbiFBYRZ4wSkL", "protocol 'unix'"),
+    ("/ip4/1.2.3.4/tcp/99999/p2p/QmXr3QmfbLdZtQqBqkHDSxKkUmv7CwmTAnbiFBYRZ4wSkL", "bad /tcp/ value '99999'"),
+    ("/ip4/999.1.1.1/tcp/1/p2p/QmXr3QmfbLdZtQqBqkHDSxKkUmv7CwmTAnbiFBYRZ4wSkL", "bad /ip4/ value"),
+    ("/ip6/1.2.3.4/tcp/1/p2p/QmXr3QmfbLdZtQqBqkHDSxKkUmv7CwmTAnbiFBYRZ4wSkL", "bad /ip6/ value"),
+    ("/dns4/-bad-/tcp/1/p2p/QmXr3QmfbLdZtQqBqkHDSxKkUmv7CwmTAnbiFBYRZ4wSkL", "bad /dns4/ value"),
+])
+def test_initial_peers_use_network_protocols_only(addr, words):
+    assert words in bad_manifest(f"initial_peers = [{json.dumps(addr)}]\n" + MINIMAL)
+
+
+def test_initial_peers_are_bounded_and_dns_or_quic_addresses_are_fine():
+    ok = ["/dns4/swarm.example.org/tcp/31337/p2p/QmXr3QmfbLdZtQqBqkHDSxKkUmv7CwmTAnbiFBYRZ4wSkL",
+          "/ip6/::1/udp/4001/quic-v1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"]
+    assert parse_manifest(f"initial_peers = {json.dumps(ok)}\n" + MINIMAL, "m.toml").initial_peers == ok
+    assert "at most 64" in bad_manifest(f"initial_peers = {json.dumps([PEER] * 65)}\n" + MINIMAL)
+
+
+def test_huge_numbers_anywhere_give_short_lines():
+    for changes in ({"schedule": {"warmup_epochs": 10 ** 4000}}, {"diloco": {"inner_steps": 10 ** 4000}},
+                    {"diloco": {"max_round_s": -(10 ** 4000)}}, {"optimizer": {"betas": [0.9, 10 ** 4000]}},
+                    {"matchmaking_time": 10 ** 4000}):
+        msg = error_line(read_invite, invite_of(**changes))
+        assert len(msg) < 200, msg

@@ -1,17 +1,22 @@
 """Swarm: join a community training run with an invite, watch it, see your share and why you are
-(or are not) contributing right now."""
+(or are not) contributing right now. An invite that names a hub model or tokenizer is joined only
+after the user agrees to download it (ConsentDialog: what, from where, its licence class)."""
 from __future__ import annotations
 
+import html
 import math
 from pathlib import Path
 
-from PySide6.QtWidgets import (QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton,
-                               QVBoxLayout, QWidget)
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
+                               QLineEdit, QPushButton, QVBoxLayout, QWidget)
 
 from app.charts import TimeSeriesChart
-from app.contribution import (INVITE_SETTING, handback_latencies, join_invite, joined_manifest,
-                              load_rules, save_rules)
+from app.contribution import (CONSENT_SETTING, INVITE_SETTING, handback_latencies, join_invite,
+                              joined_manifest, load_rules, save_rules)
 from training_core.errors import ConfigError
+from training_core.swarm.manifest import SwarmManifest, read_invite
+from training_core.swarm.sources import HubDownload, describe_downloads
 
 STATE_TEXT = {"starting": "Starting the swarm worker…", "contributing": "Contributing now.",
               "resuming": "Rejoining the swarm…", "pausing": "Handing the GPU back…",
@@ -99,6 +104,52 @@ def last_round_text(s: dict) -> str:
     return f"{_plural(int(n or 0), 'peer')}, {human_bytes(up)} up / {human_bytes(down)} down"
 
 
+def consent_html(manifest: SwarmManifest, downloads: list[HubDownload]) -> str:
+    """What the user agrees to: each hub download, where it comes from, its licence class as far as it is
+    known before downloading, and that the invite is a stranger's choice."""
+    esc = html.escape
+    items = []
+    for d in downloads:
+        if d.cached:
+            where = "already in your download cache from an earlier download: nothing new is fetched"
+        else:
+            where = (f"downloaded from the Hugging Face hub ({esc(d.url)}); its size is known only once the "
+                     "download starts (base models are often several GB)")
+        items.append(f"<li>the {esc(d.what)} <b>{esc(d.repo)}</b>, {where}.<br>"
+                     f"Licence: {esc(d.licence_text)}.</li>")
+    return (f"<p>To join the swarm <b>{esc(manifest.run_id)}</b>, Modron needs:</p><ul>{''.join(items)}</ul>"
+            "<p>The invite chose this, not Modron: agree only if you trust it and its licence suits you. "
+            "Nothing is downloaded unless you choose <i>Download and join</i>.</p>")
+
+
+class ConsentDialog(QDialog):
+    """Asks before an invite's hub model or tokenizer is downloaded. Opened window-modal with open(),
+    so the caller (and a test) goes on; accepted / rejected say the answer."""
+
+    def __init__(self, manifest: SwarmManifest, downloads: list[HubDownload], parent=None):
+        super().__init__(parent)
+        self.downloads = downloads
+        self.setWindowTitle("Download from the Hugging Face hub?")
+        self.text_label = QLabel(consent_html(manifest, downloads))
+        self.text_label.setWordWrap(True)
+        self.text_label.setTextFormat(Qt.RichText)
+        self.text_label.setTextInteractionFlags(Qt.TextSelectableByMouse)   # no links opened by accident
+        buttons = QDialogButtonBox()
+        self.accept_button = buttons.addButton("Download and join", QDialogButtonBox.AcceptRole)
+        self.cancel_button = buttons.addButton("Cancel", QDialogButtonBox.RejectRole)
+        self.accept_button.setAutoDefault(False)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.text_label)
+        layout.addWidget(buttons)
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        self.cancel_button.setDefault(True)       # Enter does not agree to a download
+        self.cancel_button.setFocus()
+
+
 class SwarmView(QWidget):
     def __init__(self, store, queue, parent=None, contributor=None):
         super().__init__(parent)
@@ -107,6 +158,7 @@ class SwarmView(QWidget):
         self._t0: float | None = None     # time of the chart's first point
         self._run_id: str | None = None
         self._live: dict = {}             # the last `swarm` event of the running worker (phase...)
+        self.consent_dialog: ConsentDialog | None = None
 
         title = QLabel("Swarm")
         title.setStyleSheet("font-size: 16pt; font-weight: bold;")
@@ -213,25 +265,60 @@ class SwarmView(QWidget):
 
     # --- joining -------------------------------------------------------------------------------
     def join(self, text_or_path) -> bool:
+        """Join with an invite. One that names a hub download first asks (ConsentDialog) and returns
+        False: the join happens when the user agrees."""
+        try:
+            manifest = read_invite(text_or_path)
+        except ConfigError as exc:
+            return self._show_error(exc)
+        downloads = describe_downloads(manifest)
+        if downloads:
+            self._ask_consent(text_or_path, manifest, downloads)
+            return False
+        return self._join(text_or_path, [])
+
+    def _ask_consent(self, text_or_path, manifest: SwarmManifest, downloads: list[HubDownload]) -> None:
+        if self.consent_dialog is not None:
+            self.consent_dialog.close()
+        dialog = self.consent_dialog = ConsentDialog(manifest, downloads, self)
+        repos = [d.repo for d in downloads]
+
+        def answered(result: int) -> None:
+            if self.consent_dialog is dialog:
+                self.consent_dialog = None
+            dialog.deleteLater()
+            if result == QDialog.Accepted:
+                self._join(text_or_path, repos)
+            else:
+                self.error_label.setText(f"Not joined: you did not agree to download {', '.join(repos)}.")
+                self.error_label.show()
+        dialog.finished.connect(answered)
+        dialog.open()
+
+    def _join(self, text_or_path, accept_downloads: list[str]) -> bool:
         try:
             if self.contributor is not None:
-                self.contributor.join(text_or_path)
+                self.contributor.join(text_or_path, accept_downloads)
             else:
-                join_invite(self.store, text_or_path)
+                join_invite(self.store, text_or_path, accept_downloads)
         except ConfigError as exc:
-            self.error_label.setText(str(exc).splitlines()[0])
-            self.error_label.show()
-            return False
+            return self._show_error(exc)
         self.error_label.hide()
         self.invite_edit.clear()
         self.reload()
         return True
+
+    def _show_error(self, exc: ConfigError) -> bool:
+        self.error_label.setText(str(exc).splitlines()[0])
+        self.error_label.show()
+        return False
 
     def leave(self) -> None:
         if self.contributor is not None:
             self.contributor.leave()
         else:
             self.store.set_setting(INVITE_SETTING, None)
+            self.store.set_setting(CONSENT_SETTING, None)
         self.reload()
 
     def dragEnterEvent(self, event) -> None:
@@ -267,8 +354,9 @@ class SwarmView(QWidget):
         self._t0 = None
         self.chart.set_series("loss", [], [])
         if joined:
-            self.swarm_label.setText(f"<b>{manifest.run_id}</b>: {manifest.model}, "
-                                     f"{len(manifest.initial_peers)} initial peer(s)")
+            source = "" if manifest.is_scratch else " (from the Hugging Face hub)"
+            self.swarm_label.setText(f"<b>{html.escape(manifest.run_id)}</b>: {html.escape(manifest.model)}"
+                                     f"{source}, {len(manifest.initial_peers)} initial peer(s)")
             m = self.store.swarm_metrics(manifest.run_id)
             pts = [(t, loss) for t, loss in zip(m["time"], m["loss"]) if loss is not None]
             if pts:

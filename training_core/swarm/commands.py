@@ -2,10 +2,16 @@
 
 In --json mode, stdout carries protocol events only (anything a library prints goes to stderr)
 and control messages are read from stdin, exactly as in `python -m training_core.worker`.
+
+`swarm join` checks everything it can before torch is imported: the manifest or invite (every number
+in range, nothing on this computer named by an invite), the user's consent to each hub download an
+invite asks for (--accept-download ORG/NAME), and the memory the swarm's training needs against the
+most this machine has; then, with torch, against the device the engine will use (peer.prepare_sources).
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -15,17 +21,42 @@ from ..controls import Controls, read_controls
 from ..errors import ConfigError, UserError
 from ..proc_guard import own_children
 from ..protocol import encode, make_event
-from .manifest import SwarmManifest, load_manifest, make_invite, read_invite
+from .manifest import INVITE_PREFIX, SwarmManifest, invite_problem, load_manifest, make_invite, read_invite
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
 
 
 def manifest_from_args(args) -> SwarmManifest:
+    return manifest_source(args)[0]
+
+
+def manifest_source(args) -> tuple[SwarmManifest, str, bool]:
+    """(manifest, the name errors give it, whether it came from an invite). An invite is a stranger's;
+    a manifest file is the operator's own, and only it may name a folder on this computer."""
     given = [x for x in (getattr(args, "invite", None), getattr(args, "invite_file", None),
                          getattr(args, "manifest", None)) if x]
     if len(given) != 1:
         raise ConfigError("swarm", "give exactly one of --invite TEXT, --invite-file FILE or --manifest M.toml")
     if getattr(args, "manifest", None):
-        return load_manifest(args.manifest)
-    return read_invite(args.invite or args.invite_file)
+        return load_manifest(args.manifest), str(args.manifest), False
+    text = args.invite or args.invite_file
+    where = "invite" if str(text).strip().startswith(INVITE_PREFIX) else str(text).strip()
+    return read_invite(text), where, True
+
+
+def check_join_args(args) -> None:
+    """The numbers and names `swarm join` takes from its own command line, before anything starts."""
+    if not _DEVICE.fullmatch(args.device or ""):
+        raise ConfigError("--device", f"{str(args.device)[:40]!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if args.vram_fraction is not None and not 0 < args.vram_fraction <= 1:
+        raise ConfigError("--vram-fraction", f"must be more than 0 and at most 1 (got {args.vram_fraction:g})")
+    for flag, value in (("--steps", args.steps), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise ConfigError(flag, f"must be at least 1 (got {value})")
+    if args.minutes is not None and not 0 < args.minutes <= 1e7:     # 1e7 minutes: 19 years; NaN fails too
+        raise ConfigError("--minutes", f"must be more than 0 and at most 10000000 (got {args.minutes:g})")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError("--port", f"must be from 0 to 65535 (got {args.port})")
 
 
 class Output:
@@ -101,18 +132,30 @@ def _fail(out: Output | None, exc: UserError, step: int = 0) -> int:
 
 def cmd_join(args) -> int:
     own_children()      # before hivemind forks anything: its DHT, averagers and p2pd die with us
-    from .peer import PeerOptions, swarm_engine
     out = Output(args.json)
     try:
-        manifest = manifest_from_args(args)
+        # Before torch: the arguments, the manifest's ranges, consent to downloads, and whether the
+        # swarm's training could fit in the most memory this machine has (an absurd manifest is
+        # refused in well under a second).
+        check_join_args(args)
+        manifest, where, from_invite = manifest_source(args)
+        from . import sources
+        if from_invite:
+            sources.require_consent(manifest, args.accept_download or [], where)
+        limit, where_memory, device, precision = sources.largest_memory(args.device, args.vram_fraction)
+        sources.check_fits(manifest, where, limit=limit, where_memory=where_memory, device=device,
+                           precision=precision)
+        from .peer import PeerOptions, prepare_sources, swarm_engine
         opts = PeerOptions(steps=args.steps, minutes=args.minutes, device=args.device, threads=args.threads,
                            data_dir=args.data_dir, client_mode=args.client_mode, token=args.token,
                            host_maddrs=[f"/ip4/{args.listen_ip}/tcp/{args.port}"],
-                           test_send_nan=os.environ.get("MODRON_TEST_SEND_NAN") == "1")
+                           test_send_nan=os.environ.get("MODRON_TEST_SEND_NAN") == "1",
+                           vram_fraction=args.vram_fraction)
         if args.vram_fraction:
             import torch
             if torch.cuda.is_available():
                 torch.cuda.set_per_process_memory_fraction(args.vram_fraction)
+        prepare_sources(manifest, opts, where, from_invite)
         controls = Controls()
         engine = swarm_engine(manifest, opts, out, controls)
     except UserError as exc:
@@ -150,6 +193,13 @@ def cmd_host(args) -> int:
     out = Output(args.json)
     try:
         manifest = load_manifest(args.manifest)
+        problem = invite_problem(manifest)
+        if problem:   # the host's own choice, but nobody will be able to join with its invite
+            message = f"{args.manifest}: {problem}; peers can join only with --manifest naming the same folder"
+            if args.json:
+                out(make_event("warning", code="invite", message=message))
+            else:
+                sys.stderr.write(f"warning: {message}\n")
         opts = HostOptions(out=Path(args.out), port=args.port, listen_ip=args.listen_ip,
                            announce_ip=args.announce_ip, minutes=args.minutes, token=args.token,
                            checkpoint_minutes=args.checkpoint_minutes, threads=args.threads)
@@ -166,6 +216,9 @@ def cmd_host(args) -> int:
 
 def cmd_invite(args) -> int:
     manifest = load_manifest(args.manifest)
+    problem = invite_problem(manifest)
+    if problem:
+        raise ConfigError(args.manifest, problem)
     print(make_invite(manifest, list(args.peer) if args.peer else None))
     return 0
 
@@ -192,6 +245,8 @@ def add_parser(sub) -> None:
     j.add_argument("--token", help="the swarm's token, for private swarms (or MODRON_SWARM_TOKEN)")
     j.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
     j.add_argument("--listen-ip", default="0.0.0.0")
+    j.add_argument("--accept-download", action="append", metavar="ORG/NAME",
+                   help="agree to download this hub model or tokenizer that an invite names (repeatable)")
     j.add_argument("--json", action="store_true", help="protocol events on stdout, controls on stdin")
     j.set_defaults(func=cmd_join)
 

@@ -2,7 +2,11 @@
 
 An invite is `modron-invite:1:` + base64url(zlib(JSON of the manifest)), one short line that
 people paste into chat. Invites come from strangers, so reading one is defensive: JSON only
-(never pickle), a cap on the decompressed size, and the same validation as a manifest file.
+(never pickle), a cap on the decompressed size, the same validation as a manifest file, and more:
+an invite may not name anything on the reader's computer (its model is a scratch preset or a hub
+id, its tokenizer built in, bundled or a hub id; see `invite_problem`).
+
+Every number has a range (RANGES, with the reasons), checked here, before torch is imported.
 
 Imports nothing heavy (no torch, no hivemind): the desktop app reads invites too.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import ipaddress
 import json
 import math
 import re
@@ -49,6 +54,49 @@ _BASE58 = re.compile(r"[1-9A-HJ-NP-Za-km-z]+")   # libp2p peer ids (Qm..., 12D3K
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A Hugging Face hub repository id as an invite may name it: exactly ORG/NAME, each part letters,
+# digits, '-', '_' and '.', starting and ending with a letter or digit, with no '..' or '--' (the
+# hub's own rules; '--' is also its cache's separator). Nothing else: no leading '/' or '~', no
+# drive letter, no backslash, no URL scheme, so it can never be read as a path on this computer.
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_HUB_REPO = re.compile(rf"{_HUB_PART}/{_HUB_PART}")
+HUB_URL = "https://huggingface.co/"
+
+# Every number a manifest holds, with its range (lowest, highest; both allowed). Invites come from
+# strangers: nothing may be absurd enough to hang a peer, eat its memory or make its training
+# meaningless. ([diloco] has its own bounds in _diloco.) The reasons:
+RANGES: dict[str, tuple[float, float]] = {
+    # Tokens per training sequence: one input and one target token at least; 32768 is more context
+    # than any home swarm trains with (attention memory grows with it).
+    "seq_len": (2, 32768),
+    # Sequences per local step on one peer: 4096 is more than a home GPU holds even for the tiny
+    # preset at seq_len 128 (over 10 GB of activations); the memory pre-flight (sources.py) refuses
+    # whatever does not fit on this machine below that.
+    "micro_batch": (1, 4096),
+    # Samples per global epoch (algorithm "sync"): 2^24 (16.8 M) is days of work for a large home
+    # swarm; beyond that an epoch never ends in practice and the schedule never moves.
+    "target_batch_size": (1, 2 ** 24),
+    # Adam's step moves each weight by about lr; weights start near 0.02, so lr above 1 diverges at
+    # the first step, and below 1e-8 nothing is learned.
+    "optimizer.lr": (1e-8, 1.0),
+    # Added to sqrt(v) in Adam: above 0.1 it swamps the gradient scale; below 1e-12 it no longer keeps
+    # the update finite where sqrt(v) is near 0.
+    "optimizer.eps": (1e-12, 0.1),
+    # Decoupled decay shrinks weights by lr·wd per step: above 1 it erases them.
+    "optimizer.weight_decay": (0.0, 1.0),
+    # Adam's moment decay rates: from 0 (no memory) up to, not including, 1 (never forgets; checked
+    # in _optimizer, which excludes 1).
+    "optimizer.betas": (0.0, 1.0),
+    # Global epochs of the LR schedule: 10^7 is months of one-second epochs.
+    "schedule.total_epochs": (1, 10_000_000),
+    # Seconds peers wait to form an averaging group: under 0.1 s no peer over a network can answer;
+    # over 5 min every round stalls that long.
+    "matchmaking_time": (0.1, 300.0),
+    # Seconds one all-reduce may take before it is abandoned: an hour moves a 350 M-parameter
+    # model's fp16 state over a 2 Mbit/s uplink; a timeout under a second abandons every exchange.
+    "averaging_timeout": (1.0, 3600.0),
+}
+MAX_INITIAL_PEERS = 64
 
 DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.0}
 _OPTIMIZER_KEYS = ("name", "lr", "betas", "eps", "weight_decay")
@@ -72,7 +120,7 @@ _DATA_KEYS = {
 @dataclass
 class SwarmManifest:
     run_id: str                  # names the hivemind run (the DHT key prefix)
-    model: str                   # "scratch:NAME" or a base model (folder or hub id)
+    model: str                   # "scratch:NAME" or a base model (a folder in a manifest file, or a hub id)
     data: dict[str, Any]         # {"source": "bundled", "path": "demo/stories"} | {"source": "local"} | {"source": "url", "url": ...}
     algorithm: str = "diloco"    # "diloco": rounds of local steps + compressed pseudo-gradients; "sync": per-step gradients
     tokenizer: str = "bytes"     # "bytes" | a tokenizer path or hub id | "bundled:PATH" | "auto" (a base model's own)
@@ -226,7 +274,45 @@ def _decode_invite(text: str, where: str) -> SwarmManifest:
         data = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):   # UnicodeDecodeError is a ValueError
         raise ConfigError(where, "is damaged (its data is not valid JSON)") from None
-    return manifest_from_dict(data, where)
+    manifest = manifest_from_dict(data, where)
+    problem = invite_problem(manifest)
+    if problem:
+        raise ConfigError(where, problem)
+    return manifest
+
+
+def is_hub_id(text: str) -> bool:
+    """`text` is a hub repository id an invite may name (ORG/NAME, strictly; see _HUB_REPO)."""
+    return bool(_HUB_REPO.fullmatch(text)) and ".." not in text and "--" not in text
+
+
+def invite_problem(manifest: SwarmManifest) -> str | None:
+    """Why this manifest cannot travel as an invite, or None. An invite comes from a stranger: it may
+    not name a file or folder on the reader's computer, only a scratch preset or a hub id."""
+    model, tok = manifest.model, manifest.tokenizer
+    if not manifest.is_scratch and not is_hub_id(model):
+        return (f"model {model[:80]!r} is not allowed in an invite: an invite names a scratch:PRESET or a "
+                "Hugging Face hub id like 'org/name', never a folder on your computer")
+    if tok in ("bytes", "auto") or tok.startswith("bundled:"):
+        return None            # built in, the base model's own, or inside Modron (checked by _normalize)
+    if not is_hub_id(tok):
+        return (f"tokenizer {tok[:80]!r} is not allowed in an invite: use 'bytes', 'bundled:PATH' or a "
+                "Hugging Face hub id like 'org/name', never a file or folder on your computer")
+    if not manifest.is_scratch:
+        return (f"tokenizer {tok[:80]!r} would not be used: the base model {model!r} brings its own; "
+                "use tokenizer 'auto'")
+    return None
+
+
+def hub_downloads(manifest: SwarmManifest) -> list[tuple[str, str]]:
+    """(what, hub id) of everything joining this swarm would download from the hub: ("model", id)
+    and/or ("tokenizer", id). A peer needs the user's consent for each before it downloads them."""
+    out = []
+    if not manifest.is_scratch and is_hub_id(manifest.model):
+        out.append(("model", manifest.model))
+    if manifest.is_scratch and is_hub_id(manifest.tokenizer):
+        out.append(("tokenizer", manifest.tokenizer))
+    return out
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -282,7 +368,7 @@ def _normalize(data: Any, where: str) -> dict[str, Any]:
     out["data"] = _data(data["data"], fail)
 
     for name in ("seq_len", "micro_batch", "target_batch_size"):
-        out[name] = _positive_int(data.get(name, _DEFAULTS[name]), name, fail)
+        out[name] = _ranged_int(data.get(name, _DEFAULTS[name]), name, fail)
 
     out["optimizer"] = _optimizer(data.get("optimizer", DEFAULT_OPTIMIZER), fail)
     out["schedule"] = _schedule(data.get("schedule", DEFAULT_SCHEDULE), fail)
@@ -300,7 +386,7 @@ def _normalize(data: Any, where: str) -> dict[str, Any]:
     out["auth"] = _auth(data.get("auth", DEFAULT_AUTH), fail)
 
     for name in ("matchmaking_time", "averaging_timeout"):
-        out[name] = _positive_float(data.get(name, _DEFAULTS[name]), name, fail)
+        out[name] = _ranged_float(data.get(name, _DEFAULTS[name]), name, fail)
     return out
 
 
@@ -318,22 +404,52 @@ def _positive_int(value: Any, name: str, fail) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         fail(f"{name} must be a whole number, not {_type_name(value)}")
     if value < 1:
-        fail(f"{name} must be at least 1 (got {value})")
+        fail(f"{name} must be at least 1 (got {_show(value)})")
     return value
 
 
 def _number(value: Any, name: str, fail) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         fail(f"{name} must be a number, not {_type_name(value)}")
+    if isinstance(value, int) and abs(value) > 10 ** 300:    # JSON ints have no limit; float() would raise
+        fail(f"{name} is far out of range (got {_show(value)})")
     if not math.isfinite(value):
-        fail(f"{name} must be a finite number (got {value})")
+        fail(f"{name} must be a finite number (got {_show(value)})")
     return float(value)
+
+
+def _show(value: float) -> str:
+    """A number as a message shows it: short, and one line whatever its size."""
+    if isinstance(value, int) and abs(value) >= 10 ** 15:
+        if abs(value) < 10 ** 300:
+            return f"{float(value):.3g}"
+        return f"a number of about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"   # no str(): 4300-digit cap
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _in_range(value: float, name: str, fail) -> None:
+    lo, hi = RANGES[name]
+    if not lo <= value <= hi:
+        fail(f"{name} must be at least {_show(lo)} and at most {_show(hi)} (got {_show(value)})")
+
+
+def _ranged_int(value: Any, name: str, fail) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        fail(f"{name} must be a whole number, not {_type_name(value)}")
+    _in_range(value, name, fail)
+    return value
+
+
+def _ranged_float(value: Any, name: str, fail) -> float:
+    value = _number(value, name, fail)
+    _in_range(value, name, fail)
+    return value
 
 
 def _positive_float(value: Any, name: str, fail) -> float:
     value = _number(value, name, fail)
     if value <= 0:
-        fail(f"{name} must be more than 0 (got {value})")
+        fail(f"{name} must be more than 0 (got {_show(value)})")
     return value
 
 
@@ -381,18 +497,16 @@ def _optimizer(value: Any, fail) -> dict[str, Any]:
     name = _string(value["name"], "optimizer.name", fail)
     if name not in OPTIMIZERS:
         fail(f"unknown optimizer {name[:40]!r}; use one of {', '.join(OPTIMIZERS)}")
-    out: dict[str, Any] = {"name": name, "lr": _positive_float(value["lr"], "optimizer.lr", fail)}
+    out: dict[str, Any] = {"name": name, "lr": _ranged_float(value["lr"], "optimizer.lr", fail)}
     betas = value["betas"]
     if not isinstance(betas, list) or len(betas) != 2:
         fail("optimizer.betas must be a list of two numbers, like [0.9, 0.95]")
     out["betas"] = [_number(b, "optimizer.betas", fail) for b in betas]
     if not all(0 <= b < 1 for b in out["betas"]):
-        fail(f"optimizer.betas must each be at least 0 and below 1 (got {out['betas']})")
+        fail(f"optimizer.betas must each be at least 0 and below 1 (got {', '.join(_show(b) for b in out['betas'])})")
     if "eps" in value:
-        out["eps"] = _positive_float(value["eps"], "optimizer.eps", fail)
-    out["weight_decay"] = _number(value["weight_decay"], "optimizer.weight_decay", fail)
-    if out["weight_decay"] < 0:
-        fail(f"optimizer.weight_decay must be 0 or more (got {out['weight_decay']})")
+        out["eps"] = _ranged_float(value["eps"], "optimizer.eps", fail)
+    out["weight_decay"] = _ranged_float(value["weight_decay"], "optimizer.weight_decay", fail)
     return out
 
 
@@ -403,10 +517,11 @@ def _schedule(value: Any, fail) -> dict[str, Any]:
         fail(f"unknown schedule {name[:40]!r}; use one of {', '.join(SCHEDULES)}")
     warmup = value["warmup_epochs"]
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        fail(f"schedule.warmup_epochs must be a whole number, 0 or more (got {warmup!r})")
-    total = _positive_int(value["total_epochs"], "schedule.total_epochs", fail)
+        shown = _show(warmup) if isinstance(warmup, int) and not isinstance(warmup, bool) else repr(warmup)[:40]
+        fail(f"schedule.warmup_epochs must be a whole number, 0 or more (got {shown})")
+    total = _ranged_int(value["total_epochs"], "schedule.total_epochs", fail)
     if warmup > total:
-        fail(f"schedule.warmup_epochs ({warmup}) is more than schedule.total_epochs ({total})")
+        fail(f"schedule.warmup_epochs ({_show(warmup)}) is more than schedule.total_epochs ({total})")
     return {"name": name, "warmup_epochs": warmup, "total_epochs": total}
 
 
@@ -414,16 +529,16 @@ def _diloco(value: Any, fail) -> dict[str, Any]:
     value = {**DEFAULT_DILOCO, **_table(value, "diloco", _DILOCO_KEYS, fail)}
     steps = _positive_int(value["inner_steps"], "diloco.inner_steps", fail)
     if steps > 100_000:
-        fail(f"diloco.inner_steps must be at most 100000 (got {steps})")
+        fail(f"diloco.inner_steps must be at most 100000 (got {_show(steps)})")
     lr = _positive_float(value["outer_lr"], "diloco.outer_lr", fail)
     if lr > 10:
-        fail(f"diloco.outer_lr must be at most 10 (got {lr})")
+        fail(f"diloco.outer_lr must be at most 10 (got {_show(lr)})")
     momentum = _number(value["outer_momentum"], "diloco.outer_momentum", fail)
     if not 0 <= momentum < 1:
-        fail(f"diloco.outer_momentum must be at least 0 and below 1 (got {momentum})")
+        fail(f"diloco.outer_momentum must be at least 0 and below 1 (got {_show(momentum)})")
     deadline = _positive_float(value["max_round_s"], "diloco.max_round_s", fail)
     if deadline > 86400:
-        fail(f"diloco.max_round_s must be at most 86400 (a day; got {deadline})")
+        fail(f"diloco.max_round_s must be at most 86400 (a day; got {_show(deadline)})")
     if not isinstance(value["overlap"], bool):
         fail(f"diloco.overlap must be true or false, not {_type_name(value['overlap'])}")
     return {"inner_steps": steps, "outer_lr": lr, "outer_momentum": momentum, "max_round_s": deadline,
@@ -433,7 +548,34 @@ def _diloco(value: Any, fail) -> dict[str, Any]:
 def _peers(value: Any, fail) -> list[str]:
     if not isinstance(value, list):
         fail(f"initial_peers must be a list of multiaddrs, not {_type_name(value)}")
+    if len(value) > MAX_INITIAL_PEERS:
+        fail(f"initial_peers lists {len(value)} addresses; at most {MAX_INITIAL_PEERS} are allowed")
     return [_multiaddr(p, fail) for p in value]
+
+
+def _port(v: str) -> bool:
+    return v.isdigit() and len(v) <= 5 and int(v) <= 65535
+
+
+def _ip(version: int):
+    def ok(v: str) -> bool:
+        try:
+            return ipaddress.ip_address(v).version == version
+        except ValueError:
+            return False
+    return ok
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
+# The multiaddr protocols a swarm peer dials, and how each one's value is checked (None: no value).
+# Nothing that names something on this computer (/unix/ sockets) and nothing hivemind does not speak.
+_MADDR_PROTOCOLS = {
+    "ip4": _ip(4), "ip6": _ip(6), "dns": _HOSTNAME.fullmatch, "dns4": _HOSTNAME.fullmatch,
+    "dns6": _HOSTNAME.fullmatch, "dnsaddr": _HOSTNAME.fullmatch, "tcp": _port, "udp": _port,
+    "p2p": _BASE58.fullmatch, "quic": None, "quic-v1": None, "p2p-circuit": None, "ws": None, "wss": None,
+    "tls": None, "noise": None, "webtransport": None,
+}
 
 
 def _multiaddr(addr: Any, fail) -> str:
@@ -448,6 +590,19 @@ def _multiaddr(addr: Any, fail) -> str:
         fail(f"initial peer {addr[:80]!r} has no /p2p/PEER_ID part ({hint})")
     if not all(_BASE58.fullmatch(i) for i in ids):
         fail(f"initial peer {addr[:80]!r} has a malformed peer id after /p2p/")
+    i = 1
+    while i < len(parts):
+        proto = parts[i]
+        if proto not in _MADDR_PROTOCOLS:
+            fail(f"initial peer {addr[:80]!r} uses protocol {proto[:20]!r}, which Modron does not dial; "
+                 f"use ip4, ip6 or dns addresses ({hint})")
+        check = _MADDR_PROTOCOLS[proto]
+        if check is not None:
+            if i + 1 >= len(parts) or not check(parts[i + 1]):
+                value = parts[i + 1][:60] if i + 1 < len(parts) else ""
+                fail(f"initial peer {addr[:80]!r} has a bad /{proto}/ value {value!r}")
+            i += 1
+        i += 1
     return addr
 
 

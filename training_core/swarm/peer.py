@@ -9,6 +9,7 @@ deadline and each peer's own place in the data.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -27,8 +28,8 @@ from ..engine import Emit, Engine
 from ..errors import ConfigError
 from ..paths import data_dir
 from ..strategy import LocalStrategy
-from . import metrics
-from .manifest import SwarmManifest, bundled_path
+from . import metrics, sources
+from .manifest import SwarmManifest, bundled_path, hub_downloads
 from .network import DHTHandle, identity_path_for, quiet_hivemind, reap_children, start_dht
 
 SWARM_EVENT_INTERVAL_S = 2.0
@@ -48,6 +49,9 @@ class PeerOptions:
     run_dir: Path | None = None          # default <data_dir>/swarm/<run_id>/ (per device: peer_run_dir)
     host_maddrs: list[str] | None = None
     test_send_nan: bool = False          # test hook: send NaN gradients, our own guard disabled
+    vram_fraction: float | None = None   # the share of the GPU this peer may use (--vram-fraction)
+    model_source: str | None = None      # where the model is read here: an invite's hub model, downloaded
+    tokenizer_source: str | None = None  # likewise an invite's hub tokenizer (default: from the manifest)
 
 
 def swarm_dir() -> Path:
@@ -100,13 +104,69 @@ def swarm_spec(manifest: SwarmManifest, opts: PeerOptions, out: Path) -> JobSpec
     if device != "cpu" and torch.cuda.is_available():
         # fp16 needs hivemind's own GradScaler; bf16 needs none.
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return JobSpec(model=manifest.model, data=peer_data(manifest, opts.data_dir), out=str(out),
+    return JobSpec(model=opts.model_source or manifest.model, data=peer_data(manifest, opts.data_dir), out=str(out),
                    method="full" if manifest.is_scratch else None, steps=opts.steps or UNBOUNDED_STEPS,
                    batch_size=manifest.micro_batch, micro_batch_size=manifest.micro_batch, seq_len=manifest.seq_len,
                    lr=manifest.optimizer["lr"], weight_decay=manifest.optimizer["weight_decay"],
                    checkpoint_minutes=1e9, keep_checkpoints=2, eval_fraction=0.02, seed=0,  # seed 0: same init
-                   precision=precision, tokenizer=peer_tokenizer(manifest), device=device, threads=opts.threads,
+                   precision=precision, tokenizer=opts.tokenizer_source or peer_tokenizer(manifest),
+                   device=device, threads=opts.threads,
                    job_id=manifest.run_id, sample_max_tokens=20)
+
+
+def device_memory(opts: PeerOptions) -> tuple[int, str, str, str] | None:
+    """The device the engine will train on (picked as Engine._pick_device does) and all the memory this
+    peer may use there: (bytes, its name, device, precision); None when the engine will refuse the
+    device itself. Reads properties only: nothing is allocated."""
+    device = opts.device
+    if device != "cpu" and torch.cuda.is_available():
+        idx = int(device.split(":", 1)[1]) if device.startswith("cuda:") else torch.cuda.current_device()
+        if idx >= torch.cuda.device_count():
+            return None
+        props = torch.cuda.get_device_properties(idx)
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        fraction = opts.vram_fraction or 1.0
+        share = f" that --vram-fraction {fraction:g} leaves" if fraction < 1 else ""
+        return int(props.total_memory * fraction), f"the memory of the {props.name}{share}", f"cuda:{idx}", precision
+    if device.startswith("cuda"):
+        return None
+    import psutil
+    return psutil.virtual_memory().total, "this computer's RAM", "cpu", "fp32"
+
+
+def _local_config(model: str) -> dict[str, Any] | None:
+    """config.json of a manifest file's local model folder (the operator's own), for the memory check."""
+    path = Path(model).expanduser() / "config.json"
+    try:
+        if path.is_file() and path.stat().st_size <= 1024 * 1024:
+            config = json.loads(path.read_text(encoding="utf-8"))
+            return config if isinstance(config, dict) else None
+    except (OSError, ValueError):
+        pass
+    return None    # the loader reports a missing or broken config in its own words
+
+
+def prepare_sources(manifest: SwarmManifest, opts: PeerOptions, where: str, from_invite: bool) -> None:
+    """The pre-flight before the DHT starts and before any weight is allocated: the memory this swarm's
+    training needs on the device the engine will use (refused in one line when it cannot fit), then,
+    for an invite, the hub downloads the user agreed to (commands.cmd_join checked the consent):
+    config.json alone first, so a model that cannot fit is refused before its weights come. An
+    invite's hub id is always read from the hub download, never from a folder of that name here."""
+    config = None
+    if not manifest.is_scratch:
+        config = sources.fetch_config(manifest.model) if from_invite else _local_config(manifest.model)
+    mem = device_memory(opts)
+    if mem is not None:
+        limit, where_memory, device, precision = mem
+        sources.check_fits(manifest, where, limit=limit, where_memory=where_memory, device=device,
+                           precision=precision, config=config)
+    if not from_invite:
+        return
+    for what, repo in hub_downloads(manifest):
+        if what == "model":
+            opts.model_source = str(sources.fetch_model(repo))
+        else:
+            opts.tokenizer_source = str(sources.fetch_tokenizer(repo))
 
 
 def epoch_schedule(schedule: dict[str, Any]):
