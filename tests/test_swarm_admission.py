@@ -184,6 +184,37 @@ def test_dht_serves_admitted_peers_only(swarm):
     assert b.peer_id.to_base58() in published and c.peer_id.to_base58() not in published
 
 
+def test_a_revoked_peer_is_refused_once_the_host_reads_its_list(tmp_path):
+    import hivemind
+    from hivemind.utils.timed_storage import get_dht_time
+    out = tmp_path / "host"
+    key = A.load_issuer(out, create=True)
+    pub = A.parse_issuer(A.issuer_public(key))
+    nodes = []
+    try:
+        for name in ("h", "p"):
+            ident, pid = _identity(tmp_path / f"{name}.key")
+            auth = A.Admission(RUN, pub, A.issue(key, RUN, pid, 1), ident, host_out=out if name == "h" else None)
+            nodes.append(hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], authorizer=auth,
+                                      identity_path=str(tmp_path / f"{name}.key"),
+                                      initial_peers=[str(m) for m in nodes[0].get_visible_maddrs()] if nodes else []))
+            A.attach(nodes[-1], auth, period=0.3)
+        h, p = nodes
+        assert p.store("before", 1, get_dht_time() + 60) and h.get("before") is not None
+        A.revoke(out, p.peer_id.to_base58())
+        deadline = time.monotonic() + 15
+        # the host publishes its (signed) list, p among it, right after it starts refusing p itself
+        while p.peer_id.to_base58() not in (A.verify_revocations(
+                A._values(h.get(A.revoked_key(RUN), latest=True)).get("", ""), pub, RUN) or ()):
+            assert time.monotonic() < deadline, "the host never published its list"
+            time.sleep(0.2)
+        p.store("after", 1, get_dht_time() + 60)
+        assert h.get("after") is None
+    finally:
+        for n in reversed(nodes):
+            n.shutdown()
+
+
 def test_unadmitted_averager_gets_nothing_and_the_round_goes_on(swarm):
     import torch
     from hivemind.averaging import DecentralizedAverager
