@@ -396,24 +396,28 @@ def _values(raw) -> dict:
 
 async def _maintain(_dht, node, period: float = MAINTAIN_S) -> None:
     """In the DHT process: publish our credential; the host also signs and publishes its revoked
-    list; everyone reads the revocations into the authorizer that checks DHT requests."""
+    list; everyone reads the revocations into the authorizer that checks DHT requests. Runs as a
+    task of its own, so that run_coroutine returns and the DHT's shutdown just drops it."""
     import asyncio
     from hivemind.utils.timed_storage import get_dht_time
     auth: Admission = node.protocol.authorizer
     issuer_key = load_issuer(auth.host_out) if auth.host_out else None
-    while True:
-        try:
-            ttl = min(get_dht_time() + RECORD_TTL_S, auth.credential.expires)
-            await node.store(admission_key(auth.run_id), auth.credential.to_json(), ttl, subkey=auth.peer_id)
-            if issuer_key is not None:
-                auth.revoked.update(read_revoked(auth.host_out))
-                await node.store(revoked_key(auth.run_id), sign_revocations(issuer_key, auth.run_id, auth.revoked),
-                                 get_dht_time() + RECORD_TTL_S)
-            got = await node.get(revoked_key(auth.run_id), latest=True)
-            auth.ingest(None, got)
-        except Exception:
-            pass    # the next period tries again; a failed publish only delays admission
-        await asyncio.sleep(period)
+
+    async def loop():
+        while True:
+            try:
+                ttl = min(get_dht_time() + RECORD_TTL_S, auth.credential.expires)
+                await node.store(admission_key(auth.run_id), auth.credential.to_json(), ttl, subkey=auth.peer_id)
+                if issuer_key is not None:
+                    auth.revoked.update(read_revoked(auth.host_out))
+                    await node.store(revoked_key(auth.run_id),
+                                     sign_revocations(issuer_key, auth.run_id, auth.revoked),
+                                     get_dht_time() + RECORD_TTL_S)
+                auth.ingest(None, await node.get(revoked_key(auth.run_id), latest=True))
+            except Exception:
+                pass    # the next period tries again; a failed publish only delays admission
+            await asyncio.sleep(period)
+    node.modron_admission_task = asyncio.create_task(loop())     # held: a bare task may be collected
 
 
 def attach(dht, auth: Admission | None, period: float = MAINTAIN_S) -> None:
@@ -421,7 +425,7 @@ def attach(dht, auth: Admission | None, period: float = MAINTAIN_S) -> None:
     dht.modron_admission = auth
     if auth is not None:
         import functools
-        dht.run_coroutine(functools.partial(_maintain, period=period), return_future=True)
+        dht.run_coroutine(functools.partial(_maintain, period=period))
 
 
 # ---- building it from the manifest ------------------------------------------------------------
