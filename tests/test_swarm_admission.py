@@ -340,3 +340,26 @@ def test_host_puts_its_issuer_key_in_a_private_manifest(tmp_path):
     assert A.host_manifest(public, tmp_path / "out") is public
     assert A.for_host(public, tmp_path / "out", tmp_path / "id.key") is None
     assert A.for_host(hosted, tmp_path / "out", tmp_path / "id.key").peer_id == A.identity_peer_id(tmp_path / "id.key")
+
+
+def test_a_diloco_round_between_admitted_peers_leaves_the_intruder_out(swarm):
+    from hivemind.utils.crypto import RSAPrivateKey
+    from test_swarm_diloco import MB, Peer, _close_round_from_a, _in_threads, _wait
+    a, b, c = (Peer((swarm[n], RSAPrivateKey()), "adm-diloco") for n in "abc")
+    try:
+        a.drift(1 / 3, 1)
+        a.r.after_inner_step(MB)
+        b.drift(-1.0, 2)
+        b.r.after_inner_step(MB)
+        c.drift(50.0, 3)                  # the intruder's very different weights must reach nobody
+        c.r.after_inner_step(MB)
+        _wait(lambda: a.r.num_peers() == 2 and b.r.num_peers() == 2, poll=(a.r, b.r, c.r))
+        _close_round_from_a(a, b)
+        _in_threads(lambda: (a.r.after_inner_step(MB), _wait(lambda: a.r.round == 1, poll=(a.r,))),
+                    lambda: _wait(lambda: b.r.round == 1, poll=(b.r,)))
+        assert a.r.digest == b.r.digest and a.r.last_round_peers == b.r.last_round_peers == 2
+        assert c.r.num_peers() <= 1 and c.r.digest != a.r.digest
+    finally:
+        for peer in (a, b, c):
+            peer.r.shutdown()
+
