@@ -7,7 +7,11 @@
   not applied (local gradients instead; if those are bad too, a zero update). Its gradient
   averager keeps the local gradients through the round, so that there are some to fall back on.
 - GuardedStateAverager: state downloaded from a peer is checked (shapes, finiteness, a believable
-  epoch) before it replaces ours.
+  epoch, a parameter norm within robust.STATE_NORM_RATIO of ours) before it replaces ours.
+- Both averagers all-reduce robustly (robust.RobustAveraging): each reducer combines its part with
+  CenteredClip after a norm bound (parameters: on their movement since the last round), a part a
+  reducer returns that is not believable is replaced by our own values, and peers clipped round
+  after round are named (`peer_clipped`, polled after each epoch), left out and not downloaded from.
 Every rejection reaches the engine through `on_warning(code, message)`.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 
 from .admission import AdmissionMixin
 from .guards import MAX_EPOCH_LEAD, EpochClaim, all_finite, filter_epoch_claims, tensors_match
+from .robust import RobustAveraging, state_problem
 
 Warn = Callable[[str, str], None]
 
@@ -69,11 +74,13 @@ class FilteredProgressTracker(ProgressTracker):
         return {by_claim[id(c)]: metadata[by_claim[id(c)]] for c in kept}
 
 
-class _CheckedStateLoad(DecentralizedAverager):
+class _CheckedStateLoad(RobustAveraging):
     """Sits between TrainingStateAverager and DecentralizedAverager in the MRO, so the state a
-    peer sends is checked before TrainingStateAverager copies it into our parameters."""
+    peer sends is checked before TrainingStateAverager copies it into our parameters. Averages
+    parameters robustly, measuring contributions from our values at the last round."""
     on_warning: Warn = staticmethod(_no_warning)
     max_epoch: Callable[[], int] | None = None
+    keep_reference = True
 
     def load_state_from_peers(self, **kwargs):
         loaded = super().load_state_from_peers(**kwargs)
@@ -87,6 +94,8 @@ class _CheckedStateLoad(DecentralizedAverager):
         epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
         if problem is None and self.max_epoch is not None and isinstance(epoch, int) and epoch > self.max_epoch():
             problem = f"epoch {epoch} is far ahead of the swarm's"
+        if problem is None:
+            problem = state_problem(list(tensors[:len(expected)]), list(self.main_parameters) + list(self.extra_tensors))
         if problem is not None:
             self.on_warning("peer_rejected", f"state from a peer was not loaded: {problem}")
             return None
@@ -97,7 +106,7 @@ class GuardedStateAverager(AdmissionMixin, TrainingStateAverager, _CheckedStateL
     pass
 
 
-class LocalGradsKeptAverager(AdmissionMixin, GradientAverager):
+class LocalGradsKeptAverager(AdmissionMixin, GradientAverager, RobustAveraging):
     """hivemind's GradientAverager, except that starting a round leaves the local gradient
     accumulators as they are. hivemind zeroes them there, and its Optimizer falls back on them
     ("local gradients") when the round fails, as ours does when the averaged gradients are
@@ -114,6 +123,8 @@ class GuardedOptimizer(hivemind.Optimizer):
     def __init__(self, *, on_warning: Warn = _no_warning, **kwargs):
         self.on_warning = on_warning
         self._loading_local = False
+        self._clip_counts: dict[str, int] = {}
+        self._named: set[str] = set()
         super().__init__(**kwargs)
         self.state_averager.on_warning = on_warning
         self.state_averager.max_epoch = lambda: max(self.local_epoch, self.tracker.global_epoch) + MAX_EPOCH_LEAD
@@ -133,6 +144,34 @@ class GuardedOptimizer(hivemind.Optimizer):
             offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
             status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
             client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs)
+
+    def step(self, *args, **kwargs):
+        epoch = self.local_epoch
+        try:
+            return super().step(*args, **kwargs)
+        finally:
+            if self.local_epoch != epoch:
+                self._poll_clips()
+
+    def _poll_clips(self) -> None:
+        """The averagers judge peers in their own processes: read their records once an epoch."""
+        counts: dict[str, int] = {}
+        for averager in (self.grad_averager, self.state_averager):
+            try:
+                report = averager.clip_report(timeout=2.0)
+            except Exception:
+                continue
+            for peer, n in report["counts"].items():
+                counts[peer] = counts.get(peer, 0) + n
+            for peer in sorted(set(report["named"]) - self._named):
+                self._named.add(peer)
+                self.on_warning("peer_clipped", f"peer {peer} sent values that had to be clipped (or returned an "
+                                                "unbelievable average) round after round; it is left out from now on")
+        self._clip_counts = counts
+
+    def clipped_peers(self) -> dict[str, int]:
+        """Peer id -> rounds (gradient and parameter rounds together) its values were clipped here."""
+        return dict(self._clip_counts)
 
     def _optimized_params(self) -> list[torch.Tensor]:
         return [p for g in self.state_averager.optimizer.param_groups for p in g["params"]]

@@ -10,6 +10,19 @@ applies an outer Nesterov SGD step to θ_g. Every peer must end a round with the
 - A round that did not get every part fails as a whole on that peer; nothing is half applied.
 - Each exchange gathers every member's (round, digest of θ_g): members on another lineage (missed a
   round, late, or diverged) are averaged with weight 0 by every reducer alike, then download the state.
+Robust rounds (robust.py; issue 10): each reducer combines its part with CenteredClip after a norm
+bound, so one hostile sender moves a round by a bounded amount; what comes back from each reducer is
+checked against what this peer sent. A bad part cannot fall back to our own values here, since every
+peer must end with the same θ_g; instead the round fails on every peer that sees it, whose progress
+folds into the next round as after any failed round. A reducer serializes its part once, so one that
+sends the same bad bytes to all fails the round for all of them alike. One that sends bad bytes to
+some peers only splits the group: those that saw them stay at round r, the others apply r+1; the
+next exchange's lineage check (the most common (round, digest), then the highest round) gives the
+stale ones weight 0 and they download the state, so no peer keeps a θ_g that differs silently.
+Peers clipped (or caught reducing) in STRIKES of WINDOW rounds are named (`peer_clipped`), count with
+weight 0 at our reducer, serve us no state, and are named in our gather: a member named by more
+than half of the others gets no part to reduce (all members compute that from the same gathered
+data). State downloads are checked against a norm ratio and the size of our recent rounds.
 Clocks: `epoch` counts closed rounds (the progress tracker's epoch: it tells every peer when to meet);
 `round` counts outer steps applied to θ_g. They part after a failed round, which closes without a step.
 Nothing is lost: a failed or skipped round leaves θ_local alone, so its drift from θ_g (and the samples
@@ -24,7 +37,7 @@ import os
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,6 +57,7 @@ from .admission import AdmissionMixin
 from .collab import FilteredProgressTracker
 from .compression import compression_for, decompress
 from .guards import MAX_EPOCH_LEAD, all_finite
+from .robust import STATE_STEP_BOUND, RobustAveraging, RobustRunnerMixin, excluded_reducers, state_problem
 
 Warn = Callable[[str, str], None]
 STATE_KIND = "modron-diloco-1"
@@ -93,11 +107,12 @@ def choose_lineage(gathered: dict) -> tuple[tuple[int, str] | None, set]:
     return best, {peer for peer, k in keys.items() if k == best}
 
 
-class ExactAllReduceRunner(AllReduceRunner):
+class ExactAllReduceRunner(RobustRunnerMixin, AllReduceRunner):
     """Butterfly all-reduce whose every peer gets bit-identical averages; counts the bytes it moves.
-    `failure` is set if any part did not come back (hivemind would quietly use the local part)."""
+    `failure` is set if any part did not come back (hivemind would quietly use the local part).
+    Reduces with robust.RobustPartReducer; `check_results()` judges what the other reducers returned."""
 
-    def __init__(self, *, accepted_senders=None, **kwargs):
+    def __init__(self, *, accepted_senders=None, named: frozenset = frozenset(), **kwargs):
         super().__init__(**kwargs)
         c = self.tensor_part_container
         c.return_deltas = False
@@ -107,17 +122,34 @@ class ExactAllReduceRunner(AllReduceRunner):
         self.failure: str | None = None
         self._numels = [[part.numel() for part, _ in parts] for parts in c._input_parts_by_peer]
         self._replies: dict[int, asyncio.Future] = {}
+        # Weight 0 at our reducer: members off the group's lineage, and peers we named.
+        skip = {str(p) for p in self.sender_peer_ids
+                if (accepted_senders is not None and p not in accepted_senders) or str(p) in named}
+        self._setup_robust(skip, reference=None)
+        self._me = self.ordered_peer_ids.index(self.peer_id)
 
-    # The two steps a later robust aggregation (CenteredClip, trimmed mean, result checks) overrides.
     def combine_part(self, sender_index: int, part_index: int, part: torch.Tensor, weight: float):
-        """The reduce step: a weighted mean; members off the group's lineage count with weight 0."""
-        if self.accepted is not None and self.sender_peer_ids[sender_index] not in self.accepted:
-            weight = 0.0
+        """The reduce step: robust.robust_combine once every sender's part is in."""
         return self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=weight)
 
     def accept_result(self, peer_index: int, part_index: int, part) -> torch.Tensor:
-        """What came back from a reducer, decoded under checks (codec, size, length, finite)."""
-        return decompress(part, self.compression, self._numels[peer_index][part_index])
+        """What came back from a reducer, decoded under checks (codec, size, length, finite); how far
+        it is from what we sent is kept for check_results (the bound needs our reducer's figures)."""
+        values = decompress(part, self.compression, self._numels[peer_index][part_index])
+        if peer_index != self._me:
+            own = self._own_part(peer_index, part_index)
+            dev = float(torch.linalg.vector_norm(values - own))
+            own_norm = float(torch.linalg.vector_norm(own))
+            self._returned.append((peer_index, part_index, dev, own_norm, own.numel()))
+        return values
+
+    def check_results(self) -> dict[str, str]:
+        """Reducers whose parts came back farther from ours than robust.RESULT_BOUND allows."""
+        for peer_index, part_index, dev, own_norm, numel in self._returned:
+            problem = self._result_problem(dev, own_norm, numel)
+            if problem is not None:
+                self._note_bad(peer_index, part_index, problem)
+        return dict(self.bad_reducers)
 
     def _reply_for(self, part_index: int, averaged: torch.Tensor) -> asyncio.Future:
         """The averaged part, serialized once; every peer decodes these same bytes."""
@@ -187,10 +219,12 @@ class ExactAllReduceRunner(AllReduceRunner):
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
-class DiLoCoAverager(AdmissionMixin, DecentralizedAverager):
+class DiLoCoAverager(AdmissionMixin, RobustAveraging):
     """Averages pseudo-gradients with ExactAllReduceRunner and *copies* the result into its tensors;
-    a step's result is a report dict (failure, bytes, chosen lineage). Serves `state_source()`."""
+    a step's result is a report dict (failure, bytes, chosen lineage, clip verdicts). Serves
+    `state_source()`."""
     state_source: Callable | None = None
+    runner_class = ExactAllReduceRunner
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
         try:
@@ -199,6 +233,10 @@ class DiLoCoAverager(AdmissionMixin, DecentralizedAverager):
             chosen, accepted = choose_lineage(gathered)
             modes = tuple(map(AveragingMode, mode_ids))
             bandwidths = [b if m != AveragingMode.CLIENT else 0.0 for b, m in zip(bandwidths, modes)]
+            excluded = excluded_reducers(gathered, group_info.peer_ids)   # no part for peers most others named
+            kept = [0.0 if str(p) in excluded else b for p, b in zip(group_info.peer_ids, bandwidths)]
+            if any(b is None or b > 0 for b in kept):   # None: "not measured", load_balance_peers takes the mean
+                bandwidths = kept
             fractions = await asyncio.get_event_loop().run_in_executor(
                 None, load_balance_peers, self.total_size, bandwidths, min_vector_size)
             async with enter_asynchronously(self.get_tensors()) as tensors:
@@ -210,8 +248,9 @@ class DiLoCoAverager(AdmissionMixin, DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
-        runner = ExactAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
-                                      group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+        runner = self.runner_class(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
+                                   group_id=group_id, ordered_peer_ids=group_info.peer_ids,
+                                   named=frozenset(self._clips().named), **kwargs)
         self._running_groups[group_id].set_result(runner)
         failure = None
         try:
@@ -225,7 +264,15 @@ class DiLoCoAverager(AdmissionMixin, DecentralizedAverager):
             failure = f"{runner.tensor_part_container.failed_size} values were not averaged"
         if failure is None and not all_finite(tensors):
             failure = "the average is not finite"
-        return dict(failure=failure, bytes_up=runner.bytes_up, bytes_down=runner.bytes_down)
+        # Only a member of the chosen lineage applies the result, so only it judges the reducers.
+        accepted = kwargs.get("accepted_senders")
+        bad = runner.check_results() if failure is None and (accepted is None or self.peer_id in accepted) else {}
+        if bad:
+            peer, why = next(iter(bad.items()))
+            failure = f"the part reduced by {peer} is not believable ({why})"[:300]
+        named_now = self._judge(runner)
+        return dict(failure=failure, bytes_up=runner.bytes_up, bytes_down=runner.bytes_down,
+                    clips=self._clips().snapshot(), named_now=named_now)
 
     def get_current_state(self):
         meta, tensors = self.state_source() if self.state_source else (dict(kind=None), [])
@@ -246,6 +293,7 @@ class DiLoCoRounds:
     catch_up, pause, resume, flush, reset_to_outer, load_state_from_peers, state_dict, load_state_dict,
     shutdown. Any thread: interrupt and the figures (phase: inner | exchanging, training goes on |
     waiting, training blocked | syncing, downloading state)."""
+    averager_class = DiLoCoAverager
 
     def __init__(self, dht, run_id: str, params: list[torch.nn.Parameter], *, micro_batch: int, inner_steps: int,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, compression: str = "float16",
@@ -277,6 +325,9 @@ class DiLoCoRounds:
         self._sync_retry_at = 0.0
         self._round_began = self._t_last = time.monotonic()
         self._sharing_offset = sharing_priority
+        self._clip_counts: dict[str, int] = {}     # peer -> rounds its values were clipped (averager's record)
+        self._named: set[str] = set()              # peers left out for good
+        self._recent_steps: deque[float] = deque(maxlen=8)   # ‖θ_g' − θ_g‖ of our last outer steps
         # A state download may take a while (weights + momentum, float32): allow 10 MB/s at least.
         self.load_timeout = max(self.averaging_timeout, 60.0 + 8 * sum(w.numel() for w in self.outer) / 10e6)
         prefix = f"{run_id}_diloco"
@@ -285,7 +336,7 @@ class DiLoCoRounds:
         self.tracker = FilteredProgressTracker(dht=dht, prefix=prefix, target_batch_size=self._target(1),
                                                client_mode=client_mode, start=True, on_warning=self.on_warning, **opts)
         try:
-            self.averager = DiLoCoAverager(
+            self.averager = self.averager_class(
                 [torch.zeros_like(w) for w in self.outer], dht, prefix=prefix, start=True, client_mode=client_mode,
                 min_matchmaking_time=matchmaking_time, request_timeout=max(0.2, min(3.0, matchmaking_time / 2)),
                 allreduce_timeout=self.averaging_timeout,
@@ -318,6 +369,14 @@ class DiLoCoRounds:
         """(epoch, round, digest of θ_g), read together (the reporter thread reads while rounds apply)."""
         with self._state_lock:
             return self.epoch, self.round, self.digest
+
+    def clipped_peers(self) -> dict[str, int]:
+        """Peer id -> rounds in which its values were clipped at our reducer (or its part came back
+        unbelievable), for the Swarm view; the peers named (left out) are in `named_peers()`."""
+        return dict(self._clip_counts)
+
+    def named_peers(self) -> list[str]:
+        return sorted(self._named)
 
     def take_blocked_s(self) -> float:
         blocked, self._blocked_s = self._blocked_s, 0.0
@@ -405,7 +464,8 @@ class DiLoCoRounds:
             for b, d in zip(buffers, delta):
                 b.copy_(d)
         control = self.averager.step(
-            gather=dict(v=1, round=self.round, digest=self.digest, samples=weight), weight=float(weight),
+            gather=dict(v=1, round=self.round, digest=self.digest, samples=weight, named=sorted(self._named)),
+            weight=float(weight),
             scheduled_time=get_dht_time() + self.matchmaking_time, timeout=self.averaging_timeout,
             allow_retries=False, wait=False)   # a retry after a partial all-reduce could split the swarm
         self._pending = _Exchange(control, local if self.overlap else None, weight, time.monotonic())
@@ -430,6 +490,7 @@ class DiLoCoRounds:
             self.phase = "inner"
         self.bytes_up += report.get("bytes_up", 0)
         self.bytes_down += report.get("bytes_down", 0)
+        self._take_clips(report.get("clips"))
         if not report.get("failure"):   # "the last round" is the last one that happened
             self.last_round_bytes_up, self.last_round_bytes_down = report.get("bytes_up", 0), report.get("bytes_down", 0)
             self.last_round_peers = report.get("peers", 0)
@@ -446,11 +507,26 @@ class DiLoCoRounds:
         with self.averager.get_tensors() as averaged:   # idle until our next step: read in place
             self._apply(averaged, ex.snapshot, ex.weight, exact=ex.snapshot is None)
 
+    def _take_clips(self, clips) -> None:
+        if not isinstance(clips, dict):
+            return
+        self._clip_counts = dict(clips.get("counts") or {})
+        for peer in sorted(set(clips.get("named") or ()) - self._named):
+            self._named.add(peer)
+            self.on_warning("peer_clipped", f"peer {peer} sent values that had to be clipped (or returned an "
+                                            f"unbelievable average) in {self._clip_counts.get(peer, 0)} rounds; "
+                                            "it is left out from now on")
+
     def _apply(self, avg_delta, snapshot, weight: int, exact: bool) -> None:
         """θ_g' = outer_step(θ_g, Δ̄). exact: θ_local = θ_g' (nothing happened since Δ was taken);
         else θ_local += θ_g' − snapshot, keeping the inner progress made while the exchange ran."""
         with self._state_lock:
             outer_step_(self.outer, self.momentum, avg_delta, self.outer_lr, self.outer_momentum)
+            # the step just taken: lr·(g + m·buf') (what a state download is later measured against)
+            m, lr = float(np.float32(self.outer_momentum)), float(np.float32(self.outer_lr))
+            self._recent_steps.append(lr * math.sqrt(sum(
+                float(torch.linalg.vector_norm(g.reshape(b.shape) + m * b)) ** 2
+                for g, b in zip(avg_delta, self.momentum))))
             self.round += 1
             self.digest = digest(self.outer)
             _trace("apply", self.epoch, self.round, self.digest, weight)
@@ -498,6 +574,21 @@ class DiLoCoRounds:
                 return f"a tensor is {t.dtype} {tuple(t.shape)}, expected float32 {tuple(shape)}"
         if not all_finite(tensors):
             return "non-finite values"
+        if from_peer:
+            # A group that left us out says our θ_g is not the swarm's: then only the norm ratio holds.
+            n, ahead = len(self.outer), r - self.round
+            step = max(self._recent_steps) if self._recent_steps and self._sync_target is None else None
+            problem = state_problem(tensors[:n], self.outer, step, ahead)
+            if problem is not None:
+                return problem
+            # The momentum drives the next outer step: no larger than steps like ours could have built.
+            # (float32 norms: one that overflows is inf, and refused.)
+            mom = math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors[n:]))
+            own = math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in self.momentum))
+            limit = (own + STATE_STEP_BOUND * max(1, ahead) * step / max(self.outer_lr, 1e-12)) if step else \
+                math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors[:n]))
+            if not mom <= limit:
+                return f"momentum norm {mom:.3g} is beyond {limit:.3g}"
         return None
 
     def load_state_from_peers(self, timeout: float | None = None) -> bool:

@@ -134,4 +134,5 @@ class DiLoCoStrategy(SwarmStrategy):
                     outer_hash=outer_hash,
                     bytes_up=int(r.bytes_up), bytes_down=int(r.bytes_down), averaging_s=self.waited_s,
                     phase=phase, next_exchange_s=r.next_exchange_s(), round_bytes_up=int(r.last_round_bytes_up),
-                    round_bytes_down=int(r.last_round_bytes_down), round_peers=r.last_round_peers)
+                    round_bytes_down=int(r.last_round_bytes_down), round_peers=r.last_round_peers,
+                    clipped_peers=r.clipped_peers())
