@@ -1,9 +1,9 @@
-"""Who believes which epoch: the epoch filter's two-signer and majority rules, on claims and on
-hivemind-shaped progress records, and one real late join (two in-process hivemind peers)."""
+"""Who believes which epoch: the epoch filter's rules (signers ahead against peers behind, one
+fellow's word), on claims and on hivemind-shaped progress records, and one real late join (two
+in-process hivemind peers)."""
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -37,7 +37,7 @@ def test_a_newcomer_follows_the_one_other_peer():
 
 
 def test_the_newcomers_own_record_is_no_voice():
-    # Counted as a voice, its epoch 0 would outvote the one peer (the lower median of 0 and 7 is 0):
+    # Counted as a voice, its epoch 0 would stand against the one peer (one against one, a tie):
     # what kept late joiners of a one-peer swarm training alone from the initial weights.
     claims = [claim("me", 0), claim("peer", 7)]
     assert believed(claims, 0, own=None) == ({"me"}, {"peer"})
@@ -89,8 +89,8 @@ def test_one_forged_claim_moves_no_honest_peer_of_three():
 
 
 def test_one_forged_claim_moves_no_one_with_one_honest_fellow():
-    # The smallest swarm the rule protects: two honest training peers (the median of the other
-    # voices, 5 and 10**6, is the lower one), also while one of them is at epoch 0.
+    # The smallest swarm the rule protects: two honest training peers (one signer far ahead, and
+    # two other voices: no one-fellow rule), also while one of them is at epoch 0.
     assert believed([claim("a", 5), claim("b", 5), claim("evil", FORGED)], 5, own="a")[1] == {"evil"}
     assert believed([claim("a", 0), claim("b", 0), claim("evil", FORGED)], 0, own="a")[1] == {"evil"}
     # Signed metrics, even several of them, do not vote it in either.
@@ -117,41 +117,35 @@ def test_the_price_a_lone_fellow_is_believed_whatever_it_claims():
 # ---- the tracker on hivemind-shaped records --------------------------------------------------
 
 def _record(epoch, client=False):
-    from hivemind.utils import ValueWithExpiration
-    return ValueWithExpiration(dict(peer_id=b"x", epoch=epoch, samples_accumulated=4, samples_per_second=1.0,
-                                    time=time.time(), client_mode=client), time.time() + 30)
+    from records_helpers import progress
+    return progress(epoch, client=client)
 
 
 def _fake_tracker(local_epoch, own=b"[owner:me]", witnesses=()):
-    warnings = []
-    fake = SimpleNamespace(local_progress=SimpleNamespace(epoch=local_epoch), witnesses=list(witnesses),
-                           _warned=set(), _local_public_key=own, on_warning=lambda code, msg: warnings.append(msg))
-    return fake, warnings
+    from records_helpers import make_tracker
+    return make_tracker(local_epoch, own=own, witnesses=witnesses)
 
 
 def test_tracker_a_late_joiner_keeps_the_one_peers_record():
-    from training_core.swarm.collab import FilteredProgressTracker
-    fake, warnings = _fake_tracker(0)
+    tracker, warnings = _fake_tracker(0)
     metadata = {b"[owner:me]": _record(0), b"[owner:peer]": _record(12)}
-    assert set(FilteredProgressTracker.filter_metadata(fake, metadata)) == set(metadata)
+    assert set(tracker.filter_metadata(metadata)) == set(metadata)
     assert warnings == []
 
 
 def test_tracker_a_late_joiner_drops_the_forged_record_beside_an_honest_one():
-    from training_core.swarm.collab import FilteredProgressTracker
-    fake, warnings = _fake_tracker(0, witnesses=[witness("host", 11)])
+    tracker, warnings = _fake_tracker(0, witnesses=[witness("host", 11)])
     metadata = {b"[owner:me]": _record(0), b"[owner:peer]": _record(12), b"[owner:evil]": _record(FORGED)}
-    assert set(FilteredProgressTracker.filter_metadata(fake, metadata)) == {b"[owner:me]", b"[owner:peer]"}
+    assert set(tracker.filter_metadata(metadata)) == {b"[owner:me]", b"[owner:peer]"}
     assert len(warnings) == 1 and str(FORGED) in warnings[0]
 
 
 def test_tracker_honest_peers_drop_one_forged_record():
-    from training_core.swarm.collab import FilteredProgressTracker
     metadata = {b"[owner:a]": _record(5), b"[owner:b]": _record(5), b"[owner:c]": _record(6),
                 b"[owner:evil]": _record(FORGED)}
     for me, local in ((b"[owner:a]", 5), (b"[owner:c]", 6)):
-        fake, _ = _fake_tracker(local, own=me)
-        assert b"[owner:evil]" not in FilteredProgressTracker.filter_metadata(fake, metadata)
+        tracker, _ = _fake_tracker(local, own=me)
+        assert b"[owner:evil]" not in tracker.filter_metadata(metadata)
 
 
 # ---- a real late join ------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """hivemind's Optimizer with Modron's guards wired into the places where peers' data arrives.
 
-- FilteredProgressTracker: drops progress records whose epoch is far ahead of ours unless two
-  or more signers agree, or most other training peers do (hivemind would otherwise make everyone
-  jump to, and load state for, the highest epoch any single record claims).
+- FilteredProgressTracker: drops progress records whose epoch is far ahead of ours unless more
+  signers agree than training peers stand below it, or it is our one fellow peer's (hivemind
+  would otherwise make everyone jump to, and load state for, the highest epoch any single record
+  claims); counts one record per signer, and samples only within what one peer can compute.
 - GuardedOptimizer: averaged gradients that come back with the wrong shapes or non-finite are
   not applied (local gradients instead; if those are bad too, a zero update). Its gradient
   averager keeps the local gradients through the round, so that there are some to fall back on.
@@ -24,9 +25,12 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from .admission import AdmissionMixin
 from .guards import MAX_EPOCH_LEAD, EpochClaim, all_finite, filter_epoch_claims, tensors_match
+from .guards import (Admitted, LruDict, Problem, ProgressRecords, RecordLimits,  # FilteredProgressTracker
+                     everyone)
 from .robust import RobustAveraging, state_problem
 
 Warn = Callable[[str, str], None]
@@ -37,11 +41,40 @@ def _no_warning(code: str, message: str) -> None:
 
 
 class FilteredProgressTracker(ProgressTracker):
-    def __init__(self, *args, on_warning: Warn = _no_warning, **kwargs):
+    """hivemind's ProgressTracker, reading only the progress records that count (guards.ProgressRecords):
+    one record per signer, admitted signers only (`admitted`, everyone by default), times near now,
+    samples and samples/s within what one peer can compute (`limits`: guards.RecordLimits.for_manifest;
+    without them samples go unchecked), and epochs the swarm believes. A record whose samples are out
+    of reach counts for its epoch but with no samples: a forged 10**9 neither closes a DiLoCo round
+    nor shrinks sync's batch. Engines replace `witnesses` (signed metrics records) as they read them;
+    `limits` and `admitted` may be set after construction too."""
+    MAX_WARNED = 256              # remembered warnings (bounded under a flood of keys)
+    MAX_WARNINGS_PER_MIN = 10
+
+    def __init__(self, *args, on_warning: Warn = _no_warning, limits: RecordLimits | None = None,
+                 admitted: Admitted = everyone, **kwargs):
         self.on_warning = on_warning
         self.witnesses: list[EpochClaim] = []   # signed metrics records, replaced by the engine
-        self._warned: set[tuple[bytes, int]] = set()
+        self.records = ProgressRecords(limits, admitted)
+        self._warned = LruDict(self.MAX_WARNED)     # (signer, epoch, kind): said once
+        self._warn_times: list[float] = []
         super().__init__(*args, **kwargs)
+
+    @property
+    def limits(self) -> RecordLimits:
+        return self.records.limits
+
+    @limits.setter
+    def limits(self, limits: RecordLimits) -> None:
+        self.records.set_limits(limits)
+
+    @property
+    def admitted(self) -> Admitted:
+        return self.records.admitted
+
+    @admitted.setter
+    def admitted(self, admitted: Admitted) -> None:
+        self.records.admitted = admitted
 
     def _parse_swarm_progress_data(self, metadata):
         if isinstance(metadata, dict) and metadata:
@@ -49,29 +82,51 @@ class FilteredProgressTracker(ProgressTracker):
         return super()._parse_swarm_progress_data(metadata)
 
     def filter_metadata(self, metadata: dict) -> dict:
-        claims, by_claim = [], {}
+        parsed, original = [], {}
         for subkey, item in metadata.items():
             value = getattr(item, "value", None)
-            if value is None:
+            if value is None or not isinstance(subkey, bytes):
                 continue
             try:
                 progress = LocalTrainingProgress.parse_obj(value)
             except Exception:
                 continue
-            claim = EpochClaim(bytes(subkey), progress.epoch, counts=not progress.client_mode)
-            claims.append(claim)
-            by_claim[id(claim)] = subkey
+            parsed.append((subkey, progress))
+            original[subkey] = item
         # Our own record is no voice in the majority rule: a newcomer's epoch 0 would outvote the
         # one peer it came to catch up with.
-        kept, rejected = filter_epoch_claims(claims, self.local_progress.epoch, self.witnesses,
-                                             own=getattr(self, "_local_public_key", None))
-        for c in rejected:
-            if (c.source, c.epoch) not in self._warned:
-                self._warned.add((c.source, c.epoch))
-                self.on_warning("peer_rejected", f"ignored a peer claiming epoch {c.epoch} while this peer is at "
-                                                 f"{self.local_progress.epoch}: neither another signer nor most "
-                                                 "other peers agree")
-        return {by_claim[id(c)]: metadata[by_claim[id(c)]] for c in kept}
+        sifted = self.records.sift(parsed, self.local_progress.epoch, own=getattr(self, "_local_public_key", None),
+                                   witnesses=self.witnesses, now=get_dht_time())
+        for problem in sifted.problems:
+            self._warn(problem)
+        kept = {}
+        for subkey in sifted.kept:
+            item = original[subkey]
+            if subkey in sifted.no_work:
+                item = ValueWithExpiration(dict(item.value, samples_accumulated=0, samples_per_second=0.0),
+                                           item.expiration_time)
+            kept[subkey] = item
+        return kept
+
+    def _warn(self, problem: Problem) -> None:
+        key = (problem.who, problem.epoch, problem.kind)
+        if key in self._warned:
+            return
+        self._warned[key] = True
+        now = get_dht_time()      # a flood of forged records says so a few times a minute, not per record
+        self._warn_times = [t for t in self._warn_times if t > now - 60.0][-self.MAX_WARNINGS_PER_MIN:]
+        if len(self._warn_times) >= self.MAX_WARNINGS_PER_MIN:
+            return
+        self._warn_times.append(now)
+        local = self.local_progress.epoch
+        if problem.kind == "epoch":
+            message = (f"ignored a peer claiming epoch {problem.epoch} while this peer is at {local}: "
+                       "not enough other peers agree")
+        elif problem.kind == "work":
+            message = f"a peer's progress record counts without its samples: {problem.text}"
+        else:
+            message = f"ignored a peer's progress record: {problem.text}"
+        self.on_warning("peer_rejected", message)
 
 
 class _CheckedStateLoad(RobustAveraging):

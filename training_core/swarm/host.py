@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..fsutil import atomic_write_text
 from ..protocol import make_event
 from . import metrics
-from .guards import EpochClaim, believed_epoch_ceiling
+from .guards import ProgressRecords, RecordLimits, Sifted
 from .manifest import SwarmManifest, make_invite
 from .network import compression_for, quiet_hivemind, reap_children, start_dht, visible_maddrs
 from .peer import PeerOptions, optimizer_factories, swarm_spec
@@ -65,23 +65,24 @@ def host_token(manifest: SwarmManifest, opts: HostOptions) -> str | None:
     return token
 
 
-def progress_epochs(dht, key: str) -> list[EpochClaim]:
-    """The epochs in the progress records under `key` (hivemind's ProgressTracker: f"{prefix}_progress")."""
+def progress_epochs(dht, key: str, records: ProgressRecords, local_epoch: int, own: bytes | None = None,
+                    witnesses=()) -> Sifted:
+    """The progress records under `key` (hivemind's ProgressTracker: f"{prefix}_progress") that count
+    (records.sift: one per signer, times and samples within the limits, epochs believed)."""
     from hivemind.optim.progress_tracker import LocalTrainingProgress
     found = dht.get(key, latest=True)
     raw = found.value if found is not None else None
-    claims = []
+    parsed = []
     if isinstance(raw, dict):
         for subkey, item in raw.items():
             value = getattr(item, "value", None)
-            if value is None:
+            if value is None or not isinstance(subkey, bytes):
                 continue
             try:
-                p = LocalTrainingProgress.parse_obj(value)
+                parsed.append((subkey, LocalTrainingProgress.parse_obj(value)))
             except Exception:
                 continue
-            claims.append(EpochClaim(bytes(subkey), p.epoch, counts=not p.client_mode))
-    return claims
+    return records.sift(parsed, local_epoch, own=own, witnesses=witnesses)
 
 
 class _SyncState:
@@ -264,6 +265,10 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
     last_sync, last_ckpt_epoch, last_ckpt_time = 0.0, keeper.epoch, time.monotonic()
     deadline = time.monotonic() + opts.minutes * 60 if opts.minutes else None
     bytes_down = 0
+    # What the swarm's records may claim (the manifest's model and seq_len): reports and the epoch
+    # the host believes come only from records within these.
+    limits = RecordLimits.for_manifest(manifest, model)
+    reader, progress = metrics.MetricsReader(limits), ProgressRecords(limits, own_counts=False)
 
     def checkpoint(reason: str) -> None:
         nonlocal last_ckpt_epoch, last_ckpt_time
@@ -285,11 +290,13 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
             msg = controls.wait(REPORT_INTERVAL_S)
             if msg == "stop" or (deadline is not None and time.monotonic() >= deadline):
                 break
-            views = metrics.read(dht, manifest.run_id, token, require_auth=bool(manifest.auth.get("required")))
+            views = reader.read(dht, manifest.run_id, token, require_auth=bool(manifest.auth.get("required")))
             keeper.witnesses(views)
-            claims = progress_epochs(dht, keeper.progress_key)
-            ceiling = believed_epoch_ceiling(claims + metrics.witnesses(views), keeper.epoch)
-            swarm_epoch = max([c.epoch for c in claims if c.counts and c.epoch <= ceiling] + [keeper.epoch])
+            # Our own progress record (a DiLoCo follower's, signed with the same key) is no voice.
+            sifted = progress_epochs(dht, keeper.progress_key, progress, keeper.epoch, own=public_key,
+                                     witnesses=metrics.witnesses(views))
+            ceiling = sifted.ceiling
+            swarm_epoch = max([c.epoch for c in sifted.claims if c.counts] + [keeper.epoch])
             keeper.ceiling = ceiling
             # The host's traffic stays small: it downloads the state when a checkpoint is due (or was
             # asked for), not every round; peers serve late joiners first anyway.

@@ -2,11 +2,13 @@
 
 Records live under f"{run_id}_metrics", one subkey per signer (its RSA public key). hivemind's
 RSASignatureValidator rejects records not signed by the key named in their subkey, and the
-SchemaValidator rejects any that do not fit `MetricsRecord`; readers parse again before use.
+SchemaValidator rejects any that do not fit `MetricsRecord`; readers parse again before use, and
+report only from records within the swarm's limits (MetricsReader).
 """
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
@@ -15,7 +17,8 @@ from pydantic.v1 import BaseModel, StrictFloat, ValidationError, confloat, conin
 
 from hivemind.dht.schema import BytesWithPublicKey
 
-from .guards import EpochClaim, auth_ok, auth_tag
+from .guards import (MAX_SIGNERS, Admitted, EpochClaim, RecordGate, RecordLimits, auth_ok, auth_tag,
+                     believed_epoch_ceiling, everyone, signer_identity)
 
 METRICS_TTL_S = 30.0     # a peer gone this long drops out of "peers alive"
 
@@ -99,28 +102,86 @@ def parse_records(raw: Any, run_id: str, token: str | None = None, require_auth:
     return out
 
 
-def read(dht, run_id: str, token: str | None = None, require_auth: bool = False) -> list[PeerView]:
+def read(dht, run_id: str, token: str | None = None, require_auth: bool = False,
+         reader: "MetricsReader | None" = None) -> list[PeerView]:
+    """The swarm's metrics records; with a reader, only those within its limits."""
     found = dht.get(metrics_key(run_id), latest=True)
-    return parse_records(found.value if found is not None else None, run_id, token, require_auth)
+    views = parse_records(found.value if found is not None else None, run_id, token, require_auth)
+    return reader.sift(views) if reader is not None else views
+
+
+class MetricsReader:
+    """Keeps the metrics records that pass, for reports (the host's, a peer's):
+    - one signer, one record: only the canonical spelling of its key (guards.signer_identity);
+    - only admitted signers (`admitted`: a private swarm's check; everyone by default);
+    - its time within skew of now and not older than the limits allow;
+    - samples_per_s at most what one peer can compute, and samples (counted since the peer joined)
+      at most that rate times the time since its last record that passed, or, for a signer seen
+      for the first time, since this reader started (plus slack): guards.RecordGate;
+    - a loss within [0, limits.loss_max].
+    State per signer is bounded (guards.MAX_SIGNERS, oldest evicted). Sybil keys (one peer, many
+    keys) each pass on their own: admission is what limits them.
+    """
+
+    def __init__(self, limits: RecordLimits | None = None, admitted: Admitted = everyone,
+                 max_signers: int = MAX_SIGNERS, started: float | None = None):
+        self.limits = limits or RecordLimits()
+        self.admitted = admitted
+        self.gate = RecordGate(self.limits, per_epoch=False, started=time.time() if started is None else started,
+                               max_signers=max_signers)
+        self.rejected: list[tuple[bytes, str]] = []     # the last sift's (signer, why), for tests and logs
+
+    def problem(self, view: PeerView, now: float) -> str | None:
+        who, r = view.public_key, view.record
+        if signer_identity(who) != who:
+            return "it is signed under a second spelling of a signer's key"
+        if not self.admitted(who):
+            return "its signer is not admitted to this swarm"
+        if r.loss is not None and r.loss > self.limits.loss_max:
+            return f"its loss {r.loss:.4g} is beyond {self.limits.loss_max:.3g}"
+        return self.gate.timing(who, r.time, now) or \
+            self.gate.work(who, epoch=r.epoch, samples=r.samples, samples_per_s=r.samples_per_s, time=r.time)
+
+    def sift(self, views: list[PeerView], now: float | None = None) -> list[PeerView]:
+        now = time.time() if now is None else now
+        out, self.rejected = [], []
+        for v in views:
+            problem = self.problem(v, now)
+            if problem is None:
+                out.append(v)
+            else:
+                self.rejected.append((v.public_key, problem))
+        return out
+
+    def read(self, dht, run_id: str, token: str | None = None, require_auth: bool = False) -> list[PeerView]:
+        return read(dht, run_id, token, require_auth, reader=self)
 
 
 @dataclass
 class SwarmSummary:
     peers: int                 # contributing peers with a fresh record (the host not counted)
-    epoch: int
+    epoch: int                 # the highest epoch believed (guards.believed_epoch_ceiling)
     samples: int
     samples_per_s: float
-    loss: float | None
+    loss: float | None         # the (lower) median of the peers' losses: always one a peer had
 
     @classmethod
     def of(cls, views: list[PeerView], now: float | None = None) -> "SwarmSummary":
+        """From the records given (MetricsReader.sift's, for reports), the fresh ones, each signer once."""
         now = time.time() if now is None else now
-        fresh = [v.record for v in views if now - v.record.time <= METRICS_TTL_S]
+        by_signer: dict[bytes, MetricsRecord] = {}
+        for v in views:
+            if now - v.record.time <= METRICS_TTL_S:
+                by_signer.setdefault(v.public_key, v.record)
+        fresh = list(by_signer.values())
         peers = [r for r in fresh if r.role == "peer"]
         losses = [r.loss for r in peers if r.loss is not None]
-        return cls(peers=len(peers), epoch=max((r.epoch for r in fresh), default=0),
+        # peers vote, the host (which trails the swarm) vouches: as the epoch filter weighs them
+        ceiling = believed_epoch_ceiling([EpochClaim(k, r.epoch, witness=r.role == "host")
+                                          for k, r in by_signer.items()], 0)
+        return cls(peers=len(peers), epoch=max((r.epoch for r in fresh if r.epoch <= ceiling), default=0),
                    samples=sum(r.samples for r in peers), samples_per_s=sum(r.samples_per_s for r in peers),
-                   loss=sum(losses) / len(losses) if losses else None)
+                   loss=statistics.median_low(losses) if losses else None)
 
 
 def witnesses(views: list[PeerView]) -> list[EpochClaim]:
