@@ -54,7 +54,7 @@ class DiLoCoStrategy(SwarmStrategy):
             outer_lr=d["outer_lr"], outer_momentum=d["outer_momentum"], compression=m.compression,
             matchmaking_time=m.matchmaking_time, averaging_timeout=m.averaging_timeout,
             max_round_s=d["max_round_s"], overlap=d["overlap"], client_mode=handle.client_mode,
-            on_warning=engine.warn)
+            on_warning=engine.warn, tracker_opts=dict(limits=self.record_limits(engine)))
         return inner
 
     def make_scheduler(self, engine: Engine):

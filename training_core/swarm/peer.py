@@ -231,6 +231,18 @@ class SwarmStrategy(LocalStrategy):
         self.public_key = metrics.local_public_key()
         return self.handle
 
+    def record_limits(self, engine: Engine):
+        """What one peer can plausibly report (samples/s, loss), from the manifest and the model."""
+        from .guards import RecordLimits
+        if getattr(self, "_limits", None) is None:
+            self._limits = RecordLimits.for_manifest(self.manifest, engine.model)
+        return self._limits
+
+    def _metrics_reader(self, engine: Engine):
+        if getattr(self, "_reader", None) is None:
+            self._reader = metrics.MetricsReader(self.record_limits(engine))
+        return self._reader
+
     def identity_path(self) -> Path:
         """Per install and device: two GPUs of one install are two peers with two identities."""
         return self.opts.identity_path or identity_path_for(swarm_dir(), self.opts.device)
@@ -279,7 +291,7 @@ class SwarmStrategy(LocalStrategy):
             record = metrics.MetricsRecord(role="peer", epoch=self.local_epoch(), samples=self.samples_contributed,
                                            samples_per_s=float(sps), loss=loss, time=time.time())
             metrics.publish(self.handle.dht, m.run_id, self.public_key, record, self.token)
-        views = metrics.read(self.handle.dht, m.run_id, self.token)
+        views = self._metrics_reader(engine).read(self.handle.dht, m.run_id, self.token)
         if m.auth.get("required"):
             hosts = [v for v in views if v.record.role == "host"]
             if hosts and not any(v.authorized for v in hosts) and not self._token_warned:

@@ -62,7 +62,8 @@ class SyncStrategy(SwarmStrategy):
             # Downloaded state stays full precision: Adam's second moments underflow in float16
             # (zeros there turn the next update into a huge step).
             load_state_compression=compression_for("none"),
-            tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=3.0, default_refresh_period=1.0),
+            tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=3.0, default_refresh_period=1.0,
+                              limits=self.record_limits(engine)),
             shutdown_timeout=2.0, on_warning=engine.warn)
         self.optimizer = opt
         self.backup.take(params, self._backup_optimizer())
@@ -185,7 +186,7 @@ class SyncStrategy(SwarmStrategy):
                     bytes_down=int(self.bytes_down), averaging_s=self.waited_s,
                     phase="paused" if self.engine.paused else "inner", next_exchange_s=eta,
                     round_bytes_up=int(self.last_round_bytes), round_bytes_down=int(self.last_round_bytes),
-                    round_peers=self.last_round_peers)
+                    round_peers=self.last_round_peers, clipped_peers=opt.clipped_peers())
 
 
 def metrics_now() -> float:
