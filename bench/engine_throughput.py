@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import statistics
@@ -151,13 +150,9 @@ def build_model(setup: Setup):
 
 
 def engine_schedule(warmup: int, total: int):
-    """Engine._setup's lr factor: linear warmup, cosine decay to 10 %."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+    """The engine's lr factor (linear warmup, cosine decay to 10 %), the same function it uses."""
+    from training_core.strategy import warmup_cosine
+    return warmup_cosine(warmup, total)
 
 
 def batch_order(dataset, steps: int, batch_size: int) -> list[np.ndarray]:

@@ -236,6 +236,7 @@ def test_a_diverged_job_says_why_and_retry_goes_on_with_the_lower_lr(qtbot, tmp_
     queue.retry(job_id)
     job = store.get_job(job_id)
     assert job.state == "queued" and job.spec["lr"] == 0.001 and job.summary.get("suggested_lr") is None
+    view.refresh()   # runs the refresh that retry scheduled now: its timer must not fire on a closed store later
     store.close()
 
 

@@ -140,15 +140,25 @@ def test_two_peers_lower_the_loss_in_rounds(scenario):
 
 
 def test_peers_hold_identical_outer_weights_after_each_round(scenario):
-    by_round: dict[int, set] = {}
+    # What each peer holds after round r: the last digest it reported for r. A member that leaves in
+    # the middle of an all-reduce can let it complete for some peers and fail for others; the next
+    # exchange's lineage check then brings those onto the majority's weights (a healed fork), so
+    # such a round may show two digests on one peer, never a lasting difference.
+    held: dict[int, dict[str, str]] = {}
+    forks = 0
     for name in ("a", "b"):
+        seen: dict[int, str] = {}
         for e in scenario[name].of("swarm"):
             if e.get("outer_hash") and (e.get("round_peers") or 0) >= 2:
-                by_round.setdefault(e["round"], {}).setdefault(name, set()).add(e["outer_hash"])
-    shared = {r: v for r, v in by_round.items() if len(v) == 2}
-    assert len(shared) >= 2, by_round
-    for r, v in shared.items():
-        assert v["a"] == v["b"], (r, v)
+                if seen.get(e["round"], e["outer_hash"]) != e["outer_hash"]:
+                    forks += 1
+                seen[e["round"]] = e["outer_hash"]
+        for r, digest in seen.items():
+            held.setdefault(r, {})[name] = digest
+    shared = {r: v for r, v in held.items() if len(v) == 2}
+    assert len(shared) >= 5, held
+    assert all(v["a"] == v["b"] for v in shared.values()), {r: v for r, v in shared.items() if v["a"] != v["b"]}
+    assert forks <= 1, forks
 
 
 def test_a_late_joiner_starts_from_the_swarms_weights(scenario):

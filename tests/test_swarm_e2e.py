@@ -177,8 +177,10 @@ def test_a_peer_sending_nan_gradients_does_not_poison_the_rest(scenario):
     nan = scenario["x"]
     assert nan.of("step"), "the NaN peer never trained"
     assert not [w for w in nan.of("warning") if w["code"] == "nonfinite_grad"]   # its guard was off
-    rejected = [w for m in ("a", "b") for w in scenario[m].of("warning") if w["code"] == "peer_rejected"]
-    assert rejected, "nobody saw the NaN gradients"
+    # The robust reducer leaves a non-finite part out (a clip to nothing) and names a peer clipped round
+    # after round; a returned average that is not finite is rejected.
+    noticed = [w for m in ("a", "b") for w in scenario[m].of("warning") if w["code"] in ("peer_rejected", "peer_clipped")]
+    assert noticed, "nobody saw the NaN gradients"
     for m in ("a", "b"):
         params = load_params(latest_checkpoint(scenario["base"] / m / "data" / "swarm" / "test-swarm"))
         assert all(bool(v.isfinite().all()) for v in params.values())

@@ -120,7 +120,9 @@ class DiLoCoStrategy(SwarmStrategy):
         rounds = getattr(self, "rounds", None)
         if rounds is not None:
             try:
-                rounds.flush(timeout=5.0)
+                # A leaving peer may be reducing a part for the others: finishing an all-reduce that
+                # began (bounded by averaging_timeout) keeps them from a failed or lopsided round.
+                rounds.flush(timeout=self.manifest.averaging_timeout)
             finally:
                 rounds.shutdown()
 
