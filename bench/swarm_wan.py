@@ -24,8 +24,7 @@ by the probe below. RTT and loss are not scaled. Control traffic (hivemind store
 progress record in the DHT after every local step, plus metrics records) costs the same per step
 whatever the model's size, so on a link scaled to a 0.8 M-parameter model it would take a share
 the real link never sees; the tc rates are up_model/down_model plus the control rate the probe
-measured (--control-headroom-kbit overrides, 0 turns it off), and figures are given both as
-counted and less that control traffic ("model").
+measured (--control-headroom-kbit overrides, 0 turns it off).
 
 Runs, each with a fresh host and fresh peers (one torch thread each). Peers are launched paused
 and all told to start at once when every one has joined; wall time counts from there.
@@ -43,7 +42,7 @@ Eval loss: each peer's final (or requested) checkpoint, loaded with transformers
 blocks of the peers' own split (bundled stories, bytes tokenizer), mean over peers. A DiLoCo peer's
 checkpoint is its own weights: with overlap, the last round's outer step is not in it yet.
 Bytes: the kernel's counters of each member's interface from the start of training to the end
-(joining not counted). Utilization: each peer's `compute_s` (forward, backward, inner optimizer)
+(joining not counted), and the peers' own count of what their rounds sent ("exchange"). Utilization: each peer's `compute_s` (forward, backward, inner optimizer)
 over its `wall_s` (training time), from its last `swarm` event.
 
 Peer discovery: libp2p counts 198.18.0.0/15 as unroutable and leaves such addresses out of what
@@ -271,7 +270,9 @@ class PeerResult:
     client_mode: bool | None = None
     utilization: float | None = None
     round_peers: int | None = None
+    exchange_up: int | None = None  # what its rounds sent, by its own count (the `swarm` event's bytes_up)
     rounds: int = 0                 # diloco: outer steps applied; sync: global epochs
+    failed_rounds: int = 0          # `round_failed` warnings (diloco)
     final_ckpt: str | None = None
     requested: list = field(default_factory=list)   # copies of the requested checkpoints, in order
     eval_loss: float | None = None
@@ -289,35 +290,28 @@ class RunResult:
     wall_s: float = 0.0                 # all peers told to start -> the last peer done
     peers: list[PeerResult] = field(default_factory=list)
     traffic: dict = field(default_factory=dict)   # role -> [tx, rx] bytes over the training window
-    control: dict = field(default_factory=dict)   # role -> [tx, rx] control bytes per step (the probe's)
+    host: dict = field(default_factory=dict)      # the host's last epoch / state it holds, its warnings
     error: str | None = None
-
-    def control_bytes(self, role: str, i: int) -> float:
-        """Control traffic sent (i=0) or received (1): per step of its own for a peer, of any peer for the host."""
-        steps = sum(p.steps for p in self.peers if p.role == role or role == "host")
-        return self.control.get(role, (0.0, 0.0))[i] * steps
-
-    def _per_1k(self, model_only: bool) -> float | None:
-        vals = []
-        for p in self.peers:
-            if p.samples:
-                tx = p.tx - (self.control_bytes(p.role, 0) if model_only else 0.0)
-                vals.append(max(0.0, tx) / p.samples * 1000)
-        return statistics.mean(vals) if vals else None
 
     @property
     def samples(self) -> int:
         return sum(p.samples for p in self.peers)
 
+    def _per_1k(self, key) -> float | None:
+        vals = [key(p) / p.samples * 1000 for p in self.peers if p.samples and key(p) is not None]
+        return statistics.mean(vals) if vals else None
+
     @property
     def bytes_per_1k(self) -> float | None:
         """Bytes each peer sent per 1,000 samples it trained on (mean over peers), as the kernel counted."""
-        return self._per_1k(False)
+        return self._per_1k(lambda p: p.tx)
 
     @property
-    def model_bytes_per_1k(self) -> float | None:
-        """The same, less the control traffic the probe measured per step (model traffic)."""
-        return self._per_1k(True)
+    def exchange_per_1k(self) -> float | None:
+        """The same from the peers' own count of what their rounds sent (diloco: measured from the
+        serialized messages; sync: hivemind's, estimated from tensor sizes): no control traffic, no
+        state served to others."""
+        return self._per_1k(lambda p: p.exchange_up)
 
     @property
     def utilization(self) -> float | None:
@@ -333,28 +327,17 @@ class RunResult:
         vals = [p.eval_at[label] for p in self.peers if label in p.eval_at]
         return statistics.mean(vals) if vals else None
 
-    def _host_share(self, model_only: bool) -> float | None:
-        """The host's bytes (sent + received) over all bytes every member sent."""
-        if "host" not in self.traffic:
-            return None
-        minus = (lambda role, i: self.control_bytes(role, i)) if model_only else (lambda role, i: 0.0)
-        host = sum(max(0.0, self.traffic["host"][i] - minus("host", i)) for i in (0, 1))
-        total = sum(max(0.0, tx - minus(role, 0)) for role, (tx, _) in self.traffic.items())
-        return host / total if total > 0 else None
-
     @property
     def host_share(self) -> float | None:
-        return self._host_share(False)
-
-    @property
-    def model_host_share(self) -> float | None:
-        return self._host_share(True)
+        """The host's bytes (sent + received) over all bytes every member sent."""
+        total = sum(tx for tx, _ in self.traffic.values())
+        return sum(self.traffic["host"]) / total if total and "host" in self.traffic else None
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "peers"}
         d.update(peers=[p.__dict__ for p in self.peers], samples=self.samples, bytes_per_1k_samples=self.bytes_per_1k,
-                 model_bytes_per_1k_samples=self.model_bytes_per_1k, utilization=self.utilization,
-                 eval_loss=self.eval_loss, host_share=self.host_share, model_host_share=self.model_host_share)
+                 exchange_bytes_per_1k_samples=self.exchange_per_1k, utilization=self.utilization,
+                 eval_loss=self.eval_loss, host_share=self.host_share)
         return d
 
 
@@ -568,8 +551,7 @@ def checkpoint_times(at: dict[str, float] | None) -> list[float]:
 
 
 def run_swarm(lab: NetLab, s: Settings, work: Path, name: str, algorithm: str, compression: str, shaped: bool,
-              scaling: Scaling, checkpoint_at: dict[str, float] | None = None, control: dict | None = None,
-              log=print) -> RunResult:
+              scaling: Scaling, checkpoint_at: dict[str, float] | None = None, log=print) -> RunResult:
     """A host and the peers, all peers starting to train at once; bounded by K steps per peer, or
     (with `checkpoint_at`: label -> seconds after the start) checkpointed at those times, then stopped."""
     result = RunResult(name, algorithm, compression, shaped)
@@ -630,12 +612,19 @@ def run_swarm(lab: NetLab, s: Settings, work: Path, name: str, algorithm: str, c
         for role, m in sw.peers.items():
             result.peers.append(peer_result(role, m, sw, before, after, s))
         result.traffic = {r: [after[r][0] - before[r][0], after[r][1] - before[r][1]] for r in after}
-        result.control = {r: list(v) for r, v in (control or {}).items()}
     except Exception as exc:   # one broken run must not lose the others' figures
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
         sw.stop_all()
         sw.save_logs()
+        if sw.host is not None:
+            last = ([e for e in sw.host.of("swarm")] or [{}])[-1]
+            warnings: dict[str, int] = {}
+            for e in sw.host.of("warning"):
+                warnings[e.get("code")] = warnings.get(e.get("code"), 0) + 1
+            result.host = {"host_epoch": last.get("host_epoch"), "swarm_epoch": last.get("epoch"),
+                           "warnings": warnings,
+                           "last_warning": ([e.get("message") for e in sw.host.of("warning")] or [None])[-1]}
         if result.error:
             for role, m in [("host", sw.host), *sw.peers.items()]:
                 if m is not None:
@@ -655,6 +644,8 @@ def peer_result(role: str, m, sw: Swarm, before: dict, after: dict, s: Settings)
     modes = [e.get("client_mode") for e in swarm if e.get("client_mode") is not None]
     r.client_mode = modes[-1] if modes else None
     r.round_peers = max([e.get("round_peers") or 0 for e in swarm] or [0]) or None
+    r.exchange_up = max([e.get("bytes_up") or 0 for e in swarm] or [0])
+    r.failed_rounds = len([1 for _, e in m.events if e.get("type") == "warning" and e.get("code") == "round_failed"])
     r.rounds = max([e.get("round") if e.get("round") is not None else e.get("epoch") or 0 for e in swarm] or [0])
     failed = [e for _, e in m.events if e.get("type") == "failed"]
     if failed:
@@ -797,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
         if "sync" in s.algorithms and not s.quick:
             log(f"run sync-open: sync, rate limit lifted, {s.steps} steps per peer ...")
             sync_open = run_swarm(lab, s, work, "sync-open", "sync", "float16", False, scaling,
-                                 control=found["control_B_per_step"], log=log)
+                                 log=log)
             evaluate_run(sync_open, evaluate)
             runs.append(sync_open)
             log(f"    done in {sync_open.wall_s:.0f} s" + (f"; error: {sync_open.error}" if sync_open.error else ""))
@@ -806,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
             for comp in s.compressions:
                 name = f"diloco-{comp}"
                 log(f"run {name}: shaped link, {s.rounds} rounds of {s.inner_steps} steps per peer ...")
-                r = run_swarm(lab, s, work, name, "diloco", comp, True, scaling, control=found["control_B_per_step"], log=log)
+                r = run_swarm(lab, s, work, name, "diloco", comp, True, scaling, log=log)
                 evaluate_run(r, evaluate)
                 runs.append(r)
                 diloco_runs.append(r)
@@ -818,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"run sync-shaped: sync on the shaped link, checkpoints at "
                 f"{', '.join(f'{v:.0f} s' for v in at.values())} ...")
             sync_shaped = run_swarm(lab, s, work, "sync-shaped", "sync", "float16", True, scaling,
-                                    checkpoint_at=at, control=found["control_B_per_step"], log=log)
+                                    checkpoint_at=at, log=log)
             evaluate_run(sync_shaped, evaluate, at)
             runs.append(sync_shaped)
         report = build_report(s, scaling, net, runs, sync_open, sync_shaped, diloco_runs)
@@ -849,8 +840,8 @@ def build_report(s, scaling, net, runs, sync_open, sync_shaped, diloco_runs) -> 
         d = {}
         if sync_ref and sync_ref.bytes_per_1k and r.bytes_per_1k:
             d["sync_bytes_over_diloco"] = sync_ref.bytes_per_1k / r.bytes_per_1k
-        if sync_ref and sync_ref.model_bytes_per_1k and r.model_bytes_per_1k:
-            d["sync_model_bytes_over_diloco"] = sync_ref.model_bytes_per_1k / r.model_bytes_per_1k
+        if sync_ref and sync_ref.exchange_per_1k and r.exchange_per_1k:
+            d["sync_exchange_bytes_over_diloco"] = sync_ref.exchange_per_1k / r.exchange_per_1k
         if sync_open and sync_open.eval_loss and r.eval_loss:
             d["eval_loss_equal_samples_vs_sync"] = r.eval_loss / sync_open.eval_loss
         if sync_shaped and sync_shaped.eval_at(r.name) and r.eval_loss:
@@ -871,7 +862,7 @@ def build_report(s, scaling, net, runs, sync_open, sync_shaped, diloco_runs) -> 
     if r8 is not None:
         checks = {
             "bytes_100x": (eight.get("sync_bytes_over_diloco") or 0) >= 100,
-            "model_bytes_100x": (eight.get("sync_model_bytes_over_diloco") or 0) >= 100,
+            "exchange_bytes_100x": (eight.get("sync_exchange_bytes_over_diloco") or 0) >= 100,
             "utilization_90": (r8.utilization or 0) >= 0.9,
             "equal_samples_within_5pct": (eight.get("eval_loss_equal_samples_vs_sync") or 9) <= 1.05,
             "equal_time_lower": (eight.get("eval_loss_equal_time_vs_sync") or 9) < 1.0,
@@ -897,18 +888,17 @@ def print_report(report, s, scaling, runs, sync_open, sync_shaped, diloco_runs) 
     n = report["network"]
     print(f"  link check: RTT {n['rtt_s'] * 1000:.1f} ms, one TCP stream up {n['up_bps'] / 1e6:.3f} Mbit/s")
     print(f"  {'run':22s} {'wall':>6s} {'samples':>7s} {'rounds':>6s} {'sent/peer/1k samples':>21s} {'util':>5s} "
-          f"{'eval loss':>9s} {'host share':>12s}")
-    print(f"  {'':22s} {'s':>6s} {'':>7s} {'':>6s} {'all':>10s} {'model':>10s} {'':>5s} {'':>9s} {'all':>5s} "
-          f"{'model':>6s}")
+          f"{'eval loss':>9s} {'host':>6s}")
+    print(f"  {'':22s} {'s':>6s} {'':>7s} {'':>6s} {'all':>10s} {'exchange':>10s} {'':>5s} {'':>9s} {'share':>6s}")
     for r in runs:
         rounds = [p.rounds for p in r.peers]
         print(f"  {r.name:22s} {r.wall_s:6.0f} {r.samples:7d} {max(rounds or [0]):6d} {fmt_bytes(r.bytes_per_1k):>10s} "
-              f"{fmt_bytes(r.model_bytes_per_1k):>10s} {fmt(r.utilization, '.0%'):>5s} {fmt(r.eval_loss):>9s} "
-              f"{fmt(r.host_share, '.0%'):>5s} {fmt(r.model_host_share, '.0%'):>6s}"
+              f"{fmt_bytes(r.exchange_per_1k):>10s} {fmt(r.utilization, '.0%'):>5s} {fmt(r.eval_loss):>9s} "
+              f"{fmt(r.host_share, '.0%'):>6s}"
               + (f"  ERROR {r.error}" if r.error else ""))
     print("  (sync-open: rate limit lifted, the equal-samples baseline; others on the shaped link; eval loss of each "
-          "peer's final checkpoint, mean over peers; rounds: diloco outer steps applied, sync global epochs; "
-          "'model' = less the probe's control traffic per step)")
+          "peer's final checkpoint, mean over peers; rounds: diloco outer steps applied, sync global epochs (most "
+          "any peer reached); sent 'all': kernel counters, 'exchange': the peers' own count of their rounds' bytes)")
     if sync_shaped:
         for r in diloco_runs:
             v = sync_shaped.eval_at(r.name)
@@ -918,13 +908,21 @@ def print_report(report, s, scaling, runs, sync_open, sync_shaped, diloco_runs) 
                       f"{', '.join(f'{t:.0f}' for t in when)} s): eval loss {v:.3f}")
     for name, d in report["ratios"].items():
         print(f"  {name}: sync's bytes per sample / its: {fmt(d.get('sync_bytes_over_diloco'), '.0f')}x all, "
-              f"{fmt(d.get('sync_model_bytes_over_diloco'), '.0f')}x model; eval loss / sync's at equal samples "
+              f"{fmt(d.get('sync_exchange_bytes_over_diloco'), '.0f')}x exchange; eval loss / sync's at equal samples "
               f"{fmt(d.get('eval_loss_equal_samples_vs_sync'))}, at equal wall-clock "
               f"{fmt(d.get('eval_loss_equal_time_vs_sync'))}")
     for name, d in report["nat"].items():
         print(f"  {name}: NAT peer {d['peer']}: client mode {d['client_mode']}, {d['samples']} samples, largest "
               f"group it saw {d['own_largest_group']}, the others saw {d['others_largest_group']} of {d['peers']}"
               + (f"; error: {d['error']}" if d["error"] else ""))
+    for r in runs:
+        if r.algorithm == "diloco":
+            print(f"  {r.name}: outer steps applied per peer " + ", ".join(f"{p.role} {p.rounds}" for p in r.peers)
+                  + "; failed rounds " + ", ".join(f"{p.role} {p.failed_rounds}" for p in r.peers))
+        if r.host:
+            print(f"  {r.name}: host holds the state of epoch {r.host.get('host_epoch')} (swarm at "
+                  f"{r.host.get('swarm_epoch')}); host warnings {r.host.get('warnings') or 'none'}"
+                  + (f"; last: {r.host['last_warning'][:160]}" if r.host.get("last_warning") else ""))
     if report["checks"]:
         print("  targets (diloco with 8-bit): " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}"
                                                            for k, v in report["checks"].items()))
