@@ -48,8 +48,10 @@ def test_group_lineage_is_the_majority_then_the_highest_round():
 
 
 # ---- swarms on loopback -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture
 def swarm():
+    # A fresh DHT pair per test: one shared by the module once stopped answering (`add_validators` never
+    # returned) after many rounds' trackers and averagers had come and gone on it, under heavy load.
     import hivemind
     from hivemind.utils.crypto import RSAPrivateKey
     a = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
