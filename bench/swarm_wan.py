@@ -444,6 +444,11 @@ class Swarm:
             if m is not None:
                 (m.home / "events.jsonl").write_text("".join(m.lines), encoding="utf-8")
 
+    def kill_all(self) -> None:
+        for m in [*self.peers.values(), self.host]:
+            if m is not None:
+                m.kill()
+
     def stop_all(self) -> None:
         for m in [*self.peers.values(), self.host]:
             if m is not None and m.proc.poll() is None:
@@ -540,6 +545,9 @@ def probe(lab: NetLab, s: Settings, work: Path, log=print) -> dict:
         per_step = {r: [v / (rate[r] if r in rate else sum(rate.values())) for v in rates[r]] for r in rates}
         return {"cpu_step_s": statistics.median(steps_s), "peer_step_s": steps_s, "control_Bps": rates,
                 "control_B_per_step": per_step, "steps_per_s": rate}
+    except BaseException:
+        sw.kill_all()
+        raise
     finally:
         sw.stop_all()
         sw.save_logs()
@@ -614,6 +622,9 @@ def run_swarm(lab: NetLab, s: Settings, work: Path, name: str, algorithm: str, c
         result.traffic = {r: [after[r][0] - before[r][0], after[r][1] - before[r][1]] for r in after}
     except Exception as exc:   # one broken run must not lose the others' figures
         result.error = f"{type(exc).__name__}: {exc}"
+    except BaseException:      # Ctrl-C, SIGTERM: no graceful stops, the network goes down next
+        sw.kill_all()
+        raise
     finally:
         sw.stop_all()
         sw.save_logs()
