@@ -213,7 +213,8 @@ class Contributor(QObject):
         self._retry_s = RETRY_FIRST_S
         self._hold: tuple[str, str] | None = None   # (invite, message): bad input, wait for a new invite
         self._available: tuple[float, tuple[bool, str]] | None = None
-        self._shutting_down = False
+        self._serial = 0                          # which worker the slots listen to
+        self._retired: list[WorkerProcess] = []   # ended workers, deleted when the next one starts
 
         kill_orphan_peer(store)
         if queue is not None:
@@ -353,9 +354,15 @@ class Contributor(QObject):
         args = ["--invite-file", self.runner.path(invite_file), "--json", "--device", "auto",
                 "--vram-fraction", f"{rules.vram_cap_fraction:g}", *consent_args(self.store, manifest)]
         args += self.join_args
+        for old in self._retired:      # ended workers are deleted here, never inside their own signals
+            old.deleteLater()
+        self._retired = []
+        self._serial += 1
         w = WorkerProcess(command=self.runner.command(args), run_dir=folder / manifest.run_id, parent=self)
-        w.event.connect(lambda ev, w=w: self._on_event(w, ev))
-        w.exited.connect(lambda code, reason, w=w: self._on_exit(w, code, reason))
+        # The slots name the worker by a number, not by the object: a connection holding the object
+        # it belongs to is a reference cycle through C++ that PySide tears down badly.
+        w.event.connect(lambda ev, n=self._serial: self._on_event(n, ev))
+        w.exited.connect(lambda code, reason, n=self._serial: self._on_exit(n, code, reason))
         self._worker, self.run_id = w, manifest.run_id
         self._base = self.store.swarm_stats(manifest.run_id)
         self._session_s, self._stop_after_pause, self._pause_sent = 0.0, False, None
@@ -433,7 +440,6 @@ class Contributor(QObject):
     def shutdown(self, timeout_ms: int = 10000) -> None:
         """Quit: the worker leaves the swarm (killed after timeout_ms). Blocks, on purpose."""
         self._timer.stop()
-        self._shutting_down = True
         w = self._worker
         if w is None:
             return
@@ -443,8 +449,8 @@ class Contributor(QObject):
             w.wait(5000)
 
     # --- the worker's side -----------------------------------------------------------------
-    def _on_event(self, w: WorkerProcess, ev: dict) -> None:
-        if w is not self._worker:
+    def _on_event(self, serial: int, ev: dict) -> None:
+        if serial != self._serial or self._worker is None:
             return
         t = ev["type"]
         if t == "started" and self.state == "starting":
@@ -490,15 +496,14 @@ class Contributor(QObject):
         self.store.set_swarm_stats(run_id, last_status=status, **totals)
         self.store.add_swarm_metric(run_id, ev)
 
-    def _on_exit(self, w: WorkerProcess, code: int, reason: str) -> None:
-        if w is not self._worker:
+    def _on_exit(self, serial: int, code: int, reason: str) -> None:
+        w = self._worker
+        if serial != self._serial or w is None:
             return
         self._worker = None
         self.store.set_setting(PID_SETTING, None)
-        if not self._shutting_down:
-            # Not while shutdown() blocks in waitForFinished: deleting the process object from under
-            # that wait (the deferred delete runs in the next test's or app's loop) crashes PySide.
-            w.deleteLater()
+        w.retire()
+        self._retired.append(w)
         expected = self.state in ("stopping", "pausing") or self._stop_after_pause
         if self._pause_sent is not None:    # killed (or gone) before `paused`: the GPU is free now
             self._pause_sent = None

@@ -71,6 +71,8 @@ class JobQueue(QObject):
         self._intent: str | None = None     # why we asked the worker to stop: "cancel" or "shutdown"
         self._seen: set[str] = set()        # event types seen from the current worker
         self._shutting_down = False
+        self._serial = 0                          # which worker the slots listen to
+        self._retired: list[WorkerProcess] = []   # ended workers, deleted when the next one starts
         self._recovered = False
         # Consulted before a job's worker starts; False holds the queue until reconsider() (the swarm
         # contribution uses it to hand the GPU over first, or to keep it while the swarm has priority).
@@ -223,6 +225,8 @@ class JobQueue(QObject):
             w.wait(5000)
         if self._worker is w:   # no exit notice came through: record the outcome ourselves
             self._worker, self._job_id = None, None
+            w.retire()
+            self._retired.append(w)
             self._requeue_front(job_id)
 
     # ---- internals ------------------------------------------------------------------------
@@ -258,9 +262,14 @@ class JobQueue(QObject):
             self._schedule()
             return
         resume = job.attempts > 0
+        for old in self._retired:      # ended workers are deleted here, never inside their own signals
+            old.deleteLater()
+        self._retired = []
+        self._serial += 1
         w = WorkerProcess(spec_path, resume=resume, parent=self)
-        w.event.connect(lambda ev, jid=job.id, w=w: self._on_event(jid, w, ev))
-        w.exited.connect(lambda code, reason, jid=job.id, w=w: self._on_exit(jid, w, code, reason))
+        # The slots name the worker by a number, not by the object (see app/contribution.py).
+        w.event.connect(lambda ev, jid=job.id, n=self._serial: self._on_event(jid, n, ev))
+        w.exited.connect(lambda code, reason, jid=job.id, n=self._serial: self._on_exit(jid, n, code, reason))
         self._worker, self._job_id, self._intent, self._seen = w, job.id, None, set()
         self.store.update_job(job.id, state="running", attempts=job.attempts + 1, started=job.started or time.time(),
                               finished=None, error=None)
@@ -269,8 +278,9 @@ class JobQueue(QObject):
         self.queue_changed.emit()
         self.gpu_job_started.emit(job.id)
 
-    def _on_event(self, job_id: int, w: WorkerProcess, ev: dict) -> None:
-        if w is not self._worker:
+    def _on_event(self, job_id: int, serial: int, ev: dict) -> None:
+        w = self._worker
+        if serial != self._serial or w is None:
             return
         t = ev["type"]
         started_before = "started" in self._seen
@@ -321,13 +331,15 @@ class JobQueue(QObject):
             self.job_changed.emit(job_id)
         self.job_event.emit(job_id, ev)
 
-    def _on_exit(self, job_id: int, w: WorkerProcess, code: int, reason: str) -> None:
-        if w is not self._worker:
+    def _on_exit(self, job_id: int, serial: int, code: int, reason: str) -> None:
+        w = self._worker
+        if serial != self._serial or w is None:
             return
         self._worker, self._job_id = None, None
         intent, seen = self._intent, self._seen
         self._intent = None
-        w.deleteLater()
+        w.retire()
+        self._retired.append(w)
         now = time.time()
         if code == 0 and "finished" in seen:
             self._set(job_id, state="finished", finished=now, error=None, summary={"worker_pid": None})

@@ -131,6 +131,17 @@ class WorkerProcess(QObject):
             self._killed_by_us = True
             self._proc.kill()
 
+    def retire(self) -> None:
+        """This worker has ended and its owner is done with it: no signal of it reaches Python again.
+
+        The owner deletes it later (`deleteLater()` when it starts the next worker), never from inside
+        one of its signals: a QProcess deleted while its `finished` is being delivered, or one that
+        emits into Python while it is being destroyed, is a use-after-free in PySide (a segfault in
+        the next processEvents(), seen in CI).
+        """
+        self._proc.blockSignals(True)
+        self.blockSignals(True)
+
     def running(self) -> bool:
         return self._proc.state() != QProcess.ProcessState.NotRunning
 

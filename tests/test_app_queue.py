@@ -89,6 +89,27 @@ def test_worker_process_reads_only_protocol_lines(qtbot, tmp_path):
     assert "SIGSEGV" in exit_reason(11, crashed=True) and "status 3" in exit_reason(3, crashed=False)
 
 
+def test_a_retired_worker_says_nothing_more_and_is_deleted_safely(qtbot, tmp_path):
+    """A worker its owner is done with (retire) delivers no signal again, then is deleted outside
+    its own signals; a real process that keeps printing and then exits, deleted at once after."""
+    import sys
+    from PySide6.QtCore import QObject
+    import shiboken6
+    owner = QObject()
+    line = encode(make_event("warning", code="data", message="x")).replace("\n", "")
+    script = f"import time\nfor i in range(40): print({line!r}, flush=True); time.sleep(0.02)\n"
+    w = WorkerProcess(command=(sys.executable, ["-c", script]), run_dir=tmp_path / "run", parent=owner)
+    got, exits = [], []
+    w.event.connect(lambda ev: got.append(ev) or (len(got) == 3 and w.retire()))
+    w.exited.connect(lambda code, reason: exits.append(code))
+    w.start()
+    qtbot.waitUntil(lambda: not w.running(), timeout=30_000)
+    qtbot.wait(100)
+    assert len(got) == 3 and exits == []     # without retire: 40 events and an exit notice
+    w.deleteLater()
+    qtbot.waitUntil(lambda: not shiboken6.isValid(w), timeout=5_000)
+
+
 def test_queue_order_pause_all_failure_one_at_a_time_pause_resume_cancel(qtbot, tmp_path, queues):
     store = Store.open_default()
     q = JobQueue(store)
