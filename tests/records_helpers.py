@@ -29,12 +29,13 @@ def progress(epoch: int, samples: int = 4, samples_per_second: float = 1.0, t: f
 
 
 def make_tracker(local_epoch: int = 0, own: bytes = b"[owner:me]", witnesses=(), target: int = 4096,
-                 limits=None, local_samples: int = 0):
+                 limits=None, local_samples: int = 0, report_interval_s: float = 0.0):
     """A FilteredProgressTracker at `local_epoch` whose own signer is `own`; (tracker, warnings)."""
     from training_core.swarm.collab import FilteredProgressTracker
     warnings: list[str] = []
     tracker = FilteredProgressTracker(dht=FakeDHT(), prefix="run-x", target_batch_size=target, start=False,
-                                      on_warning=lambda code, msg: warnings.append(msg), limits=limits)
+                                      on_warning=lambda code, msg: warnings.append(msg), limits=limits,
+                                      report_interval_s=report_interval_s)
     tracker._local_public_key = own
     tracker.local_progress = tracker._get_local_progress(local_epoch, local_samples)
     tracker.witnesses = list(witnesses)

@@ -341,3 +341,27 @@ def test_the_hosts_copy_of_the_state_is_no_opinion():
     claims = [claim("a", 100), claim("b", 150), claim("c", 151)]
     assert believed_epoch_ceiling(claims, 100, own=b"host", own_counts=False) == 150 + MAX_EPOCH_LEAD
     assert believed_epoch_ceiling(claims, 100, own=b"me") == 100 + MAX_EPOCH_LEAD
+
+
+def test_progress_records_go_out_at_most_once_per_interval_and_at_once_on_a_new_epoch():
+    tracker, _ = make_tracker(report_interval_s=30.0)
+    due = tracker.should_report_progress
+    tracker.report_local_progress(0, 8)
+    assert due.is_set()                      # the first one goes out
+    due.clear()                              # (the reporter stored it)
+    for n in (16, 24, 32):
+        tracker.report_local_progress(0, n)
+        assert not due.is_set()              # within the interval: held back...
+    assert tracker.local_progress.samples_accumulated == 32   # ...but the next record carries them all
+    tracker.report_local_progress(1, 0)
+    assert due.is_set()                      # a new epoch: at once
+    tracker.report_local_progress(1, 8)
+    assert due.is_set()                      # a due record not stored yet is never taken back
+    due.clear()
+    tracker.report_local_progress(1, 4)      # the count went back (a reset): at once
+    assert due.is_set()
+    plain, _ = make_tracker()
+    for n in (8, 16):
+        plain.should_report_progress.clear()
+        plain.report_local_progress(0, n)
+        assert plain.should_report_progress.is_set()    # interval 0: hivemind's behaviour, every step

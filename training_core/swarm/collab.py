@@ -17,6 +17,7 @@ Every rejection reaches the engine through `on_warning(code, message)`.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import hivemind
@@ -52,8 +53,10 @@ class FilteredProgressTracker(ProgressTracker):
     MAX_WARNINGS_PER_MIN = 10
 
     def __init__(self, *args, on_warning: Warn = _no_warning, limits: RecordLimits | None = None,
-                 admitted: Admitted = everyone, **kwargs):
+                 admitted: Admitted = everyone, report_interval_s: float = 0.0, **kwargs):
         self.on_warning = on_warning
+        self.report_interval_s = report_interval_s
+        self._next_report = 0.0
         self.witnesses: list[EpochClaim] = []   # signed metrics records, replaced by the engine
         self.records = ProgressRecords(limits, admitted)
         self._warned = LruDict(self.MAX_WARNED)     # (signer, epoch, kind): said once
@@ -75,6 +78,22 @@ class FilteredProgressTracker(ProgressTracker):
     @admitted.setter
     def admitted(self, admitted: Admitted) -> None:
         self.records.admitted = admitted
+
+    def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
+        """hivemind stores a signed record in the DHT on every call, i.e. after every local step: with
+        DiLoCo that control traffic outweighed the rounds' own (~16 kB per step). Here a record goes
+        out at most every `report_interval_s`, at once when the epoch changes or the count goes back;
+        in between, hivemind's own reporter timer and the others' samples/s extrapolation cover it."""
+        now = time.monotonic()
+        prev = self.local_progress
+        due = (now >= self._next_report or local_epoch != prev.epoch
+               or samples_accumulated < prev.samples_accumulated)
+        pending = self.should_report_progress.is_set()     # a due report not stored yet stays due
+        super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
+        if due:
+            self._next_report = now + self.report_interval_s
+        elif not pending:
+            self.should_report_progress.clear()
 
     def _parse_swarm_progress_data(self, metadata):
         if isinstance(metadata, dict) and metadata:

@@ -15,6 +15,10 @@ from ..engine import Engine
 from . import guards, metrics
 from .peer import SwarmStrategy, epoch_schedule
 
+# At most one progress record per second (collab.FilteredProgressTracker): a round closes at most
+# that late, against rounds of minutes; per-step records were most of a DiLoCo peer's traffic.
+DILOCO_REPORT_INTERVAL_S = 1.0
+
 
 class _RoundLR:
     """The inner learning rate follows the manifest's schedule by round (a swarm has no last step)."""
@@ -54,7 +58,8 @@ class DiLoCoStrategy(SwarmStrategy):
             outer_lr=d["outer_lr"], outer_momentum=d["outer_momentum"], compression=m.compression,
             matchmaking_time=m.matchmaking_time, averaging_timeout=m.averaging_timeout,
             max_round_s=d["max_round_s"], overlap=d["overlap"], client_mode=handle.client_mode,
-            on_warning=engine.warn, tracker_opts=dict(limits=self.record_limits(engine)))
+            on_warning=engine.warn,
+            tracker_opts=dict(limits=self.record_limits(engine), report_interval_s=DILOCO_REPORT_INTERVAL_S))
         return inner
 
     def make_scheduler(self, engine: Engine):
