@@ -83,9 +83,10 @@ def scenario(tmp_path_factory):
         x = start("x", JOIN + ["--invite-file", str(invite)], MODRON_TEST_SEND_NAN="1")
         a.wait_for(lambda e: e["type"] == "swarm" and e["epoch"] >= 3, timeout=150)
 
-        # A late joiner must load the swarm's state rather than start from the initial weights.
+        # A late joiner must load the swarm's state rather than start from the initial weights; it
+        # joins as a client (outgoing connections only), as a peer behind NAT does.
         facts["epoch_at_late_join"] = _epoch(a)
-        late = start("late", JOIN + ["--invite-file", str(invite), "--steps", "6"])
+        late = start("late", JOIN + ["--invite-file", str(invite), "--steps", "6", "--client-mode", "on"])
 
         # Meanwhile: pause and resume B.
         t_pause = b.send("pause")
@@ -99,7 +100,9 @@ def scenario(tmp_path_factory):
         b.wait_for(lambda e: e["type"] == "step", since=t_resumed, timeout=60)
         facts["steps_after_resume"] = True
 
-        # SIGKILL X; the others must keep advancing epochs.
+        # SIGKILL X once it has trained (on a loaded machine its start-up can outlast all of the above);
+        # the others must keep advancing epochs.
+        x.wait_for(lambda e: e["type"] == "step", timeout=120)
         facts["epoch_at_kill"] = _epoch(a)
         x.kill()
         t_kill = time.monotonic()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,66 @@ from .peer import PeerOptions, optimizer_factories, swarm_spec
 REPORT_INTERVAL_S = 2.0
 MIN_LOAD_INTERVAL_S = 3.0
 MAX_KNOWN_PEERS = 32
+FIRST_RETRY_S = 30.0          # after a failed state download (at most the checkpoint interval); doubled up to it
+# The host is in no hurry and a peer's home uplink may be slow: a state download is given the time
+# it takes at 1 Mbit/s. A limit that assumed 10 MB/s cut every download on the bench's shaped link
+# short ("45 tensors instead of 76") and the host tried again at once, for nothing, all run long.
+HOST_MIN_RATE = 125_000       # bytes/s
+
+
+def state_load_timeout(nbytes: int, floor: float) -> float:
+    return max(floor, 60.0 + nbytes / HOST_MIN_RATE)
+
+
+class _Downloader:
+    """The keeper's state download on a thread of its own: it may take minutes on a home link, and
+    the host must go on reporting and answer `stop` meanwhile. Backs off after a failure."""
+
+    def __init__(self, keeper, interval_s: float, warn):
+        self.keeper, self.interval_s, self.warn = keeper, interval_s, warn
+        self.next_at = 0.0            # due at once: the host has no state yet
+        self.first_retry_s = max(MIN_LOAD_INTERVAL_S, min(FIRST_RETRY_S, interval_s))
+        self.retry_s = self.first_retry_s
+        self.synced_once = False
+        self.bytes_down = 0
+        self.finished_at = 0.0        # when the last download ended, loaded or not
+        self._thread: threading.Thread | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def behind(self, swarm_epoch: int) -> bool:
+        return swarm_epoch > self.keeper.epoch
+
+    def maybe_start(self, swarm_epoch: int, asked: bool) -> None:
+        if self.busy or not self.behind(swarm_epoch) or not (asked or time.monotonic() >= self.next_at):
+            return
+        self._thread = threading.Thread(target=self._run, args=(swarm_epoch,), name="modron-host-sync", daemon=True)
+        self._thread.start()
+
+    def _run(self, swarm_epoch: int) -> None:
+        before = self.keeper.epoch
+        try:
+            got = self.keeper.sync(swarm_epoch)
+        except Exception as exc:      # RuntimeError from the keeper; anything else is a failed download too
+            self.warn("state_load", str(exc) or type(exc).__name__)
+            got = 0
+        now = self.finished_at = time.monotonic()
+        if self.keeper.epoch > before:
+            self.bytes_down += got
+            self.synced_once = True
+            self.retry_s = self.first_retry_s
+            self.next_at = now + max(self.interval_s, MIN_LOAD_INTERVAL_S)
+        else:
+            self.next_at = now + self.retry_s
+            self.retry_s = min(2 * self.retry_s, max(self.interval_s, self.first_retry_s))
+
+    def wait(self, timeout: float) -> bool:
+        """True when no download is running (any more) after up to `timeout` seconds."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.busy
 
 
 @dataclass
@@ -101,7 +162,7 @@ class _SyncState:
         self.averager.max_epoch = lambda: self.ceiling
         self.numel = sum(p.numel() for p in params)
         self.progress_key = f"{manifest.run_id}_progress"
-        self.timeout = max(10.0, manifest.averaging_timeout)
+        self.timeout = state_load_timeout(3 * self.numel * 4, max(10.0, manifest.averaging_timeout))
 
     @property
     def epoch(self) -> int:
@@ -160,6 +221,8 @@ class _DiLoCoState:
             matchmaking_time=manifest.matchmaking_time, averaging_timeout=manifest.averaging_timeout,
             max_round_s=d["max_round_s"], overlap=d["overlap"], on_warning=warn, follower=True,
             sharing_priority=-0.5)   # live peers serve first
+        n = sum(p.numel() for p in params)
+        self.rounds.load_timeout = state_load_timeout(2 * n * 4, self.rounds.load_timeout)   # weights + momentum
         self.progress_key = f"{manifest.run_id}_diloco_progress"
         self.ceiling = 0
         self.optimizer = torch.optim.SGD(params, lr=d["outer_lr"], momentum=d["outer_momentum"], nesterov=True)
@@ -261,10 +324,15 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
     if token and not (opts.token or os.environ.get("MODRON_SWARM_TOKEN")):
         warn("token", f"private swarm: give peers the token in {out / 'token.txt'}")
 
-    synced_once = resume is not None
-    last_sync, last_ckpt_epoch, last_ckpt_time = 0.0, keeper.epoch, time.monotonic()
+    downloads = _Downloader(keeper, opts.checkpoint_minutes * 60, warn)
+    downloads.synced_once = resume is not None
+    if resume is None:
+        # A fresh host holds the initial weights and has nothing to lose yet; the peers hold the
+        # progress. Its first download waits for the first checkpoint, like all the others.
+        downloads.next_at = time.monotonic() + opts.checkpoint_minutes * 60
+    last_ckpt_epoch, last_ckpt_time = keeper.epoch, time.monotonic()
+    asked: float | None = None      # when a `checkpoint` control not answered yet came
     deadline = time.monotonic() + opts.minutes * 60 if opts.minutes else None
-    bytes_down = 0
     # What the swarm's records may claim (the manifest's model and seq_len): reports and the epoch
     # the host believes come only from records within these.
     limits = RecordLimits.for_manifest(manifest, model)
@@ -300,21 +368,16 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
             keeper.ceiling = ceiling
             # The host's traffic stays small: it downloads the state when a checkpoint is due (or was
             # asked for), not every round; peers serve late joiners first anyway.
-            due = msg == "checkpoint" or not synced_once or \
-                time.monotonic() - last_sync >= max(opts.checkpoint_minutes * 60, MIN_LOAD_INTERVAL_S)
-            if swarm_epoch > keeper.epoch and due:
-                last_sync = time.monotonic()
-                try:
-                    got = keeper.sync(swarm_epoch)
-                except RuntimeError as exc:
-                    warn("state_load", str(exc))
-                    got = 0
-                if got:
-                    bytes_down += got
-                    synced_once = True
-            if synced_once and (msg == "checkpoint" or (keeper.epoch != last_ckpt_epoch and
-                                time.monotonic() - last_ckpt_time >= opts.checkpoint_minutes * 60)):
-                checkpoint("requested" if msg == "checkpoint" else "periodic")
+            # First the checkpoint a finished download made due, then (maybe) the next download.
+            if msg == "checkpoint" and asked is None:
+                asked = time.monotonic()    # answered once the download it starts has ended
+            if downloads.synced_once and not downloads.busy and (
+                    (asked is not None and (not downloads.behind(swarm_epoch) or downloads.finished_at > asked)) or (
+                    keeper.epoch != last_ckpt_epoch and
+                    time.monotonic() - last_ckpt_time >= opts.checkpoint_minutes * 60)):
+                checkpoint("requested" if asked is not None else "periodic")
+                asked = None
+            downloads.maybe_start(swarm_epoch, asked=msg == "checkpoint")
             _remember_peers(dht, out)
             summary = metrics.SwarmSummary.of(views)
             metrics.publish(dht, manifest.run_id, public_key,
@@ -322,10 +385,12 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
                                                   time=time.time()), token)
             emit(make_event("swarm", role="host", run_id=manifest.run_id, algorithm=manifest.algorithm,
                             peers=summary.peers, epoch=swarm_epoch, round=keeper.round, phase="watching",
-                            samples_contributed=summary.samples, bytes_up=0, bytes_down=bytes_down,
+                            samples_contributed=summary.samples, bytes_up=0, bytes_down=downloads.bytes_down,
                             global_samples_per_s=summary.samples_per_s, loss=summary.loss, client_mode=False,
                             host_epoch=keeper.epoch, outer_hash=keeper.digest))
-        if synced_once and keeper.epoch != last_ckpt_epoch:
+        # A download still running when asked to stop is given a few seconds, then left behind (the
+        # final checkpoint then waits for the next start: it would hold half-loaded state).
+        if downloads.wait(5.0) and downloads.synced_once and keeper.epoch != last_ckpt_epoch:
             checkpoint("final")
         emit(make_event("stopped", step=keeper.epoch, checkpoint=None))
     finally:

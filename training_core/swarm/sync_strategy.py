@@ -64,7 +64,10 @@ class SyncStrategy(SwarmStrategy):
             load_state_compression=compression_for("none"),
             tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=3.0, default_refresh_period=1.0,
                               limits=self.record_limits(engine)),
-            shutdown_timeout=2.0, on_warning=engine.warn)
+            shutdown_timeout=2.0, on_warning=engine.warn,
+            # Said outright: hivemind.Optimizer turns client_mode=None into None rather than the DHT's
+            # mode, and a client-mode peer then died at its first epoch setting a state-sharing priority.
+            client_mode=handle.client_mode)
         self.optimizer = opt
         self.backup.take(params, self._backup_optimizer())
         return opt
