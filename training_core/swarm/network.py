@@ -39,6 +39,74 @@ class DHTHandle:
     reason: str     # why this mode, for the `client_mode` warning / docs
 
 
+# A peer behind a home router (NAT) must join in client mode: nobody can dial it. hivemind's own
+# check (a ping with validate=True: "dial me back") cannot tell, because libp2p answers it over the
+# connection the peer itself opened. What does tell: the address a full peer sees the connection come
+# from. If it is not an address of this machine, a router translated it. Every full peer (the host
+# too) answers this one small RPC; libp2p's own AutoNAT result is not exposed by p2pd's API.
+OBSERVED_ADDR_RPC = "modron.ObservedAddr"
+MAX_OBSERVED = 8     # addresses in an answer (a hostile answer is cut to this, then parsed)
+
+
+async def serve_observed_addr(_dht, node) -> None:
+    """Run in the DHT's process: answer OBSERVED_ADDR_RPC with the caller's address as seen here."""
+    from hivemind.proto import p2pd_pb2
+    p2p = node.p2p
+
+    async def observed(request, context):
+        addrs = []
+        for info in await p2p.list_peers():
+            if info.peer_id == context.remote_id:
+                addrs.extend(a.to_bytes() for a in info.addrs)
+        return p2pd_pb2.PeerInfo(id=context.remote_id.to_bytes(), addrs=addrs[:MAX_OBSERVED])
+    await p2p.add_protobuf_handler(OBSERVED_ADDR_RPC, observed, p2pd_pb2.PeerInfo)
+
+
+async def _ask_observed(peer_ids, _dht, node) -> list[str] | None:
+    """The IPs initial peers see us at (None: none of them answered)."""
+    import asyncio
+
+    from hivemind.proto import p2pd_pb2
+    from hivemind.utils.multiaddr import Multiaddr
+    mine = p2pd_pb2.PeerInfo(id=node.peer_id.to_bytes(), addrs=[])
+    for peer_id in peer_ids:
+        try:
+            reply = await asyncio.wait_for(node.p2p.call_protobuf_handler(
+                peer_id, OBSERVED_ADDR_RPC, mine, p2pd_pb2.PeerInfo), PROBE_TIMEOUT_S)
+        except Exception:     # an older Modron, a stock hivemind peer, or unreachable: ask the next
+            continue
+        ips = []
+        for raw in list(reply.addrs)[:MAX_OBSERVED]:
+            ip = None
+            for proto in ("ip4", "ip6"):
+                try:
+                    ip = ip or Multiaddr(raw).value_for_protocol(proto)
+                except Exception:
+                    pass
+            if isinstance(ip, str) and len(ip) <= 64:
+                ips.append(ip)
+        if ips:
+            return ips
+    return None
+
+
+def local_ips() -> set[str]:
+    import psutil
+    ips = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            ips.add(a.address.split("%", 1)[0])     # fe80::1%eth0 -> fe80::1
+    return ips
+
+
+def behind_nat(observed: list[str], own: set[str]) -> str | None:
+    """A plain reason when the address peers see is none of ours (a router translates), else None."""
+    foreign = [ip for ip in observed if ip not in own]
+    if observed and len(foreign) == len(observed):
+        return f"the swarm sees this peer at {foreign[0]}, an address this machine does not have (a router's NAT)"
+    return None
+
+
 async def _probe_reachable(peer_ids, _dht, node) -> bool | None:
     """Ask initial peers to dial us back (hivemind's ping with validate=True). None: nobody answered."""
     from hivemind.proto import dht_pb2
@@ -78,6 +146,8 @@ def start_dht(manifest: SwarmManifest, *, identity_path: Path | None, client_mod
             if authorizer is not None:
                 from .admission import attach
                 attach(dht, authorizer)
+            if not client:
+                dht.run_coroutine(serve_observed_addr)
             return dht
         except Exception as exc:   # unreachable bootstrap, port taken, identity in use
             where = "initial_peers" if initial else "--port"
@@ -96,12 +166,14 @@ def start_dht(manifest: SwarmManifest, *, identity_path: Path | None, client_mod
             peer_ids.append(PeerID.from_base58(addr.rsplit("/p2p/", 1)[1]))
         except Exception:
             continue
-    reachable = dht.run_coroutine(functools.partial(_probe_reachable, peer_ids))
+    observed = dht.run_coroutine(functools.partial(_ask_observed, peer_ids))
+    nat = behind_nat(observed or [], local_ips())
+    reachable = False if nat else dht.run_coroutine(functools.partial(_probe_reachable, peer_ids))
     if reachable:
         return DHTHandle(dht, False, "initial peers can reach this peer directly")
     dht.shutdown()
-    why = "no initial peer answered the reachability check" if reachable is None else \
-        "initial peers cannot dial this peer back (NAT or firewall)"
+    why = nat or ("no initial peer answered the reachability check" if reachable is None else
+                  "initial peers cannot dial this peer back (NAT or firewall)")
     return DHTHandle(start(True), True, why + "; joining as a client through relays")
 
 
