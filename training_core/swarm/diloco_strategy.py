@@ -59,7 +59,10 @@ class DiLoCoStrategy(SwarmStrategy):
             matchmaking_time=m.matchmaking_time, averaging_timeout=m.averaging_timeout,
             max_round_s=d["max_round_s"], overlap=d["overlap"], client_mode=handle.client_mode,
             on_warning=engine.warn,
-            tracker_opts=dict(limits=self.record_limits(engine), report_interval_s=DILOCO_REPORT_INTERVAL_S))
+            tracker_opts=dict(limits=self.record_limits(engine), report_interval_s=DILOCO_REPORT_INTERVAL_S,
+                              # The swarm's count is read every 1-5 s (hivemind reads it sooner as
+                              # the round's end nears): rounds last minutes; every 0.5 s was traffic.
+                              min_refresh_period=1.0, max_refresh_period=5.0, default_refresh_period=2.0))
         return inner
 
     def make_scheduler(self, engine: Engine):

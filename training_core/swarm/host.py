@@ -32,7 +32,7 @@ from . import metrics
 from .guards import ProgressRecords, RecordLimits, Sifted
 from .manifest import SwarmManifest, make_invite
 from .network import compression_for, quiet_hivemind, reap_children, start_dht, visible_maddrs
-from .peer import PeerOptions, optimizer_factories, swarm_spec
+from .peer import METRICS_INTERVAL_S, PeerOptions, optimizer_factories, swarm_spec
 
 REPORT_INTERVAL_S = 2.0
 MIN_LOAD_INTERVAL_S = 3.0
@@ -332,6 +332,7 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
         downloads.next_at = time.monotonic() + opts.checkpoint_minutes * 60
     last_ckpt_epoch, last_ckpt_time = keeper.epoch, time.monotonic()
     asked: float | None = None      # when a `checkpoint` control not answered yet came
+    views, views_at = [], -float("inf")
     deadline = time.monotonic() + opts.minutes * 60 if opts.minutes else None
     # What the swarm's records may claim (the manifest's model and seq_len): reports and the epoch
     # the host believes come only from records within these.
@@ -358,8 +359,13 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
             msg = controls.wait(REPORT_INTERVAL_S)
             if msg == "stop" or (deadline is not None and time.monotonic() >= deadline):
                 break
-            views = reader.read(dht, manifest.run_id, token, require_auth=bool(manifest.auth.get("required")))
-            keeper.witnesses(views)
+            if time.monotonic() - views_at >= METRICS_INTERVAL_S:     # as often as peers publish them
+                views_at = time.monotonic()
+                views = reader.read(dht, manifest.run_id, token, require_auth=bool(manifest.auth.get("required")))
+                keeper.witnesses(views)
+                metrics.publish(dht, manifest.run_id, public_key,
+                                metrics.MetricsRecord(role="host", epoch=keeper.epoch, samples=0, samples_per_s=0.0,
+                                                      time=time.time()), token)
             # Our own progress record (a DiLoCo follower's, signed with the same key) is no voice.
             sifted = progress_epochs(dht, keeper.progress_key, progress, keeper.epoch, own=public_key,
                                      witnesses=metrics.witnesses(views))
@@ -380,9 +386,6 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
             downloads.maybe_start(swarm_epoch, asked=msg == "checkpoint")
             _remember_peers(dht, out)
             summary = metrics.SwarmSummary.of(views)
-            metrics.publish(dht, manifest.run_id, public_key,
-                            metrics.MetricsRecord(role="host", epoch=keeper.epoch, samples=0, samples_per_s=0.0,
-                                                  time=time.time()), token)
             emit(make_event("swarm", role="host", run_id=manifest.run_id, algorithm=manifest.algorithm,
                             peers=summary.peers, epoch=swarm_epoch, round=keeper.round, phase="watching",
                             samples_contributed=summary.samples, bytes_up=0, bytes_down=downloads.bytes_down,

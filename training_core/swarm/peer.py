@@ -32,6 +32,10 @@ from .manifest import SwarmManifest, bundled_path, hub_downloads
 from .network import DHTHandle, identity_path_for, quiet_hivemind, reap_children, start_dht
 
 SWARM_EVENT_INTERVAL_S = 2.0
+# Our signed metrics record goes out, and the swarm's are read, this often (records live 30 s); the
+# `swarm` events in between reuse the last reading. Every 2 s, they were a good part of a peer's
+# traffic (each reading returns every peer's signed record) and most of the host's.
+METRICS_INTERVAL_S = 10.0
 UNBOUNDED_STEPS = 10 ** 12
 
 
@@ -211,6 +215,8 @@ class SwarmStrategy(LocalStrategy):
         self._deadline = time.monotonic() + opts.minutes * 60 if opts.minutes else None
         self._offset = random.randrange(1 << 30)   # each peer walks the data from its own place
         self._token_warned = False
+        self._views: list = []
+        self._views_at = -float("inf")
         self.engine: Engine | None = None
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -282,7 +288,15 @@ class SwarmStrategy(LocalStrategy):
         raise NotImplementedError
 
     def read_views(self) -> list:
-        """Publish our metrics record, then read the swarm's (only authorized ones in a private swarm)."""
+        """Publish our metrics record, then read the swarm's (only authorized ones in a private swarm);
+        within METRICS_INTERVAL_S of the last time, the views read then."""
+        if time.monotonic() - self._views_at < METRICS_INTERVAL_S:
+            return self._views
+        self._views_at = time.monotonic()
+        self._views = self._read_views()
+        return self._views
+
+    def _read_views(self) -> list:
         engine, m = self.engine, self.manifest
         if not engine.paused:
             sps = self.samples_contributed / self.compute_s() if self.compute_s() > 0 else 0.0

@@ -3,6 +3,7 @@
 (compressed) gradient, so this suits fast links; `diloco` is the default for home connections."""
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from .network import compression_for, round_bytes
 from .peer import SwarmStrategy, optimizer_factories
 
 BACKUP_OPT_STATE_MAX_PARAMS = 300_000_000
+LEAVE_TIMEOUT_S = 10.0
 
 
 class _SwarmLR:
@@ -171,12 +173,21 @@ class SyncStrategy(SwarmStrategy):
 
     def leave(self) -> None:
         opt = getattr(self, "optimizer", None)
-        if opt is not None:
+        if opt is None:
+            return
+        self._leave_rounds()
+
+        def shutdown():
             try:
-                self._leave_rounds()
                 opt.shutdown()
             except Exception:
                 pass
+        # hivemind's Optimizer.shutdown waits without a limit for a state-averaging round in flight;
+        # on a slow link a peer asked to stop sat there for minutes. Past the limit the process goes
+        # on exiting, and its averagers die with it (network.reap_children, proc_guard).
+        t = threading.Thread(target=shutdown, name="modron-leave", daemon=True)
+        t.start()
+        t.join(LEAVE_TIMEOUT_S)
 
     # ---- reporting ------------------------------------------------------------------------
     def report_fields(self, views: list) -> dict[str, Any]:
