@@ -114,6 +114,7 @@ class Settings:
     equal_time_s: float | None
     run_timeout_s: float
     keep: bool
+    overlap_off_too: bool = False
 
     @property
     def peers(self) -> int:
@@ -159,6 +160,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     ap.add_argument("--equal-time-s", type=float, help="without diloco runs: how long the shaped sync run trains")
     ap.add_argument("--run-timeout", type=float, default=900.0, help="seconds before one run is given up")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, checkpoints)")
+    ap.add_argument("--no-overlap-run", choices=("on", "off"), default=None,
+                    help=f"also run diloco-{EIGHT_BIT} with overlap off, for what overlap costs in loss "
+                         "(default: on, --quick: off)")
     a = ap.parse_args(argv)
     algorithms = [x for x in a.algorithms.split(",") if x]
     if not algorithms or any(x not in ("sync", "diloco") for x in algorithms):
@@ -175,7 +179,9 @@ def parse_args(argv: list[str] | None) -> Settings:
                  lr=a.lr, up_mbit=a.up_mbit, down_mbit=a.down_mbit, rtt_ms=a.rtt_ms, loss=a.loss,
                  gpu_step_s=a.gpu_step_s, cpu_step_s=a.cpu_step_s,
                  control_headroom_kbit=a.control_headroom_kbit, sync_target_batch=a.sync_target_batch,
-                 equal_time_s=a.equal_time_s, run_timeout_s=a.run_timeout, keep=a.keep)
+                 equal_time_s=a.equal_time_s, run_timeout_s=a.run_timeout, keep=a.keep,
+                 overlap_off_too=(a.no_overlap_run or ("off" if a.quick else "on")) == "on"
+                 and "diloco" in algorithms and EIGHT_BIT in compressions)
     if s.peers < 2:
         ap.error("a swarm needs at least two peers (--peers plus --nat-peers)")
     return s
@@ -478,7 +484,8 @@ def peer_roles(s: Settings) -> list[str]:
     return [f"peer{i + 1}" for i in range(s.direct_peers)] + [f"nat{i + 1}" for i in range(s.nat_peers)]
 
 
-def make_manifest(s: Settings, name: str, algorithm: str, compression: str, exchange_s: float, shaped: bool):
+def make_manifest(s: Settings, name: str, algorithm: str, compression: str, exchange_s: float, shaped: bool,
+                  overlap: bool = True):
     from training_core.swarm.manifest import SwarmManifest
     target = s.sync_target_batch or s.peers * s.micro_batch
     # On the shaped link an all-reduce moves about two fp32 exchanges' worth (uncompressed), and the
@@ -493,7 +500,7 @@ def make_manifest(s: Settings, name: str, algorithm: str, compression: str, exch
                   matchmaking_time=0.5 if algorithm == "sync" else 2.0, averaging_timeout=timeout)
     if algorithm == "diloco":
         kwargs["diloco"] = {"inner_steps": s.inner_steps, "outer_lr": 0.7, "outer_momentum": 0.9,
-                            "max_round_s": max(600.0, 10 * exchange_s), "overlap": True}
+                            "max_round_s": max(600.0, 10 * exchange_s), "overlap": overlap}
     return SwarmManifest(**kwargs)
 
 
@@ -559,12 +566,13 @@ def checkpoint_times(at: dict[str, float] | None) -> list[float]:
 
 
 def run_swarm(lab: NetLab, s: Settings, work: Path, name: str, algorithm: str, compression: str, shaped: bool,
-              scaling: Scaling, checkpoint_at: dict[str, float] | None = None, log=print) -> RunResult:
+              scaling: Scaling, checkpoint_at: dict[str, float] | None = None, log=print,
+              overlap: bool = True) -> RunResult:
     """A host and the peers, all peers starting to train at once; bounded by K steps per peer, or
     (with `checkpoint_at`: label -> seconds after the start) checkpointed at those times, then stopped."""
     result = RunResult(name, algorithm, compression, shaped)
     exchange_s = scaling.exchange_s
-    sw = Swarm(lab, s, work, name, make_manifest(s, name, algorithm, compression, exchange_s, shaped))
+    sw = Swarm(lab, s, work, name, make_manifest(s, name, algorithm, compression, exchange_s, shaped, overlap))
     sw._times = {}
     set_link(lab, s, scaling if shaped else None)
     try:
@@ -813,6 +821,14 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 diloco_runs.append(r)
                 log(f"    done in {r.wall_s:.0f} s" + (f"; error: {r.error}" if r.error else ""))
+        serial = None
+        if s.overlap_off_too:
+            name = f"diloco-{EIGHT_BIT}-no-overlap"
+            log(f"run {name}: as diloco-{EIGHT_BIT}, each exchange waited for ...")
+            serial = run_swarm(lab, s, work, name, "diloco", EIGHT_BIT, True, scaling, log=log, overlap=False)
+            evaluate_run(serial, evaluate)
+            runs.append(serial)
+            log(f"    done in {serial.wall_s:.0f} s" + (f"; error: {serial.error}" if serial.error else ""))
         if "sync" in s.algorithms:
             at = {r.name: r.wall_s for r in diloco_runs if not r.error and r.wall_s > 0}
             if not at:
@@ -824,6 +840,12 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_run(sync_shaped, evaluate, at)
             runs.append(sync_shaped)
         report = build_report(s, scaling, net, runs, sync_open, sync_shaped, diloco_runs)
+        r8 = next((r for r in diloco_runs if r.compression == EIGHT_BIT), None)
+        if serial is not None and r8 is not None and serial.eval_loss and r8.eval_loss:
+            # Same samples, same link: what the delayed outer step costs (or saves) in loss, and in time.
+            report["overlap"] = {"eval_loss_overlap_over_serial": r8.eval_loss / serial.eval_loss,
+                                 "wall_s_overlap": r8.wall_s, "wall_s_serial": serial.wall_s,
+                                 "utilization_overlap": r8.utilization, "utilization_serial": serial.utilization}
         report["other_processes_cpus"] = others.read()
         report["wall_s"] = round(time.monotonic() - t_start, 1)
         print(json.dumps(report))
@@ -922,6 +944,11 @@ def print_report(report, s, scaling, runs, sync_open, sync_shaped, diloco_runs) 
               f"{fmt(d.get('sync_exchange_bytes_over_diloco'), '.0f')}x exchange; eval loss / sync's at equal samples "
               f"{fmt(d.get('eval_loss_equal_samples_vs_sync'))}, at equal wall-clock "
               f"{fmt(d.get('eval_loss_equal_time_vs_sync'))}")
+    o = report.get("overlap")
+    if o:
+        print(f"  overlap (diloco-{EIGHT_BIT} vs -no-overlap, same samples): eval loss x{o['eval_loss_overlap_over_serial']:.3f}, "
+              f"wall {o['wall_s_overlap']:.0f} s vs {o['wall_s_serial']:.0f} s, utilization "
+              f"{fmt(o['utilization_overlap'], '.0%')} vs {fmt(o['utilization_serial'], '.0%')}")
     for name, d in report["nat"].items():
         print(f"  {name}: NAT peer {d['peer']}: client mode {d['client_mode']}, {d['samples']} samples, largest "
               f"group it saw {d['own_largest_group']}, the others saw {d['others_largest_group']} of {d['peers']}"
