@@ -277,6 +277,49 @@ class DiLoCoAverager(AdmissionMixin, RobustAveraging):
         meta, tensors = self.state_source() if self.state_source else (dict(kind=None), [])
         return meta, tensors, None
 
+    # ---- shutdown, in the averager's process ---------------------------------------------------
+    # Every DHT request this process sends (matchmaking declares and un-declares, state declarations)
+    # carries an MPFuture whose reply pipe reaches the DHT process as a file descriptor that the DHT
+    # fetches from *this* process (multiprocessing's resource sharer) only when it reads the request.
+    # If this process exits first, that read fails: FileNotFoundError or a reset costs the DHT a
+    # 3 s pause per request (its shutdown then overruns and it is killed), and EOFError, which
+    # hivemind's DHT loop does not catch, kills the DHT's request loop: every later call on that
+    # DHT (add_validators in the next tracker, a store, a get) then waits forever. Shutting down
+    # right after cancelling a step (un-declaring is a DHT store) did exactly that. So before this
+    # process exits: stop its own tasks, then make one round trip through the DHT, which reads its
+    # requests in order; once it answers, it holds every request this process sent.
+    def _shutdown(self, timeout: float | None):
+        # hivemind's command loop calls this in its own task, then awaits the coroutine: that task
+        # (the loop) is the one not to cancel.
+        return self._shutdown_draining_dht(timeout, asyncio.current_task())
+
+    async def _shutdown_draining_dht(self, timeout: float | None, command_loop) -> None:
+        budget = 2.0 if timeout is None else timeout
+        try:
+            await super()._shutdown(budget / 2)     # groups still averaging get half the time
+        except Exception as e:
+            _trace("shutdown: groups did not finish", repr(e))
+        loop = asyncio.get_event_loop()
+        deadline = loop.time() + budget / 3
+        me = asyncio.current_task()
+        while loop.time() < deadline:     # cancelled tasks may leave new ones behind (their finally)
+            others = [t for t in asyncio.all_tasks() if t is not me and t is not command_loop and not t.done()]
+            if not others:
+                break
+            for t in others:
+                t.cancel()
+            await asyncio.wait(others, timeout=max(0.0, deadline - loop.time()))
+        try:
+            await asyncio.wait_for(self.dht.run_coroutine(_dht_barrier, return_future=True),
+                                   timeout=max(0.1, deadline + budget / 8 - loop.time()))
+        except Exception as e:   # the DHT is gone or stuck: nothing left to protect
+            _trace("shutdown: no DHT round trip", repr(e))
+
+
+async def _dht_barrier(_dht, _node) -> None:
+    """Runs in the DHT process: a request that answers once every earlier one has been read."""
+    return None
+
 
 @dataclass
 class _Exchange:
@@ -335,12 +378,13 @@ class DiLoCoRounds:
         self.tracker = FilteredProgressTracker(dht=dht, prefix=prefix, target_batch_size=self._target(1),
                                                client_mode=client_mode, start=True, on_warning=self.on_warning, **opts)
         try:
+            # shutdown_timeout: half for groups still averaging, then the DHT drain (DiLoCoAverager._shutdown)
             self.averager = self.averager_class(
                 [torch.zeros_like(w) for w in self.outer], dht, prefix=prefix, start=True, client_mode=client_mode,
                 min_matchmaking_time=matchmaking_time, request_timeout=max(0.2, min(3.0, matchmaking_time / 2)),
                 allreduce_timeout=self.averaging_timeout,
                 next_chunk_timeout=max(matchmaking_time, self.averaging_timeout / 3),
-                compression=compression_for(compression), state_compression=NoCompression(), shutdown_timeout=2.0)
+                compression=compression_for(compression), state_compression=NoCompression(), shutdown_timeout=4.0)
         except BaseException:
             self.tracker.shutdown(timeout=2.0)
             raise
