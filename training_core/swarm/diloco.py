@@ -495,6 +495,7 @@ class DiLoCoRounds:
         # (else the last round's samples, still counted until the next fetch, close the next round at once).
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self.epoch)
+        self._announce_epoch()
         if not all_finite(delta):
             self.on_warning("round_failed", "local weights are not finite; this peer skips the exchange")
             return
@@ -516,6 +517,22 @@ class DiLoCoRounds:
         self.phase = "exchanging"
         if not self.overlap:
             self._finish(block=True)
+
+    def _announce_epoch(self) -> None:
+        """Store our progress record for the epoch this round close entered, now: it is what tells the
+        others (`_due`: a peer closed this round) and newcomers that the round closed. hivemind's
+        reporter thread stores a record only if, on one of its wake-ups, it saw samples reported in
+        the epoch before ("aux peers" otherwise). When the step that reported the round's last
+        samples also closed it, within the same call (one step per round, say), the thread could
+        wake only after update_epoch, see (epoch + 1, 0 samples) and withhold it until our next step
+        with samples: a late joiner saw the swarm a round behind, and peers waiting to meet us could
+        not tell that the round had closed."""
+        t = self.tracker
+        try:
+            t.dht.store(t.training_progress_key, subkey=t._local_public_key, value=t.local_progress.dict(),
+                        expiration_time=get_dht_time() + t.metadata_expiration, return_future=True)
+        except Exception as e:   # the reporter stores it too at our next step with samples
+            _trace("announce failed", repr(e))
 
     def _finish(self, block: bool) -> None:
         """Apply (or give up) the exchange in flight; on any failure θ_g and the local drift stay."""
