@@ -208,6 +208,9 @@ class FakeWorker(QObject):
         super().__init__()
         self.last_failed = failed
 
+    def retire(self) -> None:
+        self.blockSignals(True)
+
 
 def test_a_diverged_job_says_why_and_retry_goes_on_with_the_lower_lr(qtbot, tmp_path):
     from app.views.queue_view import QueueView
@@ -219,10 +222,10 @@ def test_a_diverged_job_says_why_and_retry_goes_on_with_the_lower_lr(qtbot, tmp_
     failed = {"v": 1, "type": "failed", "time": time.time(), "code": "diverged", "message": message, "step": 37,
               "suggested_lr": 0.001, "checkpoint": str(tmp_path / "checkpoints" / "ckpt-00000030")}
     w = FakeWorker(failed)
-    queue._worker, queue._job_id = w, job_id   # as _start leaves them
+    queue._worker, queue._job_id, queue._serial = w, job_id, 1   # as _start leaves them
     store.update_job(job_id, state="running", attempts=1)
-    queue._on_event(job_id, w, failed)
-    queue._on_exit(job_id, w, 2, message)
+    queue._on_event(job_id, 1, failed)
+    queue._on_exit(job_id, 1, 2, message)
 
     job = store.get_job(job_id)
     assert job.state == "failed" and "training diverged" in job.error and "step 30) is kept" in job.error
@@ -261,12 +264,12 @@ def test_going_back_after_divergence_trims_the_chart_to_the_checkpoint(qtbot, tm
     queue = JobQueue(store, autostart=False)
     job_id = queue.submit(dict(SPEC), "Night run")
     w = FakeWorker({})
-    queue._worker, queue._job_id = w, job_id
+    queue._worker, queue._job_id, queue._serial = w, job_id, 1
     started = {"type": "started", "time": time.time(), "total_steps": 8, "resumed_from": None}
-    queue._on_event(job_id, w, started)
+    queue._on_event(job_id, 1, started)
     for step in range(1, 7):
-        queue._on_event(job_id, w, {"type": "step", "time": time.time(), "step": step, "loss": 1.0})
-    queue._on_event(job_id, w, {"type": "warning", "time": time.time(), "code": "diverged", "message": "back"})
-    queue._on_event(job_id, w, {**started, "resumed_from": 4})   # the same worker starts again from step 4
+        queue._on_event(job_id, 1, {"type": "step", "time": time.time(), "step": step, "loss": 1.0})
+    queue._on_event(job_id, 1, {"type": "warning", "time": time.time(), "code": "diverged", "message": "back"})
+    queue._on_event(job_id, 1, {**started, "resumed_from": 4})   # the same worker starts again from step 4
     assert store.metrics(job_id)["step"] == [1, 2, 3, 4]
     store.close()
