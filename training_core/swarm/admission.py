@@ -35,6 +35,13 @@ What is enforced where
   result) that holds an unadmitted peer, before any part is sent. The admitted set is cached, refreshed every REFRESH_S and
   at once (at most every MIN_REFRESH_S) for an unknown caller; it holds at most MAX_ADMITTED ids.
 
+Who was refused: a DHT request whose credential does not admit it is refused silently by hivemind;
+here its caller is named (`Admission.refused`, peer id -> why; a hivemind warning once per peer)
+when the request is signed by the key its credential carries, i.e. the caller proved that peer id
+(a request signed otherwise names nobody: anyone can copy a peer's public key). The averagers' RPCs
+name the caller libp2p authenticated. `Refusals.poll(dht)` turns the DHT process's record into
+`peer_refused` warnings (the host and the peers call it as they report).
+
 Not enforced: state downloads that *we* start (load_state_from_peers) pick peers from DHT records,
 which only admitted peers can write, but are not re-checked per peer; an admitted peer can
 overwrite (DoS) another's admission or the revocation record in the DHT (cached verified entries
@@ -60,7 +67,8 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, crypto_pb2
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils.auth import TokenAuthorizerBase
-from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+from hivemind.utils.logging import get_logger
 
 from ..errors import ConfigError
 
@@ -74,6 +82,9 @@ MAINTAIN_S = 30.0           # re-publish our credential / the host's revocations
 RECORD_TTL_S = 300.0        # DHT records outlive a few missed re-publications
 MAX_ADMITTED = 4096         # bound on the cached admitted set (a DHT key can hold many subkeys)
 _TOKEN_CACHE = 1024
+MAX_REFUSED = 256           # refused peers remembered (and named once each) per process
+
+logger = get_logger(__name__)
 
 
 class AdmissionError(ValueError):
@@ -295,6 +306,7 @@ class Admission(TokenAuthorizerBase):
         self.host_out = Path(host_out) if host_out else None     # the host: where its revoked list lives
         self.revoked: set[str] = set()
         self.admitted: OrderedDict[str, int] = OrderedDict()      # peer id -> expiry
+        self.refused: OrderedDict[str, str] = OrderedDict()       # peer id -> why (bounded, oldest out)
         self._tokens: OrderedDict[tuple[bytes, bytes], tuple[int, str]] = OrderedDict()
         self._refreshed = 0.0
         problem = verify(credential, issuer, run_id)
@@ -311,6 +323,51 @@ class Admission(TokenAuthorizerBase):
         c = self.credential
         return AccessToken(username=c.to_json(), public_key=self.local_public_key.to_bytes(),
                            expiration_time=str(c.expires), signature=c.signature.encode())
+
+    async def validate_request(self, request) -> bool:
+        if await super().validate_request(request):
+            return True
+        self._name_refused(request)
+        return False
+
+    def _name_refused(self, request) -> None:
+        """A refused DHT request names its caller only when it is signed by the key its token carries
+        (hivemind checks that signature only for a valid token; for a refused one, here)."""
+        auth = request.auth
+        token = auth.client_access_token
+        if not token.public_key or not auth.signature or self.is_token_valid(token):
+            return      # no key to name, or refused for another reason (replay, clock)
+        try:
+            key = RSAPublicKey.from_bytes(token.public_key)
+            signature = auth.signature
+            auth.signature = b""
+            try:
+                proven = key.verify(request.SerializeToString(), signature)
+            finally:
+                auth.signature = signature
+            pid = peer_id_of_rsa(token.public_key)
+        except Exception:
+            return
+        if proven:
+            self.note_refused(pid, self._why(token, pid))
+
+    def _why(self, token: AccessToken, pid: str) -> str:
+        try:
+            cred = Credential.from_json(token.username)
+        except AdmissionError as e:
+            return f"it has no credential ({e})"
+        if cred.peer_id != pid:
+            return f"its credential is peer {cred.peer_id}'s"
+        problem = verify(cred, self.issuer, self.run_id, revoked=self.revoked)
+        return f"its credential does not admit it: {problem}" if problem else "its credential is no longer valid"
+
+    def note_refused(self, pid: str, why: str) -> None:
+        if pid not in self.refused:
+            logger.warning(f"refused peer {pid}: {why}")
+        self.refused.pop(pid, None)
+        self.refused[pid] = why
+        while len(self.refused) > MAX_REFUSED:
+            self.refused.popitem(last=False)
 
     def does_token_need_refreshing(self, access_token: AccessToken) -> bool:
         return False        # a credential does not change; once it expires the peer is out
@@ -392,6 +449,39 @@ def _values(raw) -> dict:
     if isinstance(value, str):
         return {"": value}
     return {}
+
+
+async def _refused(_dht, node) -> dict:
+    """Runs in the DHT's process (module level: hivemind pickles it by name)."""
+    return dict(getattr(node.protocol.authorizer, "refused", None) or {})
+
+
+def refused_peers(dht) -> dict[str, str]:
+    """Peer id -> why, for the peers this DHT refused (a private swarm's; {} for a public one)."""
+    if getattr(dht, "modron_admission", None) is None:
+        return {}
+    try:
+        return dht.run_coroutine(_refused)
+    except Exception:
+        return {}
+
+
+class Refusals:
+    """Names each peer the DHT refused once, as a `peer_refused` warning (`warn(code, message)`)."""
+
+    def __init__(self, warn):
+        self.warn = warn
+        self.seen: OrderedDict[str, bool] = OrderedDict()
+
+    def poll(self, dht) -> None:
+        for pid, why in refused_peers(dht).items():
+            if pid in self.seen:
+                continue
+            self.seen[pid] = True
+            while len(self.seen) > MAX_REFUSED:
+                self.seen.popitem(last=False)
+            self.warn("peer_refused", f"refused peer {pid}: {why}; it can neither read nor write this swarm's "
+                                      "records nor join its rounds")
 
 
 async def _maintain(_dht, node, period: float = MAINTAIN_S) -> None:
@@ -488,7 +578,10 @@ class AdmissionMixin:
 
     async def _admits(self, peer: PeerID) -> bool:
         auth = self._admission()
-        return auth is None or await auth.admits(self.dht, peer)
+        if auth is None or await auth.admits(self.dht, peer):
+            return True
+        auth.note_refused(peer.to_base58(), "no valid credential of it is in this swarm's records")
+        return False
 
     # hivemind assigns self._matchmaking once, in the averager process: wrap it there. (Subclasses
     # such as DiLoCoAverager override _aggregate_with_group without super(), so the group is checked here.)

@@ -31,7 +31,7 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 from .admission import AdmissionMixin
 from .guards import MAX_EPOCH_LEAD, EpochClaim, all_finite, filter_epoch_claims, tensors_match
 from .guards import (Admitted, LruDict, Problem, ProgressRecords, RecordLimits,  # FilteredProgressTracker
-                     everyone)
+                     everyone, signer_name)
 from .robust import RobustAveraging, state_problem
 
 Warn = Callable[[str, str], None]
@@ -137,14 +137,14 @@ class FilteredProgressTracker(ProgressTracker):
         if len(self._warn_times) >= self.MAX_WARNINGS_PER_MIN:
             return
         self._warn_times.append(now)
-        local = self.local_progress.epoch
+        local, who = self.local_progress.epoch, signer_name(problem.who)   # name the signer: whom to blame
         if problem.kind == "epoch":
-            message = (f"ignored a peer claiming epoch {problem.epoch} while this peer is at {local}: "
+            message = (f"ignored {who} claiming epoch {problem.epoch} while this peer is at {local}: "
                        "not enough other peers agree")
         elif problem.kind == "work":
-            message = f"a peer's progress record counts without its samples: {problem.text}"
+            message = f"the progress record of {who} counts without its samples: {problem.text}"
         else:
-            message = f"ignored a peer's progress record: {problem.text}"
+            message = f"ignored the progress record of {who}: {problem.text}"
         self.on_warning("peer_rejected", message)
 
 

@@ -283,6 +283,14 @@ def _canonical_owner(key: bytes) -> bytes | None:
         return None
 
 
+def signer_name(subkey: bytes) -> str:
+    """How warnings name a record's signer: 'signer ' and 12 hex digits of a hash of its subkey, the
+    same for a peer's progress and metrics records (one key signs both). Not a peer id: records are
+    signed with a process key, not the libp2p identity, and the peer_id inside a progress record is
+    whatever its writer put there (naming it would let a forger blame an honest peer)."""
+    return "signer " + hashlib.blake2b(bytes(subkey), digest_size=6).hexdigest()
+
+
 def signer_identity(subkey: bytes) -> bytes | None:
     """Who signed a record stored under `subkey`, spelled once per signer; None for any other spelling.
 

@@ -337,7 +337,9 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
     # What the swarm's records may claim (the manifest's model and seq_len): reports and the epoch
     # the host believes come only from records within these.
     limits = RecordLimits.for_manifest(manifest, model)
-    reader, progress = metrics.MetricsReader(limits), ProgressRecords(limits, own_counts=False)
+    reader, progress = metrics.MetricsReader(limits, on_warning=warn), ProgressRecords(limits, own_counts=False)
+    from .admission import Refusals
+    refusals = Refusals(warn)      # private swarms: name the peers the DHT refused
 
     def checkpoint(reason: str) -> None:
         nonlocal last_ckpt_epoch, last_ckpt_time
@@ -385,6 +387,7 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
                 asked = None
             downloads.maybe_start(swarm_epoch, asked=msg == "checkpoint")
             _remember_peers(dht, out)
+            refusals.poll(dht)
             summary = metrics.SwarmSummary.of(views)
             emit(make_event("swarm", role="host", run_id=manifest.run_id, algorithm=manifest.algorithm,
                             peers=summary.peers, epoch=swarm_epoch, round=keeper.round, phase="watching",

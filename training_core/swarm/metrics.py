@@ -17,8 +17,8 @@ from pydantic.v1 import BaseModel, StrictFloat, ValidationError, confloat, conin
 
 from hivemind.dht.schema import BytesWithPublicKey
 
-from .guards import (MAX_SIGNERS, Admitted, EpochClaim, RecordGate, RecordLimits, auth_ok, auth_tag,
-                     believed_epoch_ceiling, everyone, signer_identity)
+from .guards import (MAX_SIGNERS, Admitted, EpochClaim, LruDict, RecordGate, RecordLimits, auth_ok, auth_tag,
+                     believed_epoch_ceiling, everyone, signer_identity, signer_name)
 
 METRICS_TTL_S = 30.0     # a peer gone this long drops out of "peers alive"
 
@@ -121,15 +121,21 @@ class MetricsReader:
     - a loss within [0, limits.loss_max].
     State per signer is bounded (guards.MAX_SIGNERS, oldest evicted). Sybil keys (one peer, many
     keys) each pass on their own: admission is what limits them.
+    `on_warning(code, message)`: a signer whose record is left out is named once (`peer_rejected`,
+    guards.signer_name), at most MAX_WARNINGS_PER_MIN times a minute under a flood of keys.
     """
+    MAX_WARNINGS_PER_MIN = 10
 
     def __init__(self, limits: RecordLimits | None = None, admitted: Admitted = everyone,
-                 max_signers: int = MAX_SIGNERS, started: float | None = None):
+                 max_signers: int = MAX_SIGNERS, started: float | None = None, on_warning=None):
         self.limits = limits or RecordLimits()
         self.admitted = admitted
         self.gate = RecordGate(self.limits, per_epoch=False, started=time.time() if started is None else started,
                                max_signers=max_signers)
         self.rejected: list[tuple[bytes, str]] = []     # the last sift's (signer, why), for tests and logs
+        self.on_warning = on_warning
+        self._warned = LruDict(max_signers)
+        self._warn_times: list[float] = []
 
     def problem(self, view: PeerView, now: float) -> str | None:
         who, r = view.public_key, view.record
@@ -151,7 +157,18 @@ class MetricsReader:
                 out.append(v)
             else:
                 self.rejected.append((v.public_key, problem))
+                self._warn(v.public_key, problem, now)
         return out
+
+    def _warn(self, who: bytes, problem: str, now: float) -> None:
+        if self.on_warning is None or who in self._warned:
+            return
+        self._warn_times = [t for t in self._warn_times if t > now - 60.0][-self.MAX_WARNINGS_PER_MIN:]
+        if len(self._warn_times) >= self.MAX_WARNINGS_PER_MIN:
+            return
+        self._warned[who] = True
+        self._warn_times.append(now)
+        self.on_warning("peer_rejected", f"ignored the metrics records of {signer_name(who)}: {problem}")
 
     def read(self, dht, run_id: str, token: str | None = None, require_auth: bool = False) -> list[PeerView]:
         return read(dht, run_id, token, require_auth, reader=self)

@@ -245,7 +245,9 @@ class SwarmStrategy(LocalStrategy):
 
     def _metrics_reader(self, engine: Engine):
         if getattr(self, "_reader", None) is None:
-            self._reader = metrics.MetricsReader(self.record_limits(engine))
+            self._reader = metrics.MetricsReader(self.record_limits(engine), on_warning=engine.warn)
+            from .admission import Refusals
+            self._refusals = Refusals(engine.warn)   # private swarms: the peers our DHT refused, named
         return self._reader
 
     def identity_path(self) -> Path:
@@ -305,6 +307,7 @@ class SwarmStrategy(LocalStrategy):
                                            samples_per_s=float(sps), loss=loss, time=time.time())
             metrics.publish(self.handle.dht, m.run_id, self.public_key, record, self.token)
         views = self._metrics_reader(engine).read(self.handle.dht, m.run_id, self.token)
+        self._refusals.poll(self.handle.dht)
         if m.auth.get("required"):
             hosts = [v for v in views if v.record.role == "host"]
             if hosts and not any(v.authorized for v in hosts) and not self._token_warned:
