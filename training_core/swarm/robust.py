@@ -36,6 +36,11 @@ larger than we are, so a slow peer does not take the others for liars) is a bad 
 against that reducer. The sync averagers then use their own values for the part; DiLoCo (where
 every peer must end identical) fails the round instead: see diloco.py.
 
+Malformed data (a part that does not decode to the agreed size and codec, or is not finite as
+decoded) is a strike as well: hivemind bans such a sender from the round (its values count for
+nothing) and a reducer's malformed reply fails the part, but neither used to name the peer, so one
+sending wrong shapes round after round was never left out (`MalformedPart`, `_ban_sender`).
+
 Naming (`ClipRecord`, in the averager's process): a peer clipped, or a reducer caught, in STRIKES of
 its last WINDOW rounds here is named: a `peer_clipped` warning, its values count with weight 0 at
 our reducer from then on, and no state is downloaded from it. DiLoCo also tells the group, which
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -58,6 +64,8 @@ from hivemind.utils.asyncio import as_aiter, azip
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
+from .compression import CompressionError
+
 logger = get_logger(__name__)
 
 NORM_CLIP = 4.0          # 3+ senders: norms above 4× the median are cut to it
@@ -70,6 +78,15 @@ FLAG_MIN_VALUES = 1024   # ...in parts holding at least this many of its values 
 STRIKES, WINDOW = 3, 5   # clipped in 3 of its last 5 rounds: named
 RESULT_BOUND = 6.0       # a returned part farther than this × our contribution's size is bad
 MAX_TRACKED = 4096       # peers remembered by a ClipRecord
+
+
+class MalformedPart(AllreduceException):
+    """A sender's part is not what the group agreed on (its shape)."""
+
+
+def _malformed(exc: BaseException | None) -> bool:
+    """Raised by a peer's data itself (not by a timeout or a dropped connection)."""
+    return isinstance(exc, (CompressionError, MalformedPart))
 
 
 def _lower_median(values: torch.Tensor) -> float:
@@ -203,7 +220,7 @@ class RobustPartReducer(TensorPartReducer):
         assert 0 <= sender_index < self.num_senders, "invalid sender index"
         assert 0 <= part_index < self.num_parts, "invalid part index"
         if tuple(tensor_part.shape) != tuple(self.part_shapes[part_index]):
-            raise AllreduceException(f"sender {sender_index} sent part {part_index} of shape {tuple(tensor_part.shape)}")
+            raise MalformedPart(f"sender {sender_index} sent part {part_index} of shape {tuple(tensor_part.shape)}")
         self.num_parts_received[sender_index] += 1
         while part_index > self.current_part_index:
             finished = asyncio.create_task(self.finished.wait())
@@ -338,7 +355,27 @@ class RobustRunnerMixin:
                 n += part.numel()
         self._own_rms = math.sqrt(sq / max(1, n))   # our contribution's size per value, all parts
         self.bad_reducers: dict[str, str] = {}
+        self.malformed_senders: dict[str, str] = {}
         self._returned: list[tuple[int, int, float, float, int]] = []
+        # A reply that does not decode fails its reducer's parts (in an except block, whose exception
+        # says why): a strike when the data itself was bad.
+        fail = c.register_failed_reducer
+
+        def failed(peer_index: int) -> None:
+            exc = sys.exc_info()[1]
+            if _malformed(exc):
+                self._note_bad(peer_index, c._outputs_registered_by_peer[peer_index],
+                               f"its reply does not decode ({exc})"[:200])
+            fail(peer_index)
+        c.register_failed_reducer = failed
+
+    async def _ban_sender(self, peer_id) -> None:
+        """hivemind bans a sender whose stream failed, from its finally and its except blocks: when
+        the exception being handled came from the sender's data, that is a strike against it."""
+        exc = sys.exc_info()[1]
+        if _malformed(exc):
+            self.malformed_senders.setdefault(str(peer_id), str(exc)[:200])
+        await super()._ban_sender(peer_id)
 
     def _own_part(self, peer_index: int, part_index: int) -> torch.Tensor:
         part = self.tensor_part_container._input_parts_by_peer[peer_index][part_index][0].reshape(-1).float()
@@ -368,7 +405,7 @@ class RobustRunnerMixin:
 
     def verdicts(self) -> dict[str, bool]:
         out = self.tensor_part_reducer.verdicts()
-        for peer in self.bad_reducers:
+        for peer in list(self.bad_reducers) + list(self.malformed_senders):
             out[peer] = True
         out.pop(str(self.peer_id), None)
         return out
