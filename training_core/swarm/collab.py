@@ -115,7 +115,8 @@ class FilteredProgressTracker(ProgressTracker):
         # Our own record is no voice in the majority rule: a newcomer's epoch 0 would outvote the
         # one peer it came to catch up with.
         sifted = self.records.sift(parsed, self.local_progress.epoch, own=getattr(self, "_local_public_key", None),
-                                   witnesses=self.witnesses, now=get_dht_time())
+                                   witnesses=self.witnesses, now=get_dht_time(),
+                                   own_samples=self.local_progress.samples_accumulated)
         for problem in sifted.problems:
             self._warn(problem)
         kept = {}

@@ -47,13 +47,15 @@ def _epochs_by_source(claims: Iterable[EpochClaim], exclude: bytes | None = None
 
 
 def believed_epoch_ceiling(claims: Iterable[EpochClaim], local_epoch: int, max_lead: int = MAX_EPOCH_LEAD,
-                           own: bytes | None = None, admitted: Admitted = everyone, own_counts: bool = True) -> int:
+                           own: bytes | None = None, admitted: Admitted = everyone, own_counts: bool = True,
+                           own_samples: int = 0) -> int:
     """The highest epoch we accept: max_lead past the highest of
     - our own epoch;
     - the highest epoch E that two or more distinct signers (progress or metrics records) claim or
       exceed, provided more signers stand behind E than training peers stand clearly below it
-      (other peers' progress records more than max_lead under E, and ours once we have an epoch
-      of our own, > 0, and train: own_counts; the host's copy of the state is no opinion):
+      (other peers' progress records more than max_lead under E, and ours once we train in an
+      epoch of our own: above 0, or epoch 0 with samples in it (`own_samples`); own_counts: we
+      train at all, the host's copy of the state is no opinion):
       several peers that agree on a lower epoch outweigh as many signers claiming a far higher one;
     - the epoch of the one other training peer, when there is exactly one (`own`, our signer,
       left out).
@@ -80,6 +82,12 @@ def believed_epoch_ceiling(claims: Iterable[EpochClaim], local_epoch: int, max_l
     forged keys that outnumber the honest peers win (Sybil keys: admission's to stop, not this rule's).
     Metrics records vouch but do not vote or oppose: the host's trails the swarm, and a newcomer
     publishes one at epoch 0 before it has loaded anything.
+    Epoch 0 with samples: two peers that began a fresh swarm together stand at epoch 0 until their
+    first round closes; were their own epoch no opinion there, two forged keys claiming 10**6 would
+    outvote the other one, and neither would ever close a round (tests/test_swarm_attacks.py,
+    epoch-2keys). A newcomer catches up before its first step (no samples yet), so it still follows
+    the swarm it came to join. The price: peers that trained at epoch 0 before they could see a
+    swarm far ahead (a healed partition) follow it only when it has more signers than they are.
     """
     claims = list(claims)
     ceiling = local_epoch + max_lead
@@ -88,7 +96,8 @@ def believed_epoch_ceiling(claims: Iterable[EpochClaim], local_epoch: int, max_l
     ahead = sorted((e for e in sources.values() if e > ceiling), reverse=True)
     # ahead[i] is claimed or exceeded by i + 1 distinct signers; the first (highest) epoch that two
     # or more back and fewer voices oppose is the swarm's, seen maybe a moment early or late.
-    mine = 1 if own is not None and own_counts and local_epoch > 0 else 0   # `ahead` is far above ours
+    # our own voice, when we train in our epoch (`ahead` is far above it)
+    mine = 1 if own is not None and own_counts and (local_epoch > 0 or own_samples > 0) else 0
     for i in range(1, len(ahead)):
         behind = bisect.bisect_left(voices, ahead[i] - max_lead) + mine   # more than max_lead below it
         if i + 1 > behind:
@@ -470,7 +479,7 @@ class ProgressRecords:
             self.epoch_began[e] = now
 
     def sift(self, records: Iterable[tuple[bytes, Any]], local_epoch: int, *, own: bytes | None = None,
-             witnesses: Iterable[EpochClaim] = (), now: float | None = None) -> Sifted:
+             witnesses: Iterable[EpochClaim] = (), now: float | None = None, own_samples: int = 0) -> Sifted:
         import time as _time
         now = _time.time() if now is None else now
         self._saw(local_epoch, now)
@@ -503,7 +512,7 @@ class ProgressRecords:
         witnesses = [EpochClaim(w, c.epoch, c.counts, witness=True) for c in witnesses
                      if (w := signer_identity(c.source)) is not None]
         ceiling = believed_epoch_ceiling(claims + witnesses, local_epoch, own=own, admitted=self.admitted,
-                                         own_counts=self.own_counts)
+                                         own_counts=self.own_counts, own_samples=own_samples)
         kept, kept_claims = [], []
         for subkey, c in zip(subkeys, claims):
             if c.epoch <= ceiling:
