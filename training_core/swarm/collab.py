@@ -46,8 +46,9 @@ class FilteredProgressTracker(ProgressTracker):
     one record per signer, admitted signers only (`admitted`, everyone by default), times near now,
     samples and samples/s within what one peer can compute (`limits`: guards.RecordLimits.for_manifest;
     without them samples go unchecked), and epochs the swarm believes. A record whose samples are out
-    of reach counts for its epoch but with no samples: a forged 10**9 neither closes a DiLoCo round
-    nor shrinks sync's batch. Engines replace `witnesses` (signed metrics records) as they read them;
+    of reach counts for its epoch but with no samples (and not at all at our epoch or below): a forged
+    10**9 neither closes a DiLoCo round, nor makes it wait for a peer that is not there, nor shrinks
+    sync's batch. Engines replace `witnesses` (signed metrics records) as they read them;
     `limits` and `admitted` may be set after construction too."""
     MAX_WARNED = 256              # remembered warnings (bounded under a flood of keys)
     MAX_WARNINGS_PER_MIN = 10
@@ -120,9 +121,15 @@ class FilteredProgressTracker(ProgressTracker):
         for problem in sifted.problems:
             self._warn(problem)
         kept = {}
+        local = self.local_progress.epoch
         for subkey in sifted.kept:
             item = original[subkey]
             if subkey in sifted.no_work:
+                # Its epoch matters only when it is ahead of ours (a peer to catch up with). At ours or
+                # below it is no peer at all: counted as one, a signer claiming 10**9 samples made every
+                # DiLoCo round wait for a third peer's worth of samples (tests/test_swarm_attacks.py).
+                if item.value.get("epoch", 0) <= local:
+                    continue
                 item = ValueWithExpiration(dict(item.value, samples_accumulated=0, samples_per_second=0.0),
                                            item.expiration_time)
             kept[subkey] = item
