@@ -56,7 +56,8 @@ from .admission import AdmissionMixin
 from .collab import FilteredProgressTracker
 from .compression import compression_for, decompress
 from .guards import MAX_EPOCH_LEAD, all_finite
-from .robust import STATE_STEP_BOUND, RobustAveraging, RobustRunnerMixin, excluded_reducers, state_problem
+from .robust import (STATE_STEP_BOUND, MalformedPart, RobustAveraging, RobustRunnerMixin, excluded_reducers,
+                     state_problem)
 
 Warn = Callable[[str, str], None]
 STATE_KIND = "modron-diloco-1"
@@ -201,7 +202,8 @@ class ExactAllReduceRunner(RobustRunnerMixin, AllReduceRunner):
             async for msg in stream:
                 weight = float(msg.weight)
                 if part_index >= len(shapes) or not (math.isfinite(weight) and weight >= 0):
-                    raise AllreduceException(f"sender {sender_index}: extra part or bad weight {weight}")
+                    # The sender's own data: a strike against it, like a part that does not decode.
+                    raise MalformedPart(f"sender {sender_index}: extra part or bad weight {weight}")
                 self.bytes_down += len(msg.tensor_part.buffer)
                 part = await loop.run_in_executor(None, decompress, msg.tensor_part, self.compression,
                                                   shapes[part_index].numel())
