@@ -62,21 +62,13 @@ class _Downloader:
         self.synced_once = False
         self.bytes_down = 0
         self.finished_at = 0.0        # when the last download ended, loaded or not
-        self.busy = False             # (a download in progress: only while maybe_start runs)
 
     def behind(self, swarm_epoch: int) -> bool:
         return swarm_epoch > self.keeper.epoch
 
     def maybe_start(self, swarm_epoch: int, asked: bool) -> None:
-        if self.busy or not self.behind(swarm_epoch) or not (asked or time.monotonic() >= self.next_at):
+        if not self.behind(swarm_epoch) or not (asked or time.monotonic() >= self.next_at):
             return
-        self.busy = True
-        try:
-            self._run(swarm_epoch)
-        finally:
-            self.busy = False
-
-    def _run(self, swarm_epoch: int) -> None:
         before = self.keeper.epoch
         try:
             got = self.keeper.sync(swarm_epoch)
@@ -375,7 +367,7 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
             # First the checkpoint a finished download made due, then (maybe) the next download.
             if msg == "checkpoint" and asked is None:
                 asked = time.monotonic()    # answered once the download it starts has ended
-            if downloads.synced_once and not downloads.busy and (
+            if downloads.synced_once and (
                     (asked is not None and (not downloads.behind(swarm_epoch) or downloads.finished_at > asked)) or (
                     keeper.epoch != last_ckpt_epoch and
                     time.monotonic() - last_ckpt_time >= opts.checkpoint_minutes * 60)):
