@@ -100,9 +100,13 @@ class Member:
                 self._cond.notify_all()
 
     def send(self, kind: str) -> float:
+        """Send a control; returns the time just before it went out. Taken after the write, an answer
+        could carry an earlier time: the pump thread can stamp the reply while this thread waits for
+        the GIL after the flush (a `resumed` was missed that way with `since=`)."""
+        sent_at = time.monotonic()
         self.proc.stdin.write(json.dumps({"v": 1, "type": kind}) + "\n")
         self.proc.stdin.flush()
-        return time.monotonic()
+        return sent_at
 
     def of(self, type_: str, since: float = 0.0) -> list[dict]:
         with self._cond:

@@ -42,22 +42,43 @@ def _checkpoint_epoch(ckpt: str | None, default: int) -> int:
         return default
 
 
-def _swarm_state_near(host: Member, epoch: int, timeout: float = 45.0):
-    """(epoch, parameters) of the host's checkpoint nearest to `epoch`: the swarm's averaged state
-    then. Loaded as soon as the host has written one at or past it, since it keeps only its last 3."""
-    from pathlib import Path
-    deadline = time.monotonic() + timeout
-    while True:
-        written = host.of("checkpoint")
-        if any(e["step"] >= epoch for e in written) or time.monotonic() >= deadline:
-            for e in sorted(written, key=lambda e: (abs(e["step"] - epoch), -e["step"])):
+class _HostStates:
+    """Copies the parameters of each checkpoint the host writes as soon as it says so: the host keeps
+    only its last 3 (one every 3 s here), so a checkpoint looked up later, when the late joiner is done,
+    may already be pruned (CI once found only epoch 15 left for a joiner that ended at epoch 12)."""
+
+    def __init__(self, host: Member):
+        import threading
+        self.host, self.states, self._stop = host, {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from pathlib import Path
+        seen = 0
+        while not self._stop.is_set():
+            written = self.host.of("checkpoint")
+            for e in written[seen:]:
                 try:
-                    return e["step"], load_params(Path(e["path"]))
-                except Exception:   # pruned meanwhile
-                    continue
-            if time.monotonic() >= deadline:
-                return None, None
-        time.sleep(0.5)
+                    self.states.setdefault(e["step"], load_params(Path(e["path"])))
+                except Exception:   # pruned before it could be read: that epoch is simply not kept
+                    pass
+            seen = len(written)
+            self._stop.wait(0.2)
+
+    def near(self, epoch: int, timeout: float = 45.0):
+        """(epoch, parameters) of the host's checkpoint nearest to `epoch`: the swarm's averaged state
+        then; waits until the host has written one at or past it."""
+        deadline = time.monotonic() + timeout
+        while not any(k >= epoch for k in list(self.states)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not self.states:
+            return None, None
+        best = min(list(self.states), key=lambda k: (abs(k - epoch), -k))
+        return best, self.states[best]
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +97,7 @@ def scenario(tmp_path_factory):
                               "--port", str(free_port()), "--listen-ip", "127.0.0.1", "--json", "--minutes", "6",
                               "--checkpoint-minutes", "0.05"])
         host.wait_for(lambda e: e["type"] == "invite", timeout=90)
+        host_states = _HostStates(host)
         invite = base / "hostout" / "invite.txt"
         a = start("a", JOIN + ["--invite-file", str(invite)])
         b = start("b", JOIN + ["--invite-file", str(invite)])
@@ -116,10 +138,10 @@ def scenario(tmp_path_factory):
                    since=t_kill)
         facts["epoch_after_kill"] = _epoch(a)
         _, finished = late.wait_for(lambda e: e["type"] == "finished", timeout=150)
-        # The swarm's state at the late joiner's last epoch, taken now: the host keeps only its last
-        # 3 checkpoints, and the late joiner's process can take many seconds to exit.
+        # The swarm's state at the late joiner's last epoch, from the copies taken as the host wrote them.
         facts["late_epoch"] = _checkpoint_epoch(finished.get("checkpoint"), max(_epochs(late), default=0))
-        facts["swarm_at_late_epoch"] = _swarm_state_near(host, facts["late_epoch"])
+        facts["swarm_at_late_epoch"] = host_states.near(facts["late_epoch"])
+        host_states.stop()
         facts["late_rc"] = late.finish()
         facts["late_epochs"] = _epochs(late)
 
