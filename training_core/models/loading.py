@@ -15,14 +15,11 @@ import torch
 
 from ..config import JobSpec
 from ..errors import ModelError
+from ..model_files import HUB_IGNORE, PICKLED
 from . import methods
 from .presets import PRESETS, preset_config
 from .tokenizer import TOKENIZER_FILES, bytes_tokenizer, load_tokenizer, train_tokenizer
 
-PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-# Hub files never needed: other frameworks' weights, and pickles we would refuse to load anyway.
-HUB_IGNORE = [*PICKLED, "*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.gguf", "*.tflite", "*.ot",
-              "original/*", "onnx/*", "coreml/*", "openvino/*"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 CONVERT_HINT = ("Modron only loads safetensors weights; convert with "
                 "`python -c \"from transformers import AutoModelForCausalLM as M; "

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import ConfigError, ModelError, WontFitError
 from .. import preflight
+from ..model_files import HUB_IGNORE
 from .manifest import HUB_URL, SwarmManifest, hub_downloads
 
 # The scratch presets' shapes (hidden, layers, heads, intermediate, vocabulary), kept here because
@@ -226,7 +227,6 @@ def fetch_config(repo: str) -> dict[str, Any]:
 
 def fetch_model(repo: str) -> Path:
     """The model's snapshot folder (safetensors weights, config, tokenizer, model card), never code."""
-    from ..models.loading import HUB_IGNORE
     return _snapshot(repo, ignore_patterns=[*HUB_IGNORE, "*.py"])
 
 
