@@ -1,27 +1,77 @@
-"""Rules from DEVELOPERS.md that code can check."""
+"""Rules from DEVELOPERS.md that code can check.
+
+Which package may import which is import-linter's job: the contracts are in pyproject.toml
+([tool.importlinter]) and `lint-imports` checks them here, chains through other modules included.
+"""
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:     # Python 3.10
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
-QT = re.compile(r"^\s*(from|import)\s+(PySide6|PyQt\d|pyqtgraph|shiboken\d)\b", re.M)
-HEAVY = re.compile(r"^\s*(from|import)\s+(torch|transformers|peft|hivemind|safetensors)\b", re.M)
 UNPICKLE = re.compile(r"pickle\.loads?\(|torch\.load\((?![^)]*weights_only=True)")
+CONTRACTS = {"core-no-gui", "app-no-training-stack", "app-uses-light-core", "installer-standalone"}
+PACKAGES = ("app", "training_core", "installer", "resources")
 
 
 def sources(folder):
     return sorted((ROOT / folder).rglob("*.py"))
 
 
-def test_training_core_never_imports_qt():
-    bad = [str(p) for p in sources("training_core") if QT.search(p.read_text(encoding="utf-8"))]
-    assert bad == []
+def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
+    """`lint-imports` (from the dev extra, beside this Python) on the pyproject.toml in `cwd`."""
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert exe, "lint-imports not found beside this Python: install the dev extra (pip install -e '.[dev]')"
+    return subprocess.run([exe, "--no-cache", "--no-logo"], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def test_app_never_imports_the_training_stack():
-    bad = [str(p) for p in sources("app") if HEAVY.search(p.read_text(encoding="utf-8"))]
-    assert bad == []
+def contract_names(pyproject: Path) -> dict[str, str]:
+    contracts = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["importlinter"]["contracts"]
+    return {c["id"]: c["name"] for c in contracts}
+
+
+def test_the_layers_are_kept():
+    assert set(contract_names(ROOT / "pyproject.toml")) == CONTRACTS
+    out = lint_imports(ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"Contracts: {len(CONTRACTS)} kept, 0 broken." in out.stdout, out.stdout
+
+
+def test_a_broken_layer_is_reported(tmp_path):
+    """The same contracts on a copy of the code with one forbidden import for each, two of them indirect."""
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            if "__pycache__" not in path.parts:
+                copy = tmp_path / path.relative_to(ROOT)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, copy)
+    shutil.copyfile(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+
+    def add(relative: str, code: str) -> None:
+        path = tmp_path / relative
+        path.write_text(path.read_text(encoding="utf-8") + code, encoding="utf-8")
+
+    add("training_core/errors.py", "\n\ndef _gui():\n    from app import tray\n")   # inside a function counts too
+    add("app/tray.py", "\nimport training_core.engine\n")                         # engine imports torch
+    add("installer/write_record.py", "\nfrom training_core.paths import data_dir\n")
+
+    out = lint_imports(tmp_path)
+    report = out.stdout + out.stderr
+    assert out.returncode == 1, report
+    assert f"Contracts: 0 kept, {len(CONTRACTS)} broken." in report
+    for name in contract_names(tmp_path / "pyproject.toml").values():
+        assert re.search(rf"^{re.escape(name)}\s*BROKEN", report, re.M), (name, report)
+    assert "training_core.errors -> app.tray" in report
+    assert "app.tray -> PySide6" in report                     # the second link of training_core -> app -> Qt
+    assert "app.tray -> training_core.engine" in report
+    assert "training_core.engine -> torch" in report           # the second link of app -> engine -> torch
+    assert "installer.write_record -> training_core.paths" in report
 
 
 def test_nothing_unpickles():
