@@ -27,6 +27,13 @@ def _error_line(stderr: str, code: int) -> str:
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     if not lines:
         return f"The engine stopped with exit status {code} without saying why."
+    # Several bad data files: the prefixed line, then one indented line per file; keep them all.
+    raw = [ln.rstrip() for ln in stderr.splitlines() if ln.strip()]
+    tail = len(raw)
+    while tail > 1 and raw[tail - 1][:1].isspace():
+        tail -= 1
+    if tail < len(raw) and raw[tail - 1].startswith(_PREFIXES[0]):
+        return "\n".join([raw[tail - 1][len(_PREFIXES[0]):], *(ln.strip() for ln in raw[tail:])])
     line = lines[-1]
     for prefix in _PREFIXES:
         if line.startswith(prefix):

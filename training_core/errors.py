@@ -25,6 +25,26 @@ class DataError(UserError):
     code = "bad_data"
 
 
+class DataErrors(DataError):
+    """Several bad data files at once, so the user can fix them all in one go: a first line that
+    names them, then one indented line per problem (the only multi-line UserError)."""
+
+    def __init__(self, errors: list[DataError]):
+        self.errors = sorted(errors, key=lambda e: e.where or "")   # in path order, as a listing reads
+        names = [Path(e.where).name if e.where else "?" for e in self.errors[:3]]
+        more = f" and {len(self.errors) - 3} more" if len(self.errors) > 3 else ""
+        head = f"{len(self.errors)} problems in the data ({', '.join(names)}{more}):"
+        super().__init__(None, "\n".join([head, *(f"  {e}" for e in self.errors)]))
+
+
+def raise_data_errors(errors: list[DataError]) -> None:
+    """Raise the one problem as it is, several as one DataErrors; nothing when there are none."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise DataErrors(errors)
+
+
 class ModelError(UserError):
     code = "bad_model"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, raise_data_errors
 
 BASE_EXTENSIONS = (".txt", ".md", ".jsonl", ".json", ".csv", ".parquet")
 # A gzip of any supported file is supported too ("x.jsonl.gz").
@@ -27,15 +27,19 @@ def _supported_list() -> str:
     return ", ".join(BASE_EXTENSIONS) + " (or any of them .gz)"
 
 
-def _walk(folder: Path, ancestors: frozenset[str], out: list[Path], skipped: list[Path]) -> None:
+def _walk(folder: Path, ancestors: frozenset[str], out: list[Path], skipped: list[Path],
+          problems: list[DataError]) -> None:
     # Follow symlinked folders (people link datasets in), but refuse one that leads back
     # into a folder we are already inside: that would recurse forever.
+    # A bad entry goes to `problems` and the walk goes on, so every bad one is named at once.
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except PermissionError:
-        raise DataError(folder, "permission denied: cannot list this folder") from None
+        problems.append(DataError(folder, "permission denied: cannot list this folder"))
+        return
     except OSError as exc:
-        raise DataError(folder, f"cannot list this folder ({exc.strerror or exc})") from None
+        problems.append(DataError(folder, f"cannot list this folder ({exc.strerror or exc})"))
+        return
     for entry in entries:
         if entry.name.startswith("."):
             continue  # .git, .DS_Store, editor swap files
@@ -47,12 +51,19 @@ def _walk(folder: Path, ancestors: frozenset[str], out: list[Path], skipped: lis
         if is_dir:
             real = os.path.realpath(path)
             if real in ancestors:
-                raise DataError(path, f"symlink loop: this folder links back to {real}")
-            _walk(path, ancestors | {real}, out, skipped)
-        elif _is_file(entry, path):
+                problems.append(DataError(path, f"symlink loop: this folder links back to {real}"))
+            else:
+                _walk(path, ancestors | {real}, out, skipped, problems)
+            continue
+        try:
+            is_file = _is_file(entry, path)
+        except DataError as exc:
+            problems.append(exc)
+            continue
+        if is_file:
             (out if file_kind(path)[0] else skipped).append(path)
         elif entry.is_symlink():
-            raise DataError(path, "broken symlink: its target does not exist")
+            problems.append(DataError(path, "broken symlink: its target does not exist"))
 
 
 def _is_file(entry: os.DirEntry, path: Path) -> bool:
@@ -63,40 +74,52 @@ def _is_file(entry: os.DirEntry, path: Path) -> bool:
                               "this link") from None
 
 
-def discover_files(paths: list[str | Path], warnings: list[str] | None = None) -> list[Path]:
+def discover_files(paths: list[str | Path], warnings: list[str] | None = None,
+                   problems: list[DataError] | None = None) -> list[Path]:
     """Every data file named or found (recursively, sorted) in `paths`, each once.
 
     Files inside folders with an unsupported extension are skipped (noted in `warnings`
-    when given); a file named directly must be supported.
+    when given); a file named directly must be supported. Every bad path (missing, a broken
+    link, an unsupported file...) is collected: into `problems` when given (the caller goes on
+    and reports them with its own), else raised together at the end.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
         raise DataError(None, "no data given: name at least one file or folder")
+    collected: list[DataError] = [] if problems is None else problems
     found: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
         if not path.exists():
             if path.is_symlink():
-                raise DataError(path, "broken symlink: its target does not exist")
-            raise DataError(path, "no such file or folder")
+                collected.append(DataError(path, "broken symlink: its target does not exist"))
+            else:
+                collected.append(DataError(path, "no such file or folder"))
+            continue
         if path.is_dir():
             files: list[Path] = []
             skipped: list[Path] = []
-            _walk(path, frozenset({os.path.realpath(path)}), files, skipped)
-            if not files:
+            before = len(collected)
+            _walk(path, frozenset({os.path.realpath(path)}), files, skipped, collected)
+            if not files and len(collected) == before:
                 detail = f" (found only {_names(skipped)})" if skipped else ""
-                raise DataError(path, f"folder has no data files{detail}; supported: {_supported_list()}")
+                collected.append(DataError(path, f"folder has no data files{detail}; "
+                                                 f"supported: {_supported_list()}"))
+                continue
             if skipped and warnings is not None:
                 warnings.append(f"{path}: skipped {len(skipped)} file(s) with unsupported extensions "
                                 f"({_names(skipped)})")
             found.extend(files)
         elif path.is_file():
             if not file_kind(path)[0]:
-                raise DataError(path, f"unsupported file type; supported: {_supported_list()}")
-            found.append(path)
+                collected.append(DataError(path, f"unsupported file type; supported: {_supported_list()}"))
+            else:
+                found.append(path)
         else:
-            raise DataError(path, "is not a regular file or folder")
+            collected.append(DataError(path, "is not a regular file or folder"))
+    if problems is None:
+        raise_data_errors(collected)
     # The same file named twice (or reached through a link) would be trained on twice.
     seen: set[str] = set()
     unique = []

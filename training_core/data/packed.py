@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, raise_data_errors
 from .cache import PIPELINE_VERSION, Entry, cached_or_build, default_cache_dir, tokenizer_fingerprint
 from .discover import discover_files
 
@@ -116,7 +116,8 @@ def build_dataset(paths, tokenizer: Any, seq_len: int, eval_fraction: float = 0.
     if seq_len < 1:
         raise DataError("--seq-len", "must be at least 1")
     warnings: list[str] = []
-    files = discover_files(paths, warnings)
+    problems: list[DataError] = []
+    files = discover_files(paths, warnings, problems)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     fingerprint = tokenizer_fingerprint(tokenizer)
     sizes = [f.stat().st_size for f in files]
@@ -127,12 +128,17 @@ def build_dataset(paths, tokenizer: Any, seq_len: int, eval_fraction: float = 0.
     for path, size in zip(files, sizes):
         base = done
         report = (lambda n, base=base, size=size: progress(base + min(n, size), total_bytes)) if progress else None
-        entry = cached_or_build(path, tokenizer, fingerprint, folder, report)
-        entries.append(entry)
-        warnings.extend(f"{path}: {w}" for w in entry.meta.get("warnings", []))
+        try:
+            entry = cached_or_build(path, tokenizer, fingerprint, folder, report)
+        except DataError as exc:   # go on: every bad file is named at the end, not just the first
+            problems.append(exc)
+        else:
+            entries.append(entry)
+            warnings.extend(f"{path}: {w}" for w in entry.meta.get("warnings", []))
         done += size
         if progress:
             progress(done, total_bytes)
+    raise_data_errors(problems)
     key = hashlib.sha256(f"{PIPELINE_VERSION}|{fingerprint}|{seq_len}|{eval_fraction}".encode())
     for entry in entries:
         key.update(entry.bin_path.name.encode())

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..errors import DataError, raise_data_errors
 from .cache import cached_or_build, default_cache_dir, tokenizer_fingerprint
 from .discover import discover_files
 from .formats import FileStats, read_file
@@ -76,7 +77,8 @@ def _scan(path: Path, tokenizer: Any) -> FileStats:
 
 
 def validate(paths, tokenizer: Any = None, preview: int = 3, cache_dir: Path | None = None) -> ValidationReport:
-    """Read every file (raising DataError on the first bad one) and report what training would see.
+    """Read every file and report what training would see. Bad files raise DataError after all
+    were read: every one of them named (DataErrors when several), so one round of fixes is enough.
 
     With a tokenizer the files are tokenized into the token cache, so a training run that
     follows starts at once.
@@ -84,24 +86,30 @@ def validate(paths, tokenizer: Any = None, preview: int = 3, cache_dir: Path | N
     if isinstance(paths, (str, Path)):
         paths = [paths]
     warnings: list[str] = []
-    files = discover_files(paths, warnings)
+    problems: list[DataError] = []
+    files = discover_files(paths, warnings, problems)
     reports: list[FileReport] = []
     previews: list[str] = []
     fingerprint = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() if tokenizer is not None else None
     for path in files:
-        if tokenizer is not None:
-            meta = cached_or_build(path, tokenizer, fingerprint, folder).meta
-            rep = FileReport(path, meta["format"], meta["encoding"], meta["records"], meta["chars"],
-                             meta["tokens"], list(meta["warnings"]), meta["empty"])
-            file_preview = meta["preview"]
-        else:
-            s = _scan(path, None)
-            rep = FileReport(path, s.format, s.encoding, s.records, s.chars, None, list(s.warnings), s.empty)
-            file_preview = s.preview
+        try:
+            if tokenizer is not None:
+                meta = cached_or_build(path, tokenizer, fingerprint, folder).meta
+                rep = FileReport(path, meta["format"], meta["encoding"], meta["records"], meta["chars"],
+                                 meta["tokens"], list(meta["warnings"]), meta["empty"])
+                file_preview = meta["preview"]
+            else:
+                s = _scan(path, None)
+                rep = FileReport(path, s.format, s.encoding, s.records, s.chars, None, list(s.warnings), s.empty)
+                file_preview = s.preview
+        except DataError as exc:
+            problems.append(exc)
+            continue
         reports.append(rep)
         warnings.extend(f"{path}: {w}" for w in rep.warnings)
         previews.extend(file_preview[:max(0, preview - len(previews))])
+    raise_data_errors(problems)
     return ValidationReport(
         files=reports,
         format=_combined_format([r.format for r in reports]),
@@ -114,9 +122,15 @@ def validate(paths, tokenizer: Any = None, preview: int = 3, cache_dir: Path | N
 
 
 def iter_texts(paths, tokenizer: Any = None) -> Iterator[str]:
-    """Every record's training text, file by file (long .txt files in paragraph-aligned pieces)."""
+    """Every record's training text, file by file (long .txt files in paragraph-aligned pieces).
+    Bad files are skipped and raised together once the good ones are read, as validate() does."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    for path in discover_files(paths):
-        for text, _ in read_file(path, tokenizer):
-            yield text
+    problems: list[DataError] = []
+    for path in discover_files(paths, None, problems):
+        try:
+            for text, _ in read_file(path, tokenizer):
+                yield text
+        except DataError as exc:
+            problems.append(exc)
+    raise_data_errors(problems)
