@@ -10,6 +10,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
 from app.contribution import (DEFAULT_GRACE_S, GRACE_SETTING, PRIORITIES, PRIORITY_SETTING, grace_s,
                               gpu_priority, load_rules, save_rules)
 from app.idle_policy import IdleRules, Window
+from app.views.form_ux import polish_form
 from app.views.settings_view import note
 from training_core.errors import ConfigError
 
@@ -74,30 +75,49 @@ class ContributionSettingsView(QWidget):
         self.schedule_edit.setPlaceholderText("Any time. Or one window per line, e.g.\nMon-Fri 22:00-07:00\n"
                                               "Sat 00:00-00:00")
         self.schedule_edit.setMaximumHeight(90)
+        self.schedule_edit.setToolTip("When contributing is allowed, one window per line: 'Mon-Fri 22:00-07:00', "
+                                      "'Sat 10:00-18:00' or 'Every day 23:00-06:00'. An end before the start runs "
+                                      "past midnight. Empty: any time")
         self.idle_spin = QDoubleSpinBox()
         self.idle_spin.setRange(0, 24 * 60)
         self.idle_spin.setDecimals(0)
         self.idle_spin.setSuffix(" min")
+        self.idle_spin.setToolTip("Start only after no keyboard or mouse input for this long; "
+                                  "any input hands the GPU back")
         self.battery_box = QCheckBox("Also on battery")
+        self.battery_box.setToolTip("Off: a laptop contributes only while plugged in")
         self.programs_edit = QPlainTextEdit()
         self.programs_edit.setPlaceholderText("one program per line, e.g. steam, blender")
         self.programs_edit.setMaximumHeight(70)
+        self.programs_edit.setToolTip("Program names (one per line or comma-separated, any case): while one of "
+                                      "them runs, nothing is contributed")
         self.gpu_apps_box = QCheckBox("Not while another program uses the GPU")
+        self.gpu_apps_box.setToolTip("Hand the GPU back as soon as another program (a game, a renderer) "
+                                     "starts using it")
         self.temp_spin = QSpinBox()
         self.temp_spin.setRange(40, 110)
         self.temp_spin.setSuffix(" °C")
+        self.temp_spin.setToolTip("Pause while the GPU is hotter than this; contributing resumes once it "
+                                  "has cooled a few degrees below")
         self.vram_spin = QSpinBox()
         self.vram_spin.setRange(5, 100)
         self.vram_spin.setSuffix(" %")
+        self.vram_spin.setToolTip("The swarm worker keeps its GPU memory under this share of the GPU's total")
         self.unknown_combo = QComboBox()
         for value, label in UNKNOWN_CHOICES:
             self.unknown_combo.addItem(label, value)
+        self.unknown_combo.setToolTip("Some desktops don't tell how long you have been away. Ask me: don't "
+                                      "contribute and say so; Contribute anyway: act as if you were away")
         self.grace_spin = QSpinBox()
         self.grace_spin.setRange(1, 120)
         self.grace_spin.setSuffix(" s")
+        self.grace_spin.setToolTip("When the GPU is needed back, the swarm worker is asked to pause; if it "
+                                   "hasn't after this long, it is stopped")
         self.priority_combo = QComboBox()
         for value, label in PRIORITY_CHOICES:
             self.priority_combo.addItem(label, value)
+        self.priority_combo.setToolTip("Who gets the GPU when a finetune of yours is queued while this "
+                                       "computer contributes")
 
         when = QGroupBox("When")
         f = QFormLayout(when)
@@ -118,6 +138,8 @@ class ContributionSettingsView(QWidget):
         self.save_button.clicked.connect(self.save)
         self.revert_button = QPushButton("Revert")
         self.revert_button.clicked.connect(self.reload)
+        self.save_button.setToolTip("Keep these rules; they apply at once")
+        self.revert_button.setToolTip("Throw away the changes and show the saved rules again")
         self.message_label = QLabel()
         self.message_label.setWordWrap(True)
         buttons = QHBoxLayout()
@@ -132,6 +154,7 @@ class ContributionSettingsView(QWidget):
         layout.addWidget(how)
         layout.addLayout(buttons)
         layout.addStretch(1)
+        polish_form(self)
         self.reload()
 
     def reload(self) -> None:

@@ -8,13 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QFileDialog, QFrame, QHBoxLayout, QLabel, QListWidget, QPushButton,
+from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QListWidget, QPushButton,
                                QVBoxLayout, QWidget)
 
 from app.cli_task import CliTask
+from app.views.form_ux import choose_files, choose_folder
 
 ERROR_STYLE = "color: #c62828;"
 WARN_STYLE = "color: #9a6700;"
+# Lines shown at most; a folder of thousands of bad files must not make the window miles long.
+MAX_WARNINGS, MAX_ERRORS = 10, 30
+DATA_FILTERS = "Text data (*.txt *.md *.jsonl *.json *.csv *.parquet *.gz);;All files (*)"
 
 
 def local_paths(mime) -> list[str]:
@@ -42,8 +46,9 @@ class DropZone(QFrame):
 
     paths_changed = Signal(list)
 
-    def __init__(self, parent=None):
+    def __init__(self, parent=None, store=None):
         super().__init__(parent)
+        self.store = store   # where the file dialogs remember the last folder; None: they don't
         self.setAcceptDrops(True)
         self.setFrameShape(QFrame.StyledPanel)
         self.setMinimumHeight(120)
@@ -57,6 +62,11 @@ class DropZone(QFrame):
         self.choose_files_btn = QPushButton("Choose files…")
         self.choose_folder_btn = QPushButton("Choose folder…")
         self.clear_btn = QPushButton("Clear")
+        self.setToolTip("Drop training files or folders here; folders are searched for data files")
+        self.choose_files_btn.setToolTip("Pick one or more data files (txt, md, jsonl, json, csv, parquet, "
+                                         "or any of them .gz)")
+        self.choose_folder_btn.setToolTip("Pick a folder: every data file in it and its subfolders is used")
+        self.clear_btn.setToolTip("Remove every file and folder from the list (nothing is deleted on disk)")
         self.choose_files_btn.clicked.connect(self._choose_files)
         self.choose_folder_btn.clicked.connect(self._choose_folder)
         self.clear_btn.clicked.connect(self.clear)
@@ -99,13 +109,12 @@ class DropZone(QFrame):
         self.clear_btn.setEnabled(bool(self._paths))
 
     def _choose_files(self) -> None:
-        files, _ = QFileDialog.getOpenFileNames(self, "Choose training files", "",
-                                                "Text data (*.txt *.md *.jsonl *.json *.csv *.parquet *.gz);;All files (*)")
+        files = choose_files(self, self.store, "data", "Choose training files", DATA_FILTERS)
         if files:
             self.add_paths(files)
 
     def _choose_folder(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Choose a folder of training files")
+        folder = choose_folder(self, self.store, "data", "Choose a folder of training files")
         if folder:
             self.add_paths([folder])
 
@@ -136,11 +145,11 @@ class DatasetPanel(QWidget):
     """DropZone plus the validation result: format, records, tokens, preview, warnings or the error."""
 
     validated = Signal(dict)      # the report of the current paths
-    invalid = Signal(str)         # the one-line error for the current paths
+    invalid = Signal(str)         # the error for the current paths: one line, or one per bad file
 
-    def __init__(self, parent=None):
+    def __init__(self, parent=None, store=None):
         super().__init__(parent)
-        self.drop_zone = DropZone()
+        self.drop_zone = DropZone(store=store)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -214,17 +223,24 @@ class DatasetPanel(QWidget):
             self.status.setText("Checking the data…")
         elif self.error:
             self.status.setStyleSheet(ERROR_STYLE)
-            self.status.setText(self.error)
+            self.status.setText(_capped(self.error.splitlines(), MAX_ERRORS))
         elif self.report is not None:
             self.status.setStyleSheet("")
             self.status.setText(describe_report(self.report))
             warns = self.report.get("warnings") or []
             if warns:
-                self.warnings.setText("\n".join(f"⚠ {w}" for w in warns[:10])
-                                      + (f"\n… and {len(warns) - 10} more" if len(warns) > 10 else ""))
+                self.warnings.setText(_capped([f"⚠ {w}" for w in warns], MAX_WARNINGS))
             previews = self.report.get("preview") or []
             if previews:
                 self.preview.setText("\n\n".join(p.strip()[:300] for p in previews[:2]))
         else:
             self.status.setStyleSheet("")
             self.status.setText("No data yet.")
+
+
+def _capped(lines: list[str], limit: int) -> str:
+    """The lines, at most `limit` of them and a count of the rest."""
+    shown = lines[:limit]
+    if len(lines) > limit:
+        shown.append(f"… and {len(lines) - limit} more")
+    return "\n".join(shown)

@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox,
+from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QFormLayout, QGroupBox,
                                QHBoxLayout, QLabel, QLineEdit, QMessageBox, QPushButton, QRadioButton,
                                QDoubleSpinBox, QScrollArea, QSpinBox, QToolButton, QVBoxLayout, QWidget)
 
 from app.cli_task import CliTask
 from app.views.drop_zone import ERROR_STYLE, WARN_STYLE, DatasetPanel
+from app.views.form_ux import choose_folder, polish_form
 from training_core.config import JobSpec
 from training_core.errors import UserError
 from training_core.preflight import format_bytes, format_duration
@@ -72,7 +73,7 @@ class NewFinetuneView(QWidget):
 
     # ---- layout -------------------------------------------------------------------------
     def _build(self) -> None:
-        self.dataset = DatasetPanel()
+        self.dataset = DatasetPanel(store=self.store)
         self.demo_btn = QPushButton("Try the demo")
         self.demo_btn.setToolTip("Train a tiny model on bundled stories (about a minute) and watch the charts")
         self.demo_btn.clicked.connect(self.try_demo)
@@ -93,8 +94,14 @@ class NewFinetuneView(QWidget):
             self.model_combo.addItem(f"New model from scratch: {name} ({desc})", f"scratch:{name}")
         self.model_combo.addItem("A model folder on this computer…", LOCAL)
         self.model_combo.addItem("A Hugging Face hub model id", HUB)
+        self.model_combo.setToolTip("What to train: a new model built from scratch in one of these sizes, "
+                                    "a pretrained model folder on this computer, or a model from the "
+                                    "Hugging Face hub (downloaded once)")
         self.model_edit = QLineEdit()
+        self.model_edit.setToolTip("The model folder (the one with config.json) or a hub id such as "
+                                   "Qwen/Qwen2.5-0.5B")
         self.browse_btn = QPushButton("Browse…")
+        self.browse_btn.setToolTip("Pick a model folder on this computer")
         self.browse_btn.clicked.connect(self._browse_model)
         model_row = QHBoxLayout()
         model_row.addWidget(self.model_edit, 1)
@@ -104,6 +111,10 @@ class NewFinetuneView(QWidget):
         self.method_combo = QComboBox()
         for key, text in METHODS:
             self.method_combo.addItem(text, key)
+        self.method_combo.setToolTip("LoRA trains small adapters beside the frozen model: little memory, a small "
+                                     "file. Full changes every weight: the most memory; the only choice from "
+                                     "scratch. QLoRA is LoRA on a 4-bit copy of the model: the least memory, "
+                                     "NVIDIA GPUs only.")
         self.model_combo.currentIndexChanged.connect(self._on_model_kind)
 
         # length
@@ -119,6 +130,10 @@ class NewFinetuneView(QWidget):
         self.epochs_spin = QDoubleSpinBox()
         self.epochs_spin.setRange(0.01, 1000)
         self.epochs_spin.setValue(1.0)
+        self.steps_radio.setToolTip("Train for a fixed number of optimizer steps")
+        self.steps_spin.setToolTip("Optimizer steps; each one trains on one batch of sequences")
+        self.epochs_radio.setToolTip("Train for a number of passes over the whole dataset")
+        self.epochs_spin.setToolTip("Passes over the dataset; 0.5 is half of it, 2 is everything twice")
         length_row = QHBoxLayout()
         for w in (self.steps_radio, self.steps_spin, self.epochs_radio, self.epochs_spin):
             length_row.addWidget(w)
@@ -126,6 +141,7 @@ class NewFinetuneView(QWidget):
         self.steps_radio.toggled.connect(self._on_length_kind)
         self.name_edit = QLineEdit()
         self.name_edit.setPlaceholderText("a name for the queue (default: from the data and model)")
+        self.name_edit.setToolTip("How this job is called in the queue and the history")
 
         model_box = QGroupBox("2. Model and training")
         form = QFormLayout(model_box)
@@ -142,31 +158,53 @@ class NewFinetuneView(QWidget):
         self.advanced_btn.setToolButtonStyle(Qt.ToolButtonTextBesideIcon)
         self.advanced_btn.setArrowType(Qt.RightArrow)
         self.advanced_btn.toggled.connect(self._toggle_advanced)
+        self.advanced_btn.setToolTip("Batch, sequence length, learning rate, checkpoints and more; "
+                                     "the defaults suit most jobs")
         self.advanced = QWidget()
         adv = QFormLayout(self.advanced)
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(1, 4096)
         self.batch_spin.setValue(8)
+        self.batch_spin.setToolTip("Sequences per optimizer step. Larger is steadier but slower per step")
         self.micro_spin = _optional_spin(4096, "same as batch")
+        self.micro_spin.setToolTip("Sequences per forward pass. Smaller than the batch uses less memory; the "
+                                   "batch is then gathered over several passes (same result, slower)")
         self.seq_spin = QSpinBox()
         self.seq_spin.setRange(8, 131072)
         self.seq_spin.setValue(256)
+        self.seq_spin.setToolTip("Tokens per training sequence: how much text the model sees at once. "
+                                 "Memory grows with it")
         self.lr_edit = QLineEdit()
         self.lr_edit.setPlaceholderText("auto (3e-4 full, 2e-4 LoRA)")
+        self.lr_edit.setToolTip("Peak learning rate, e.g. 2e-4. Empty: 3e-4 for full training, 2e-4 for LoRA. "
+                                "Too high and the loss blows up")
         self.ckpt_spin = _optional_spin(10_000_000, "by time (Settings)")
         self.ckpt_spin.setSuffix(" steps")
+        self.ckpt_spin.setToolTip("Save a checkpoint every this many steps; a paused, stopped or crashed job "
+                                  "continues from the last one. Off: by time, as set in Settings")
         self.eval_spin = _optional_spin(10_000_000, "at each checkpoint")
         self.eval_spin.setSuffix(" steps")
+        self.eval_spin.setToolTip("Measure the loss on held-back data every this many steps "
+                                  "(default: at each checkpoint and at the end)")
         self.precision_combo = QComboBox()
         for p in ("auto", "bf16", "fp16", "fp32"):
             self.precision_combo.addItem(p, p)
+        self.precision_combo.setToolTip("Number format for training. auto: bf16 where the GPU has it, else fp16 "
+                                        "where it is fast, else fp32; the CPU always trains in fp32. fp32 is the "
+                                        "safest and uses the most memory")
         self.gc_combo = QComboBox()
         for text, value in (("auto (on when memory is short)", None), ("on", True), ("off", False)):
             self.gc_combo.addItem(text, value)
+        self.gc_combo.setToolTip("Recompute activations instead of keeping them: much less memory, "
+                                 "typically 20-30 % slower. auto turns it on only when memory is short")
         self.tokenizer_combo = QComboBox()
         for text, value in (("auto", "auto"), ("train one on my data", "train"), ("bytes", "bytes")):
             self.tokenizer_combo.addItem(text, value)
+        self.tokenizer_combo.setToolTip("For a model from scratch only: train a tokenizer on your data "
+                                        "(auto does this too), or read plain bytes (no tokenizer to train, "
+                                        "longer sequences)")
         self.threads_spin = _optional_spin(512, "auto")
+        self.threads_spin.setToolTip("CPU threads for training on the CPU; auto lets PyTorch choose")
         self.diverge_combo = QComboBox()
         for text, value in (("stop, keeping the last good checkpoint", "stop"),
                             ("go back to it with a lower learning rate", "lower_lr")):
@@ -174,6 +212,7 @@ class NewFinetuneView(QWidget):
         self.diverge_combo.setToolTip("When the loss stops being a finite number (the learning rate is too high). "
                                       "Going back retries at a third of the learning rate, at most 3 times.")
         self.trust_check = QCheckBox("Trust remote code")
+        self.trust_check.setToolTip("Allow a hub model to run its own Python code (needed by a few models)")
         self.trust_warning = QLabel("Runs Python code shipped with the model on this computer. "
                                     "Only turn this on for models whose authors you trust.")
         self.trust_warning.setWordWrap(True)
@@ -203,6 +242,7 @@ class NewFinetuneView(QWidget):
         self.check_btn.clicked.connect(self.check)
         self.add_btn = QPushButton("Add to queue")
         self.add_btn.clicked.connect(self.add_to_queue)
+        self.add_btn.setToolTip("Queue the job exactly as checked; it starts when the jobs before it are done")
         self.plan_status = QLabel("")
         self.plan_status.setWordWrap(True)
         self.verdict_label = QLabel("")
@@ -232,6 +272,7 @@ class NewFinetuneView(QWidget):
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
+        polish_form(self)
 
         # Any change makes the last check stale.
         self.dataset.drop_zone.paths_changed.connect(self._invalidate)
@@ -267,7 +308,7 @@ class NewFinetuneView(QWidget):
         return str(self.model_combo.currentData()).startswith("scratch:")
 
     def _browse_model(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Choose a model folder (with config.json)")
+        folder = choose_folder(self, self.store, "model", "Choose a model folder (with config.json)")
         if folder:
             self.model_edit.setText(folder)
 

@@ -9,6 +9,7 @@ from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QGroupBox, Q
                                QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from app import autostart, install_info
+from app.views.form_ux import polish_form
 from training_core.errors import UserError
 
 CHECKPOINT_SETTING = "checkpoint_minutes"
@@ -42,6 +43,9 @@ class SettingsView(QWidget):
         self.change_dir_button.clicked.connect(self._choose_data_dir)
         self.default_dir_button = QPushButton("Use the default folder")
         self.default_dir_button.clicked.connect(lambda: self.set_next_data_dir(None))
+        self.change_dir_button.setToolTip("Pick another folder for the queue, history and runs "
+                                          "(used from the next start)")
+        self.default_dir_button.setToolTip("Go back to the default data folder from the next start")
         buttons = QHBoxLayout()
         buttons.addWidget(self.change_dir_button)
         buttons.addWidget(self.default_dir_button)
@@ -59,6 +63,7 @@ class SettingsView(QWidget):
         self.checkpoint_spin.setRange(1, 24 * 60)
         self.checkpoint_spin.setSuffix(" min")
         self.checkpoint_spin.setMaximumWidth(120)
+        self.checkpoint_spin.setToolTip("For new jobs that don't set their own checkpoint interval in steps")
         self.checkpoint_spin.valueChanged.connect(lambda v: self.store.set_setting(CHECKPOINT_SETTING, int(v)))
         train_box = QGroupBox("Training")
         train_form = QFormLayout(train_box)
@@ -69,6 +74,7 @@ class SettingsView(QWidget):
         self.autostart_box = QCheckBox("Start Modron when I log in (in the tray)")
         self.autostart_box.setEnabled(autostart.supported())
         self.autostart_box.toggled.connect(self._autostart_toggled)
+        self.autostart_box.setToolTip("Start Modron in the tray when you log in, so queued jobs go on")
         self.autostart_error = QLabel()
         self.autostart_error.setWordWrap(True)
         self.autostart_error.setStyleSheet("color: #b00020;")
@@ -80,6 +86,8 @@ class SettingsView(QWidget):
 
         self.contribute_box = QCheckBox("Contribute while idle")
         self.contribute_box.toggled.connect(lambda on: self.store.set_setting(CONTRIBUTE_SETTING, bool(on)))
+        self.contribute_box.setToolTip("Lend this computer to your swarm while you are away, "
+                                       "within the contribution rules")
         swarm_box = QGroupBox("Swarm")
         swarm_layout = QVBoxLayout(swarm_box)
         swarm_layout.addWidget(self.contribute_box)
@@ -95,6 +103,8 @@ class SettingsView(QWidget):
         self.install_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.repair_button = QPushButton("Repair install")
         self.repair_button.clicked.connect(self.repair_install)
+        self.repair_button.setToolTip("Run the installer again to rebuild Python's environment; "
+                                      "your queue, runs and settings stay")
         self.repair_status = QLabel()
         self.repair_status.setWordWrap(True)
         repair_row = QHBoxLayout()
@@ -114,6 +124,7 @@ class SettingsView(QWidget):
         for box in (data_box, train_box, desktop_box, swarm_box, install_box):
             layout.addWidget(box)
         layout.addStretch(1)
+        polish_form(self)
         self.reload()
 
     def reload(self) -> None:
