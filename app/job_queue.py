@@ -74,6 +74,7 @@ class JobQueue(QObject):
         self._serial = 0                          # which worker the slots listen to
         self._retired: list[WorkerProcess] = []   # ended workers, deleted when the next one starts
         self._recovered = False
+        self._gate_held = False             # the gate said no to the next job the last time it was asked
         # Consulted before a job's worker starts; False holds the queue until reconsider() (the swarm
         # contribution uses it to hand the GPU over first, or to keep it while the swarm has priority).
         self.gate: Callable[[Job], bool] | None = None
@@ -98,6 +99,30 @@ class JobQueue(QObject):
         if self.paused_all or self._shutting_down:
             return None
         return self.store.next_queued()
+
+    def cancelling(self, job_id: int) -> bool:
+        """A cancel was asked for this job and its worker is still saving and stopping."""
+        return self._owns(job_id) and self._intent == "cancel"
+
+    def wait_reason(self, job: Job) -> str:
+        """Why a queued or paused job does not train, in plain words ("" when nothing holds it)."""
+        if job.state == "paused":
+            return "paused: everything is paused" if job.summary.get("paused_by_all") else "paused by you"
+        if job.state != "queued" or self._shutting_down:
+            return ""
+        if self.paused_all:
+            return "waiting: everything is paused"
+        running = self.running_job()
+        if running is not None and running.id != job.id:
+            if running.state == "paused":
+                return "waiting: another job is paused (resume or cancel it)"
+            return "waiting: another job is running"
+        if self._gate_held:
+            # The gate's only user is the swarm contribution (app/contribution.py).
+            return "waiting: GPU lent to the swarm"
+        if not self.autostart:
+            return "waiting to be started"
+        return ""
 
     def reconsider(self) -> None:
         """Whatever held the gate shut has changed: try to start the next job."""
@@ -143,8 +168,11 @@ class JobQueue(QObject):
     def cancel(self, job_id: int) -> None:
         job = self.store.get_job(job_id)
         if self._owns(job_id):
+            if self._intent == "cancel":
+                return
             self._intent = "cancel"
             self._worker.send("stop")         # it checkpoints and exits; _on_exit marks it cancelled
+            self.job_changed.emit(job_id)     # saving takes seconds: views show "cancelling…" now
         elif job.state in ("queued", "paused", "failed"):
             self._set(job_id, state="cancelled", finished=time.time())
             self.queue_changed.emit()
@@ -249,8 +277,18 @@ class JobQueue(QObject):
         if (not (self.autostart or force)) or self._shutting_down or self._worker is not None or self.paused_all:
             return
         job = self.store.next_queued()
-        if job is not None and (self.gate is None or self.gate(job)):
+        if job is None:
+            self._set_gate_held(False)
+        elif self.gate is None or self.gate(job):
+            self._set_gate_held(False)
             self._start(job)
+        else:
+            self._set_gate_held(True)
+
+    def _set_gate_held(self, held: bool) -> None:
+        if held != self._gate_held:
+            self._gate_held = held
+            self.queue_changed.emit()     # the queue view says why the next job waits
 
     def _start(self, job: Job) -> None:
         spec_path = Path(job.run_dir) / SPEC_FILE

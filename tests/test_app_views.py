@@ -359,6 +359,7 @@ def test_queue_view_buttons_drive_the_queue(qtbot, tmp_path, store):
     assert view.job_ids == [ids[2], ids[0], ids[1]] and not view.up_btn.isEnabled()
 
     view.select_job(ids[0])
+    view.confirm_cancel = lambda parent, job: True      # the question itself: test_app_run_queue_ux.py
     view.cancel_btn.click()
     assert store.get_job(ids[0]).state == "cancelled"
     assert ids[0] not in view.job_ids                    # cancelled jobs go to History

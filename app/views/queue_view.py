@@ -1,22 +1,49 @@
 """The queue: jobs still to run (and failed ones to retry), with pause/resume/cancel/retry/reorder.
 
 The table is rebuilt from the store on the queue's signals; a short timer folds the 4-a-second
-step updates of a running job into one refresh.
+step updates of a running job into one refresh. Each waiting job says why it waits.
 """
 from __future__ import annotations
 
 from PySide6.QtCore import QTimer, Signal
-from PySide6.QtWidgets import (QHBoxLayout, QLabel, QProgressBar, QPushButton,
+from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPushButton,
                                QTableWidgetItem, QVBoxLayout, QWidget)
 
 from app.views.job_table import job_table
 from app.store import ACTIVE_STATES
 from training_core.preflight import format_duration
 
-COLUMNS = ("Name", "Model", "State", "Progress", "Loss", "ETA")
+COLUMNS = ("Name", "Model", "State", "Why it waits", "Progress", "Loss", "ETA")
+STATE_COL, WHY_COL, PROGRESS_COL = 2, 3, 4
 REFRESH_MS = 250
 STATE_TEXT = {"queued": "queued", "running": "running", "paused": "paused", "failed": "failed",
               "finished": "finished", "cancelled": "cancelled"}
+CANCELLING = "cancelling\u2026"
+CANCELLABLE = ("queued", "running", "paused", "failed")
+
+
+def state_text(queue, job) -> str:
+    """The State column: the job's state, or "cancelling…" while its worker saves and stops."""
+    return CANCELLING if queue.cancelling(job.id) else STATE_TEXT.get(job.state, job.state)
+
+
+def confirm_cancel(parent, job) -> bool:
+    """Ask before cancelling: one click must not throw away a run. "Keep it" is the default button,
+    so Enter or Escape never cancels."""
+    box = QMessageBox(parent)
+    box.setIcon(QMessageBox.Icon.Warning)
+    box.setWindowTitle("Cancel this job?")
+    box.setText(f"Cancel \u201c{job.name}\u201d?")
+    if job.state in ("running", "paused"):
+        box.setInformativeText("It saves a checkpoint, stops, and moves to History.")
+    else:
+        box.setInformativeText("It leaves the queue and moves to History.")
+    yes = box.addButton("Cancel the job", QMessageBox.ButtonRole.DestructiveRole)
+    keep = box.addButton("Keep it", QMessageBox.ButtonRole.RejectRole)
+    box.setDefaultButton(keep)
+    box.setEscapeButton(keep)
+    box.exec()
+    return box.clickedButton() is yes
 
 
 def progress_of(job) -> tuple[int, str]:
@@ -37,6 +64,8 @@ class QueueView(QWidget):
     def __init__(self, store, queue, parent=None):
         super().__init__(parent)
         self.store, self.queue = store, queue
+        # (parent, job) -> bool; tests put a scripted answer here instead of the modal box
+        self.confirm_cancel = confirm_cancel
         self.table = job_table(COLUMNS)
         self.table.itemSelectionChanged.connect(self._update_buttons)
         self.table.cellDoubleClicked.connect(lambda row, _c: self._open(row))
@@ -49,7 +78,7 @@ class QueueView(QWidget):
         self.down_btn = QPushButton("Move down")
         self.pause_btn.clicked.connect(lambda: self._act("pause"))
         self.resume_btn.clicked.connect(lambda: self._act("resume"))
-        self.cancel_btn.clicked.connect(lambda: self._act("cancel"))
+        self.cancel_btn.clicked.connect(self._cancel)
         self.retry_btn.clicked.connect(lambda: self._act("retry"))
         self.up_btn.clicked.connect(lambda: self._move(-1))
         self.down_btn.clicked.connect(lambda: self._move(+1))
@@ -96,7 +125,8 @@ class QueueView(QWidget):
             s = job.summary
             loss = s.get("loss")
             eta = s.get("eta_s") if job.state == "running" else None
-            texts = (job.name, str(job.spec.get("model", "")), STATE_TEXT.get(job.state, job.state), None,
+            texts = (job.name, str(job.spec.get("model", "")), state_text(self.queue, job),
+                     self.queue.wait_reason(job), None,
                      f"{loss:.4f}" if isinstance(loss, (int, float)) else "",
                      format_duration(eta) if eta is not None else "")
             for col, text in enumerate(texts):
@@ -107,18 +137,22 @@ class QueueView(QWidget):
                     item = QTableWidgetItem()
                     self.table.setItem(row, col, item)
                 item.setText(text)
-                item.setToolTip((job.error or "") if col == 2 else text)
-            bar = self.table.cellWidget(row, 3)
+                item.setToolTip((job.error or "") if col == STATE_COL else text)
+            bar = self.table.cellWidget(row, PROGRESS_COL)
             if not isinstance(bar, QProgressBar):
                 bar = QProgressBar()
                 bar.setRange(0, 100)
-                self.table.setCellWidget(row, 3, bar)
+                self.table.setCellWidget(row, PROGRESS_COL, bar)
             pct, text = progress_of(job)
             bar.setValue(pct)
             bar.setFormat(f"{text} ({pct} %)" if text and job.summary.get("total_steps") and text != "done"
                           else text or "%p %")
         if selected in self.job_ids:
             self.table.selectRow(self.job_ids.index(selected))
+        else:
+            # The selected job left (cancelled, finished): select nothing rather than let the row's
+            # next occupant inherit the selection, so a second click cannot act on another job.
+            self.table.clearSelection()
         self.empty_label.setVisible(not jobs)
         self.pause_all_btn.blockSignals(True)
         self.pause_all_btn.setChecked(self.queue.paused_all)
@@ -129,7 +163,13 @@ class QueueView(QWidget):
         """The state the table shows for a job (None when it is not in the table)."""
         if job_id not in self.job_ids:
             return None
-        return self.table.item(self.job_ids.index(job_id), 2).text()
+        return self.table.item(self.job_ids.index(job_id), STATE_COL).text()
+
+    def reason_of(self, job_id: int) -> str | None:
+        """The "Why it waits" text the table shows for a job (None when it is not in the table)."""
+        if job_id not in self.job_ids:
+            return None
+        return self.table.item(self.job_ids.index(job_id), WHY_COL).text()
 
     # ---- selection and actions ----------------------------------------------------------
     def selected_job_id(self) -> int | None:
@@ -152,9 +192,11 @@ class QueueView(QWidget):
             except KeyError:
                 job_id = None
         index = self.job_ids.index(job_id) if job_id is not None else -1
+        if job_id is not None and self.queue.cancelling(job_id):
+            state = "cancelling"       # on its way out: nothing more to do to it
         self.pause_btn.setEnabled(state in ("queued", "running"))
         self.resume_btn.setEnabled(state == "paused")
-        self.cancel_btn.setEnabled(state in ("queued", "running", "paused", "failed"))
+        self.cancel_btn.setEnabled(state in CANCELLABLE)
         self.retry_btn.setEnabled(state in ("failed", "cancelled"))
         self.up_btn.setEnabled(index > 0)
         self.down_btn.setEnabled(0 <= index < len(self.job_ids) - 1)
@@ -165,6 +207,26 @@ class QueueView(QWidget):
         if job_id is None:
             return
         getattr(self.queue, action)(job_id)
+        self.refresh()
+
+    def _cancel(self) -> None:
+        # The job is the one selected at the click: the list may refresh (and rows move) while the
+        # question is open, so the selection is not read again afterwards.
+        job_id = self.selected_job_id()
+        if job_id is None:
+            return
+        try:
+            job = self.store.get_job(job_id)
+        except KeyError:
+            return
+        if not self.confirm_cancel(self, job):
+            return
+        try:
+            if self.store.get_job(job_id).state not in CANCELLABLE:
+                return             # it ended while the question was open
+        except KeyError:
+            return
+        self.queue.cancel(job_id)
         self.refresh()
 
     def _move(self, delta: int) -> None:

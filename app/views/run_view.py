@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (QButtonGroup, QGridLayout, QHBoxLayout, QLabel, Q
                                QPushButton, QRadioButton, QSplitter, QVBoxLayout, QWidget)
 
 from app.charts import TimeSeriesChart
+from app.views.queue_view import CANCELLING, confirm_cancel
 from training_core.preflight import format_bytes, format_duration
 
 GIB = 1024 ** 3
@@ -164,6 +165,8 @@ class RunView(QWidget):
         self.store, self.queue = store, queue
         self.job_id: int | None = None
         self.follow_running = True   # switch to a job that starts when the shown one is done
+        # (parent, job) -> bool; tests put a scripted answer here instead of the modal box
+        self.confirm_cancel = confirm_cancel
 
         self.title = QLabel("No run yet. Queue a finetune or try the demo.")
         self.title.setStyleSheet("font-size: 15px; font-weight: bold;")
@@ -173,7 +176,7 @@ class RunView(QWidget):
         self.cancel_btn = QPushButton("Cancel")
         self.pause_btn.clicked.connect(lambda: self._act("pause"))
         self.resume_btn.clicked.connect(lambda: self._act("resume"))
-        self.cancel_btn.clicked.connect(lambda: self._act("cancel"))
+        self.cancel_btn.clicked.connect(self._cancel)
         header = QHBoxLayout()
         header.addWidget(self.title)
         header.addWidget(self.state_label)
@@ -341,12 +344,14 @@ class RunView(QWidget):
         state = job.state
         if last_event and last_event.get("type") == "finished":
             state = "finished"   # the queue may update the store right after this event
+        cancelling = self.queue.cancelling(job.id)
         self.title.setText(job.name)
-        self.state_label.setText(f"· {state}" + (f": {job.error}" if state == "failed" and job.error else ""))
+        shown = CANCELLING if cancelling else state
+        self.state_label.setText(f"· {shown}" + (f": {job.error}" if state == "failed" and job.error else ""))
         self.state_label.setStyleSheet("color: #c62828;" if state == "failed" else "")
-        self.pause_btn.setEnabled(state in ("running", "queued"))
-        self.resume_btn.setEnabled(state == "paused")
-        self.cancel_btn.setEnabled(state in ACTIVE)
+        self.pause_btn.setEnabled(state in ("running", "queued") and not cancelling)
+        self.resume_btn.setEnabled(state == "paused" and not cancelling)
+        self.cancel_btn.setEnabled(state in ACTIVE and not cancelling)
 
         s = {**job.summary, **self._summary}
         step, total = s.get("step") or 0, s.get("total_steps") or 0
@@ -372,3 +377,22 @@ class RunView(QWidget):
         if self.job_id is not None:
             getattr(self.queue, action)(self.job_id)
             self._update_header()
+
+    def _cancel(self) -> None:
+        # The job shown at the click: while the question is open the view may follow another job.
+        job_id = self.job_id
+        if job_id is None:
+            return
+        try:
+            job = self.store.get_job(job_id)
+        except KeyError:
+            return
+        if not self.confirm_cancel(self, job):
+            return
+        try:
+            if self.store.get_job(job_id).state not in ACTIVE:
+                return             # it ended while the question was open
+        except KeyError:
+            return
+        self.queue.cancel(job_id)
+        self._update_header()

@@ -1,0 +1,239 @@
+"""Queue, Run view, tray and window UX (issue 13, point 4) on the real widgets and the real JobQueue.
+
+The queue's worker is a scripted stand-in (no torch, no process): each test says which events the
+engine sends and when, so pauses, cancels and failures happen exactly where the test needs them.
+"""
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import pytest
+from PySide6.QtCore import QObject, QTimer, Signal
+from PySide6.QtWidgets import QApplication, QMessageBox
+
+from app.job_queue import JobQueue
+from app.store import Store
+from app.views.queue_view import CANCELLING, QueueView, confirm_cancel
+from app.views.run_view import RunView
+from helpers import tiny_job
+
+GIB = 1024 ** 3
+
+
+class ScriptedWorker(QObject):
+    """Stands in for WorkerProcess: records what the queue sends; the test emits the events."""
+
+    event = Signal(dict)
+    exited = Signal(int, str)
+    made: list["ScriptedWorker"] = []
+
+    def __init__(self, spec_path=None, resume=False, parent=None, **_kw):
+        super().__init__(parent)
+        self.resume, self.last_failed, self.sent, self.started = resume, None, [], False
+        ScriptedWorker.made.append(self)
+
+    pid = None
+
+    def start(self):
+        self.started = True
+
+    def send(self, kind):
+        self.sent.append(kind)
+
+    def retire(self):
+        self.blockSignals(True)
+
+    def wait(self, _ms):
+        return True
+
+    def kill(self):
+        pass
+
+    def running(self):
+        return self.started
+
+    # what the engine would say
+    def say(self, kind, **fields):
+        self.event.emit({"type": kind, "time": 1.0, **fields})
+
+    def step(self, step, elapsed, total=100, **fields):
+        """A step event of a run doing 128 tokens a step; the engine's own figures unless given."""
+        ev = {"step": step, "total_steps": total, "loss": 2.0, "elapsed_s": float(elapsed),
+              "tokens_seen": step * 128, "tokens_per_s": 128.0, "eta_s": 1.0, "vram_used": 0,
+              "vram_reserved": 0, "ram_used": 2 * GIB}
+        self.say("step", **{**ev, **fields})
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "modron.sqlite3")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    ScriptedWorker.made = []
+    monkeypatch.setattr("app.job_queue.WorkerProcess", ScriptedWorker)
+    return ScriptedWorker.made
+
+
+def start_worker(qtbot, queue, scripted, job_id, total=100, device="cpu"):
+    """Wait for the queue to start job_id's worker; it says `started`."""
+    qtbot.waitUntil(lambda: queue.running_job() is not None and queue.running_job().id == job_id, timeout=2000)
+    w = scripted[-1]
+    w.say("started", total_steps=total, device=device, precision="fp32", method="full", model="scratch:tiny",
+          params_total=1000, params_trainable=1000, resumed_from=None)
+    return w
+
+
+def stop_worker(w, step, code=0):
+    w.say("stopped", step=step, checkpoint=None)
+    w.exited.emit(code, "")
+
+
+def click_in_message_box(text):
+    """Click the button named `text` of the message box that is about to open (exec() blocks)."""
+    clicked = []
+
+    def poll(tries=300):
+        box = QApplication.activeModalWidget()
+        if isinstance(box, QMessageBox):
+            for b in box.buttons():
+                if b.text() == text:
+                    clicked.append(box.text())
+                    b.click()
+                    return
+        if tries:
+            QTimer.singleShot(10, lambda: poll(tries - 1))
+
+    QTimer.singleShot(0, poll)
+    return clicked
+
+
+# ---- (a) cancel ---------------------------------------------------------------------------------
+def test_cancel_asks_and_acts_on_the_chosen_job_shows_cancelling_and_keeps_no_selection(
+        qtbot, tmp_path, store, scripted, queues):
+    queue = JobQueue(store)
+    queues.append(queue)
+    view = QueueView(store, queue)
+    qtbot.addWidget(view)
+    a, b, c = (queue.submit(tiny_job(tmp_path), name) for name in ("a", "b", "c"))
+    w = start_worker(qtbot, queue, scripted, a)
+    view.refresh()
+
+    # The real box: "Keep it" changes nothing.
+    view.select_job(a)
+    seen = click_in_message_box("Keep it")
+    view.cancel_btn.click()
+    assert seen == ["Cancel \u201ca\u201d?"] and w.sent == [] and view.state_of(a) == "running"
+
+    # While the question is open the list moves on (here: the selection goes to c); the cancel
+    # still goes to the job selected at the click.
+    asked = []
+
+    def confirm(parent, job):
+        asked.append(job.id)
+        view.select_job(c)
+        return True
+
+    view.confirm_cancel = confirm
+    view.select_job(a)
+    view.cancel_btn.click()
+    assert asked == [a] and w.sent == ["stop"]
+    assert view.state_of(a) == CANCELLING                        # at once, before the worker has saved
+    assert view.selected_job_id() == c
+    assert store.get_job(c).state == "queued" and store.get_job(b).state == "queued"
+    view.select_job(a)                                          # nothing more to do to a job on its way out
+    assert not view.cancel_btn.isEnabled() and not view.pause_btn.isEnabled()
+
+    # The worker saves and stops: the row leaves, and the selection does not jump to b, so a second
+    # click cannot cancel it.
+    stop_worker(w, step=0)
+    assert store.get_job(a).state == "cancelled"
+    view.refresh()
+    assert a not in view.job_ids and view.selected_job_id() is None and not view.cancel_btn.isEnabled()
+    view.cancel_btn.click()
+    qtbot.waitUntil(lambda: queue.running_job() is not None, timeout=2000)   # b starts, untouched
+    assert store.get_job(b).state == "running" and len(asked) == 1
+
+    # A queued job, through the real box's "Cancel the job".
+    view.confirm_cancel = confirm_cancel           # the default: the real question
+    view.refresh()
+    view.select_job(c)
+    seen = click_in_message_box("Cancel the job")
+    view.cancel_btn.click()
+    assert seen == ["Cancel \u201cc\u201d?"] and store.get_job(c).state == "cancelled"
+    assert view.selected_job_id() is None
+
+
+def test_run_view_cancel_asks_and_keeps_to_the_job_it_showed(qtbot, tmp_path, store, scripted, queues):
+    queue = JobQueue(store)
+    queues.append(queue)
+    view = RunView(store, queue)
+    qtbot.addWidget(view)
+    a = queue.submit(tiny_job(tmp_path), "a")
+    other = queue.submit(tiny_job(tmp_path), "other")
+    w = start_worker(qtbot, queue, scripted, a)
+    assert view.job_id == a
+
+    view.confirm_cancel = lambda parent, job: False
+    view.cancel_btn.click()
+    assert w.sent == []
+
+    def confirm(parent, job):
+        view.show_job(other)            # the view moved on while the question was open
+        return True
+
+    view.confirm_cancel = confirm
+    view.show_job(a)
+    view.cancel_btn.click()
+    assert w.sent == ["stop"] and store.get_job(other).state == "queued"
+    view.show_job(a)
+    assert view.state_label.text() == f"· {CANCELLING}" and not view.cancel_btn.isEnabled()
+
+
+# ---- (c) why a job waits -----------------------------------------------------------------------
+def test_the_queue_says_why_each_job_waits(qtbot, tmp_path, store, scripted, queues):
+    lent = {"on": False}
+    queue = JobQueue(store)
+    queue.gate = lambda job: not lent["on"]
+    queues.append(queue)
+    view = QueueView(store, queue)
+    qtbot.addWidget(view)
+    a, b, c = (queue.submit(tiny_job(tmp_path), name) for name in ("a", "b", "c"))
+    w = start_worker(qtbot, queue, scripted, a)
+    view.refresh()
+    assert view.reason_of(a) == "" and view.reason_of(b) == "waiting: another job is running"
+
+    queue.pause(a)
+    w.say("paused", step=3, vram_used=0, checkpoint=None)
+    view.refresh()
+    assert view.reason_of(a) == "paused by you"
+    assert view.reason_of(b) == "waiting: another job is paused (resume or cancel it)"
+    queue.resume(a)
+    w.say("resumed", step=3)
+
+    view.select_job(b)
+    view.pause_btn.click()
+    assert view.state_of(b) == "paused" and view.reason_of(b) == "paused by you"
+    view.pause_all_btn.click()
+    assert view.reason_of(c) == "waiting: everything is paused"
+    w.say("paused", step=4, vram_used=0, checkpoint=None)
+    view.refresh()
+    assert view.reason_of(a) == "paused: everything is paused"
+    view.pause_all_btn.click()
+    w.say("resumed", step=4)
+
+    # The swarm holds the GPU when a finishes: the next job says so, and starts once it is back.
+    lent["on"] = True
+    w.say("finished", step=100, final_loss=1.0)
+    w.exited.emit(0, "")
+    qtbot.waitUntil(lambda: view.reason_of(c) == "waiting: GPU lent to the swarm", timeout=2000)
+    assert queue.running_job() is None
+    lent["on"] = False
+    queue.reconsider()
+    qtbot.waitUntil(lambda: queue.running_job() is not None, timeout=2000)
+    view.refresh()
+    assert view.state_of(c) == "running" and view.reason_of(c) == ""
+
