@@ -193,6 +193,43 @@ def test_run_view_cancel_asks_and_keeps_to_the_job_it_showed(qtbot, tmp_path, st
     assert view.state_label.text() == f"· {CANCELLING}" and not view.cancel_btn.isEnabled()
 
 
+# ---- (b) pause and speed -----------------------------------------------------------------------
+def test_paused_time_is_left_out_of_speed_and_eta(qtbot, tmp_path, store, scripted, queues):
+    queue = JobQueue(store)
+    queues.append(queue)
+    run, qview = RunView(store, queue), QueueView(store, queue)
+    qtbot.addWidget(run)
+    qtbot.addWidget(qview)
+    job = queue.submit(tiny_job(tmp_path), "long")
+    w = start_worker(qtbot, queue, scripted, job, total=100)
+    w.step(10, elapsed=10)
+    w.step(20, elapsed=20)
+    queue.pause(job)
+    assert w.sent == ["pause"]
+    w.say("paused", step=20, vram_used=0, checkpoint=None)
+    queue.resume(job)
+    w.say("resumed", step=20)
+    # 10 minutes later by the wall clock. The engine's own figures for this step counted them
+    # (2 tokens/s, an ETA of 22 min); its pause-free elapsed_s says 10 s for these 10 steps.
+    w.step(30, elapsed=30, tokens_per_s=1280 / 610, eta_s=1330.0)
+
+    assert "128 tokens/s" in run.figures.text(), run.figures.text()
+    assert "ETA 1 min 10 s" in run.progress.format()            # 70 steps at 1 s each
+    summary = store.get_job(job).summary
+    assert summary["tokens_per_s"] == pytest.approx(128) and summary["eta_s"] == pytest.approx(70)
+    assert store.metrics(job)["tokens_per_s"][-1] == pytest.approx(128)
+    run.charts.speed_chart.redraw()
+    assert run.charts.speed_chart.data("tokens_per_s")[1][-1] == pytest.approx(128)
+    qview.refresh()
+    assert qview.table.item(0, 6).text() == "1 min 10 s"
+
+    # A worker that went back to a checkpoint starts its clock again: its first event stands as sent.
+    w.step(25, elapsed=25.0, tokens_per_s=100.0, eta_s=75.0)
+    assert store.get_job(job).summary["tokens_per_s"] == 100.0
+    w.step(35, elapsed=35.0)
+    assert store.get_job(job).summary["eta_s"] == pytest.approx(65)
+
+
 # ---- (c) why a job waits -----------------------------------------------------------------------
 def test_the_queue_says_why_each_job_waits(qtbot, tmp_path, store, scripted, queues):
     lent = {"on": False}
