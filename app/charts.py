@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QVBoxLayout, QWidget
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 X_MODES = ("step", "time")
 REDRAW_MS = 100            # at most ~10 redraws a second however fast events come
@@ -107,8 +107,15 @@ class SeriesBuffer:
         self.n = 0
 
 
+def _html(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 class TimeSeriesChart(QWidget):
-    """A pyqtgraph plot with named curves; x is the step or the elapsed time (`set_x_mode`)."""
+    """A pyqtgraph plot with named curves; x is the step or the elapsed time (`set_x_mode`).
+
+    The legend is a line of text above the plot, not pyqtgraph's legend inside it: that one sits
+    on the data (it covered the speed line)."""
 
     def __init__(self, title: str = "", y_label: str = "", parent=None, x_mode: str = "step"):
         super().__init__(parent)
@@ -122,16 +129,22 @@ class TimeSeriesChart(QWidget):
             self.plot.setLabel("left", y_label)
         self.plot.showGrid(x=True, y=True, alpha=0.25)
         self.plot.getAxis("left").enableAutoSIPrefix(False)   # no "(x0.001)" beside the unit
-        self.plot.addLegend(offset=(-10, 10))
         # Both must be set before curves are added: they are defaults for new curves.
         self.plot.setDownsampling(auto=True, mode="peak")
         self.plot.setClipToView(True)
+        self.legend = QLabel()
+        self.legend.setTextFormat(Qt.TextFormat.RichText)
+        self.legend.setAlignment(Qt.AlignmentFlag.AlignRight)
+        self.legend.hide()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(0)
+        layout.addWidget(self.legend)
         layout.addWidget(self.plot_widget)
 
         self._buffers: dict[str, SeriesBuffer] = {}
         self.curves: dict[str, pg.PlotDataItem] = {}
+        self._labels: dict[str, tuple[str, str]] = {}   # name -> (label, colour), for the legend
         self._dirty: set[str] = set()
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
@@ -153,6 +166,31 @@ class TimeSeriesChart(QWidget):
                                **kwargs)
         self.curves[name] = curve
         self._buffers[name] = SeriesBuffer()
+        self._labels[name] = (label or name, color)
+        self._update_legend()
+
+    def set_series_visible(self, name: str, visible: bool) -> None:
+        """Show or hide a series (its data is kept); a hidden one leaves the legend and the autorange."""
+        curve = self.curves.get(name)
+        if curve is not None and curve.isVisible() != visible:
+            curve.setVisible(visible)
+            self._update_legend()
+
+    def series_visible(self, name: str) -> bool:
+        return name in self.curves and self.curves[name].isVisible()
+
+    def legend_labels(self) -> list[str]:
+        """The labels the legend shows (none for a one-series chart: its title says it)."""
+        return [self._labels[n][0] for n in self.curves if self.curves[n].isVisible()] \
+            if self.legend.isVisibleTo(self) else []
+
+    def _update_legend(self) -> None:
+        shown = [self._labels[n] for n in self.curves if self.curves[n].isVisible()]
+        self.legend.setText("&nbsp;&nbsp;".join(
+            f"<span style='color:{color}'>\u2501\u2501</span>&nbsp;{_html(label)}" for label, color in shown))
+        # With another series hidden (VRAM without a GPU) the one left is still named: "Memory"
+        # alone does not say whose.
+        self.legend.setVisible(len(self.curves) > 1 and bool(shown))
 
     def append(self, name: str, x, y, t=None) -> None:
         """Add one point or arrays of points. `t` is elapsed seconds (for the time axis);
@@ -190,10 +228,14 @@ class TimeSeriesChart(QWidget):
         return list(self.curves)
 
     def clear(self) -> None:
+        """Drop every point and forget the axes: the next data is fitted afresh, also after a zoom
+        (pyqtgraph keeps the last range of an empty plot, so the previous run's axes showed)."""
         for name, buf in self._buffers.items():
             buf.clear()
             self._dirty.add(name)
         self.redraw()
+        self.plot.setRange(xRange=(0, 1), yRange=(0, 1), padding=0)
+        self.plot.enableAutoRange()
 
     # ---- display --------------------------------------------------------------------
     def set_x_mode(self, mode: str) -> None:

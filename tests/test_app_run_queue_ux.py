@@ -274,3 +274,64 @@ def test_the_queue_says_why_each_job_waits(qtbot, tmp_path, store, scripted, que
     view.refresh()
     assert view.state_of(c) == "running" and view.reason_of(c) == ""
 
+
+# ---- (d) run view: clean start, legends, no VRAM without a GPU ----------------------------------
+def test_run_view_starts_clean_keeps_legends_off_the_plot_and_hides_vram_without_a_gpu(
+        qtbot, tmp_path, store, scripted, queues):
+    queue = JobQueue(store)
+    queues.append(queue)
+    view = RunView(store, queue)
+    qtbot.addWidget(view)
+    view.resize(1000, 800)
+    view.show()
+
+    gpu = queue.submit(tiny_job(tmp_path), "on the GPU")
+    w = start_worker(qtbot, queue, scripted, gpu, total=1000, device="cuda:0")
+    for s in range(50, 1001, 50):
+        w.step(s, elapsed=s, total=1000, loss=5.0 + s, vram_used=3 * GIB, vram_reserved=4 * GIB)
+    w.say("finished", step=1000, final_loss=1.0)
+    w.exited.emit(0, "")
+    loss, memory = view.charts.loss_chart, view.charts.memory_chart
+    loss.redraw()
+    loss.plot.setXRange(200, 400)                 # the user zoomed in
+    assert memory.series_visible("vram_used") and memory.series_visible("ram_used")
+    assert memory.legend_labels() == ["VRAM used", "VRAM reserved", "RAM (worker)"]
+
+    # Legends are a line above the plot, never an item on it: nothing can cover a line.
+    qtbot.wait(10)
+    for chart in view.charts.charts:
+        assert chart.plot.legend is None
+        if chart.legend.isVisible():
+            legend, plot = chart.legend.geometry(), chart.plot_widget.geometry()
+            assert not legend.intersects(plot) and legend.bottom() < plot.top()
+    assert loss.legend_labels() == ["train loss", "eval loss"]
+    assert not view.charts.speed_chart.legend.isVisible()      # one line: its title says what it is
+
+    # The next run starts with empty charts and fresh axes, not the last run's range or zoom.
+    cpu = queue.submit(tiny_job(tmp_path), "on the CPU")
+    w = start_worker(qtbot, queue, scripted, cpu, total=10, device="cpu")
+    assert view.job_id == cpu and loss.count("loss") == 0
+    (x0, x1), _ = loss.plot.vb.viewRange()
+    assert (x0, x1) == pytest.approx((0, 1)) and all(loss.plot.vb.autoRangeEnabled())
+    for s in range(1, 11):
+        w.step(s, elapsed=s, total=10)
+    loss.redraw()
+    loss.plot.vb.updateAutoRange()
+    (x0, x1), _ = loss.plot.vb.viewRange()
+    assert 0 <= x0 <= 1 and 10 <= x1 < 20
+
+    # No GPU (device cpu, VRAM 0): no VRAM lines and no legend for them; RAM alone is drawn.
+    memory.redraw()
+    assert memory.count("vram_used") == 10 and not memory.series_visible("vram_used")
+    assert not memory.series_visible("vram_reserved") and memory.series_visible("ram_used")
+    assert memory.legend_labels() == ["RAM (worker)"]
+    memory.plot.vb.updateAutoRange()
+    _, (y0, y1) = memory.plot.vb.viewRange()
+    assert y0 > 1                                 # fitted to RAM (2 GiB), not stretched down to VRAM's zeros
+
+    # Reloaded from the store (another app start, or History), each run keeps its own choice.
+    view.show_job(gpu)
+    assert memory.series_visible("vram_used") and loss.count("loss") == 20
+    view.show_job(cpu)
+    assert not memory.series_visible("vram_used")
+

@@ -17,6 +17,7 @@ from app.views.queue_view import CANCELLING, confirm_cancel
 from training_core.preflight import format_bytes, format_duration
 
 GIB = 1024 ** 3
+VRAM_SERIES = ("vram_used", "vram_reserved")
 ACTIVE = ("queued", "running", "paused")
 HOLD = ("running", "paused")     # while the shown job is in one of these, don't jump to another
 MAX_LOG_LINES = 5000
@@ -110,6 +111,20 @@ class RunCharts(QWidget):
         layout.addLayout(toggle)
         layout.addLayout(grid)
         self.last_elapsed = 0.0
+        self.has_gpu = False
+        self._show_vram(False)
+
+    def _show_vram(self, on: bool) -> None:
+        # Without a GPU the engine reports VRAM as 0: a flat line of zeros says nothing, so the
+        # VRAM series stay hidden until a GPU device or a non-zero reading shows there is one.
+        self.has_gpu = on
+        for col in VRAM_SERIES:
+            self.memory_chart.set_series_visible(col, on)
+
+    def note_device(self, device) -> None:
+        """The run's device (from its `started` event): VRAM is charted on a CUDA device."""
+        if isinstance(device, str) and device.startswith("cuda") and not self.has_gpu:
+            self._show_vram(True)
 
     def set_x_mode(self, mode: str) -> None:
         for chart in self.charts:
@@ -120,9 +135,14 @@ class RunCharts(QWidget):
         for chart in self.charts:
             chart.clear()
         self.last_elapsed = 0.0
+        self._show_vram(False)
 
-    def load(self, metrics: dict) -> None:
-        """Replace everything with a job's stored metrics (Store.metrics())."""
+    def load(self, metrics: dict, device: str | None = None) -> None:
+        """Replace everything with a job's stored metrics (Store.metrics()); `device` as its summary says."""
+        self.clear()
+        vram = _floats(metrics.get("vram_used"))
+        self._show_vram(bool(np.any(vram[np.isfinite(vram)] > 0)))
+        self.note_device(device)
         steps, t = _floats(metrics.get("step")), _floats(metrics.get("elapsed_s"))
         self.loss_chart.set_series("loss", steps, _floats(metrics.get("loss")), t)
         self.speed_chart.set_series("tokens_per_s", steps, _floats(metrics.get("tokens_per_s")), t)
@@ -150,6 +170,10 @@ class RunCharts(QWidget):
             self.speed_chart.append("tokens_per_s", step, _none_nan(ev.get("tokens_per_s")), t)
             for col in ("vram_used", "vram_reserved", "ram_used"):
                 self.memory_chart.append(col, step, _none_nan(ev.get(col)) / GIB, t)
+            if not self.has_gpu and (ev.get("vram_used") or 0) > 0:
+                self._show_vram(True)
+        elif ev.get("type") == "started":
+            self.note_device(ev.get("device"))
         elif ev.get("type") == "eval":
             # eval events carry no clock: put them at the last step's elapsed time (as the store does)
             self.loss_chart.append("eval_loss", ev.get("step"), _none_nan(ev.get("eval_loss")), self.last_elapsed)
@@ -248,7 +272,7 @@ class RunView(QWidget):
             self._update_header()
             return
         self._summary = dict(job.summary)
-        self.charts.load(self.store.metrics(job_id))
+        self.charts.load(self.store.metrics(job_id), device=job.summary.get("device"))
         lines = []
         for ev in self.store.events(job_id):
             if ev.get("type") == "sample":
@@ -288,7 +312,7 @@ class RunView(QWidget):
                 self.show_job(job_id)   # reload includes this event if the queue stored it already
             return
         t = ev.get("type")
-        if t in ("step", "eval"):
+        if t in ("step", "eval", "started"):
             self.charts.add_event(ev)
         if t == "step":
             for key in ("step", "total_steps", "loss", "tokens_per_s", "eta_s", "elapsed_s"):
