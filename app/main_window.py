@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QHBoxLayout, QLabel, QListWidget, QMainWindow, QStackedWidget, QVBoxLayout,
                                QWidget)
 
@@ -53,6 +53,8 @@ class _Views(Mapping):
 
 
 class MainWindow(QMainWindow):
+    job_shown = Signal(int)   # the user opened a job (Run view): the tray counts its failure as seen
+
     def __init__(self, store, queue, parent=None, poller=None, contributor=None):
         super().__init__(parent)
         self.store, self.queue, self.poller = store, queue, poller
@@ -97,7 +99,9 @@ class MainWindow(QMainWindow):
             extra = {"contributor": self.contributor}
         view = cls(self.store, self.queue, parent=self, **extra)
         if hasattr(view, "demo_submitted"):   # Dashboard and New finetune have "Try the demo"
-            view.demo_submitted.connect(self._show_job)
+            view.demo_submitted.connect(self.show_job)
+        if hasattr(view, "open_job"):         # the Queue's double-click
+            view.open_job.connect(self.show_job)
         stand_in = self.stack.widget(index)
         self.stack.insertWidget(index, view)
         self.stack.removeWidget(stand_in)
@@ -125,10 +129,12 @@ class MainWindow(QMainWindow):
         """Queue the demo job and show it in the Run view."""
         from app.views.dashboard import submit_demo
         job_id = submit_demo(self.queue)
-        self._show_job(job_id)
+        self.show_job(job_id)
         return job_id
 
-    def _show_job(self, job_id: int) -> None:
+    def show_job(self, job_id: int) -> None:
+        """Show one job in the Run view (also from the tray's failure notice)."""
         run = self.show_view("run")
         if hasattr(run, "show_job"):
             run.show_job(job_id)
+        self.job_shown.emit(job_id)

@@ -1,5 +1,9 @@
 """The tray icon: state at a glance, a menu for the things people do without opening the window,
-and a notification when a job finishes or fails."""
+and a notification when a job finishes or fails.
+
+A failure keeps the icon red until the user has seen it (opened the window or the failed job),
+also across later jobs and a restart: someone who left a queue running overnight must not find a
+grey icon over a failed job."""
 from __future__ import annotations
 
 import time
@@ -14,6 +18,7 @@ from app.views.dashboard import progress_text
 CONTRIBUTE_SETTING = "contribute_while_idle"
 SNOOZE_SETTING = "snooze_until"
 SNOOZE_SECONDS = 3600
+UNSEEN_SETTING = "unseen_failures"   # ids of failed jobs the user has not seen yet
 
 
 class Tray(QObject):
@@ -23,10 +28,11 @@ class Tray(QObject):
         super().__init__(parent)
         self.store, self.queue, self.window = store, queue, window
         self.state = "idle"
-        self.error = False          # a job failed and the window was not opened since
+        self.unseen: list[int] = self._load_unseen()   # failed jobs not seen yet, oldest first
         self.contributing = False   # set by the swarm feature through set_contributing()
         self._running: tuple[int, str] | None = None   # (id, name) of the job with a worker
         self._close_hint_shown = False
+        self._notice_job: int | None = None
         self._known = {job.id: job.state for job in store.list_jobs()}
 
         self.menu = QMenu()
@@ -49,11 +55,14 @@ class Tray(QObject):
         self.icon = QSystemTrayIcon(state_icon("idle"), self)
         self.icon.setContextMenu(self.menu)
         self.icon.activated.connect(self._activated)
+        self.icon.messageClicked.connect(self._message_clicked)
 
         queue.job_changed.connect(self._job_changed)
         queue.queue_changed.connect(self.refresh)
         queue.job_event.connect(self._job_event)
         window.installEventFilter(self)
+        if hasattr(window, "job_shown"):
+            window.job_shown.connect(self._job_seen)
         self.sync_menu()
         self.refresh()
 
@@ -71,14 +80,20 @@ class Tray(QObject):
 
     # --- state --------------------------------------------------------------------------------
 
+    @property
+    def error(self) -> bool:
+        """A job failed and the user has not seen it yet."""
+        return bool(self.unseen)
+
     def compute_state(self) -> str:
+        # An unseen failure comes first: the next job training must not hide it.
+        if self.error:
+            return "error"
         job = self.queue.running_job()
         if self.queue.paused_all or (job is not None and job.state == "paused"):
             return "paused"
         if job is not None:
             return "training"
-        if self.error:
-            return "error"
         return "contributing" if self.contributing else "idle"
 
     def refresh(self, *_args) -> None:
@@ -97,8 +112,11 @@ class Tray(QObject):
             text = {"paused": "Everything is paused", "error": "The last job failed",
                     "contributing": "Contributing to a swarm while you are away"}.get(self.state, "No job running")
         else:
-            verb = "Paused" if self.state == "paused" else "Training"
+            job = self.queue.running_job()
+            verb = "Paused" if self.queue.paused_all or (job is not None and job.state == "paused") else "Training"
             text = f"{verb}: {name}" + (f", {progress}" if progress else "")
+            if self.error:
+                text += " (an earlier job failed)"
         self.status_action.setText(text)
         self.icon.setToolTip(f"Modron: {text}")
 
@@ -119,7 +137,7 @@ class Tray(QObject):
     def _job_event(self, job_id: int, event: dict) -> None:
         # Step events come several times a second: update the progress line from the event itself
         # rather than reading the store each time.
-        if event.get("type") == "step" and self.state == "training" and self._running \
+        if event.get("type") == "step" and self.state in ("training", "error") and self._running \
                 and self._running[0] == job_id:
             s = {k: event.get(k) for k in ("step", "total_steps", "eta_s")}
             self._set_status(self._running[1], progress_text(_Summary(s)))
@@ -133,16 +151,36 @@ class Tray(QObject):
             before, self._known[job_id] = self._known.get(job_id), job.state
             if job.state != before:
                 if job.state == "failed":
-                    self.error = True
+                    self._set_unseen([*(i for i in self.unseen if i != job_id), job_id])
                     self.notify(f"{job.name} failed", job.error or "The training stopped with an error.",
-                                QSystemTrayIcon.MessageIcon.Critical)
+                                QSystemTrayIcon.MessageIcon.Critical, job_id=job_id)
                 elif job.state == "finished":
-                    self.error = False
+                    # Another job's success does not mean the failure was seen: the error stays.
                     self.notify(f"{job.name} finished", _finished_text(job),
-                                QSystemTrayIcon.MessageIcon.Information)
+                                QSystemTrayIcon.MessageIcon.Information, job_id=job_id)
+        if job_id in self.unseen and (job is None or job.state != "failed"):
+            self._set_unseen([i for i in self.unseen if i != job_id])   # retried or cancelled: dealt with
         self.refresh()
 
-    def notify(self, title: str, text: str, icon=QSystemTrayIcon.MessageIcon.Information) -> None:
+    def _load_unseen(self) -> list[int]:
+        ids = self.store.get_setting(UNSEEN_SETTING) or []
+        alive = []
+        for i in ids:
+            try:
+                if self.store.get_job(int(i)).state == "failed":
+                    alive.append(int(i))
+            except Exception:   # removed meanwhile, or a bad value
+                pass
+        return alive
+
+    def _set_unseen(self, ids: list[int]) -> None:
+        if ids != self.unseen:
+            self.unseen = list(ids)
+            self.store.set_setting(UNSEEN_SETTING, self.unseen)
+
+    def notify(self, title: str, text: str, icon=QSystemTrayIcon.MessageIcon.Information,
+               job_id: int | None = None) -> None:
+        self._notice_job = job_id     # what a click on the notice opens
         self.icon.showMessage(title, text, icon, 10_000)
 
     # --- menu actions -------------------------------------------------------------------------
@@ -192,9 +230,22 @@ class Tray(QObject):
         QApplication.quit()
 
     def _acknowledge(self) -> None:
-        if self.error:
-            self.error = False
+        if self.unseen:
+            self._set_unseen([])
             self.refresh()
+
+    def _job_seen(self, job_id: int) -> None:
+        # The window showed this job (the user opened it): that failure is seen.
+        if job_id in self.unseen:
+            self._set_unseen([i for i in self.unseen if i != job_id])
+            self.refresh()
+
+    def _message_clicked(self) -> None:
+        # A click on a job's notice (failed, finished) opens that job, not just the window.
+        job_id = self._notice_job
+        self.open_window()
+        if job_id is not None and hasattr(self.window, "show_job"):
+            self.window.show_job(job_id)
 
     def _activated(self, reason) -> None:
         if reason in (QSystemTrayIcon.ActivationReason.Trigger, QSystemTrayIcon.ActivationReason.DoubleClick):

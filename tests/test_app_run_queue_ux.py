@@ -335,3 +335,63 @@ def test_run_view_starts_clean_keeps_legends_off_the_plot_and_hides_vram_without
     view.show_job(cpu)
     assert not memory.series_visible("vram_used")
 
+
+# ---- (e) tray error until seen ------------------------------------------------------------------
+class _Poller(QObject):
+    updated = Signal(dict)
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+def test_tray_keeps_the_error_until_the_user_has_seen_it(qtbot, tmp_path, store, scripted, queues):
+    from app.icons import state_icon
+    from app.main_window import MainWindow
+    from app.tray import Tray
+    queue = JobQueue(store)
+    queues.append(queue)
+    window = MainWindow(store, queue, poller=_Poller())
+    qtbot.addWidget(window)
+    tray = Tray(store, queue, window)
+    notices = []
+    tray.icon.showMessage = lambda title, text, *rest: notices.append(title)
+
+    bad = queue.submit(tiny_job(tmp_path), "bad")
+    later = queue.submit(tiny_job(tmp_path), "later")
+    w = start_worker(qtbot, queue, scripted, bad)
+    assert tray.state == "training"
+    w.say("failed", code="data", message="stories.txt: no text")
+    w.exited.emit(1, "stories.txt: no text")
+    assert store.get_job(bad).state == "failed" and tray.state == "error"
+    assert tray.icon.icon().cacheKey() == state_icon("error").cacheKey()
+
+    # The next job trains and finishes: the failure is still unseen, the icon still says so.
+    w = start_worker(qtbot, queue, scripted, later)
+    assert tray.state == "error" and "an earlier job failed" in tray.status_action.text()
+    w.say("finished", step=100, final_loss=1.0)
+    w.exited.emit(0, "")
+    assert notices == ["bad failed", "later finished"]
+    assert tray.state == "error" and tray.icon.icon().cacheKey() == state_icon("error").cacheKey()
+
+    # An app restart keeps it.
+    again = Tray(store, queue, window)
+    assert again.state == "error"
+    again.icon.hide()
+
+    # Opening the failed job (the notice, or the Run view) is seeing it.
+    tray._notice_job = bad
+    tray.icon.messageClicked.emit()
+    assert window.current_view() == "run" and window.views["run"].job_id == bad
+    assert tray.state == "idle" and tray.icon.icon().cacheKey() == state_icon("idle").cacheKey()
+    assert Tray(store, queue, window).state == "idle"
+
+    # A failure the user dealt with (Retry) is no error either.
+    store.update_job(later, state="failed", error="x")
+    queue.job_changed.emit(later)
+    assert tray.state == "error"
+    queue.retry(later)
+    assert tray.state != "error"
+
