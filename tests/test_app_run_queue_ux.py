@@ -395,3 +395,16 @@ def test_tray_keeps_the_error_until_the_user_has_seen_it(qtbot, tmp_path, store,
     queue.retry(later)
     assert tray.state != "error"
 
+
+# ---- (f) titles ---------------------------------------------------------------------------------
+def test_every_view_has_a_title(qtbot, store):
+    from app.main_window import VIEW_LABELS, VIEW_NAMES, MainWindow, title_of
+    queue = JobQueue(store, autostart=False)
+    window = MainWindow(store, queue, poller=_Poller())
+    qtbot.addWidget(window)
+    window.show()
+    for name in VIEW_NAMES:
+        view = window.show_view(name)
+        assert title_of(view) == VIEW_LABELS[name], name
+        label = view.layout().itemAt(0).widget()
+        assert label.isVisible() and "bold" in label.styleSheet(), name

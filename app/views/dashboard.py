@@ -5,6 +5,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QFrame, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton,
                                QScrollArea, QVBoxLayout, QWidget)
 
+from app.views.job_table import view_title
 from training_core.preflight import format_bytes, format_duration
 
 DEMO_NAME = "Demo"
@@ -122,8 +123,7 @@ class DashboardView(QWidget):
         self.gpu_cards: list[GpuCard] = []
         self._first_run = True
 
-        title = QLabel("Dashboard")
-        title.setStyleSheet("font-size: 16pt; font-weight: bold;")
+        title = view_title("Dashboard")
         self.welcome = QLabel(
             "Welcome to Modron. New here? Try the demo: it trains a tiny language model on a few "
             "bundled stories (about a minute, even on a CPU) so you can watch the charts move.")

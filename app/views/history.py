@@ -11,7 +11,7 @@ from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QPushButton,
                                QSplitter, QTableWidgetItem, QVBoxLayout, QWidget)
 
-from app.views.job_table import job_table
+from app.views.job_table import job_table, view_title
 from app.cli_task import CliTask
 from app.views.run_view import RunCharts
 from training_core.preflight import format_duration
@@ -90,6 +90,7 @@ class HistoryView(QWidget):
         split.setStretchFactor(1, 3)
         self.empty_label = QLabel("No finished runs yet.")
         layout = QVBoxLayout(self)
+        layout.addWidget(view_title("History"))
         layout.addWidget(self.empty_label)
         layout.addWidget(split, 1)
 

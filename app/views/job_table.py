@@ -1,7 +1,18 @@
-"""The read-only, one-row-at-a-time job table the Queue and History views share."""
+"""Pieces the views share: the read-only, one-row-at-a-time job table of the Queue and History
+views, and the title each view starts with."""
 from __future__ import annotations
 
-from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget
+from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QLabel, QTableWidget
+
+TITLE_STYLE = "font-size: 16pt; font-weight: bold;"   # as the Dashboard, Swarm and Settings titles
+
+
+def view_title(text: str) -> QLabel:
+    """The view's title, first in its layout (MainWindow checks for it there)."""
+    label = QLabel(text)
+    label.setObjectName("viewTitle")
+    label.setStyleSheet(TITLE_STYLE)
+    return label
 
 
 def job_table(columns: list[str] | tuple[str, ...]) -> QTableWidget:

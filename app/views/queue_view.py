@@ -9,7 +9,7 @@ from PySide6.QtCore import QTimer, Signal
 from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPushButton,
                                QTableWidgetItem, QVBoxLayout, QWidget)
 
-from app.views.job_table import job_table
+from app.views.job_table import job_table, view_title
 from app.store import ACTIVE_STATES
 from training_core.preflight import format_duration
 
@@ -96,6 +96,7 @@ class QueueView(QWidget):
         self.empty_label = QLabel("The queue is empty. Add a finetune from \u201cNew finetune\u201d.")
 
         layout = QVBoxLayout(self)
+        layout.addWidget(view_title("Queue"))
         layout.addWidget(self.empty_label)
         layout.addWidget(self.table, 1)
         layout.addWidget(self.error_label)

@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (QButtonGroup, QGridLayout, QHBoxLayout, QLabel, Q
                                QPushButton, QRadioButton, QSplitter, QVBoxLayout, QWidget)
 
 from app.charts import TimeSeriesChart
+from app.views.job_table import view_title
 from app.views.queue_view import CANCELLING, confirm_cancel
 from training_core.preflight import format_bytes, format_duration
 
@@ -236,6 +237,7 @@ class RunView(QWidget):
         split.setStretchFactor(1, 1)
 
         layout = QVBoxLayout(self)
+        layout.addWidget(view_title("Run"))
         layout.addLayout(header)
         layout.addWidget(self.progress)
         layout.addWidget(self.figures)

@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QFormLayout, QGroupBox
 from app.charts import TimeSeriesChart
 from app.contribution import (CONSENT_SETTING, INVITE_SETTING, handback_latencies, join_invite,
                               joined_manifest, load_rules, save_rules)
+from app.views.job_table import view_title
 from training_core.errors import ConfigError
 from training_core.swarm.manifest import SwarmManifest, read_invite
 from training_core.swarm.sources import HubDownload, describe_downloads
@@ -160,8 +161,7 @@ class SwarmView(QWidget):
         self._live: dict = {}             # the last `swarm` event of the running worker (phase...)
         self.consent_dialog: ConsentDialog | None = None
 
-        title = QLabel("Swarm")
-        title.setStyleSheet("font-size: 16pt; font-weight: bold;")
+        title = view_title("Swarm")
 
         # Joining: paste or drop.
         self.invite_edit = QLineEdit()
