@@ -140,3 +140,28 @@ def test_the_pre_flight_with_torch_checks_the_device_the_engine_will_use(tmp_pat
     with pytest.raises(WontFitError, match=r"m.toml: this swarm needs about .* more than all of the memory of the "
                                            r"Tiny GPU \(64.0 MB\); this computer cannot join it"):
         peer.prepare_sources(dataclasses.replace(m, micro_batch=512, seq_len=2048), opts, "m.toml", from_invite=True)
+
+
+def test_a_peer_whose_leave_was_given_up_still_exits_with_its_code():
+    """hivemind leaves a non-daemon executor thread waiting out a round (averaging_timeout: minutes
+    on a slow link) when its shutdown is given up on; Python would join it at exit, and a peer that
+    had said `stopped` lived on (seen on the bench). The stand-in thread here never ends."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    code = (
+        "import concurrent.futures, threading, types, sys\n"
+        "from training_core.swarm.commands import _exit_if_leave_abandoned\n"
+        "pool = concurrent.futures.ThreadPoolExecutor(1)\n"
+        "pool.submit(threading.Event().wait)\n"
+        "print('said stopped', flush=False)\n"
+        "engine = types.SimpleNamespace(strategy=types.SimpleNamespace(leave_abandoned=sys.argv[1] == '1'))\n"
+        "_exit_if_leave_abandoned(engine, 3)\n"
+        "sys.exit(4)\n")
+    root = Path(__file__).resolve().parents[1]
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code, "1"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (3, "said stopped\n") and time.monotonic() - t0 < 30
+    with pytest.raises(subprocess.TimeoutExpired):    # without it: stuck in the interpreter's exit
+        subprocess.run([sys.executable, "-c", code, "0"], cwd=root, capture_output=True, text=True, timeout=5)

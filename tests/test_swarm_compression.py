@@ -127,3 +127,15 @@ def test_non_finite_scales_are_refused_after_decoding():
     # A hostile huge size straight into extract (no expected count) is refused before any allocation.
     with pytest.raises(CompressionError):
         Blockwise4Bit().extract(_hostile(part, size=[2 ** 32 - 1] * 4, compression=1004))
+
+
+def test_a_round_waits_for_a_home_uplink_to_send_its_next_part():
+    """hivemind's own default (matchmaking_time) dropped a peer behind NAT on the bench's link."""
+    from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
+    from training_core.swarm.manifest import SwarmManifest
+    from training_core.swarm.network import sender_gap_s
+    defaults = SwarmManifest.__dataclass_fields__
+    gap = sender_gap_s(defaults["matchmaking_time"].default, defaults["averaging_timeout"].default)
+    one_part_at_1_mbit_s = DEFAULT_PART_SIZE_BYTES * 8 / 1e6
+    assert gap >= 2 * one_part_at_1_mbit_s, (gap, one_part_at_1_mbit_s)
+    assert sender_gap_s(0.5, 30.0) == 10.0 and sender_gap_s(15.0, 30.0) == 15.0

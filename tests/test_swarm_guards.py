@@ -2,8 +2,10 @@
 signed metrics and the token tag."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
+import threading
 import time
 from types import SimpleNamespace
 
@@ -150,7 +152,11 @@ def test_state_from_a_peer_is_checked_before_loading(monkeypatch):
     obj.__dict__.update(_parent_pid=-1, main_parameters=(torch.zeros(2, 2),), extra_tensors=(),
                         on_warning=lambda code, msg: warnings.append(msg), max_epoch=lambda: 12)
     sent = {}
-    monkeypatch.setattr(DecentralizedAverager, "load_state_from_peers", lambda self, **kw: sent["state"])
+    def done(self, wait=True, **kw):
+        future = concurrent.futures.Future()
+        future.set_result(sent["state"])
+        return future
+    monkeypatch.setattr(DecentralizedAverager, "load_state_from_peers", done)
     good = ({"epoch": 10}, [torch.ones(2, 2), torch.ones(2, 2)])
     for state, problem in [(good, None), (({"epoch": 10}, [torch.ones(4)]), "shape"),
                            (({"epoch": 10}, [torch.ones(2, 2), torch.tensor([float("nan")])]), "non-finite"),
@@ -162,6 +168,31 @@ def test_state_from_a_peer_is_checked_before_loading(monkeypatch):
         else:
             assert result is None and problem in warnings[-1]
     assert len(warnings) == 3
+
+
+def test_a_state_download_gives_up_when_told_and_at_its_timeout(monkeypatch):
+    """A stop or pause must not wait out a download that takes minutes on a home uplink."""
+    from hivemind.averaging import DecentralizedAverager
+    from training_core.swarm.collab import _CancellableDownload
+
+    pending = []
+
+    def never(self, wait=True, **kw):
+        assert wait is False
+        pending.append(concurrent.futures.Future())
+        return pending[-1]
+    monkeypatch.setattr(DecentralizedAverager, "load_state_from_peers", never)
+    obj = object.__new__(_CancellableDownload)
+    obj.__dict__.update(_parent_pid=-1, download_cancel=threading.Event())
+    threading.Timer(0.3, obj.download_cancel.set).start()
+    t0 = time.monotonic()
+    assert _CancellableDownload.load_state_from_peers(obj, timeout=60) is None
+    assert time.monotonic() - t0 < 2 and pending[-1].cancelled()
+
+    obj.download_cancel.clear()
+    with pytest.raises(concurrent.futures.TimeoutError):
+        _CancellableDownload.load_state_from_peers(obj, timeout=0.4)
+    assert pending[-1].cancelled()
 
 
 def test_backup_restores_parameters_and_optimizer_state():

@@ -17,6 +17,8 @@ Every rejection reaches the engine through `on_warning(code, message)`.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
 from typing import Callable
 
@@ -156,7 +158,32 @@ class FilteredProgressTracker(ProgressTracker):
         self.on_warning("peer_rejected", message)
 
 
-class _CheckedStateLoad(RobustAveraging):
+class _CancellableDownload(DecentralizedAverager):
+    """hivemind waits for a state download in one blocking call: on a home uplink a download
+    (weights and Adam's moments, float32) takes minutes, and a peer asked to stop or pause sat in
+    it. Here the wait is in short slices, and `download_cancel` gives up on it (None: nothing
+    loaded, which hivemind's Optimizer takes as a finished attempt)."""
+    download_cancel: threading.Event | None = None   # set from the control reader: pause or stop
+
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None, **kwargs):
+        future = super().load_state_from_peers(wait=False, timeout=timeout, **kwargs)
+        if not wait:
+            return future
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.download_cancel is not None and self.download_cancel.is_set():
+                future.cancel()
+                return None
+            slice_s = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
+            try:
+                return future.result(timeout=slice_s)
+            except concurrent.futures.TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    future.cancel()
+                    raise
+
+
+class _CheckedStateLoad(_CancellableDownload, RobustAveraging):
     """Sits between TrainingStateAverager and DecentralizedAverager in the MRO, so the state a
     peer sends is checked before TrainingStateAverager copies it into our parameters. Averages
     parameters robustly, measuring contributions from our values at the last round."""
@@ -188,7 +215,7 @@ class GuardedStateAverager(AdmissionMixin, TrainingStateAverager, _CheckedStateL
     pass
 
 
-class LocalGradsKeptAverager(AdmissionMixin, GradientAverager, RobustAveraging):
+class LocalGradsKeptAverager(AdmissionMixin, GradientAverager, _CancellableDownload, RobustAveraging):
     """hivemind's GradientAverager, except that starting a round leaves the local gradient
     accumulators as they are. hivemind zeroes them there, and its Optimizer falls back on them
     ("local gradients") when the round fails, as ours does when the averaged gradients are

@@ -172,6 +172,12 @@ def cmd_join(args) -> int:
     if args.json:
         threading.Thread(target=read_controls, args=(_control_stream(), controls, out, on_control),
                          daemon=True).start()
+    rc = _run(engine, out)
+    _exit_if_leave_abandoned(engine, rc)
+    return rc
+
+
+def _run(engine, out: Output) -> int:
     try:
         engine.run()
     except UserError as exc:
@@ -185,6 +191,22 @@ def cmd_join(args) -> int:
                        step=engine.step))
         return 1
     return 0
+
+
+def _exit_if_leave_abandoned(engine, rc: int) -> None:
+    """A leave given up on left a non-daemon hivemind thread waiting out a round (up to
+    averaging_timeout, minutes on a slow link); Python would join it at exit, so a peer that had
+    said `stopped` stayed alive. Everything is said and saved by now: end the process here."""
+    if not getattr(engine.strategy, "leave_abandoned", False):
+        return
+    from .network import reap_children
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    reap_children(grace_s=0.5)
+    os._exit(rc)
 
 
 def cmd_host(args) -> int:

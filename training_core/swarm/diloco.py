@@ -56,6 +56,7 @@ from .admission import AdmissionMixin
 from .collab import FilteredProgressTracker
 from .compression import compression_for, decompress
 from .guards import MAX_EPOCH_LEAD, all_finite
+from .network import sender_gap_s
 from .robust import (STATE_STEP_BOUND, MalformedPart, RobustAveraging, RobustRunnerMixin, excluded_reducers,
                      state_problem)
 
@@ -385,7 +386,7 @@ class DiLoCoRounds:
                 [torch.zeros_like(w) for w in self.outer], dht, prefix=prefix, start=True, client_mode=client_mode,
                 min_matchmaking_time=matchmaking_time, request_timeout=max(0.2, min(3.0, matchmaking_time / 2)),
                 allreduce_timeout=self.averaging_timeout,
-                next_chunk_timeout=max(matchmaking_time, self.averaging_timeout / 3),
+                next_chunk_timeout=sender_gap_s(matchmaking_time, self.averaging_timeout),
                 compression=compression_for(compression), state_compression=NoCompression(), shutdown_timeout=4.0)
         except BaseException:
             self.tracker.shutdown(timeout=2.0)

@@ -213,6 +213,14 @@ def visible_maddrs(dht) -> list[str]:
     return [str(a) for a in dht.get_visible_maddrs()]
 
 
+def sender_gap_s(matchmaking_time: float, averaging_timeout: float) -> float:
+    """How long a round waits for a peer's next part before leaving it out (hivemind's
+    next_chunk_timeout). hivemind's default is matchmaking_time, 0.5 s in small swarms, while one of
+    its 512 KB parts takes seconds on a home uplink: a slow sender (a peer behind NAT, measured on the
+    bench) was dropped and then waited out the whole averaging_timeout, every round."""
+    return max(matchmaking_time, averaging_timeout / 3)
+
+
 def round_bytes(numel: int, group_size: int, compression: str) -> float:
     """Bytes one peer sends (and, alike, receives) in one butterfly all-reduce of `numel` values:
     (n-1)/n of the tensor out in reduce-scatter and again in all-gather. An estimate: p2pd has no

@@ -348,7 +348,10 @@ class SwarmStrategy(LocalStrategy):
         reap_children()
 
     def leave(self) -> None:
-        """Shut the algorithm's averagers down (before the DHT goes)."""
+        """Shut the algorithm's averagers down (before the DHT goes); set `leave_abandoned` when
+        that was given up on past its time limit."""
+
+    leave_abandoned = False
 
 
 def swarm_engine(manifest: SwarmManifest, opts: PeerOptions, emit: Emit, controls: Controls | None = None) -> Engine:

@@ -11,7 +11,7 @@ import torch
 
 from ..engine import Engine
 from . import guards, metrics
-from .network import compression_for, round_bytes
+from .network import compression_for, round_bytes, sender_gap_s
 from .peer import SwarmStrategy, optimizer_factories
 
 BACKUP_OPT_STATE_MAX_PARAMS = 300_000_000
@@ -46,6 +46,7 @@ class SyncStrategy(SwarmStrategy):
         self.backup = guards.ParamBackup()
         self.last_round_bytes = 0.0
         self.last_round_peers = 0
+        self.download_cancel = threading.Event()
 
     def make_optimizer(self, engine: Engine, params: list[torch.nn.Parameter], lr: float):
         from .collab import GuardedOptimizer
@@ -59,6 +60,7 @@ class SyncStrategy(SwarmStrategy):
             dht=handle.dht, run_id=m.run_id, target_batch_size=m.target_batch_size,
             batch_size_per_step=m.micro_batch, params=params, optimizer=make_opt, scheduler=make_sched,
             matchmaking_time=m.matchmaking_time, averaging_timeout=m.averaging_timeout,
+            next_chunk_timeout=sender_gap_s(m.matchmaking_time, m.averaging_timeout),
             load_state_timeout=max(30.0, m.averaging_timeout), offload_optimizer=False,
             grad_compression=compression, state_averaging_compression=compression,
             # Downloaded state stays full precision: Adam's second moments underflow in float16
@@ -70,6 +72,7 @@ class SyncStrategy(SwarmStrategy):
             # Said outright: hivemind.Optimizer turns client_mode=None into None rather than the DHT's
             # mode, and a client-mode peer then died at its first epoch setting a state-sharing priority.
             client_mode=handle.client_mode)
+        opt.state_averager.download_cancel = opt.grad_averager.download_cancel = self.download_cancel
         self.optimizer = opt
         self.backup.take(params, self._backup_optimizer())
         return opt
@@ -138,6 +141,7 @@ class SyncStrategy(SwarmStrategy):
     # ---- pause / stop ---------------------------------------------------------------------
     def interrupt(self) -> None:
         opt = getattr(self, "optimizer", None)
+        self.download_cancel.set()      # a state download in flight is given up (collab._download)
         for name in ("scheduled_grads", "scheduled_state"):
             control = getattr(opt, name, None) if opt is not None else None
             try:
@@ -166,6 +170,7 @@ class SyncStrategy(SwarmStrategy):
 
     def resumed(self, engine: Engine) -> None:
         opt = self.optimizer
+        self.download_cancel.clear()
         if opt.local_epoch < opt.tracker.global_epoch:
             t0 = time.monotonic()
             opt.load_state_from_peers()
@@ -184,10 +189,13 @@ class SyncStrategy(SwarmStrategy):
                 pass
         # hivemind's Optimizer.shutdown waits without a limit for a state-averaging round in flight;
         # on a slow link a peer asked to stop sat there for minutes. Past the limit the process goes
-        # on exiting, and its averagers die with it (network.reap_children, proc_guard).
+        # on exiting, and its averagers die with it (network.reap_children, proc_guard); hivemind's
+        # executor thread still waiting on that round would hold up the interpreter's exit, so the
+        # command ends the process outright (commands.cmd_join).
         t = threading.Thread(target=shutdown, name="modron-leave", daemon=True)
         t.start()
         t.join(LEAVE_TIMEOUT_S)
+        self.leave_abandoned = t.is_alive()
 
     # ---- reporting ------------------------------------------------------------------------
     def report_fields(self, views: list) -> dict[str, Any]:
