@@ -125,3 +125,44 @@ def test_pause_then_stop_queued_together_are_both_obeyed(tmp_path):
     result = Engine(tiny_spec(tmp_path, steps=50), events.append, controls).run()
     assert result.status == "stopped"
     assert [e["type"] for e in events if e["type"] in ("paused", "stopped")] == ["paused", "stopped"]
+
+
+def test_a_pause_is_left_out_of_speed_and_eta(tmp_path, monkeypatch):
+    """An hour-long pause (on the engine's clock) neither lowers tokens_per_s nor inflates eta_s in the
+    first step event after the resume, and elapsed_s does not count it."""
+    import time as real_time
+    import types
+
+    from training_core import engine as engine_mod
+    from training_core.controls import Controls
+
+    clock = {"offset": 0.0}
+    monkeypatch.setattr(engine_mod, "time", types.SimpleNamespace(
+        monotonic=lambda: real_time.monotonic() + clock["offset"], sleep=real_time.sleep, time=real_time.time))
+
+    class AnHourLater(Controls):
+        def wait(self, timeout=None):
+            clock["offset"] += 3600.0
+            return "resume"
+
+    controls = AnHourLater()
+    events, pauses = [], []
+
+    def emit(ev):
+        events.append(ev)
+        if ev["type"] == "step" and ev["step"] >= 4 and not pauses:
+            pauses.append(ev["step"])
+            controls.put("pause")
+
+    result = Engine(tiny_spec(tmp_path, steps=16), emit, controls).run()
+    assert result.status == "finished"
+    types_ = [e["type"] for e in events]
+    resumed = types_.index("resumed")
+    before = [e for e in events[:resumed] if e["type"] == "step"]
+    after = next(e for e in events[resumed:] if e["type"] == "step")
+    assert before[-1]["step"] == pauses[0] and after["step"] > pauses[0]
+    slowest_before = min(e["tokens_per_s"] for e in before)
+    # Counting the hour would give a few tokens a second (512 a step) and an ETA of hours.
+    assert after["tokens_per_s"] > slowest_before / 5, (after, slowest_before)
+    assert after["eta_s"] < 60 and after["eta_s"] <= 5 * max(before[-1]["eta_s"], 0.1), (after, before[-1])
+    assert after["elapsed_s"] - before[-1]["elapsed_s"] < 60

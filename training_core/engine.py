@@ -71,6 +71,7 @@ class Engine:
         self.last_loss: float | None = None
         self.last_eval: dict[str, Any] = {}
         self.paused = False
+        self._pause_began: float | None = None   # monotonic time the pause in progress began
         self.compute_s = 0.0           # seconds in forward, backward and optimizer steps, this session
         self._fake_oom_done: set[int] = set()
         self._fake_nan_done: set[int] = set()
@@ -523,14 +524,16 @@ class Engine:
         return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
 
     def pause(self) -> None:
-        """Give the GPU back (checkpointing first where the strategy wants it), wait for resume or stop."""
+        """Give the GPU back (checkpointing first where the strategy wants it), wait for resume or stop.
+        All of it, the checkpoint and the moves off and back onto the GPU too, is left out of the
+        training clock (`elapsed()`), so speed and ETA after a resume count no paused time."""
+        self._pause_began = time.monotonic()
         self.paused = True
         self.strategy.pausing(self)
         self._release_accelerator()
         path = str(self.save_checkpoint("pause", with_eval=False)) if self.strategy.checkpoint_on_pause else None
         used, reserved = self.vram()
         self.emit("paused", step=self.step, vram_used=used, vram_reserved=reserved, checkpoint=path)
-        paused_at = time.monotonic()
         while True:
             msg = self.controls.wait()
             if msg == "resume":
@@ -538,10 +541,11 @@ class Engine:
             if msg == "stop":
                 self.emit("stopped", step=self.step, checkpoint=path)
                 raise StopRun
-        self._paused_total += time.monotonic() - paused_at
         self._reclaim_accelerator()
         self.strategy.resumed(self)
         self.paused = False
+        self._paused_total += time.monotonic() - self._pause_began
+        self._pause_began = None
         self.emit("resumed", step=self.step)
 
     def handle_controls(self) -> None:
@@ -555,7 +559,16 @@ class Engine:
                 self.save_checkpoint("requested")
 
     def elapsed(self) -> float:
-        return self.elapsed_before + (time.monotonic() - self._t0 - self._paused_total)
+        """Training seconds of this run, earlier sessions included, pauses left out."""
+        return self.elapsed_before + self._training_clock()
+
+    def _training_clock(self) -> float:
+        """Seconds since this session's training started, pauses left out: speed and ETA are measured
+        on it, so the first step events after a resume do not count the pause. It stands still
+        while paused."""
+        now = time.monotonic()
+        pausing = now - self._pause_began if self._pause_began is not None else 0.0
+        return now - self._t0 - self._paused_total - pausing
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -604,14 +617,14 @@ class Engine:
 
     def _run(self) -> RunResult:
         self._t0 = time.monotonic()
-        self._paused_total = 0.0
+        self._paused_total, self._pause_began = 0.0, None
         self._setup()
         spec = self.spec
         self._t0 = time.monotonic()  # training time starts after set-up
         self.last_ckpt_time = time.monotonic()
         tokens_per_step = spec.batch_size * spec.seq_len
         first_step = self.step
-        last_emit_t, last_emit_step = time.monotonic(), self.step
+        last_emit_t, last_emit_step = self._training_clock(), self.step
         loss_acc = torch.zeros((), device=self.device)
         step_time_ema: float | None = None
         try:
@@ -620,10 +633,10 @@ class Engine:
                 self.handle_controls()
                 loss_acc += self.train_step()
                 self.strategy.after_step(self)
-                now = time.monotonic()
                 due_ckpt = (self.step % spec.checkpoint_every == 0) if spec.checkpoint_every else \
-                    (now - self.last_ckpt_time >= spec.checkpoint_minutes * 60)
+                    (time.monotonic() - self.last_ckpt_time >= spec.checkpoint_minutes * 60)
                 last = self.step == self.total_steps
+                now = self._training_clock()   # speed and ETA: pauses left out
                 if now - last_emit_t >= EMIT_INTERVAL_S or last or self.step == first_step + 1 or due_ckpt:
                     n = self.step - last_emit_step
                     loss = (loss_acc / n).item()   # the only device sync in the loop
