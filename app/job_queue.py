@@ -54,46 +54,6 @@ def _kill_orphan(pid: int, spec_path: Path) -> bool:
     return True
 
 
-class PauseFreeRate:
-    """Speed and ETA of one worker's run from its step events' own clock.
-
-    The engine measures tokens/s and its ETA over wall time between two step events, so the first
-    events after a resume count the whole pause (27 tokens/s, an ETA of an hour). Its `elapsed_s`
-    and `tokens_seen` leave paused time out, so figures taken from their differences stay right."""
-
-    WEIGHT = 0.3   # of the newest seconds-per-step in the running average, as the engine's own
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._last: tuple[float, float, float | None] | None = None   # step, elapsed_s, tokens_seen
-        self._step_s: float | None = None                              # smoothed seconds per step
-
-    def apply(self, ev: dict) -> dict:
-        """The step event with tokens_per_s and eta_s measured on the pause-free clock."""
-        step, elapsed, tokens = ev.get("step"), ev.get("elapsed_s"), ev.get("tokens_seen")
-        if not isinstance(step, (int, float)) or not isinstance(elapsed, (int, float)):
-            return ev
-        if not isinstance(tokens, (int, float)):
-            tokens = None
-        last, self._last = self._last, (step, elapsed, tokens)
-        if last is None or step <= last[0] or elapsed <= last[1]:
-            # The first event, or the run went back to a checkpoint: nothing to measure against yet.
-            self._step_s = None
-            return ev
-        dt = elapsed - last[1]
-        per_step = dt / (step - last[0])
-        self._step_s = per_step if self._step_s is None else (1 - self.WEIGHT) * self._step_s + self.WEIGHT * per_step
-        out = dict(ev)
-        if tokens is not None and last[2] is not None and tokens > last[2]:
-            out["tokens_per_s"] = (tokens - last[2]) / dt
-        total = ev.get("total_steps")
-        if isinstance(total, (int, float)):
-            out["eta_s"] = max(total - step, 0) * self._step_s
-        return out
-
-
 class JobQueue(QObject):
     job_changed = Signal(int)        # a job's state or summary changed
     job_event = Signal(int, dict)    # every event of the running job
@@ -114,7 +74,6 @@ class JobQueue(QObject):
         self._serial = 0                          # which worker the slots listen to
         self._retired: list[WorkerProcess] = []   # ended workers, deleted when the next one starts
         self._recovered = False
-        self._rate = PauseFreeRate()
         self._gate_held = False             # the gate said no to the next job the last time it was asked
         # Consulted before a job's worker starts; False holds the queue until reconsider() (the swarm
         # contribution uses it to hand the GPU over first, or to keep it while the swarm has priority).
@@ -350,7 +309,6 @@ class JobQueue(QObject):
         w.event.connect(lambda ev, jid=job.id, n=self._serial: self._on_event(jid, n, ev))
         w.exited.connect(lambda code, reason, jid=job.id, n=self._serial: self._on_exit(jid, n, code, reason))
         self._worker, self._job_id, self._intent, self._seen = w, job.id, None, set()
-        self._rate.reset()
         self.store.update_job(job.id, state="running", attempts=job.attempts + 1, started=job.started or time.time(),
                               finished=None, error=None)
         w.start()
@@ -366,8 +324,6 @@ class JobQueue(QObject):
         started_before = "started" in self._seen
         self._seen.add(t)
         store = self.store
-        if t == "step":
-            ev = self._rate.apply(ev)
         if t in ("step", "eval"):
             store.add_metric(job_id, ev)
         else:
