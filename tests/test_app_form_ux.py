@@ -221,6 +221,30 @@ def test_file_dialogs_start_in_the_last_folder_and_remember_it_across_restarts(q
     store.close()
 
 
+def test_history_export_dialog_starts_in_the_last_export_folder(qtbot, tmp_path, store, monkeypatch):
+    from app.job_queue import JobQueue
+    from app.views.history import HistoryView
+    exports = tmp_path / "exports"
+    (exports / "first").mkdir(parents=True)
+    job = store.add_job({"model": "scratch:tiny", "data": ["x.txt"], "out": str(tmp_path / "run")}, "tiny run")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)   # something to export
+    store.update_job(job.id, state="finished", finished=1.0)
+    dialogs = FakeDialogs(monkeypatch)
+    view = HistoryView(store, JobQueue(store, autostart=False))
+    qtbot.addWidget(view)
+    exported = []
+    monkeypatch.setattr(view, "export_merged", exported.append)   # no merge: only the folder matters here
+    view.select_job(job.id)
+    assert view.export_btn.isEnabled()
+    dialogs.answer = str(exports / "first")
+    qtbot.mouseClick(view.export_btn, Qt.LeftButton)
+    assert dialogs.starts == [str(Path.home())] and exported == [str(exports / "first")]
+    dialogs.answer = ""
+    qtbot.mouseClick(view.export_btn, Qt.LeftButton)   # the next export opens beside the last one
+    assert dialogs.starts[-1] == str(exports) and len(exported) == 1
+    assert store.get_setting("last_dir.export") == str(exports)
+
+
 # ---- (d) every bad file of a dataset is named -------------------------------------------------
 def bad_folder(tmp_path) -> tuple[Path, list[str]]:
     folder = tmp_path / "corpus"

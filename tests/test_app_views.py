@@ -495,7 +495,7 @@ def test_history_lists_the_run_reloads_charts_and_exports(finished_run, qtbot, t
 
     out = tmp_path / "exported"
     out.mkdir()
-    monkeypatch.setattr("app.views.history.QFileDialog.getExistingDirectory", lambda *a, **k: str(out))
+    monkeypatch.setattr("app.views.form_ux.QFileDialog.getExistingDirectory", lambda *a, **k: str(out))
     view.export_btn.click()
     assert view.exporting() and not view.export_btn.isEnabled()
     qtbot.waitUntil(lambda: not view.exporting(), timeout=CLI_TIMEOUT_MS)

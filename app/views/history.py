@@ -8,9 +8,9 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QPushButton,
-                               QSplitter, QTableWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QHBoxLayout, QLabel, QPushButton, QSplitter, QTableWidgetItem, QVBoxLayout, QWidget)
 
+from app.views.form_ux import choose_folder
 from app.views.job_table import job_table, view_title
 from app.cli_task import CliTask
 from app.views.run_view import RunCharts
@@ -208,7 +208,7 @@ class HistoryView(QWidget):
         job = self._job()
         if job is None:
             return
-        folder = QFileDialog.getExistingDirectory(self, "Export the merged model to a folder")
+        folder = choose_folder(self, self.store, "export", "Export the merged model to a folder")
         if folder:
             self.export_merged(str(export_target(folder, job.name)))
 
