@@ -5,11 +5,10 @@ import importlib
 from collections.abc import Mapping
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QBoxLayout, QHBoxLayout, QLabel, QListWidget, QMainWindow, QStackedWidget,
+from PySide6.QtWidgets import (QHBoxLayout, QLabel, QListWidget, QMainWindow, QStackedWidget,
                                QVBoxLayout, QWidget)
 
 from app.icons import app_icon
-from app.views.job_table import view_title
 
 # name, sidebar label, module, class — in sidebar order.
 VIEWS = (
@@ -108,7 +107,6 @@ class MainWindow(QMainWindow):
         if name in ("swarm", "contribution"):
             extra = {"contributor": self.contributor}
         view = cls(self.store, self.queue, parent=self, **extra)
-        self._ensure_title(view, VIEW_LABELS[name])
         if hasattr(view, "demo_submitted"):   # Dashboard and New finetune have "Try the demo"
             view.demo_submitted.connect(self.show_job)
         if hasattr(view, "open_job"):         # the Queue's double-click
@@ -118,18 +116,6 @@ class MainWindow(QMainWindow):
         self.stack.removeWidget(stand_in)
         stand_in.deleteLater()
         return view
-
-    @staticmethod
-    def _ensure_title(view: QWidget, label: str) -> None:
-        # Every page says where the user is; a view that does not draw its own title gets the
-        # sidebar's words on top, in the same style.
-        if title_of(view) == label or not isinstance(view.layout(), QBoxLayout):
-            return
-        title = view_title(label)
-        margins = view.layout().contentsMargins()
-        if not margins.left():          # an edge-to-edge view (a scroll area): keep the title off the edge
-            title.setContentsMargins(9, 9, 9, 0)
-        view.layout().insertWidget(0, title)
 
     def current_view(self) -> str:
         return VIEW_NAMES[self.stack.currentIndex()]

@@ -8,7 +8,7 @@ TITLE_STYLE = "font-size: 16pt; font-weight: bold;"   # as the Dashboard, Swarm 
 
 
 def view_title(text: str) -> QLabel:
-    """The view's title, first in its layout (MainWindow checks for it there)."""
+    """The view's title, first in its layout (main_window.title_of reads it there; a test walks every view)."""
     label = QLabel(text)
     label.setObjectName("viewTitle")
     label.setStyleSheet(TITLE_STYLE)

@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QFormLayout, 
 from app.cli_task import CliTask
 from app.views.drop_zone import ERROR_STYLE, WARN_STYLE, DatasetPanel
 from app.views.form_ux import choose_folder, polish_form
+from app.views.job_table import view_title
 from training_core.config import JobSpec
 from training_core.errors import UserError
 from training_core.preflight import format_bytes, format_duration
@@ -271,6 +272,9 @@ class NewFinetuneView(QWidget):
         scroll.setWidget(body)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
+        title = view_title("New finetune")
+        title.setContentsMargins(9, 9, 9, 0)   # the layout is edge to edge (for the scroll area)
+        outer.addWidget(title)
         outer.addWidget(scroll)
         polish_form(self)
 
