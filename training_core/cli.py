@@ -121,20 +121,24 @@ def _run(spec, args, resume: bool = False) -> int:
     return 0
 
 
-def spec_from_args(args):
-    from .config import JobSpec
-    return JobSpec(model=args.model, data=args.data, out=args.out, method=args.method, steps=args.steps,
-                   epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                   seq_len=args.seq_len, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                   keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every, seed=args.seed,
-                   precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
-                   trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer, device=args.device,
-                   threads=args.threads, lora_r=args.lora_r, on_divergence=args.on_divergence.replace("-", "_"))
+def job_spec(args):
+    """The JobSpec of a `finetune`/`plan` command line: the --spec file's fields (if any), then each option
+    given; JobSpec's own defaults for the rest (options left out are absent from `args`)."""
+    from .config import CLI_ONLY, JOB, JobSpec, flag, options
+    values = JobSpec.load(args.spec).to_dict() if getattr(args, "spec", None) else {}
+    given = {f.name: getattr(args, f.name) for f in options(JOB, CLI_ONLY) if hasattr(args, f.name)}
+    if given.keys() & {"steps", "epochs"}:   # a length on the command line replaces the file's
+        values.pop("steps", None), values.pop("epochs", None)
+    values.update(given)
+    for name in ("model", "data", "out"):
+        if name not in values:
+            raise UserError(flag(name), "is required (or give --spec FILE, a job spec in JSON)")
+    return JobSpec.from_dict(values, where=args.spec or "the command line")
 
 
 def cmd_finetune(args) -> int:
-    spec = spec_from_args(args)
-    out = Path(args.out)
+    spec = job_spec(args)
+    out = Path(spec.out)
     # A folder whose earlier run never wrote a checkpoint holds nothing to lose: start again there.
     if (out / "job.json").exists() and any((out / "checkpoints").glob("ckpt-*")):
         raise UserError(out, f"already holds a run; continue it with `{PROG} resume {out}` or choose another --out")
@@ -143,7 +147,7 @@ def cmd_finetune(args) -> int:
 
 def cmd_plan(args) -> int:
     from .plan import format_plan, plan_job
-    plan = plan_job(spec_from_args(args))
+    plan = plan_job(job_spec(args))
     print(json.dumps(plan, indent=2, ensure_ascii=False) if args.json else format_plan(plan))
     return 0
 
@@ -219,32 +223,37 @@ def cmd_hardware(args) -> int:
     return 0
 
 
-def add_job_args(f) -> None:
-    """The job arguments `finetune` and `plan` share."""
-    f.add_argument("--model", required=True, help="local model folder, hub id, or scratch:tiny|mini|small|base|medium")
-    f.add_argument("--data", required=True, nargs="+", help="files and/or folders")
-    f.add_argument("--method", choices=["lora", "full", "qlora"])
-    g = f.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int)
-    g.add_argument("--epochs", type=float)
-    f.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
-    f.add_argument("--micro-batch-size", type=int, help="sequences per forward pass (gradient accumulation)")
-    f.add_argument("--seq-len", type=int, default=256)
-    f.add_argument("--lr", type=float)
-    f.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="default: about every 10 minutes")
-    f.add_argument("--keep-checkpoints", type=int, default=3)
-    f.add_argument("--eval-every", type=int, metavar="STEPS")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    f.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model (off by default)")
-    f.add_argument("--tokenizer", default="auto", help="for scratch models: train | bytes | a tokenizer folder")
-    f.add_argument("--device", default="auto")
-    f.add_argument("--threads", type=int)
-    f.add_argument("--lora-r", type=int, default=16)
-    f.add_argument("--on-divergence", choices=["stop", "lower-lr"], default="stop",
-                   help="if the loss stops being finite: stop (the last good checkpoint is kept), or go back to "
-                        "it with a third of the learning rate (at most 3 times)")
+def _dashes_ok(text: str) -> str:
+    return text.replace("-", "_")   # `--on-divergence lower-lr` reads as the spec's lower_lr
+
+
+def add_job_args(parser: argparse.ArgumentParser, *, out_help: str | None = None) -> None:
+    """The job options `finetune` and `plan` share, made from JobSpec's fields (help, choices, defaults),
+    so a new field reaches the CLI without a line here. Options not given stay out of the namespace
+    (SUPPRESS) and JobSpec's defaults apply."""
+    from .config import CLI_ONLY, JOB, default, flag, options
+    parser.add_argument("--spec", metavar="FILE", help="a job spec in JSON (as the app writes it); options "
+                                                       "given as well override its fields")
+    for f in options(JOB, CLI_ONLY):
+        meta, kind = f.metadata, str(f.type)
+        text, value = meta["help"], default(f.name)
+        if f.name == "out" and out_help is not None:
+            text = out_help
+        elif value not in (None, [], "") and "default" not in text:
+            text += f" (default: {' '.join(value) if isinstance(value, list) else value})"
+        kw: dict = {"default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
+        if kind.startswith("bool"):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            if "list[" in kind:
+                kw["nargs"] = "+"
+            if meta.get("choices"):
+                kw.update(choices=meta["choices"], type=_dashes_ok)
+            elif kind.startswith("int"):
+                kw["type"] = int
+            elif kind.startswith("float"):
+                kw["type"] = float
+        parser.add_argument(flag(f.name), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,14 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     f = sub.add_parser("finetune", help="train a model on your data")
-    f.add_argument("--out", required=True, help="run folder for checkpoints and the final model")
     add_job_args(f)
     add_json(f)
     f.set_defaults(func=cmd_finetune)
 
     pl = sub.add_parser("plan", help="check a job before training: memory, disk, time, licence, data")
-    pl.add_argument("--out", default=".", help=argparse.SUPPRESS)
-    add_job_args(pl)
+    add_job_args(pl, out_help="where the run would go (for the free disk space; default: here)")
+    pl.set_defaults(out=".")
     add_json(pl)
     pl.set_defaults(func=cmd_plan)
 

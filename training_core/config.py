@@ -1,4 +1,10 @@
-"""The job spec: everything a run needs, saved as JSON next to its checkpoints."""
+"""The job spec: everything a run needs, saved as JSON next to its checkpoints.
+
+`JobSpec` is the one schema of a job's settings: the CLI's options (training_core/cli.py) and the
+New-finetune form (app/views/new_finetune.py) are built from its fields' metadata (help, choices,
+label), and `validate` holds every rule a spec must pass, for the CLI, the app's Check and the engine.
+This module stays torch-free: the app imports it.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +12,7 @@ import json
 import math
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,78 +24,92 @@ ON_DIVERGENCE = ("stop", "lower_lr")
 
 DEFAULT_SAMPLE_PROMPTS = ["Once upon a time", "The most important thing is"]
 
+# Where a field is set: "job" on the CLI and in the New-finetune form; "cli" on the CLI only (the app
+# sets it itself, e.g. the run folder); "internal" nowhere (ids, test hooks).
+JOB, CLI_ONLY, INTERNAL = "job", "cli", "internal"
+
+
+def opt(default: Any = dataclasses.MISSING, *, help: str, label: str, choices: tuple | None = None,
+        scope: str = JOB, factory: Any = dataclasses.MISSING, minimum: float | None = None) -> Any:
+    """A JobSpec field with what the CLI and the form show for it."""
+    meta = {"help": help, "label": label, "choices": choices, "scope": scope, "minimum": minimum}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def internal(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    return opt(default, help="", label="", scope=INTERNAL, factory=factory)
+
 
 @dataclass
 class JobSpec:
-    model: str                              # local folder, hub id, or "scratch:NAME"
-    data: list[str]                         # files and/or folders
-    out: str                                # run directory (checkpoints, job.json, export)
-    method: str | None = None               # None: lora for pretrained, full from scratch
-    steps: int | None = None                # optimizer steps; None: derived from epochs
-    epochs: float | None = None             # None and steps None: 1 epoch
-    batch_size: int = 8                     # sequences per optimizer step (effective batch)
-    micro_batch_size: int | None = None     # per forward pass; None: = batch_size
-    seq_len: int = 256
-    lr: float | None = None                 # None: 3e-4 full/scratch, 2e-4 LoRA
-    warmup_steps: int | None = None         # None: 5 % of steps, at most 100
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    checkpoint_every: int | None = None     # steps; None: every checkpoint_minutes
-    checkpoint_minutes: float = 10.0
-    keep_checkpoints: int = 3
-    eval_every: int | None = None           # steps; None: at each checkpoint and at the end
-    eval_fraction: float = 0.02
-    seed: int = 0
-    precision: str = "auto"
-    gradient_checkpointing: bool | None = None   # None: on when the estimate says it is needed
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: str | list[str] = "all-linear"
-    trust_remote_code: bool = False
-    tokenizer: str = "auto"                 # auto | train | bytes | path to a tokenizer folder/file
-    sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
-    sample_max_tokens: int = 40
-    device: str = "auto"                    # auto | cpu | cuda | cuda:N
-    threads: int | None = None              # torch CPU threads; None: torch's default
-    on_divergence: str = "stop"             # loss not finite: "stop" (exit 2, last good checkpoint kept) or
-                                            # "lower_lr" (back to the last good checkpoint, a third of the LR)
-    job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    test_oom_at_steps: list[int] = field(default_factory=list)  # test hook: fake CUDA OOM at these steps
-    test_sleep_per_step: float = 0.0        # test hook: slow steps down so tests can interrupt them
-    test_sleep_in_checkpoint: float = 0.0   # test hook: pause halfway through checkpoint writes and deletions
-    test_sleep_in_setup: float = 0.0        # test hook: a slow model load, so tests can stop one
-    test_nan_at_steps: list[int] = field(default_factory=list)  # test hook: the loss is NaN at these steps
+    model: str = opt(help="local model folder, hub id, or scratch:tiny|mini|small|base|medium", label="Model")
+    data: list[str] = opt(help="files and/or folders", label="Data")
+    out: str = opt(help="run folder for checkpoints, job.json and the final model", label="Run folder",
+                   scope=CLI_ONLY)   # the app's store picks it
+    method: str | None = opt(None, choices=METHODS, label="Method",
+                             help="lora: small adapters; full: every weight; qlora: LoRA on a 4-bit base "
+                                  "(NVIDIA GPU). Default: lora for a pretrained model, full from scratch")
+    steps: int | None = opt(None, minimum=1, label="Steps", help="optimizer steps (default: from --epochs)")
+    epochs: float | None = opt(None, label="Epochs", help="passes over the data (default: 1 when --steps is not given)")
+    batch_size: int = opt(8, minimum=1, label="Batch size", help="sequences per optimizer step (effective batch)")
+    micro_batch_size: int | None = opt(None, minimum=1, label="Micro-batch",
+                                       help="sequences per forward pass (default: the batch size); smaller "
+                                            "uses less memory through gradient accumulation")
+    seq_len: int = opt(256, minimum=1, label="Sequence length", help="tokens per training sequence")
+    lr: float | None = opt(None, label="Learning rate", help="peak learning rate (default: 3e-4 full, 2e-4 LoRA)")
+    warmup_steps: int | None = opt(None, minimum=0, label="Warm-up steps",
+                                   help="steps of rising learning rate (default: 5 % of the steps, at most 100)")
+    weight_decay: float = opt(0.0, label="Weight decay", help="AdamW weight decay")
+    max_grad_norm: float = opt(1.0, label="Gradient clipping", help="clip the gradient norm to this")
+    checkpoint_every: int | None = opt(None, minimum=1, label="Checkpoint every",
+                                       help="steps between checkpoints (default: by time, --checkpoint-minutes)")
+    checkpoint_minutes: float = opt(10.0, label="Checkpoint minutes", scope=CLI_ONLY,   # the app: from Settings
+                                    help="minutes between checkpoints when --checkpoint-every is not given")
+    keep_checkpoints: int = opt(3, minimum=1, label="Checkpoints kept", help="how many checkpoints to keep")
+    eval_every: int | None = opt(None, minimum=1, label="Evaluate every",
+                                 help="steps between evaluations (default: at each checkpoint and at the end)")
+    eval_fraction: float = opt(0.02, label="Held-back data", help="share of the data held back for evaluation")
+    seed: int = opt(0, label="Seed", help="random seed (data order, initial weights)")
+    precision: str = opt("auto", choices=PRECISIONS, label="Precision",
+                         help="number format; auto: bf16 where the GPU has it, else fp16 where fast, else fp32 "
+                              "(the CPU always trains in fp32)")
+    gradient_checkpointing: bool | None = opt(None, label="Gradient checkpointing",
+                                              help="recompute activations to save memory (default: on when the "
+                                                   "estimate says it is needed)")
+    lora_r: int = opt(16, minimum=1, label="LoRA rank", help="rank of the LoRA adapters")
+    lora_alpha: int = opt(32, minimum=1, label="LoRA alpha", help="LoRA scaling (alpha / rank)")
+    lora_dropout: float = opt(0.05, label="LoRA dropout", help="dropout on the LoRA adapters' input")
+    lora_targets: str | list[str] = opt("all-linear", label="LoRA targets",
+                                        help="all-linear, or the names of the layers to adapt")
+    trust_remote_code: bool = opt(False, label="Trust remote code",
+                                  help="run code shipped with a hub model (off by default)")
+    tokenizer: str = opt("auto", label="Tokenizer",
+                         help="for scratch models: auto | train | bytes | a tokenizer folder or file")
+    sample_prompts: list[str] = opt(factory=lambda: list(DEFAULT_SAMPLE_PROMPTS), label="Sample prompts",
+                                    help="prompts the model continues at each evaluation")
+    sample_max_tokens: int = opt(40, minimum=1, label="Sample length", help="tokens per sample")
+    device: str = opt("auto", label="Device", help="auto | cpu | cuda | cuda:N")
+    threads: int | None = opt(None, minimum=1, label="CPU threads", help="torch CPU threads (default: torch's)")
+    on_divergence: str = opt("stop", choices=ON_DIVERGENCE, label="If training diverges",
+                             help="if the loss stops being finite: stop (the last good checkpoint is kept), or "
+                                  "go back to it with a third of the learning rate (at most 3 times)")
+    job_id: str = internal(factory=lambda: uuid.uuid4().hex[:12])
+    test_oom_at_steps: list[int] = internal(factory=list)    # test hook: fake CUDA OOM at these steps
+    test_sleep_per_step: float = internal(0.0)               # test hook: slow steps down so tests can interrupt them
+    test_sleep_in_checkpoint: float = internal(0.0)          # test hook: pause halfway through checkpoint writes
+    test_sleep_in_setup: float = internal(0.0)               # test hook: a slow model load, so tests can stop one
+    test_nan_at_steps: list[int] = internal(factory=list)    # test hook: the loss is NaN at these steps
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, Path)):
             self.data = [str(self.data)]
         self.data = [str(p) for p in self.data]
         self.out = str(self.out)
-        if self.method is not None and self.method not in METHODS:
-            raise ConfigError("--method", f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError("--precision", f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
-        for name in ("batch_size", "seq_len", "keep_checkpoints", "sample_max_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')}", "must be at least 1")
-        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
-            raise ConfigError("--micro-batch-size", "must be between 1 and the batch size")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError("--steps", "must be at least 1")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ConfigError("--epochs", "must be more than 0")
-        if self.steps is not None and self.epochs is not None:
-            raise ConfigError("--steps", "give --steps or --epochs, not both")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise ConfigError("--checkpoint-every", "must be at least 1")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError("--lr", f"must be a finite number more than 0 (got {self.lr})")
-        if self.on_divergence not in ON_DIVERGENCE:
-            raise ConfigError("--on-divergence", f"unknown choice {self.on_divergence!r}; use one of "
-                                                 f"{', '.join(ON_DIVERGENCE)}")
-        if not 0 <= self.eval_fraction < 0.5:
-            raise ConfigError("--eval-fraction", "must be between 0 and 0.5")
+        if isinstance(self.lora_targets, list) and self.lora_targets == ["all-linear"]:
+            self.lora_targets = "all-linear"
+        validate(self)
 
     @property
     def is_scratch(self) -> bool:
@@ -154,3 +174,64 @@ class JobSpec:
     def save(self, path: str | Path) -> None:
         from .fsutil import atomic_write_text
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+
+
+def flag(name: str) -> str:
+    """The CLI option of a JobSpec field: `seq_len` -> `--seq-len`."""
+    return "--" + name.replace("_", "-")
+
+
+def options(*scopes: str) -> list[dataclasses.Field]:
+    """The JobSpec fields set on the CLI (JOB, CLI_ONLY) or in the form (JOB), in declaration order."""
+    return [f for f in dataclasses.fields(JobSpec) if f.metadata.get("scope") in scopes]
+
+
+def default(name: str) -> Any:
+    """A field's default value (None for model, data and out, which have none)."""
+    f = {f.name: f for f in dataclasses.fields(JobSpec)}[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def label(where: str | None) -> str | None:
+    """The form's name for a field named by its CLI option (`--method` -> `Method`); else `where` itself."""
+    for f in dataclasses.fields(JobSpec):
+        if where == flag(f.name) and f.metadata.get("label"):
+            return f.metadata["label"]
+    return where
+
+
+def validate(spec: JobSpec, device: str | None = None) -> None:
+    """Every rule a job must pass, in one place: the CLI, the app's Check and the engine all call it
+    (JobSpec() does too), so what cannot run is refused before it is queued, in words that say what to
+    choose instead. `device`: where it will train ("cpu", "cuda:0"), once that is known."""
+    for f in dataclasses.fields(JobSpec):
+        value, meta = getattr(spec, f.name), f.metadata
+        if meta.get("choices") and value is not None and value not in meta["choices"]:
+            raise ConfigError(flag(f.name), f"unknown choice {value!r}; use one of {', '.join(meta['choices'])}")
+        if meta.get("minimum") is not None and value is not None and value < meta["minimum"]:
+            raise ConfigError(flag(f.name), f"must be at least {meta['minimum']}")
+    if spec.micro_batch_size is not None and spec.micro_batch_size > spec.batch_size:
+        raise ConfigError("--micro-batch-size", "must not be more than the batch size")
+    if spec.epochs is not None and spec.epochs <= 0:
+        raise ConfigError("--epochs", "must be more than 0")
+    if spec.steps is not None and spec.epochs is not None:
+        raise ConfigError("--steps", "give --steps or --epochs, not both")
+    if spec.lr is not None and not (spec.lr > 0 and math.isfinite(spec.lr)):
+        raise ConfigError("--lr", f"must be a finite number more than 0 (got {spec.lr})")
+    if not 0 <= spec.eval_fraction < 0.5:
+        raise ConfigError("--eval-fraction", "must be between 0 and 0.5")
+    if spec.device not in ("auto", "cpu", "cuda") and not (spec.device.startswith("cuda:")
+                                                           and spec.device[5:].isdigit()):
+        raise ConfigError("--device", f"unknown device {spec.device!r}; use auto, cpu, cuda or cuda:N")
+    # Combinations that cannot run.
+    method = spec.resolved_method
+    if spec.is_scratch and method != "full":
+        name = {"lora": "LoRA", "qlora": "QLoRA"}[method]
+        raise ConfigError("--method", f"a from-scratch model has nothing to adapt ({name} trains adapters on "
+                                      "a pretrained model); choose Full, or a pretrained model")
+    where = device or spec.device
+    if method == "qlora" and where == "cpu":
+        raise ConfigError("--method", "QLoRA needs an NVIDIA GPU and this job would train on the CPU; "
+                                      "choose LoRA (or Full)")

@@ -24,7 +24,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import hardware, preflight
-from .config import JobSpec
+from .config import JobSpec, validate
 from .controls import Controls, StopRequested
 from .errors import ConfigError, DiskError, DivergedError, WontFitError, user_error_from
 from .protocol import make_event
@@ -126,11 +126,10 @@ class Engine:
         hf_logging.disable_progress_bar()   # our events are the progress; keep stderr readable
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        if spec.is_scratch and spec.resolved_method != "full":
-            raise ConfigError("--method", "a from-scratch model has nothing to adapt; use --method full")
         self._claim_run_dir()
         hw = hardware.detect(include_torch=True, exclude_pids={os.getpid()})
         self.device, gpu = self._pick_device(hw)
+        validate(spec, device=self.device.type)   # the rules Check applied, now that the device is known
         if self.device.type == "cpu":
             self.precision = "fp32"
             if spec.precision not in ("auto", "fp32"):
