@@ -256,21 +256,19 @@ class Engine:
 
     def _preflight(self) -> bool:
         """Memory, disk and licence verdicts before the first step; returns gradient checkpointing on/off."""
-        spec, cfg = self.spec, self.model.config
-        total_params, trainable_guess = _param_counts_for_method(self.model, self.method, spec.lora_r)
+        spec = self.spec
         if self.device.type == "cuda":
             available = torch.cuda.mem_get_info(self.device)[0]
         else:
             available = psutil.virtual_memory().available + psutil.Process().memory_info().rss
-        gc_on, mem = preflight.plan_gradient_checkpointing(
-            spec.gradient_checkpointing, params_total=total_params, params_trainable=trainable_guess,
-            num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
-            vocab_size=cfg.vocab_size, seq_len=spec.seq_len, micro_batch=self.micro_batch,
-            precision=self.precision, method=self.method, available=available, device=str(self.device))
-        disk_need = preflight.estimate_disk(params_total=total_params, params_trainable=trainable_guess,
-                                            method=self.method, keep=spec.keep_checkpoints)
+        # The very figures Check showed (training_core/plan.py calls the same function).
+        fig = preflight.figures(spec, self.model.config, params_total=sum(p.numel() for p in self.model.parameters()),
+                                method=self.method, precision=self.precision, device=str(self.device),
+                                available=available, micro_batch=self.micro_batch)
+        gc_on, mem, disk_need = fig["gradient_checkpointing"], fig["memory"], fig["disk_needed"]
         disk_free = shutil.disk_usage(self.run_dir).free
         self.emit("preflight", memory=mem.to_dict(), verdict=mem.verdict, advice=mem.advice,
+                  params_total=fig["params_total"], params_trainable=fig["params_trainable"],
                   disk={"needed": disk_need, "free": disk_free, "verdict": "fits" if disk_need < disk_free else "wont_fit"},
                   licence=self.licence.to_dict(), gradient_checkpointing=gc_on, precision=self.precision,
                   device=str(self.device))
@@ -671,17 +669,6 @@ class Engine:
                   final_eval_loss=self.last_eval.get("eval_loss"), perplexity=self.last_eval.get("perplexity"),
                   checkpoint=str(path), elapsed_s=self.elapsed())
         return result
-
-
-def _param_counts_for_method(model: torch.nn.Module, method: str, lora_r: int) -> tuple[int, int]:
-    """(total, trainable) before the method is applied, for the pre-flight estimate."""
-    total = sum(p.numel() for p in model.parameters())
-    if method == "full":
-        return total, total
-    # LoRA adds r * (in + out) per adapted linear layer (all but the output head).
-    lora = sum(lora_r * (m.in_features + m.out_features) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
-    return total, max(1, lora)
 
 
 def _job_id_in(job_json: Path) -> str | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import hardware, preflight
-from .config import JobSpec
+from .config import JobSpec, validate as validate_spec
 from .errors import ModelError, WontFitError
 
 # Dense 16-bit tensor-core FLOP/s by compute capability (fp32 for cards without fast fp16),
@@ -75,6 +75,7 @@ def plan_job(spec: JobSpec) -> dict[str, Any]:
     if spec.device != "cpu" and hw.torch and hw.torch.get("cuda_available"):
         gpu = hw.best_gpu()
     device = "cuda:0" if gpu else "cpu"
+    validate_spec(spec, device=device)   # the engine's own rules, now that the device is known
     precision = hardware.choose_precision(gpu, spec.precision)
     # From the config's numbers alone: counting an absurd model's parameters would build it.
     limit, where_memory = preflight.memory_limit(gpu_name=gpu.name if gpu else None,
@@ -88,20 +89,11 @@ def plan_job(spec: JobSpec) -> dict[str, Any]:
     tokens = report.tokens if tokens_exact else (report.chars if spec.tokenizer == "bytes" else report.chars // 4)
 
     params_total = count_params(config)
-    layers, hidden = config.num_hidden_layers, config.hidden_size
-    if method == "full":
-        trainable = params_total
-    else:  # r·(in+out) per adapted projection: q,k,v,o + gate,up,down in a Llama-style block
-        inter = getattr(config, "intermediate_size", 4 * hidden)
-        trainable = layers * spec.lora_r * (8 * hidden + 3 * (hidden + inter))
-
     available = gpu.vram_free if gpu else hw.ram_available
-    micro = spec.micro_batch_size or spec.batch_size
-    gc_on, mem = preflight.plan_gradient_checkpointing(
-        spec.gradient_checkpointing, params_total=params_total, params_trainable=trainable, num_layers=layers,
-        hidden_size=hidden, num_heads=config.num_attention_heads, vocab_size=config.vocab_size,
-        seq_len=spec.seq_len, micro_batch=micro, precision=precision, method=method, available=available,
-        device=device)
+    fig = preflight.figures(spec, config, params_total=params_total, method=method, precision=precision,
+                            device=device, available=available)
+    mem, gc_on, trainable, disk_need = fig["memory"], fig["gradient_checkpointing"], fig["params_trainable"], \
+        fig["disk_needed"]
 
     blocks = max(0, tokens // spec.seq_len)
     train_blocks = blocks - (max(1, round(blocks * spec.eval_fraction)) if blocks >= 2 and spec.eval_fraction else 0)
@@ -109,8 +101,6 @@ def plan_job(spec: JobSpec) -> dict[str, Any]:
     flops_per_token = (6 if method == "full" else 4) * params_total * (4 / 3 if gc_on else 1)
     eta = steps * spec.batch_size * spec.seq_len * flops_per_token / (_peak_flops(gpu, hw.cpu_cores_logical) * ASSUMED_MFU)
 
-    disk_need = preflight.estimate_disk(params_total=params_total, params_trainable=trainable, method=method,
-                                        keep=spec.keep_checkpoints)
     out_parent = Path(spec.out).expanduser().resolve()
     while not out_parent.exists():
         out_parent = out_parent.parent

@@ -20,7 +20,6 @@ FITS_FRACTION = 0.85                     # above this share of free memory a run
 ADAMW_BYTES = 8                          # two fp32 moments per trainable parameter
 TRAINABLE_BYTES = 4                      # trainable parameters and their grads are fp32 in every method
 QLORA_BYTES = 0.5 * 1.03                 # 4-bit NF4 plus its quantisation constants
-LORA_PARAMS_PER_LAYER_HIDDEN = 20 * 16   # r=16 adapters on all linear layers: ~20·r·hidden per layer
 # Activation bytes kept per token·hidden unit per layer at 16 bit. Korthikanti et al. (2022) count 34
 # for a GPT block; Llama-style blocks (SwiGLU, RMSNorm upcast to fp32, RoPE) kept 41-49 in one
 # bf16 training step measured on an H200 (torch 2.11, transformers 5.17), so 44 is used.
@@ -116,17 +115,46 @@ def _verdict(total: int, available: int | None) -> str:
     return "tight" if total <= available else "wont_fit"
 
 
-def _lora_trainable(num_layers: int, hidden_size: int) -> int:
-    return LORA_PARAMS_PER_LAYER_HIDDEN * hidden_size * num_layers
+def lora_params(*, num_layers: int, hidden_size: int, r: int = 16, intermediate_size: int | None = None,
+                kv_size: int | None = None, q_size: int | None = None, experts: int = 1) -> int:
+    """Trainable parameters of rank-r LoRA adapters on every linear layer of a Llama-style block, the
+    head excluded: r·(in + out) for each of q, k, v, o and the MLP's gate, up and down. The only LoRA
+    formula: Check, the engine's pre-flight and the memory advice all use it."""
+    h = hidden_size
+    q = q_size or h
+    kv = kv_size or h
+    ffn = intermediate_size or 4 * h
+    attention = (h + q) + 2 * (h + kv) + (q + h)
+    mlp = (2 * (h + ffn) + (ffn + h)) * experts
+    return r * num_layers * (attention + mlp)
 
 
-def _advice(kw: dict[str, Any], total: int, available: int) -> list[str]:
-    """What to change, each with the memory it would need; the most effective first.
+def lora_params_from_config(config: Any, r: int) -> int:
+    """`lora_params` for a model config (a transformers config or a dict)."""
+    def num(*names: str) -> int | None:
+        for name in names:
+            value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+    hidden = num("hidden_size", "n_embd", "d_model") or 0
+    heads = num("num_attention_heads", "n_head") or 1
+    head_dim = num("head_dim") or max(1, hidden // heads)
+    return lora_params(num_layers=num("num_hidden_layers", "n_layer") or 0, hidden_size=hidden, r=r,
+                       intermediate_size=num("intermediate_size", "n_inner", "ffn_dim"),
+                       kv_size=(num("num_key_value_heads") or heads) * head_dim, q_size=heads * head_dim,
+                       experts=num("num_local_experts", "num_experts") or 1)
+
+
+def _advice(kw: dict[str, Any], total: int, available: int, lora_trainable: int | None = None) -> list[str]:
+    """What to change, each with the memory it would need; the most effective first. `lora_trainable`:
+    the model's LoRA parameters (default: `lora_params` of a block of its width, r=16).
 
     When no single change is enough, the first line is the least invasive combination that fits.
     """
     fits = FITS_FRACTION * available
-    lora_trainable = min(_lora_trainable(kw["num_layers"], kw["hidden_size"]), kw["params_total"])
+    lora_trainable = min(lora_trainable or lora_params(num_layers=kw["num_layers"], hidden_size=kw["hidden_size"]),
+                         kw["params_total"])
 
     def total_with(changes: dict[str, Any]) -> int:
         return _totals(**{**kw, **changes})["total"]
@@ -188,7 +216,7 @@ def _advice(kw: dict[str, Any], total: int, available: int) -> list[str]:
 def estimate_memory(*, params_total: int, params_trainable: int, num_layers: int, hidden_size: int,
                     num_heads: int, vocab_size: int, seq_len: int, micro_batch: int, precision: str,
                     method: str, gradient_checkpointing: bool, available: int | None,
-                    device: str) -> MemoryEstimate:
+                    device: str, lora_trainable: int | None = None) -> MemoryEstimate:
     """Peak training memory on `device` (bytes), compared with `available` free bytes there."""
     _check(method, precision)
     kw = dict(params_total=params_total, params_trainable=params_trainable, num_layers=num_layers,
@@ -202,7 +230,7 @@ def estimate_memory(*, params_total: int, params_trainable: int, num_layers: int
     elif verdict == "fits":
         advice = []
     else:
-        advice = _advice(kw, parts["total"], available)
+        advice = _advice(kw, parts["total"], available, lora_trainable)
     return MemoryEstimate(**parts, available=available, device=device, verdict=verdict,
                           advice=advice, gradient_checkpointing=gradient_checkpointing)
 
@@ -215,6 +243,26 @@ def plan_gradient_checkpointing(requested: bool | None, **kwargs: Any) -> tuple[
     if off.verdict == "fits":
         return False, off
     return True, estimate_memory(gradient_checkpointing=True, **kwargs)
+
+
+def figures(spec: Any, config: Any, *, params_total: int, method: str, precision: str, device: str,
+            available: int | None, micro_batch: int | None = None) -> dict[str, Any]:
+    """The pre-flight figures of job `spec` (a JobSpec) on a model `config`: trainable parameters, memory
+    (turning gradient checkpointing on when needed) and disk. Check (training_core/plan.py) and the
+    engine's pre-flight both call this, so the figures Check shows are the ones the run reports."""
+    get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k))
+    lora = min(lora_params_from_config(config, spec.lora_r), params_total)
+    trainable = params_total if method == "full" else lora
+    gc_on, mem = plan_gradient_checkpointing(
+        spec.gradient_checkpointing, params_total=params_total, params_trainable=trainable,
+        num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"), num_heads=get("num_attention_heads"),
+        vocab_size=get("vocab_size"), seq_len=spec.seq_len, micro_batch=micro_batch or spec.micro_batch_size
+        or spec.batch_size, precision=precision, method=method, available=available, device=device,
+        lora_trainable=lora)
+    disk = estimate_disk(params_total=params_total, params_trainable=trainable, method=method,
+                         keep=spec.keep_checkpoints)
+    return {"params_total": params_total, "params_trainable": trainable, "memory": mem, "verdict": mem.verdict,
+            "advice": mem.advice, "gradient_checkpointing": gc_on, "disk_needed": disk}
 
 
 def min_params_from_config(config: Any) -> int | None:
