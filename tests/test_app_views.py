@@ -19,7 +19,7 @@ from app.job_queue import JobQueue
 from app.store import Store
 from app.views.drop_zone import DatasetPanel
 from app.views.history import HistoryView, export_target
-from app.views.new_finetune import NewFinetuneView, spec_to_args
+from app.views.new_finetune import NewFinetuneView
 from app.views.queue_view import QueueView
 from app.views.run_view import RunView
 from tests.helpers import write_text_dataset
@@ -191,6 +191,7 @@ def test_drop_zone_takes_files_and_folders_and_validates(qtbot, tmp_path):
 # ---- new finetune ----------------------------------------------------------------------------
 def _fill_form(view, data):
     view.set_model("scratch:tiny")
+    view.steps_radio.setChecked(True)
     view.steps_spin.setValue(15)
     view.advanced_btn.setChecked(True)
     view.batch_spin.setValue(4)
@@ -238,7 +239,7 @@ def test_new_finetune_checks_with_the_real_plan_and_queues_the_spec(qtbot, tmp_p
     assert not view.add_btn.isEnabled() and view.plan is None
     view.seq_spin.setValue(32)
     assert not view.add_btn.isEnabled()
-    view.show_plan(plan, ["plan", "--model", "scratch:mini", "--json"])
+    view.show_plan(plan, {**view.form_spec(), "model": "scratch:mini"})
     assert not view.add_btn.isEnabled() and "check again" in view.plan_status.text()
     view.show_plan(plan)            # as if checked again with the form's values
     assert view.add_btn.isEnabled()
@@ -276,11 +277,9 @@ def test_new_finetune_plan_display_and_confirmations(qtbot, tmp_path, store, mon
     assert not view.trust_check.isChecked() and not view.trust_warning.isVisibleTo(view)
     view.trust_check.setChecked(True)
     assert view.trust_warning.isVisibleTo(view)
-    spec = view.build_spec()
+    spec = view.form_spec()
     assert spec["epochs"] == 2.5 and spec["steps"] is None and spec["trust_remote_code"] is True
-    args = spec_to_args(spec)
-    assert args[:4] == ["--model", "/nowhere/my-model", "--data", str(data)]
-    assert "--epochs" in args and "--steps" not in args and "--trust-remote-code" in args
+    assert spec["model"] == "/nowhere/my-model" and spec["data"] == [str(data)]
 
     plan = {"model": "/nowhere/my-model", "method": "lora", "precision": "bf16", "device": "cuda:0",
             "params_total": 7_000_000_000, "params_trainable": 40_000_000,

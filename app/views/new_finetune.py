@@ -1,11 +1,15 @@
 """New finetune: data, model, method and length, a pre-flight check, then "Add to queue".
 
-The check runs `training_core.cli plan` (a subprocess: it reads model configs with
-transformers), and "Add to queue" only unlocks once a check passed for exactly the form's
-current values, so what is queued is what was checked.
+The form is bound to JobSpec (training_core/config.py): every field of a job has an input here, with the
+schema's default and choices. Check writes the form's spec to a file and runs `training_core.cli plan
+--spec FILE` on it (a subprocess: it reads model configs with transformers); that plan applies the same
+rules and figures as the engine's pre-flight. "Add to queue" only unlocks once a check passed for exactly
+the form's current spec, so what is queued is what was checked.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
@@ -17,6 +21,8 @@ from app.cli_task import CliTask
 from app.views.drop_zone import ERROR_STYLE, WARN_STYLE, DatasetPanel
 from app.views.form_ux import choose_folder, polish_form
 from app.views.job_table import view_title
+from app.views.spec_inputs import changed_signal, make_input, optional_spin, read_input, write_input
+from training_core import config
 from training_core.config import JobSpec
 from training_core.errors import UserError
 from training_core.preflight import format_bytes, format_duration
@@ -25,36 +31,22 @@ PRESETS = (("tiny", "~1 M parameters, minutes on a CPU"), ("mini", "~10 M, fine 
            ("small", "~40 M, a small GPU helps"), ("base", "~125 M, needs a GPU"),
            ("medium", "~350 M, needs a good GPU"))
 LOCAL, HUB = "local", "hub"
-METHODS = (("lora", "LoRA (small adapters, little memory)"), ("full", "Full (every weight)"),
-           ("qlora", "QLoRA (4-bit base, least memory; NVIDIA GPU)"))
 VERDICT_TEXT = {"fits": ("Fits", "color: #2e7d32;"), "tight": ("Tight: it may fit", WARN_STYLE),
                 "wont_fit": ("Won't fit", ERROR_STYLE)}
 
 
-def spec_to_args(spec: dict) -> list[str]:
-    """`finetune`/`plan` job arguments for a spec dict (the inverse of the CLI's spec_from_args)."""
-    args = ["--model", spec["model"], "--data", *spec["data"]]
-    flags = (("method", "--method"), ("steps", "--steps"), ("epochs", "--epochs"), ("batch_size", "--batch-size"),
-             ("micro_batch_size", "--micro-batch-size"), ("seq_len", "--seq-len"), ("lr", "--lr"),
-             ("checkpoint_every", "--checkpoint-every"), ("eval_every", "--eval-every"),
-             ("precision", "--precision"), ("tokenizer", "--tokenizer"), ("threads", "--threads"))
-    for key, flag in flags:
-        if spec.get(key) is not None:
-            args += [flag, str(spec[key])]
-    if spec.get("gradient_checkpointing") is not None:
-        args.append("--gradient-checkpointing" if spec["gradient_checkpointing"] else "--no-gradient-checkpointing")
-    if spec.get("trust_remote_code"):
-        args.append("--trust-remote-code")
-    if spec.get("on_divergence") not in (None, "stop"):
-        args += ["--on-divergence", spec["on_divergence"].replace("_", "-")]
-    return args
+# The form's words for the schema's choices (the values themselves come from training_core.config).
+METHOD_TEXT = {"lora": "LoRA (small adapters, little memory)", "full": "Full (every weight)",
+               "qlora": "QLoRA (4-bit base, least memory; NVIDIA GPU)"}
+DIVERGE_TEXT = {"stop": "stop, keeping the last good checkpoint",
+                "lower_lr": "go back to it with a lower learning rate"}
+SPECIAL = ("model", "data", "steps", "epochs")   # fields with inputs of their own shape (see form_spec)
 
 
-def _optional_spin(maximum: int, special: str) -> QSpinBox:
-    # 0 shows as `special` ("auto", "same as batch"...) and means "leave it to the engine".
-    box = QSpinBox()
-    box.setRange(0, maximum)
-    box.setSpecialValueText(special)
+def _choice_combo(name: str, words: dict[str, str] | None = None) -> QComboBox:
+    box = QComboBox()
+    for value in JobSpec.__dataclass_fields__[name].metadata["choices"]:
+        box.addItem((words or {}).get(value, value), value)
     return box
 
 
@@ -66,7 +58,7 @@ class NewFinetuneView(QWidget):
         super().__init__(parent)
         self.store, self.queue = store, queue
         self.plan: dict | None = None
-        self._plan_args: list[str] | None = None
+        self._plan_spec: dict | None = None   # the spec the shown plan was made for
         self._task: CliTask | None = None
         self._build()
         self._on_model_kind()
@@ -109,9 +101,7 @@ class NewFinetuneView(QWidget):
         model_row.addWidget(self.browse_btn)
         self.model_row = QWidget()
         self.model_row.setLayout(model_row)
-        self.method_combo = QComboBox()
-        for key, text in METHODS:
-            self.method_combo.addItem(text, key)
+        self.method_combo = _choice_combo("method", METHOD_TEXT)
         self.method_combo.setToolTip("LoRA trains small adapters beside the frozen model: little memory, a small "
                                      "file. Full changes every weight: the most memory; the only choice from "
                                      "scratch. QLoRA is LoRA on a 4-bit copy of the model: the least memory, "
@@ -121,16 +111,17 @@ class NewFinetuneView(QWidget):
         # length
         self.steps_radio = QRadioButton("Steps")
         self.epochs_radio = QRadioButton("Epochs")
-        self.steps_radio.setChecked(True)
+        self.epochs_radio.setChecked(True)   # JobSpec's default length: one pass over the data
         group = QButtonGroup(self)
         group.addButton(self.steps_radio)
         group.addButton(self.epochs_radio)
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(1, 10_000_000)
         self.steps_spin.setValue(1000)
+        self.steps_spin.setEnabled(False)
         self.epochs_spin = QDoubleSpinBox()
         self.epochs_spin.setRange(0.01, 1000)
-        self.epochs_spin.setValue(1.0)
+        self.epochs_spin.setValue(1.0)   # = JobSpec's epochs=None ("1 epoch"); form_spec sends None for it
         self.steps_radio.setToolTip("Train for a fixed number of optimizer steps")
         self.steps_spin.setToolTip("Optimizer steps; each one trains on one batch of sequences")
         self.epochs_radio.setToolTip("Train for a number of passes over the whole dataset")
@@ -165,31 +156,27 @@ class NewFinetuneView(QWidget):
         adv = QFormLayout(self.advanced)
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(1, 4096)
-        self.batch_spin.setValue(8)
         self.batch_spin.setToolTip("Sequences per optimizer step. Larger is steadier but slower per step")
-        self.micro_spin = _optional_spin(4096, "same as batch")
+        self.micro_spin = optional_spin(1, 4096, "same as batch")
         self.micro_spin.setToolTip("Sequences per forward pass. Smaller than the batch uses less memory; the "
                                    "batch is then gathered over several passes (same result, slower)")
         self.seq_spin = QSpinBox()
         self.seq_spin.setRange(8, 131072)
-        self.seq_spin.setValue(256)
         self.seq_spin.setToolTip("Tokens per training sequence: how much text the model sees at once. "
                                  "Memory grows with it")
         self.lr_edit = QLineEdit()
         self.lr_edit.setPlaceholderText("auto (3e-4 full, 2e-4 LoRA)")
         self.lr_edit.setToolTip("Peak learning rate, e.g. 2e-4. Empty: 3e-4 for full training, 2e-4 for LoRA. "
                                 "Too high and the loss blows up")
-        self.ckpt_spin = _optional_spin(10_000_000, "by time (Settings)")
+        self.ckpt_spin = optional_spin(1, 10_000_000, "by time (Settings)")
         self.ckpt_spin.setSuffix(" steps")
         self.ckpt_spin.setToolTip("Save a checkpoint every this many steps; a paused, stopped or crashed job "
                                   "continues from the last one. Off: by time, as set in Settings")
-        self.eval_spin = _optional_spin(10_000_000, "at each checkpoint")
+        self.eval_spin = optional_spin(1, 10_000_000, "at each checkpoint")
         self.eval_spin.setSuffix(" steps")
         self.eval_spin.setToolTip("Measure the loss on held-back data every this many steps "
                                   "(default: at each checkpoint and at the end)")
-        self.precision_combo = QComboBox()
-        for p in ("auto", "bf16", "fp16", "fp32"):
-            self.precision_combo.addItem(p, p)
+        self.precision_combo = _choice_combo("precision")
         self.precision_combo.setToolTip("Number format for training. auto: bf16 where the GPU has it, else fp16 "
                                         "where it is fast, else fp32; the CPU always trains in fp32. fp32 is the "
                                         "safest and uses the most memory")
@@ -204,12 +191,9 @@ class NewFinetuneView(QWidget):
         self.tokenizer_combo.setToolTip("For a model from scratch only: train a tokenizer on your data "
                                         "(auto does this too), or read plain bytes (no tokenizer to train, "
                                         "longer sequences)")
-        self.threads_spin = _optional_spin(512, "auto")
+        self.threads_spin = optional_spin(1, 512, "auto")
         self.threads_spin.setToolTip("CPU threads for training on the CPU; auto lets PyTorch choose")
-        self.diverge_combo = QComboBox()
-        for text, value in (("stop, keeping the last good checkpoint", "stop"),
-                            ("go back to it with a lower learning rate", "lower_lr")):
-            self.diverge_combo.addItem(text, value)
+        self.diverge_combo = _choice_combo("on_divergence", DIVERGE_TEXT)
         self.diverge_combo.setToolTip("When the loss stops being a finite number (the learning rate is too high). "
                                       "Going back retries at a third of the learning rate, at most 3 times.")
         self.trust_check = QCheckBox("Trust remote code")
@@ -231,6 +215,21 @@ class NewFinetuneView(QWidget):
         adv.addRow("Tokenizer (scratch)", self.tokenizer_combo)
         adv.addRow("CPU threads", self.threads_spin)
         adv.addRow("If training diverges", self.diverge_combo)
+        # Every JobSpec field gets an input: the hand-built ones above, the rest made from the schema.
+        self.inputs = {"method": self.method_combo, "batch_size": self.batch_spin, "micro_batch_size": self.micro_spin,
+                       "seq_len": self.seq_spin, "lr": self.lr_edit, "checkpoint_every": self.ckpt_spin,
+                       "eval_every": self.eval_spin, "precision": self.precision_combo,
+                       "gradient_checkpointing": self.gc_combo, "tokenizer": self.tokenizer_combo,
+                       "threads": self.threads_spin, "on_divergence": self.diverge_combo,
+                       "trust_remote_code": self.trust_check}
+        for f in config.options(config.JOB):
+            if f.name not in self.inputs and f.name not in SPECIAL:
+                self.inputs[f.name] = make_input(f.name)
+                adv.addRow(f.metadata["label"], self.inputs[f.name])
+        for name, box in self.inputs.items():
+            box.setObjectName(name)
+            if name != "method":   # the method's default depends on the model (_on_model_kind)
+                write_input(name, box, config.default(name))
         adv.addRow(self.trust_check)
         adv.addRow(self.trust_warning)
         self.advanced.setVisible(False)
@@ -282,13 +281,9 @@ class NewFinetuneView(QWidget):
         self.dataset.drop_zone.paths_changed.connect(self._invalidate)
         self.dataset.validated.connect(lambda _r: self._update_buttons())
         self.dataset.invalid.connect(lambda _m: self._update_buttons())
-        for sig in (self.model_combo.currentIndexChanged, self.method_combo.currentIndexChanged,
-                    self.model_edit.textChanged, self.steps_radio.toggled, self.steps_spin.valueChanged,
-                    self.epochs_spin.valueChanged, self.batch_spin.valueChanged, self.micro_spin.valueChanged,
-                    self.seq_spin.valueChanged, self.lr_edit.textChanged, self.ckpt_spin.valueChanged,
-                    self.eval_spin.valueChanged, self.precision_combo.currentIndexChanged,
-                    self.gc_combo.currentIndexChanged, self.tokenizer_combo.currentIndexChanged,
-                    self.threads_spin.valueChanged, self.trust_check.toggled):
+        for sig in (self.model_combo.currentIndexChanged, self.model_edit.textChanged, self.steps_radio.toggled,
+                    self.steps_spin.valueChanged, self.epochs_spin.valueChanged,
+                    *(changed_signal(box) for box in self.inputs.values())):
             sig.connect(self._invalidate)
 
     def _toggle_advanced(self, on: bool) -> None:
@@ -331,40 +326,26 @@ class NewFinetuneView(QWidget):
         kind = self.model_combo.currentData()
         return self.model_edit.text().strip() if kind in (LOCAL, HUB) else kind
 
-    def build_spec(self) -> dict:
-        """The job spec the form describes (without `out`: the store picks the run folder; nor
-        checkpoint_minutes: the queue fills in the Settings value).
-        Raises UserError (one line) when a field is wrong."""
+    def form_spec(self) -> dict:
+        """The job spec the form describes, walked from JobSpec's fields (without `out`: the store picks
+        the run folder; nor checkpoint_minutes: the queue fills in the Settings value). Checked by
+        training_core.config.validate; raises a UserError (one line, named as the form names the field)."""
         model = self.model_id()
         if not model:
             raise UserError("Model", "choose a model folder or type a hub id")
         if not self.dataset.paths():
             raise UserError("Data", "drop some files or folders first")
-        lr_text = self.lr_edit.text().strip()
+        steps = self.steps_radio.isChecked()
+        epochs = None if steps or self.epochs_spin.value() == 1.0 else self.epochs_spin.value()
+        spec = {"model": model, "data": self.dataset.paths(), "steps": self.steps_spin.value() if steps else None,
+                "epochs": epochs}
         try:
-            lr = float(lr_text) if lr_text else None
-        except ValueError:
-            raise UserError("Learning rate", f"{lr_text!r} is not a number (try 2e-4)") from None
-        spec = {
-            "model": model,
-            "data": self.dataset.paths(),
-            "method": self.method_combo.currentData(),
-            "steps": self.steps_spin.value() if self.steps_radio.isChecked() else None,
-            "epochs": None if self.steps_radio.isChecked() else self.epochs_spin.value(),
-            "batch_size": self.batch_spin.value(),
-            "micro_batch_size": self.micro_spin.value() or None,
-            "seq_len": self.seq_spin.value(),
-            "lr": lr,
-            "checkpoint_every": self.ckpt_spin.value() or None,
-            "eval_every": self.eval_spin.value() or None,
-            "precision": self.precision_combo.currentData(),
-            "gradient_checkpointing": self.gc_combo.currentData(),
-            "trust_remote_code": self.trust_check.isChecked(),
-            "tokenizer": self.tokenizer_combo.currentData() if self._is_scratch() else "auto",
-            "threads": self.threads_spin.value() or None,
-            "on_divergence": self.diverge_combo.currentData(),
-        }
-        JobSpec.from_dict({**spec, "out": "-"}, where="New finetune")   # the engine's own checks, early
+            spec.update({name: read_input(name, box) for name, box in self.inputs.items()})
+            if not self._is_scratch():
+                spec["tokenizer"] = config.default("tokenizer")   # a pretrained model brings its own
+            JobSpec.from_dict({**spec, "out": "-"}, where="New finetune")   # the engine's own rules, early
+        except UserError as exc:   # `--method: ...` reads `Method: ...` here
+            raise UserError(config.label(exc.where), exc.problem) from None
         return spec
 
     def job_name(self, spec: dict) -> str:
@@ -381,25 +362,35 @@ class NewFinetuneView(QWidget):
             self._task.cancel()
             self._task = None
         self._invalidate()
+        for stale in (self.store.path.parent / "checks").glob("check-*.json"):   # of cancelled checks
+            stale.unlink(missing_ok=True)
         try:
-            args = ["plan", *spec_to_args(self.build_spec()), "--json"]
+            spec = self.form_spec()
         except UserError as exc:
             self._show_error(str(exc))
             return
-        task = CliTask(args, parent=self)
-        task.done.connect(lambda plan, t=task, a=args: self._plan_done(t, a, plan))
+        # The plan is made for the very spec the queue will run, handed over as a file (not as options).
+        folder = self.store.path.parent / "checks"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, spec_file = tempfile.mkstemp(prefix="check-", suffix=".json", dir=folder)
+        os.close(fd)
+        JobSpec.from_dict({**spec, "out": str(self.store.runs_dir / "new-job")}).save(spec_file)
+        task = CliTask(["plan", "--spec", spec_file, "--json"], parent=self)
+        task.done.connect(lambda plan, t=task, s=spec: self._plan_done(t, s, plan))
         task.failed.connect(lambda message, t=task: self._plan_failed(t, message))
+        for signal in (task.done, task.failed):   # read by then; a cancelled check's file goes with the next
+            signal.connect(lambda *_, f=spec_file: Path(f).unlink(missing_ok=True))
         self._task = task
         self.plan_status.setStyleSheet("")
         self.plan_status.setText("Checking memory, time, disk and licence…")
         self._update_buttons()
         task.start()
 
-    def _plan_done(self, task, args, plan) -> None:
+    def _plan_done(self, task, spec, plan) -> None:
         if task is not self._task:
             return
         self._task = None
-        self.show_plan(plan, args)
+        self.show_plan(plan, spec)
 
     def _plan_failed(self, task, message: str) -> None:
         if task is not self._task:
@@ -407,14 +398,9 @@ class NewFinetuneView(QWidget):
         self._task = None
         self._show_error(message)
 
-    def show_plan(self, plan: dict, args: list[str] | None = None) -> None:
-        """Show a plan (the `plan --json` output). `args`: what it was run with; None: the form now."""
-        if args is None:
-            try:
-                args = ["plan", *spec_to_args(self.build_spec()), "--json"]
-            except UserError:
-                args = None
-        self.plan, self._plan_args = plan, args
+    def show_plan(self, plan: dict, spec: dict | None = None) -> None:
+        """Show a plan (the `plan --json` output). `spec`: the one it was made for; None: the form's now."""
+        self.plan, self._plan_spec = plan, spec if spec is not None else self._current_spec()
         verdict = plan.get("verdict", "")
         text, style = VERDICT_TEXT.get(verdict, (verdict, ""))
         mem = plan.get("memory") or {}
@@ -444,35 +430,36 @@ class NewFinetuneView(QWidget):
         self.licence_label.setStyleSheet(WARN_STYLE if lic.get("warning") else "")
         self.licence_label.setText(lic_text)
         self.plan_status.setStyleSheet("")
-        self.plan_status.setText("Checked. Add it to the queue when you are ready." if args == self._current_args()
+        self.plan_status.setText("Checked. Add it to the queue when you are ready."
+                                 if self._plan_spec is not None and self._plan_spec == self._current_spec()
                                  else "Settings changed during the check: check again before queueing.")
         self._update_buttons()
 
     def _show_error(self, message: str) -> None:
-        self.plan, self._plan_args = None, None
+        self.plan, self._plan_spec = None, None
         self.plan_status.setStyleSheet(ERROR_STYLE)
         self.plan_status.setText(message)
         self._update_buttons()
 
     def _invalidate(self, *_) -> None:
-        if self.plan is not None or self._plan_args is not None:
+        if self.plan is not None or self._plan_spec is not None:
             self.plan_status.setStyleSheet("")
             self.plan_status.setText("Settings changed: check again before queueing.")
-        self.plan, self._plan_args = None, None
+        self.plan, self._plan_spec = None, None
         self.verdict_label.clear()
         self.details_label.clear()
         self.licence_label.clear()
         self._update_buttons()
 
-    def _current_args(self) -> list[str] | None:
+    def _current_spec(self) -> dict | None:
         try:
-            return ["plan", *spec_to_args(self.build_spec()), "--json"]
+            return self.form_spec()
         except UserError:
             return None
 
     def can_submit(self) -> bool:
         return (self.plan is not None and self._task is None and not self.dataset.busy()
-                and self._plan_args is not None and self._plan_args == self._current_args())
+                and self._plan_spec is not None and self._plan_spec == self._current_spec())
 
     def _update_buttons(self) -> None:
         self.add_btn.setEnabled(self.can_submit())
@@ -495,7 +482,7 @@ class NewFinetuneView(QWidget):
     def add_to_queue(self) -> int | None:
         if not self.can_submit():
             return None
-        spec = self.build_spec()
+        spec = self._plan_spec   # exactly what was checked (can_submit: the form still says the same)
         reason = self.needs_confirmation()
         if reason:
             answer = QMessageBox.question(self, "Add to queue anyway?", reason + "\n\nAdd it to the queue anyway?",

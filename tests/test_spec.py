@@ -1,0 +1,145 @@
+"""One spec (issue 13, point 1): JobSpec's fields reach the CLI and the New-finetune form with the same
+defaults; Check plans what the engine's pre-flight reports; what cannot run is refused before it is queued."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from app.job_queue import JobQueue
+from app.store import Store
+from app.views.new_finetune import SPECIAL, NewFinetuneView
+from app.views.spec_inputs import read_input, write_input
+from tests.helpers import make_local_model, write_text_dataset
+from training_core import cli, config
+from training_core.config import JobSpec
+
+CLI_TIMEOUT_MS = 60_000
+PRETRAINED = "some-org/some-model"   # neither parsing nor the form reads the model
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "modron.sqlite3")
+    yield s
+    s.close()
+
+
+def _other(name: str):
+    """A valid value for field `name` other than its default."""
+    f = JobSpec.__dataclass_fields__[name]
+    value, kind = config.default(name), str(f.type)
+    if f.metadata["choices"]:
+        return next(c for c in reversed(f.metadata["choices"]) if c != value)
+    special = {"tokenizer": "bytes", "device": "cpu", "lora_targets": ["q_proj", "v_proj"],
+               "sample_prompts": ["Once", "Twice"], "eval_fraction": 0.1, "micro_batch_size": 2,
+               "gradient_checkpointing": True, "data": ["a.txt", "b.txt"], "model": PRETRAINED, "out": "elsewhere"}
+    if name in special:
+        return special[name]
+    if kind.startswith("bool"):
+        return not value
+    if kind.startswith("int"):
+        return (value or 1) + 2
+    return round((value or 0.5) * 1.5, 4)
+
+
+def _argv(name: str, value) -> list[str]:
+    opt = config.flag(name)
+    if isinstance(value, bool):
+        return [opt if value else "--no-" + opt[2:]]
+    return [opt, *map(str, value)] if isinstance(value, list) else [opt, str(value)]
+
+
+def test_every_field_reaches_the_cli_and_the_form_with_the_same_default(qtbot, store):
+    base = ["plan", "--model", PRETRAINED, "--data", "a.txt"]
+    from_cli = cli.job_spec(cli.build_parser().parse_args(base))
+    view = NewFinetuneView(store, None)
+    qtbot.addWidget(view)
+    view.set_model(PRETRAINED)
+    view.dataset.drop_zone.set_paths(["a.txt"])
+    from_form = JobSpec.from_dict({**view.form_spec(), "out": from_cli.out})
+    fields = [f.name for f in dataclasses.fields(JobSpec) if f.metadata["scope"] != config.INTERNAL]
+    assert {f.name for f in config.options(config.JOB)} <= set(fields)
+    for name in fields:
+        # The CLI: the default when left out, and a value given on the command line reaches the spec.
+        assert getattr(from_cli, name) == (config.default(name) if name not in ("model", "data", "out")
+                                           else getattr(from_cli, name)), name
+        value = _other(name)
+        argv = base + _argv(name, value)
+        if name in ("model", "data"):
+            argv = ["plan", *_argv("model", value if name == "model" else PRETRAINED),
+                    *_argv("data", value if name == "data" else ["a.txt"])]
+        assert getattr(cli.job_spec(cli.build_parser().parse_args(argv)), name) == value, name
+        if name not in {f.name for f in config.options(config.JOB)}:
+            continue   # `out` and checkpoint_minutes are the app's own (the store's run folder, Settings)
+        # The form: the same default, and an input that sets the field.
+        if name == "method":   # None means "by the model"; the form shows what that is
+            assert from_form.resolved_method == from_cli.resolved_method
+        elif name not in ("model", "data"):
+            assert getattr(from_form, name) == getattr(from_cli, name), name
+        if name in SPECIAL:
+            continue   # model, data and the length have inputs of their own (other tests drive them)
+        box = view.findChild(type(view.inputs[name]), name)
+        assert box is view.inputs[name], name
+        view.set_model("scratch:tiny" if name == "tokenizer" else PRETRAINED)   # only a new model trains one
+        write_input(name, box, value)
+        assert read_input(name, box) == value and view.form_spec()[name] == value, name
+        write_input(name, box, getattr(from_cli, name))
+        view.set_model(PRETRAINED)
+
+
+def _preflight_of_engine(spec: JobSpec) -> dict:
+    from training_core.engine import Engine
+    events: list[dict] = []
+    Engine(spec, events.append).run()
+    return next(e for e in events if e["type"] == "preflight")
+
+
+def test_check_plans_the_figures_the_engines_preflight_reports(qtbot, tmp_path, store):
+    data = tmp_path / "stories.txt"
+    write_text_dataset(data, n_paragraphs=20)
+    model = make_local_model(tmp_path / "model")
+    view = NewFinetuneView(store, JobQueue(store, autostart=False))
+    qtbot.addWidget(view)
+    view.set_model(str(model))
+    view.dataset.drop_zone.set_paths([str(data)])
+    view.steps_radio.setChecked(True)
+    for name, value in (("method", "lora"), ("lora_r", 8), ("device", "cpu"), ("threads", 1), ("seq_len", 32),
+                        ("batch_size", 2), ("sample_max_tokens", 2), ("sample_prompts", ["Once"])):
+        write_input(name, view.inputs[name], value)
+    view.steps_spin.setValue(1)
+    view.check()
+    qtbot.waitUntil(lambda: view.plan is not None or "c62828" in view.plan_status.styleSheet(),
+                    timeout=CLI_TIMEOUT_MS)
+    plan = view.plan
+    assert plan is not None, view.plan_status.text()
+    assert not list((store.path.parent / "checks").glob("*.json"))   # the check's spec file is gone
+
+    run = _preflight_of_engine(JobSpec.from_dict({**view.form_spec(), "out": str(tmp_path / "run")}))
+    assert (run["params_total"], run["params_trainable"]) == (plan["params_total"], plan["params_trainable"])
+    assert run["memory"]["total"] == plan["memory"]["total"] and run["disk"]["needed"] == plan["disk"]["needed"]
+    assert (run["precision"], run["device"], run["gradient_checkpointing"]) == \
+        (plan["precision"], plan["device"], plan["gradient_checkpointing"])
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_scratch_with_adapters_is_refused_by_check_and_by_the_cli(qtbot, store, tmp_path, capsys, method):
+    data = tmp_path / "d.txt"
+    data.write_text("hello world " * 50, encoding="utf-8")
+    view = NewFinetuneView(store, JobQueue(store, autostart=False))
+    qtbot.addWidget(view)
+    view.set_model("scratch:tiny")
+    view.dataset.drop_zone.set_paths([str(data)])
+    view.method_combo.setCurrentIndex(view.method_combo.findData(method))
+    view.check_btn.click()
+    text = view.plan_status.text()
+    assert text.startswith("Method: a from-scratch model has nothing to adapt") and "choose Full" in text
+    assert view._task is None and not view.add_btn.isEnabled() and view.plan is None
+
+    for command in ("plan", "finetune"):
+        code = cli.main([command, "--model", "scratch:tiny", "--data", str(data), "--out", str(tmp_path / "o"),
+                         "--method", method])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith("modron-train: error: --method: a from-scratch model has nothing to adapt"), err
+    assert not (tmp_path / "o").exists()   # refused before a run folder was made
