@@ -129,18 +129,25 @@ class JobQueue(QObject):
         self._schedule()
 
     # ---- user actions ---------------------------------------------------------------------
-    def submit(self, spec: dict, name: str) -> int:
-        """Queue a job. Raises a UserError (one plain line) when the spec is not valid."""
+    def prepare(self, spec: dict) -> dict:
+        """The complete spec the queue runs for `spec` (a form's or the demo's; without `out`, the store
+        picks the run folder): Settings' checkpoint interval filled in, every JobSpec field present with a
+        fixed job_id, checked by training_core.config.validate. New finetune's Check plans this very spec.
+        Raises a UserError (one plain line) when it cannot run."""
         spec = dict(spec)
         if spec.get("checkpoint_every") is None and "checkpoint_minutes" not in spec:
             minutes = self.store.get_setting("checkpoint_minutes")
             if minutes:
                 spec["checkpoint_minutes"] = float(minutes)
-        JobSpec.from_dict({**spec, "out": spec.get("out") or "-"})   # validate before it enters the queue
-        job = self.store.add_job(spec, name)
-        # Store the complete spec, with a fixed job_id, so every worker for this job sees the same one.
-        full = JobSpec.from_dict(job.spec).to_dict()
-        self.store.update_job(job.id, spec=full)
+        full = JobSpec.from_dict({**spec, "out": spec.get("out") or "-"}).to_dict()
+        if not spec.get("out"):
+            del full["out"]
+        return full
+
+    def submit(self, spec: dict, name: str) -> int:
+        """Queue a job: validated once (prepare) and stored once, complete, so every worker for this job
+        sees the same spec. Raises a UserError (one plain line) when the spec is not valid."""
+        job = self.store.add_job(self.prepare(spec), name)
         self.queue_changed.emit()
         self.job_changed.emit(job.id)
         self._schedule()

@@ -374,7 +374,8 @@ class NewFinetuneView(QWidget):
         folder.mkdir(parents=True, exist_ok=True)
         fd, spec_file = tempfile.mkstemp(prefix="check-", suffix=".json", dir=folder)
         os.close(fd)
-        JobSpec.from_dict({**spec, "out": str(self.store.runs_dir / "new-job")}).save(spec_file)
+        queued = self.queue.prepare(spec) if self.queue is not None else spec   # as the queue will store it
+        JobSpec.from_dict({**queued, "out": str(self.store.runs_dir / "new-job")}).save(spec_file)
         task = CliTask(["plan", "--spec", spec_file, "--json"], parent=self)
         task.done.connect(lambda plan, t=task, s=spec: self._plan_done(t, s, plan))
         task.failed.connect(lambda message, t=task: self._plan_failed(t, message))
