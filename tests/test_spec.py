@@ -143,3 +143,20 @@ def test_scratch_with_adapters_is_refused_by_check_and_by_the_cli(qtbot, store, 
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
         assert err.startswith("modron-train: error: --method: a from-scratch model has nothing to adapt"), err
     assert not (tmp_path / "o").exists()   # refused before a run folder was made
+
+
+def test_qlora_where_the_job_would_train_on_the_cpu_is_refused_with_what_to_choose():
+    spec = JobSpec(model=PRETRAINED, data=["a.txt"], out="o", method="qlora")
+    config.validate(spec, device="cuda:0")
+    with pytest.raises(config.ConfigError, match="QLoRA needs an NVIDIA GPU.*choose LoRA"):
+        config.validate(spec, device="cpu")   # what plan_job and the engine pass once the device is known
+    with pytest.raises(config.ConfigError, match="QLoRA needs an NVIDIA GPU"):
+        JobSpec(model=PRETRAINED, data=["a.txt"], out="o", method="qlora", device="cpu")
+
+
+def test_a_refusal_from_the_plan_names_the_field_as_the_form_does(qtbot, store):
+    view = NewFinetuneView(store, None)
+    qtbot.addWidget(view)
+    view._task = task = object()   # as if a check were running
+    view._plan_failed(task, "--method: QLoRA needs an NVIDIA GPU and this job would train on the CPU; choose LoRA")
+    assert view.plan_status.text().startswith("Method: QLoRA needs an NVIDIA GPU")

@@ -397,6 +397,9 @@ class NewFinetuneView(QWidget):
         if task is not self._task:
             return
         self._task = None
+        where, sep, problem = message.partition(": ")
+        if sep and where.startswith("--"):   # the plan's rules name CLI options; the form names its fields
+            message = f"{config.label(where)}: {problem}"
         self._show_error(message)
 
     def show_plan(self, plan: dict, spec: dict | None = None) -> None:
