@@ -173,7 +173,7 @@ def test_state_from_a_peer_is_checked_before_loading(monkeypatch):
 def test_a_state_download_gives_up_when_told_and_at_its_timeout(monkeypatch):
     """A stop or pause must not wait out a download that takes minutes on a home uplink."""
     from hivemind.averaging import DecentralizedAverager
-    from training_core.swarm.collab import _CancellableDownload
+    from training_core.swarm.collab import CancellableDownload
 
     pending = []
 
@@ -182,16 +182,16 @@ def test_a_state_download_gives_up_when_told_and_at_its_timeout(monkeypatch):
         pending.append(concurrent.futures.Future())
         return pending[-1]
     monkeypatch.setattr(DecentralizedAverager, "load_state_from_peers", never)
-    obj = object.__new__(_CancellableDownload)
+    obj = object.__new__(CancellableDownload)
     obj.__dict__.update(_parent_pid=-1, download_cancel=threading.Event())
     threading.Timer(0.3, obj.download_cancel.set).start()
     t0 = time.monotonic()
-    assert _CancellableDownload.load_state_from_peers(obj, timeout=60) is None
+    assert CancellableDownload.load_state_from_peers(obj, timeout=60) is None
     assert time.monotonic() - t0 < 2 and pending[-1].cancelled()
 
     obj.download_cancel.clear()
     with pytest.raises(concurrent.futures.TimeoutError):
-        _CancellableDownload.load_state_from_peers(obj, timeout=0.4)
+        CancellableDownload.load_state_from_peers(obj, timeout=0.4)
     assert pending[-1].cancelled()
 
 

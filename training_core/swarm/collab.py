@@ -158,7 +158,7 @@ class FilteredProgressTracker(ProgressTracker):
         self.on_warning("peer_rejected", message)
 
 
-class _CancellableDownload(DecentralizedAverager):
+class CancellableDownload(DecentralizedAverager):
     """hivemind waits for a state download in one blocking call: on a home uplink a download
     (weights and Adam's moments, float32) takes minutes, and a peer asked to stop or pause sat in
     it. Here the wait is in short slices, and `download_cancel` gives up on it (None: nothing
@@ -183,7 +183,7 @@ class _CancellableDownload(DecentralizedAverager):
                     raise
 
 
-class _CheckedStateLoad(_CancellableDownload, RobustAveraging):
+class _CheckedStateLoad(CancellableDownload, RobustAveraging):
     """Sits between TrainingStateAverager and DecentralizedAverager in the MRO, so the state a
     peer sends is checked before TrainingStateAverager copies it into our parameters. Averages
     parameters robustly, measuring contributions from our values at the last round."""
@@ -215,7 +215,7 @@ class GuardedStateAverager(AdmissionMixin, TrainingStateAverager, _CheckedStateL
     pass
 
 
-class LocalGradsKeptAverager(AdmissionMixin, GradientAverager, _CancellableDownload, RobustAveraging):
+class LocalGradsKeptAverager(AdmissionMixin, GradientAverager, CancellableDownload, RobustAveraging):
     """hivemind's GradientAverager, except that starting a round leaves the local gradient
     accumulators as they are. hivemind zeroes them there, and its Optimizer falls back on them
     ("local gradients") when the round fails, as ours does when the averaged gradients are

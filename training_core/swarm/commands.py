@@ -225,12 +225,20 @@ def cmd_host(args) -> int:
         opts = HostOptions(out=Path(args.out), port=args.port, listen_ip=args.listen_ip,
                            announce_ip=args.announce_ip, minutes=args.minutes, token=args.token,
                            checkpoint_minutes=args.checkpoint_minutes, threads=args.threads)
-        controls = Controls()
-        _install_stop_signals(lambda *_: controls.put("stop"))
+        controls, stopping = Controls(), threading.Event()
+
+        def on_control(kind: str) -> None:
+            if kind == "stop":
+                stopping.set()
+
+        def on_signal(*_) -> None:
+            controls.put("stop")
+            stopping.set()
+        _install_stop_signals(on_signal)
         if args.json:
-            threading.Thread(target=read_controls, args=(_control_stream(), controls, out),
+            threading.Thread(target=read_controls, args=(_control_stream(), controls, out, on_control),
                              daemon=True).start()
-        run_host(manifest, opts, out, controls)
+        run_host(manifest, opts, out, controls, stopping)
     except UserError as exc:
         return _fail(out, exc)
     return 0

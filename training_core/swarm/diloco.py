@@ -53,7 +53,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout, as_aiter, attach_event_on_finished, azip, enter_asynchronously
 
 from .admission import AdmissionMixin
-from .collab import FilteredProgressTracker
+from .collab import FilteredProgressTracker, CancellableDownload
 from .compression import compression_for, decompress
 from .guards import MAX_EPOCH_LEAD, all_finite
 from .network import sender_gap_s
@@ -221,7 +221,7 @@ class ExactAllReduceRunner(RobustRunnerMixin, AllReduceRunner):
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
-class DiLoCoAverager(AdmissionMixin, RobustAveraging):
+class DiLoCoAverager(AdmissionMixin, CancellableDownload, RobustAveraging):
     """Averages pseudo-gradients with ExactAllReduceRunner and *copies* the result into its tensors;
     a step's result is a report dict (failure, bytes, chosen lineage, clip verdicts). Serves
     `state_source()`."""
@@ -391,6 +391,7 @@ class DiLoCoRounds:
         except BaseException:
             self.tracker.shutdown(timeout=2.0)
             raise
+        self.download_cancel = self.averager.download_cancel = threading.Event()
         self.averager.state_source = self._shared_state
         self._publish_priority()
 
@@ -735,12 +736,17 @@ class DiLoCoRounds:
             self._interrupted = True
             ex.control.cancel()
 
+    def cancel_download(self) -> None:
+        """Any thread (pause, stop): give up a state download in flight; `resume` allows them again."""
+        self.download_cancel.set()
+
     def pause(self) -> None:
         self.interrupt()
         self._samples_epoch = 0
         self.tracker.report_local_progress(self.epoch, 0)   # our samples stop counting toward the round
 
     def resume(self) -> None:
+        self.download_cancel.clear()
         self._fresh = True           # rounds may have closed meanwhile: check before joining one
         self._round_began = self._t_last = time.monotonic()
 

@@ -115,6 +115,7 @@ class DiLoCoStrategy(SwarmStrategy):
         rounds = getattr(self, "rounds", None)
         if rounds is not None:
             rounds.interrupt()
+            rounds.cancel_download()
 
     def pausing(self, engine: Engine) -> None:
         self.rounds.pause()

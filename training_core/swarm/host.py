@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,9 @@ class _SyncState:
     def witnesses(self, views) -> None:
         pass
 
+    def cancel_downloads_on(self, event) -> None:
+        self.averager.download_cancel = event
+
     def shutdown(self) -> None:
         self.averager.shutdown()
 
@@ -255,11 +259,17 @@ class _DiLoCoState:
     def witnesses(self, views) -> None:
         self.rounds.tracker.witnesses = metrics.witnesses(views)
 
+    def cancel_downloads_on(self, event) -> None:
+        self.rounds.download_cancel = self.rounds.averager.download_cancel = event
+
     def shutdown(self) -> None:
         self.rounds.shutdown()
 
 
-def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: Controls) -> None:
+def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: Controls,
+             stopping: threading.Event | None = None) -> None:
+    """`stopping`: set from the control reader or a signal handler on stop, so that a state download
+    in flight (the loop waits for it; minutes on a home uplink) is given up."""
     from ..licence import read_licence, scratch_licence
     from ..models import load_base
 
@@ -295,6 +305,8 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
     dht = handle.dht
     public_key = metrics.local_public_key()
     keeper = (_SyncState if manifest.algorithm == "sync" else _DiLoCoState)(manifest, dht, params, warn)
+    if stopping is not None:
+        keeper.cancel_downloads_on(stopping)
 
     if resume is not None:
         state = ckpt_io.read_json(resume, "trainer_state.json")
