@@ -145,8 +145,12 @@ def test_scratch_with_adapters_is_refused_by_check_and_by_the_cli(qtbot, store, 
     assert not (tmp_path / "o").exists()   # refused before a run folder was made
 
 
-def test_qlora_where_the_job_would_train_on_the_cpu_is_refused_with_what_to_choose():
+def test_qlora_where_the_job_would_train_on_the_cpu_is_refused_with_what_to_choose(monkeypatch):
     spec = JobSpec(model=PRETRAINED, data=["a.txt"], out="o", method="qlora")
+    monkeypatch.setattr(config, "bitsandbytes_installed", lambda: False)
+    with pytest.raises(config.ConfigError, match="needs the bitsandbytes package.*choose LoRA"):
+        config.validate(spec, device="cuda:0")   # a GPU, but not the library: refused by Check, not the worker
+    monkeypatch.setattr(config, "bitsandbytes_installed", lambda: True)
     config.validate(spec, device="cuda:0")
     with pytest.raises(config.ConfigError, match="QLoRA needs an NVIDIA GPU.*choose LoRA"):
         config.validate(spec, device="cpu")   # what plan_job and the engine pass once the device is known

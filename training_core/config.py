@@ -235,3 +235,12 @@ def validate(spec: JobSpec, device: str | None = None) -> None:
     if method == "qlora" and where == "cpu":
         raise ConfigError("--method", "QLoRA needs an NVIDIA GPU and this job would train on the CPU; "
                                       "choose LoRA (or Full)")
+    if method == "qlora" and device is not None and not bitsandbytes_installed():
+        raise ConfigError("--method", "QLoRA needs the bitsandbytes package, which is not installed here; "
+                                      "choose LoRA (or install bitsandbytes)")
+
+
+def bitsandbytes_installed() -> bool:
+    """Whether QLoRA's 4-bit library can be imported (looked up, not imported: no torch here)."""
+    import importlib.util
+    return importlib.util.find_spec("bitsandbytes") is not None
