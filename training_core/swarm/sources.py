@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ModelError, WontFitError
+from .. import config as config_defaults
 from .. import preflight
 from ..model_files import HUB_IGNORE
 from .manifest import HUB_URL, SwarmManifest, hub_downloads
@@ -139,7 +140,8 @@ def manifest_memory(manifest: SwarmManifest, *, device: str, precision: str,
         if total is None or not (h and layers and vocab):
             return None
         method = "lora"            # a swarm peer adapts a base model with LoRA (peer.swarm_spec)
-        trainable = min(preflight.LORA_PARAMS_PER_LAYER_HIDDEN * h * layers, total)
+        # swarm_spec leaves lora_r at JobSpec's default; the one LoRA formula (preflight.lora_params)
+        trainable = min(preflight.lora_params_from_config(config, config_defaults.default("lora_r")), total)
     return preflight.estimate_memory(
         params_total=total, params_trainable=trainable, num_layers=layers, hidden_size=h, num_heads=heads,
         vocab_size=vocab, seq_len=manifest.seq_len, micro_batch=manifest.micro_batch, precision=precision,
