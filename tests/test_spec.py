@@ -156,6 +156,9 @@ def test_qlora_where_the_job_would_train_on_the_cpu_is_refused_with_what_to_choo
         config.validate(spec, device="cpu")   # what plan_job and the engine pass once the device is known
     with pytest.raises(config.ConfigError, match="QLoRA needs an NVIDIA GPU"):
         JobSpec(model=PRETRAINED, data=["a.txt"], out="o", method="qlora", device="cpu")
+    cuda = JobSpec(model=PRETRAINED, data=["a.txt"], out="o", device="cuda")
+    with pytest.raises(config.ConfigError, match="no NVIDIA GPU is usable here; choose auto or cpu"):
+        config.validate(cuda, device="cpu")   # plan_job found no GPU: Check refuses what the engine would
 
 
 def test_a_refusal_from_the_plan_names_the_field_as_the_form_does(qtbot, store):

@@ -231,6 +231,9 @@ def validate(spec: JobSpec, device: str | None = None) -> None:
         name = {"lora": "LoRA", "qlora": "QLoRA"}[method]
         raise ConfigError("--method", f"a from-scratch model has nothing to adapt ({name} trains adapters on "
                                       "a pretrained model); choose Full, or a pretrained model")
+    if device == "cpu" and spec.device.startswith("cuda"):   # the engine would refuse the device itself
+        raise ConfigError("--device", f"{spec.device} was asked for, but no NVIDIA GPU is usable here; "
+                                      "choose auto or cpu")
     where = device or spec.device
     if method == "qlora" and where == "cpu":
         raise ConfigError("--method", "QLoRA needs an NVIDIA GPU and this job would train on the CPU; "
