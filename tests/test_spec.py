@@ -122,6 +122,17 @@ def test_check_plans_the_figures_the_engines_preflight_reports(qtbot, tmp_path, 
         (plan["precision"], plan["device"], plan["gradient_checkpointing"])
 
 
+def test_a_scratch_model_is_planned_with_the_tokenizer_the_run_trains(tmp_path):
+    from training_core.plan import plan_job
+    data = tmp_path / "stories.txt"
+    write_text_dataset(data, n_paragraphs=20)
+    spec = JobSpec(model="scratch:tiny", data=[str(data)], out=str(tmp_path / "run"), tokenizer="train", steps=1,
+                   batch_size=2, seq_len=32, device="cpu", threads=1, sample_max_tokens=2, sample_prompts=["Once"])
+    plan, run = plan_job(spec), _preflight_of_engine(spec)
+    assert (run["params_total"], run["memory"]["total"]) == (plan["params_total"], plan["memory"]["total"])
+    assert plan["tokens_exact"]   # counted with that tokenizer
+
+
 @pytest.mark.parametrize("method", ["qlora", "lora"])
 def test_scratch_with_adapters_is_refused_by_check_and_by_the_cli(qtbot, store, tmp_path, capsys, method):
     data = tmp_path / "d.txt"

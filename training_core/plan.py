@@ -29,15 +29,12 @@ def _model_config(spec: JobSpec) -> tuple[Any, Path | None, Any]:
     """(config, folder with README/LICENSE/tokenizer or None, tokenizer or None)."""
     from transformers import AutoConfig
 
-    from .models.presets import preset_config
     from .models.tokenizer import load_tokenizer
-    if spec.is_scratch:
-        name = spec.model.split(":", 1)[1]
-        tok = None
-        if spec.tokenizer not in ("auto", "train", "bytes"):
-            tok = load_tokenizer(spec.tokenizer)
-        vocab = 258 if spec.tokenizer == "bytes" else (len(tok) if tok else None)
-        return preset_config(name, vocab_size=vocab), None, tok
+    if spec.is_scratch:   # the run's own tokenizer (trained on the data, as the run will) and config
+        from .data import iter_texts
+        from .models.loading import scratch_tokenizer_and_config
+        tok, config = scratch_tokenizer_and_config(spec, lambda: iter_texts(spec.data))
+        return config, None, None if spec.tokenizer == "bytes" else tok   # bytes: counted as characters
     folder = Path(spec.model).expanduser()
     if folder.exists() or "/" not in spec.model or spec.model.count("/") > 1:
         from .models.loading import check_model_folder

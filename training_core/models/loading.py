@@ -42,9 +42,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _load_scratch(spec: JobSpec, texts: Callable[[], Iterable[str]] | None, dtype) -> LoadedModel:
-    from transformers import LlamaForCausalLM
-
+def scratch_tokenizer_and_config(spec: JobSpec, texts: Callable[[], Iterable[str]] | None):
+    """A from-scratch model's tokenizer (trained on the data, bytes, or loaded) and config. Check's plan
+    calls this too, so it counts the parameters of the very model the run builds."""
     name = spec.model.split(":", 1)[1]
     preset_config(name)  # unknown names fail before any tokenizer training
     choice = spec.tokenizer
@@ -60,6 +60,14 @@ def _load_scratch(spec: JobSpec, texts: Callable[[], Iterable[str]] | None, dtyp
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id
     config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, config
+
+
+def _load_scratch(spec: JobSpec, texts: Callable[[], Iterable[str]] | None, dtype) -> LoadedModel:
+    from transformers import LlamaForCausalLM
+
+    name = spec.model.split(":", 1)[1]
+    tokenizer, config = scratch_tokenizer_and_config(spec, texts)
     torch.manual_seed(spec.seed)  # same seed, same initial weights
     model = LlamaForCausalLM(config)
     if isinstance(dtype, torch.dtype) and dtype != torch.float32:
