@@ -165,3 +165,33 @@ def test_a_peer_whose_leave_was_given_up_still_exits_with_its_code():
     assert (done.returncode, done.stdout) == (3, "said stopped\n") and time.monotonic() - t0 < 30
     with pytest.raises(subprocess.TimeoutExpired):    # without it: stuck in the interpreter's exit
         subprocess.run([sys.executable, "-c", code, "0"], cwd=root, capture_output=True, text=True, timeout=5)
+
+
+def test_a_peer_held_in_a_round_after_stop_says_stopped_and_exits():
+    """StopWatchdog: a sync peer stuck inside hivemind's step (a state-averaging round of its own,
+    minutes on a slow link) answers `stop` within the grace time; one not in a step is left alone."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = (
+        "import sys, threading, time, types\n"
+        "from training_core.swarm import commands\n"
+        "commands.STOP_GRACE_S = 1.0\n"
+        "out = commands.Output(True)\n"
+        "stuck = sys.argv[1] == '1'\n"
+        "strategy = types.SimpleNamespace(stepping_since=time.monotonic() if stuck else None)\n"
+        "dog = commands.StopWatchdog(types.SimpleNamespace(strategy=strategy, step=7), out)\n"
+        "dog.start()\n"
+        "time.sleep(4)\n"
+        "out({'v': 1, 'type': 'stopped', 'step': 8, 'checkpoint': None})\n"
+        "out({'v': 1, 'type': 'stopped', 'step': 9, 'checkpoint': None})\n"
+        "sys.exit(5)\n")
+    root = Path(__file__).resolve().parents[1]
+    for stuck, rc, step in (("1", 0, 7), ("0", 5, 8)):
+        done = subprocess.run([sys.executable, "-c", code, stuck], cwd=root, capture_output=True, text=True,
+                              timeout=60)
+        events = [json.loads(line) for line in done.stdout.splitlines()]
+        assert done.returncode == rc, done.stderr[-2000:]
+        assert [e["step"] for e in events if e["type"] == "stopped"] == [step]     # said once
+        assert any(e.get("code") == "stop_forced" for e in events) == (stuck == "1")

@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from ..controls import Controls, read_controls
@@ -65,6 +66,7 @@ class Output:
     def __init__(self, as_json: bool):
         self.as_json = as_json
         self.lock = threading.Lock()
+        self.last_word = False     # stopped/finished/failed said: a second one (StopWatchdog's) is dropped
         if as_json:
             events_fd = os.dup(1)
             os.dup2(2, 1)            # libraries' prints must not corrupt the event stream
@@ -76,6 +78,10 @@ class Output:
 
     def __call__(self, ev: dict) -> None:
         with self.lock:
+            if ev["type"] in ("stopped", "finished", "failed"):
+                if self.last_word:
+                    return
+                self.last_word = True
             if self.as_json:
                 self.stream.write(encode(ev))
                 self.stream.flush()
@@ -161,9 +167,13 @@ def cmd_join(args) -> int:
     except UserError as exc:
         return _fail(out, exc)
 
+    watchdog = StopWatchdog(engine, out)
+
     def on_control(kind: str) -> None:
         if kind in ("pause", "stop"):
             engine.strategy.interrupt()
+        if kind == "stop":
+            watchdog.start()
 
     def on_signal(signum, frame):
         controls.put("stop")
@@ -173,8 +183,53 @@ def cmd_join(args) -> int:
         threading.Thread(target=read_controls, args=(_control_stream(), controls, out, on_control),
                          daemon=True).start()
     rc = _run(engine, out)
+    watchdog.done.set()
     _exit_if_leave_abandoned(engine, rc)
     return rc
+
+
+STOP_GRACE_S = 15.0
+
+
+class StopWatchdog:
+    """After `stop`, a peer still inside one hivemind step STOP_GRACE_S later says `stopped` and ends.
+
+    hivemind's sync Optimizer waits inside its step for a state-averaging round it started itself
+    (up to averaging_timeout, minutes on a slow link; its control is not ours to cancel), and a sync
+    peer asked to stop on the bench's link was still there when the bench gave up on it. The swarm
+    holds the state, so leaving without the round loses nothing; a peer checkpointing or leaving is
+    not inside a step, and this never cuts that short."""
+
+    def __init__(self, engine, out: Output):
+        self.engine, self.out = engine, out
+        self.done = threading.Event()
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            threading.Thread(target=self._watch, args=(time.monotonic(),), name="modron-stop-watchdog",
+                             daemon=True).start()
+
+    def _watch(self, asked_at: float) -> None:
+        while not self.done.wait(1.0):
+            since = getattr(self.engine.strategy, "stepping_since", None)
+            if since is not None and time.monotonic() - max(since, asked_at) >= STOP_GRACE_S:
+                break
+        else:
+            return
+        engine, out = self.engine, self.out
+        out(make_event("warning", code="stop_forced", message=f"a swarm round still held this peer "
+                                                              f"{STOP_GRACE_S:.0f} s after stop; left without it"))
+        out(make_event("stopped", step=engine.step, checkpoint=None))
+        from .network import reap_children
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        reap_children(grace_s=0.5)
+        os._exit(0)
 
 
 def _run(engine, out: Output) -> int:
@@ -288,7 +343,9 @@ def add_parser(sub) -> None:
     h.add_argument("--announce-ip", help="the address peers should dial (e.g. your public IP)")
     h.add_argument("--minutes", type=float, help="stop after this many minutes")
     h.add_argument("--token", help="private swarms: the shared token (default: one is made, in OUT/token.txt)")
-    h.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    h.add_argument("--checkpoint-minutes", type=float,
+                   help="download the swarm's state and write a checkpoint this often (default: every 10 minutes "
+                        "or less often, so that these downloads stay within 10 %% of what the swarm's rounds send)")
     h.add_argument("--threads", type=int, default=1)
     h.add_argument("--json", action="store_true")
     h.set_defaults(func=cmd_host)

@@ -47,6 +47,7 @@ class SyncStrategy(SwarmStrategy):
         self.last_round_bytes = 0.0
         self.last_round_peers = 0
         self.download_cancel = threading.Event()
+        self.stepping_since: float | None = None
 
     def make_optimizer(self, engine: Engine, params: list[torch.nn.Parameter], lr: float):
         from .collab import GuardedOptimizer
@@ -101,8 +102,11 @@ class SyncStrategy(SwarmStrategy):
             torch.nn.utils.clip_grad_norm_(params, engine.spec.max_grad_norm)
         epoch_before = opt.local_epoch
         group = max(1, opt.tracker.global_progress.num_peers)
-        t0 = time.monotonic()
-        opt.step()
+        t0 = self.stepping_since = time.monotonic()    # commands.StopWatchdog reads it
+        try:
+            opt.step()
+        finally:
+            self.stepping_since = None
         opt.zero_grad(set_to_none=True)
         self.samples_contributed += self.manifest.micro_batch
         if opt.local_epoch != epoch_before:
