@@ -42,6 +42,49 @@ FIRST_RETRY_S = 30.0          # after a failed state download (at most the check
 # it takes at 1 Mbit/s. A limit that assumed 10 MB/s cut every download on the bench's shaped link
 # short ("45 tensors instead of 76") and the host tried again at once, for nothing, all run long.
 HOST_MIN_RATE = 125_000       # bytes/s
+# The host's state downloads stay at most this share of what the swarm's rounds send: a download is
+# the whole state (8-12 bytes per parameter) from one peer, more than an 8-bit round sends, so every
+# 10 minutes in a swarm of 3 it would be a third of all the traffic. In a small swarm the host's copy
+# then lags longer (its peers hold the progress). A --checkpoint-minutes given is kept as it is.
+HOST_SHARE = 0.10
+DEFAULT_CHECKPOINT_MINUTES = 10.0
+RATE_WINDOW_S = 3600.0
+
+
+def next_download_gap(interval_s: float, state_bytes: float, swarm_bytes_per_s: float | None) -> float:
+    """Seconds from one successful download to the next."""
+    gap = max(interval_s, MIN_LOAD_INTERVAL_S)
+    if swarm_bytes_per_s and swarm_bytes_per_s > 0:
+        gap = max(gap, state_bytes / (HOST_SHARE * swarm_bytes_per_s))
+    return gap
+
+
+class SwarmTraffic:
+    """The swarm's round traffic as the host sees it: epochs per second over the last hour times what
+    one epoch's rounds send (network.round_bytes for each peer; an estimate, as the peers' own is)."""
+
+    def __init__(self, numel: int, compression: str, exchanges_per_epoch: int):
+        from collections import deque
+        self.numel, self.compression, self.exchanges_per_epoch = numel, compression, exchanges_per_epoch
+        self.seen: deque[tuple[float, int]] = deque()
+        self.peers = 0
+
+    def observe(self, now: float, epoch: int, peers: int) -> None:
+        if not self.seen or epoch != self.seen[-1][1]:
+            self.seen.append((now, epoch))
+        while len(self.seen) > 2 and now - self.seen[1][0] > RATE_WINDOW_S:
+            self.seen.popleft()
+        self.peers = peers
+
+    def bytes_per_s(self, now: float) -> float | None:
+        if len(self.seen) < 2 or self.peers < 2:
+            return None
+        (t0, e0), (_, e1) = self.seen[0], self.seen[-1]
+        if e1 <= e0 or now <= t0:
+            return None
+        from .network import round_bytes
+        per_epoch = self.peers * self.exchanges_per_epoch * round_bytes(self.numel, self.peers, self.compression)
+        return per_epoch * (e1 - e0) / (now - t0)
 
 
 def state_load_timeout(nbytes: int, floor: float) -> float:
@@ -55,8 +98,8 @@ class _Downloader:
     calls, the host's loop once stopped for good in the diloco e2e test, cause not found; inline is
     what every earlier run had.)"""
 
-    def __init__(self, keeper, interval_s: float, warn):
-        self.keeper, self.interval_s, self.warn = keeper, interval_s, warn
+    def __init__(self, keeper, interval_s: float, warn, traffic: SwarmTraffic | None = None):
+        self.keeper, self.interval_s, self.warn, self.traffic = keeper, interval_s, warn, traffic
         self.next_at = 0.0            # due at once: the host has no state yet
         self.first_retry_s = max(MIN_LOAD_INTERVAL_S, min(FIRST_RETRY_S, interval_s))
         self.retry_s = self.first_retry_s
@@ -81,7 +124,8 @@ class _Downloader:
             self.bytes_down += got
             self.synced_once = True
             self.retry_s = self.first_retry_s
-            self.next_at = now + max(self.interval_s, MIN_LOAD_INTERVAL_S)
+            rate = self.traffic.bytes_per_s(now) if self.traffic is not None else None
+            self.next_at = now + next_download_gap(self.interval_s, self.keeper.state_bytes, rate)
         else:
             self.next_at = now + self.retry_s
             self.retry_s = min(2 * self.retry_s, max(self.interval_s, self.first_retry_s))
@@ -96,7 +140,7 @@ class HostOptions:
     announce_ip: str | None = None
     minutes: float | None = None
     token: str | None = None
-    checkpoint_minutes: float = 10.0
+    checkpoint_minutes: float | None = None    # None: DEFAULT_CHECKPOINT_MINUTES, stretched by HOST_SHARE
     threads: int | None = 1
 
 
@@ -150,6 +194,8 @@ class _SyncState:
         self.ceiling = 0
         self.averager.max_epoch = lambda: self.ceiling
         self.numel = sum(p.numel() for p in params)
+        self.state_bytes = 3 * self.numel * 4           # parameters and Adam's two moments, float32
+        self.exchanges_per_epoch = 2                    # a gradient round and a parameter round
         self.progress_key = f"{manifest.run_id}_progress"
         self.timeout = state_load_timeout(3 * self.numel * 4, max(10.0, manifest.averaging_timeout))
 
@@ -213,7 +259,9 @@ class _DiLoCoState:
             matchmaking_time=manifest.matchmaking_time, averaging_timeout=manifest.averaging_timeout,
             max_round_s=d["max_round_s"], overlap=d["overlap"], on_warning=warn, follower=True,
             sharing_priority=-0.5)   # live peers serve first
-        n = sum(p.numel() for p in params)
+        n = self.numel = sum(p.numel() for p in params)
+        self.state_bytes = 2 * n * 4                    # outer weights and momentum, float32
+        self.exchanges_per_epoch = 1
         self.rounds.load_timeout = state_load_timeout(2 * n * 4, self.rounds.load_timeout)   # weights + momentum
         self.progress_key = f"{manifest.run_id}_diloco_progress"
         self.ceiling = 0
@@ -324,12 +372,14 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
     if token and not (opts.token or os.environ.get("MODRON_SWARM_TOKEN")):
         warn("token", f"private swarm: give peers the token in {out / 'token.txt'}")
 
-    downloads = _Downloader(keeper, opts.checkpoint_minutes * 60, warn)
+    checkpoint_s = (opts.checkpoint_minutes or DEFAULT_CHECKPOINT_MINUTES) * 60
+    downloads = _Downloader(keeper, checkpoint_s, warn, None if opts.checkpoint_minutes else
+                            SwarmTraffic(keeper.numel, manifest.compression, keeper.exchanges_per_epoch))
     downloads.synced_once = resume is not None
     if resume is None:
         # A fresh host holds the initial weights and has nothing to lose yet; the peers hold the
         # progress. Its first download waits for the first checkpoint, like all the others.
-        downloads.next_at = time.monotonic() + opts.checkpoint_minutes * 60
+        downloads.next_at = time.monotonic() + checkpoint_s
     last_ckpt_epoch, last_ckpt_time = keeper.epoch, time.monotonic()
     asked: float | None = None      # when a `checkpoint` control not answered yet came
     views, views_at = [], -float("inf")
@@ -382,9 +432,11 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
             if downloads.synced_once and (
                     (asked is not None and (not downloads.behind(swarm_epoch) or downloads.finished_at > asked)) or (
                     keeper.epoch != last_ckpt_epoch and
-                    time.monotonic() - last_ckpt_time >= opts.checkpoint_minutes * 60)):
+                    time.monotonic() - last_ckpt_time >= checkpoint_s)):
                 checkpoint("requested" if asked is not None else "periodic")
                 asked = None
+            if downloads.traffic is not None:
+                downloads.traffic.observe(time.monotonic(), swarm_epoch, metrics.SwarmSummary.of(views).peers)
             downloads.maybe_start(swarm_epoch, asked=msg == "checkpoint")
             _remember_peers(dht, out)
             refusals.poll(dht)
