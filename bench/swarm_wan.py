@@ -80,6 +80,7 @@ from _netlab import (LabError, NetLab, Shaping, leftover_namespaces, missing_req
 
 COMPRESSIONS = ("none", "float16", "scaled_float16", "uniform8bit", "blockwise8bit", "blockwise4bit")
 EIGHT_BIT = "blockwise8bit"
+HOST_SHARE_SMALL = 0.10      # the host's bytes, at most this share of all (at `base` scale)
 HOST_PORT = 31337
 PEER_PORT = 31338                      # every member has its own namespace, so ports never clash
 # What --gpu-step-s stands for (the default, 0.6 s).
@@ -233,6 +234,12 @@ class Scaling:
         return self.exchange_down_bps + self.control_bps
 
     @property
+    def control_factor(self) -> float:
+        """How many times control traffic outweighs the model's bytes here compared with `base` on the
+        reference link."""
+        return self.up_ref_bps / self.exchange_up_bps
+
+    @property
     def exchange_s(self) -> float:
         return self.steps_per_exchange * self.cpu_step_s
 
@@ -251,7 +258,7 @@ class Scaling:
             f"{self.down_ref_bps / self.up_ref_bps:g} ratio); RTT and loss unscaled",
             f"  + {self.control_bps / 1e6:.3f} Mbit/s each way for control traffic (DHT progress records, metrics: "
             f"they come with steps and seconds, not with model bytes, so on the scaled link their share would be "
-            f"{self.up_ref_bps / self.exchange_up_bps:.0f}x the real one) -> tc rates: up {self.up_bps / 1e6:.3f} "
+            f"{self.control_factor:.0f}x the real one) -> tc rates: up {self.up_bps / 1e6:.3f} "
             f"Mbit/s, down {self.down_bps / 1e6:.3f} Mbit/s",
         ]
 
@@ -338,6 +345,22 @@ class RunResult:
         """The host's bytes (sent + received) over all bytes every member sent."""
         total = sum(tx for tx, _ in self.traffic.values())
         return sum(self.traffic["host"]) / total if total and "host" in self.traffic else None
+
+    def host_share_at_scale(self, control_factor: float) -> float | None:
+        """host_share with the control traffic (everything but the rounds' own bytes and the state
+        the host downloaded) divided by `control_factor`: the scaled link carries the tiny model's
+        bytes as `base`'s would be carried, but control traffic comes with steps and seconds, so here
+        it weighs control_factor times what it would with `base` (Scaling.lines says so). A
+        projection from measured parts, not a measurement."""
+        if "host" not in self.traffic or control_factor <= 0:
+            return None
+        host_model = float((self.host or {}).get("bytes_down") or 0)
+        peers_model = sum(float(p.exchange_up or 0) for p in self.peers) + host_model
+        host_all = float(sum(self.traffic["host"]))
+        sent_all = float(sum(tx for tx, _ in self.traffic.values()))
+        host_ctrl, sent_ctrl = max(0.0, host_all - host_model), max(0.0, sent_all - peers_model)
+        total = sent_ctrl / control_factor + peers_model
+        return (host_ctrl / control_factor + host_model) / total if total else None
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "peers"}
@@ -642,6 +665,7 @@ def run_swarm(lab: NetLab, s: Settings, work: Path, name: str, algorithm: str, c
             for e in sw.host.of("warning"):
                 warnings[e.get("code")] = warnings.get(e.get("code"), 0) + 1
             result.host = {"host_epoch": last.get("host_epoch"), "swarm_epoch": last.get("epoch"),
+                           "bytes_down": last.get("bytes_down"),
                            "warnings": warnings,
                            "last_warning": ([e.get("message") for e in sw.host.of("warning")] or [None])[-1]}
         if result.error:
@@ -899,14 +923,17 @@ def build_report(s, scaling, net, runs, sync_open, sync_shaped, diloco_runs) -> 
             "utilization_90": (r8.utilization or 0) >= 0.9,
             "equal_samples_within_5pct": (eight.get("eval_loss_equal_samples_vs_sync") or 9) <= 1.05,
             "equal_time_lower": (eight.get("eval_loss_equal_time_vs_sync") or 9) < 1.0,
+            "host_share_small_at_scale": (r8.host_share_at_scale(scaling.control_factor) or 1) <= HOST_SHARE_SMALL,
             "nat_client_and_contributes": bool(nat.get(r8.name, {}).get("client_mode")) and
                                           nat.get(r8.name, {}).get("samples", 0) > 0 and
                                           nat.get(r8.name, {}).get("others_largest_group", 0) >= len(r8.peers),
         }
     return {"bench": "swarm_wan", "settings": dict(s.__dict__), "scaling": scaling.to_dict(),
-            "network": net, "runs": [r.to_dict() for r in runs], "ratios": ratios, "nat": nat, "checks": checks,
+            "network": net, "runs": [dict(r.to_dict(), host_share_at_scale=r.host_share_at_scale(scaling.control_factor))
+                                       for r in runs], "ratios": ratios, "nat": nat, "checks": checks,
             "targets": {"sync_bytes_over_diloco_8bit": 100, "utilization": 0.9,
-                        "eval_loss_equal_samples_vs_sync": 1.05, "eval_loss_equal_time_vs_sync": 1.0},
+                        "eval_loss_equal_samples_vs_sync": 1.05, "eval_loss_equal_time_vs_sync": 1.0,
+                        "host_share_at_scale": HOST_SHARE_SMALL},
             "cpus": os.cpu_count()}
 
 
@@ -921,17 +948,20 @@ def print_report(report, s, scaling, runs, sync_open, sync_shaped, diloco_runs) 
     n = report["network"]
     print(f"  link check: RTT {n['rtt_s'] * 1000:.1f} ms, one TCP stream up {n['up_bps'] / 1e6:.3f} Mbit/s")
     print(f"  {'run':22s} {'wall':>6s} {'samples':>7s} {'rounds':>6s} {'sent/peer/1k samples':>21s} {'util':>5s} "
-          f"{'eval loss':>9s} {'host':>6s}")
-    print(f"  {'':22s} {'s':>6s} {'':>7s} {'':>6s} {'all':>10s} {'exchange':>10s} {'':>5s} {'':>9s} {'share':>6s}")
+          f"{'eval loss':>9s} {'host share':>13s}")
+    print(f"  {'':22s} {'s':>6s} {'':>7s} {'':>6s} {'all':>10s} {'exchange':>10s} {'':>5s} {'':>9s} "
+          f"{'here':>6s} {'base':>6s}")
     for r in runs:
         rounds = [p.rounds for p in r.peers]
         print(f"  {r.name:22s} {r.wall_s:6.0f} {r.samples:7d} {max(rounds or [0]):6d} {fmt_bytes(r.bytes_per_1k):>10s} "
               f"{fmt_bytes(r.exchange_per_1k):>10s} {fmt(r.utilization, '.0%'):>5s} {fmt(r.eval_loss):>9s} "
-              f"{fmt(r.host_share, '.0%'):>6s}"
+              f"{fmt(r.host_share, '.0%'):>6s} {fmt(r.host_share_at_scale(scaling.control_factor), '.1%'):>6s}"
               + (f"  ERROR {r.error}" if r.error else ""))
     print("  (sync-open: rate limit lifted, the equal-samples baseline; others on the shaped link; eval loss of each "
           "peer's final checkpoint, mean over peers; rounds: diloco outer steps applied, sync global epochs (most "
-          "any peer reached); sent 'all': kernel counters, 'exchange': the peers' own count of their rounds' bytes)")
+          "any peer reached); sent 'all': kernel counters, 'exchange': the peers' own count of their rounds' bytes; "
+          "host share: the host's bytes sent and received over all bytes sent, 'here' as measured, 'base' with the "
+          f"control traffic divided by {scaling.control_factor:.0f} (its weight on this scaled link), a projection)")
     if sync_shaped:
         for r in diloco_runs:
             v = sync_shaped.eval_at(r.name)
