@@ -27,6 +27,22 @@ def state_text(queue, job) -> str:
     return CANCELLING if queue.cancelling(job.id) else STATE_TEXT.get(job.state, job.state)
 
 
+def cancel_after_asking(view, job_id: str | None, states) -> bool:
+    """Cancel `job_id` (the job chosen at the click) once the user said yes and if it is still in one
+    of `states` (it may end while the question is open); the view's own `confirm_cancel` asks."""
+    if job_id is None:
+        return False
+    try:
+        if not view.confirm_cancel(view, view.store.get_job(job_id)):
+            return False
+        if view.store.get_job(job_id).state not in states:
+            return False
+    except KeyError:
+        return False
+    view.queue.cancel(job_id)
+    return True
+
+
 def confirm_cancel(parent, job) -> bool:
     """Ask before cancelling: one click must not throw away a run. "Keep it" is the default button,
     so Enter or Escape never cancels."""
@@ -213,22 +229,8 @@ class QueueView(QWidget):
     def _cancel(self) -> None:
         # The job is the one selected at the click: the list may refresh (and rows move) while the
         # question is open, so the selection is not read again afterwards.
-        job_id = self.selected_job_id()
-        if job_id is None:
-            return
-        try:
-            job = self.store.get_job(job_id)
-        except KeyError:
-            return
-        if not self.confirm_cancel(self, job):
-            return
-        try:
-            if self.store.get_job(job_id).state not in CANCELLABLE:
-                return             # it ended while the question was open
-        except KeyError:
-            return
-        self.queue.cancel(job_id)
-        self.refresh()
+        if cancel_after_asking(self, self.selected_job_id(), CANCELLABLE):
+            self.refresh()
 
     def _move(self, delta: int) -> None:
         job_id = self.selected_job_id()

@@ -14,7 +14,7 @@ from PySide6.QtWidgets import (QButtonGroup, QGridLayout, QHBoxLayout, QLabel, Q
 
 from app.charts import TimeSeriesChart
 from app.views.job_table import view_title
-from app.views.queue_view import CANCELLING, confirm_cancel
+from app.views.queue_view import CANCELLING, cancel_after_asking, confirm_cancel
 from training_core.preflight import format_bytes, format_duration
 
 GIB = 1024 ** 3
@@ -406,19 +406,5 @@ class RunView(QWidget):
 
     def _cancel(self) -> None:
         # The job shown at the click: while the question is open the view may follow another job.
-        job_id = self.job_id
-        if job_id is None:
-            return
-        try:
-            job = self.store.get_job(job_id)
-        except KeyError:
-            return
-        if not self.confirm_cancel(self, job):
-            return
-        try:
-            if self.store.get_job(job_id).state not in ACTIVE:
-                return             # it ended while the question was open
-        except KeyError:
-            return
-        self.queue.cancel(job_id)
-        self._update_header()
+        if cancel_after_asking(self, self.job_id, ACTIVE):
+            self._update_header()

@@ -222,14 +222,7 @@ class StopWatchdog:
         out(make_event("warning", code="stop_forced", message=f"a swarm round still held this peer "
                                                               f"{STOP_GRACE_S:.0f} s after stop; left without it"))
         out(make_event("stopped", step=engine.step, checkpoint=None))
-        from .network import reap_children
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        reap_children(grace_s=0.5)
-        os._exit(0)
+        _end_process(0)
 
 
 def _run(engine, out: Output) -> int:
@@ -252,8 +245,12 @@ def _exit_if_leave_abandoned(engine, rc: int) -> None:
     """A leave given up on left a non-daemon hivemind thread waiting out a round (up to
     averaging_timeout, minutes on a slow link); Python would join it at exit, so a peer that had
     said `stopped` stayed alive. Everything is said and saved by now: end the process here."""
-    if not getattr(engine.strategy, "leave_abandoned", False):
-        return
+    if getattr(engine.strategy, "leave_abandoned", False):
+        _end_process(rc)
+
+
+def _end_process(rc: int) -> None:
+    """Flush what was said, end our helper processes, and exit without joining hivemind's threads."""
     from .network import reap_children
     for stream in (sys.stdout, sys.stderr):
         try:
