@@ -27,3 +27,12 @@ def queues():
     yield made
     for q in made:
         q.shutdown(timeout_ms=5000)
+
+
+@pytest.fixture
+def store(tmp_path):
+    """The app's SQLite store in a fresh folder (imported here, so tests without the app need not)."""
+    from app.store import Store
+    s = Store(tmp_path / "modron.sqlite3")
+    yield s
+    s.close()

@@ -141,13 +141,6 @@ DEMO_INVITE = make_invite(load_manifest(bundled_path("swarms/demo.toml")))
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "modron.sqlite3")
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def rig(tmp_path, store, qtbot):
     """make(mode) -> (contributor, sensors, clock, runner, notices); every contributor is shut down after."""
     script = tmp_path / "fake_swarm_worker.py"

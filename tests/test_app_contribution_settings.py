@@ -9,15 +9,7 @@ import pytest
 
 from app.contribution import GRACE_SETTING, PRIORITY_SETTING, load_rules
 from app.idle_policy import Window
-from app.store import Store
 from app.views.contribution_settings import ContributionSettingsView, format_schedule, parse_schedule
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "modron.sqlite3")
-    yield s
-    s.close()
 
 
 def test_round_trip(qtbot, store):

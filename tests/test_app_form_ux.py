@@ -26,13 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "modron.sqlite3")
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def settings_view(qtbot, store, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))   # autostart looks there
     import app.main

@@ -12,7 +12,6 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from app.job_queue import JobQueue
-from app.store import Store
 from app.views.queue_view import CANCELLING, QueueView, confirm_cancel
 from app.views.run_view import RunView
 from helpers import tiny_job
@@ -62,13 +61,6 @@ class ScriptedWorker(QObject):
               "tokens_seen": step * 128, "tokens_per_s": 128.0, "eta_s": 1.0, "vram_used": 0,
               "vram_reserved": 0, "ram_used": 2 * GIB}
         self.say("step", **{**ev, **fields})
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "modron.sqlite3")
-    yield s
-    s.close()
 
 
 @pytest.fixture

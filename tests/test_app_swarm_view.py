@@ -14,19 +14,11 @@ from PySide6.QtWidgets import QApplication
 
 from app.contribution import INVITE_SETTING, Contributor, load_rules
 from app.idle_policy import Sensors
-from app.store import Store
 from app.views.swarm_view import SwarmView, about, human_bytes
 from training_core.swarm.manifest import bundled_path, load_manifest, make_invite
 
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
 INVITE = make_invite(load_manifest(bundled_path("swarms/demo.toml")), [PEER])
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "modron.sqlite3")
-    yield s
-    s.close()
 
 
 def drop(widget, mime) -> None:

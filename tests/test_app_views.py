@@ -68,13 +68,6 @@ def wait_until(qapp, predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.02)
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "modron.sqlite3")
-    yield s
-    s.close()
-
-
 # ---- charts ----------------------------------------------------------------------------------
 def test_chart_holds_500k_points_downsampled_and_clipped(qtbot):
     chart = TimeSeriesChart("Loss", "loss")

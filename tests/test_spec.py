@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 
 from app.job_queue import JobQueue
-from app.store import Store
 from app.views.new_finetune import SPECIAL, NewFinetuneView
 from app.views.spec_inputs import read_input, write_input
 from tests.helpers import make_local_model, write_text_dataset
@@ -16,13 +15,6 @@ from training_core.config import JobSpec
 
 CLI_TIMEOUT_MS = 60_000
 PRETRAINED = "some-org/some-model"   # neither parsing nor the form reads the model
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "modron.sqlite3")
-    yield s
-    s.close()
 
 
 def _other(name: str):

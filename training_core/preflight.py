@@ -8,6 +8,7 @@ state + activations all at once), so it errs on the safe side: a run it calls
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -129,14 +130,18 @@ def lora_params(*, num_layers: int, hidden_size: int, r: int = 16, intermediate_
     return r * num_layers * (attention + mlp)
 
 
+def _config_int(config: Any, *names: str) -> int | None:
+    """The first of `names` that `config` (a transformers config or a dict) holds as a positive int."""
+    for name in names:
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def lora_params_from_config(config: Any, r: int) -> int:
     """`lora_params` for a model config (a transformers config or a dict)."""
-    def num(*names: str) -> int | None:
-        for name in names:
-            value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-        return None
+    num = functools.partial(_config_int, config)
     hidden = num("hidden_size", "n_embd", "d_model") or 0
     heads = num("num_attention_heads", "n_head") or 1
     head_dim = num("head_dim") or max(1, hidden // heads)
@@ -271,12 +276,7 @@ def min_params_from_config(config: Any) -> int | None:
 
     Per layer at least the query and output projections (2·h²), keys and values (2·h·kv) and a
     two-matrix MLP (2·h·ffn, times the experts of a mixture-of-experts); plus one embedding matrix."""
-    def num(*names: str) -> int | None:
-        for name in names:
-            value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-        return None
+    num = functools.partial(_config_int, config)
     hidden, layers, vocab = num("hidden_size", "n_embd", "d_model"), num("num_hidden_layers", "n_layer"), \
         num("vocab_size")
     if hidden is None or layers is None or vocab is None:
