@@ -103,13 +103,19 @@ def click_in_message_box(text):
     return clicked
 
 
+def queue_and_view(qtbot, store, queues, view_class):
+    """A JobQueue on `store` (stopped at teardown through `queues`) and one view of it."""
+    queue = JobQueue(store)
+    queues.append(queue)
+    view = view_class(store, queue)
+    qtbot.addWidget(view)
+    return queue, view
+
+
 # ---- (a) cancel ---------------------------------------------------------------------------------
 def test_cancel_asks_and_acts_on_the_chosen_job_shows_cancelling_and_keeps_no_selection(
         qtbot, tmp_path, store, scripted, queues):
-    queue = JobQueue(store)
-    queues.append(queue)
-    view = QueueView(store, queue)
-    qtbot.addWidget(view)
+    queue, view = queue_and_view(qtbot, store, queues, QueueView)
     a, b, c = (queue.submit(tiny_job(tmp_path), name) for name in ("a", "b", "c"))
     w = start_worker(qtbot, queue, scripted, a)
     view.refresh()
@@ -160,10 +166,7 @@ def test_cancel_asks_and_acts_on_the_chosen_job_shows_cancelling_and_keeps_no_se
 
 
 def test_run_view_cancel_asks_and_keeps_to_the_job_it_showed(qtbot, tmp_path, store, scripted, queues):
-    queue = JobQueue(store)
-    queues.append(queue)
-    view = RunView(store, queue)
-    qtbot.addWidget(view)
+    queue, view = queue_and_view(qtbot, store, queues, RunView)
     a = queue.submit(tiny_job(tmp_path), "a")
     other = queue.submit(tiny_job(tmp_path), "other")
     w = start_worker(qtbot, queue, scripted, a)
@@ -265,10 +268,7 @@ def test_the_queue_says_why_each_job_waits(qtbot, tmp_path, store, scripted, que
 # ---- (d) run view: clean start, legends, no VRAM without a GPU ----------------------------------
 def test_run_view_starts_clean_keeps_legends_off_the_plot_and_hides_vram_without_a_gpu(
         qtbot, tmp_path, store, scripted, queues):
-    queue = JobQueue(store)
-    queues.append(queue)
-    view = RunView(store, queue)
-    qtbot.addWidget(view)
+    queue, view = queue_and_view(qtbot, store, queues, RunView)
     view.resize(1000, 800)
     view.show()
 
