@@ -16,7 +16,8 @@ except ModuleNotFoundError:     # Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 UNPICKLE = re.compile(r"pickle\.loads?\(|torch\.load\((?![^)]*weights_only=True)")
-CONTRACTS = {"core-no-gui", "app-no-training-stack", "app-uses-light-core", "installer-standalone"}
+CONTRACTS = {"core-no-gui", "app-no-training-stack", "app-uses-light-core", "installer-standalone",
+             "swarm-below-cli"}
 PACKAGES = ("app", "training_core", "installer", "resources")
 
 
@@ -60,6 +61,7 @@ def test_a_broken_layer_is_reported(tmp_path):
     add("training_core/errors.py", "\n\ndef _gui():\n    from app import tray\n")   # inside a function counts too
     add("app/tray.py", "\nimport training_core.engine\n")                         # engine imports torch
     add("installer/write_record.py", "\nfrom training_core.paths import data_dir\n")
+    add("training_core/swarm/commands.py", "\n\ndef _loop():\n    from ..cli import PROG\n")   # the old loop
 
     out = lint_imports(tmp_path)
     report = out.stdout + out.stderr
@@ -72,6 +74,7 @@ def test_a_broken_layer_is_reported(tmp_path):
     assert "app.tray -> training_core.engine" in report
     assert "training_core.engine -> torch" in report           # the second link of app -> engine -> torch
     assert "installer.write_record -> training_core.paths" in report
+    assert "training_core.swarm.commands -> training_core.cli" in report
 
 
 def test_nothing_unpickles():

@@ -22,6 +22,7 @@ from ..controls import Controls, read_controls
 from ..errors import ConfigError, UserError
 from ..proc_guard import own_children
 from ..protocol import encode, make_event
+from ..textout import PROG, TextProgress
 from .manifest import INVITE_PREFIX, SwarmManifest, invite_problem, load_manifest, make_invite, read_invite
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
@@ -73,7 +74,6 @@ class Output:
             sys.stdout = sys.stderr
             self.stream = os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
         else:
-            from ..cli import TextProgress
             self.text = TextProgress()
 
     def __call__(self, ev: dict) -> None:
@@ -129,7 +129,6 @@ def _install_stop_signals(on_stop) -> None:
 
 
 def _fail(out: Output | None, exc: UserError, step: int = 0) -> int:
-    from ..cli import PROG
     sys.stderr.write(f"{PROG}: error: {exc}\n")
     if out is not None and out.as_json:
         out(make_event("failed", code=exc.code, message=str(exc), step=step))
