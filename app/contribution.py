@@ -24,10 +24,11 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
+from app.engine_client import EngineRun
 from app.idle_policy import Decision, IdlePolicy, IdleRules, Sensors
 from app.swarm_runner import Runner, pick_runner
-from app.worker_process import WorkerProcess
 from training_core.errors import ConfigError
+from training_core.protocol import ENTRY_MODULE
 from training_core.swarm.manifest import SwarmManifest, hub_downloads, make_invite, read_invite
 from training_core.swarm.sources import CONSENT_FLAG, consent_problem
 
@@ -137,7 +138,7 @@ def kill_orphan_peer(store) -> bool:
         import psutil
         proc = psutil.Process(int(pid))
         cmd = " ".join(proc.cmdline())
-        if "training_core.cli" not in cmd or " join" not in cmd:
+        if ENTRY_MODULE not in cmd or " join" not in cmd:
             return False
         proc.kill()
         return True
@@ -200,7 +201,7 @@ class Contributor(QObject):
         self.run_id: str | None = None
         self.last_swarm: dict = {}
 
-        self._worker: WorkerProcess | None = None
+        self._worker: EngineRun | None = None
         self._contributing = False
         self._pause_sent: tuple[float, float] | None = None   # (perf_counter, clock)
         self._paused_since: float | None = None
@@ -214,7 +215,7 @@ class Contributor(QObject):
         self._hold: tuple[str, str] | None = None   # (invite, message): bad input, wait for a new invite
         self._available: tuple[float, tuple[bool, str]] | None = None
         self._serial = 0                          # which worker the slots listen to
-        self._retired: list[WorkerProcess] = []   # ended workers, deleted when the next one starts
+        self._retired: list[EngineRun] = []   # ended workers, deleted when the next one starts
 
         kill_orphan_peer(store)
         if queue is not None:
@@ -358,7 +359,7 @@ class Contributor(QObject):
             old.deleteLater()
         self._retired = []
         self._serial += 1
-        w = WorkerProcess(command=self.runner.command(args), run_dir=folder / manifest.run_id, parent=self)
+        w = EngineRun(["swarm", "join", *args], folder / manifest.run_id, parent=self, command=self.runner.command(args))
         # The slots name the worker by a number, not by the object: a connection holding the object
         # it belongs to is a reference cycle through C++ that PySide tears down badly.
         w.event.connect(lambda ev, n=self._serial: self._on_event(n, ev))

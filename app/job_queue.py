@@ -14,9 +14,10 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from training_core.config import JobSpec
 from training_core.errors import UserError
+from training_core.protocol import ENTRY_MODULE
 
 from .store import Job, Store
-from .worker_process import WorkerProcess
+from .engine_client import EngineRun, job_args
 
 SPEC_FILE = "queue-spec.json"   # the spec the queue hands its worker, inside the run folder
 
@@ -33,11 +34,11 @@ def _one_line(text: str) -> str:
 
 def _kill_orphan(pid: int, spec_path: Path) -> bool:
     """Kill a worker left behind by an app that died, so two workers never share a run folder.
-    Only a process whose command line is our worker for this very spec is touched (pids get reused)."""
+    Only a process whose command line is our engine running this very spec is touched (pids get reused)."""
     try:
         proc = psutil.Process(int(pid))
         cmd = proc.cmdline()
-        if "training_core.worker" not in cmd or str(spec_path) not in cmd:
+        if ENTRY_MODULE not in cmd or "run" not in cmd or str(spec_path) not in cmd:
             return False
         proc.kill()
     except Exception:   # gone already, not ours, or not allowed: nothing to do
@@ -66,13 +67,13 @@ class JobQueue(QObject):
         super().__init__(parent)
         self.store = store
         self.autostart = autostart
-        self._worker: WorkerProcess | None = None
+        self._worker: EngineRun | None = None
         self._job_id: int | None = None
         self._intent: str | None = None     # why we asked the worker to stop: "cancel" or "shutdown"
         self._seen: set[str] = set()        # event types seen from the current worker
         self._shutting_down = False
         self._serial = 0                          # which worker the slots listen to
-        self._retired: list[WorkerProcess] = []   # ended workers, deleted when the next one starts
+        self._retired: list[EngineRun] = []   # ended workers, deleted when the next one starts
         self._recovered = False
         self._gate_held = False             # the gate said no to the next job the last time it was asked
         # Consulted before a job's worker starts; False holds the queue until reconsider() (the swarm
@@ -311,7 +312,7 @@ class JobQueue(QObject):
             old.deleteLater()
         self._retired = []
         self._serial += 1
-        w = WorkerProcess(spec_path, resume=resume, parent=self)
+        w = EngineRun(job_args(spec_path, resume), job.run_dir, parent=self)
         # The slots name the worker by a number, not by the object (see app/contribution.py).
         w.event.connect(lambda ev, jid=job.id, n=self._serial: self._on_event(jid, n, ev))
         w.exited.connect(lambda code, reason, jid=job.id, n=self._serial: self._on_exit(jid, n, code, reason))

@@ -45,8 +45,9 @@ def run_engine(steps: int = DEMO_STEPS, timeout_s: float = ENGINE_TIMEOUT_S) -> 
         env = dict(os.environ, MODRON_DATA_DIR=str(Path(tmp, "data")), MODRON_CACHE_DIR=str(Path(tmp, "cache")),
                    PYTHONPATH=os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p),
                    HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
-        cmd = [sys.executable, "-m", "training_core.cli", "demo", "--steps", str(steps), "--json",
-               "--out", str(Path(tmp, "run"))]
+        from app.engine_client import engine_command   # the engine's one entry point, as the app starts it
+        program, argv = engine_command(["demo", "--steps", steps, "--json", "--out", Path(tmp, "run")])
+        cmd = [program, *argv]
         try:
             proc = subprocess.run(cmd, env=env, cwd=tmp, stdin=subprocess.DEVNULL, capture_output=True,
                                   text=True, encoding="utf-8", errors="replace", timeout=timeout_s)

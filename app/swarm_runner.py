@@ -3,7 +3,8 @@
 hivemind has no native Windows build (uvloop, p2pd over unix sockets, fork), so on Windows the peer
 runs inside the WSL2 distribution "Modron" that the installer sets up; everywhere else it is a plain
 child process. Both speak the same protocol on the same pipes (wsl.exe relays stdin/stdout), so the
-rest of the app sees no difference. No Qt here: `command()` only says what to start.
+rest of the app sees no difference. No Qt here: `command()` only says what to start; app/engine_client.py's
+EngineRun starts it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-JOIN = ("-m", "training_core.cli", "swarm", "join")
+from training_core.protocol import ENTRY_MODULE
+
+JOIN = ("-m", ENTRY_MODULE, "swarm", "join")   # the engine's one entry point, as app/engine_client.py starts it
 WSL_DISTRO = "Modron"
 WSL_PYTHON = "~/modron/venv/bin/python"   # where the installer puts Modron's venv inside the distribution
 WSL_MISSING = ("Swarm contribution on Windows needs WSL2: run Repair install and tick "

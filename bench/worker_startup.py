@@ -1,6 +1,6 @@
 """How long the training worker takes to start: spawn -> `started` event -> first `step` event.
 
-Spawns `python -m training_core.worker --spec JOB.json` as the app does (stdin/stdout pipes,
+Spawns `python -m training_core.cli run --spec JOB.json` as the app does (stdin/stdout pipes,
 protocol lines on stdout) for scratch:tiny with the bytes tokenizer and with a tokenizer trained
 at start-up, `--repeats` times each (interleaved), and sends `stop` once the first step event
 arrives. Every spawn gets fresh data and cache folders, so it pays for tokenizing the data, as a
@@ -54,7 +54,7 @@ def spawn_once(spec: JobSpec, home: Path) -> dict[str, float]:
     """Seconds from Popen to each first-of-its-type event, until the first step; then stop the worker."""
     spec_path = home / "job-spec.json"
     spec.save(spec_path)
-    cmd = [sys.executable, "-m", "training_core.worker", "--spec", str(spec_path)]
+    cmd = [sys.executable, "-m", "training_core.cli", "run", "--spec", str(spec_path)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, encoding="utf-8")

@@ -8,7 +8,7 @@ Also printed: pause sent -> paused (the worker's part alone, without waiting for
 
 The worker measured is the real swarm peer (`training_core.cli swarm join`, with a local host on
 loopback and the demo manifest) when that CLI exists, else the local finetune worker
-(`training_core.worker`, tiny scratch job), which obeys the same `pause` (and also writes a
+(`modron-train run`, tiny scratch job), which obeys the same `pause` (and also writes a
 checkpoint on pause, which the swarm peer does not). The first line says which one ran.
 
     QT_QPA_PLATFORM=offscreen .venv/bin/python bench/yield_latency.py [--trials 20] [--worker auto|swarm|finetune]
@@ -63,7 +63,7 @@ class FinetuneRunner(LocalRunner):
         self.spec_path = spec_path
 
     def command(self, args):
-        return self.python, ["-m", "training_core.worker", "--spec", str(self.spec_path)]
+        return self.python, ["-m", "training_core.cli", "run", "--spec", str(self.spec_path)]
 
 
 def swarm_cli_exists() -> bool:
@@ -154,7 +154,7 @@ def main() -> int:
     print(f"data folder: {home}", flush=True)
     why = "" if kind == "swarm" or args.worker == "finetune" else " (the swarm join CLI is not there yet)"
     print("worker measured: " + ("swarm join peer (host + 1 peer on loopback, demo manifest, CPU)" if kind == "swarm"
-                                 else "local finetune worker (training_core.worker, scratch:tiny)" + why), flush=True)
+                                 else "local finetune worker (modron-train run, scratch:tiny)" + why), flush=True)
 
     join_invite(store, invite)
     store.set_setting(CONTRIBUTE_SETTING, True)

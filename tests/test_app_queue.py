@@ -1,7 +1,7 @@
-"""The job queue with real training workers: order, pause/resume, failures, cancel; and CliTask.
+"""The job queue with real training workers: order, pause/resume, failures, cancel.
 
-Each worker is a real `python -m training_core.worker` (scratch:tiny, byte tokenizer, one thread),
-so these tests follow the same path as the app. Worker start-up (importing torch) dominates the
+Each worker is a real `python -m training_core.cli run` (an EngineRun of app/engine_client.py; scratch:tiny,
+byte tokenizer, one thread), so these tests follow the same path as the app. Worker start-up (importing torch) dominates the
 time, so each test drives several scenarios through as few workers as possible. The crash-recovery
 test (the app SIGKILLed mid-job) lives in test_app_store.py to keep each file's run time short.
 """
@@ -13,13 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from app.cli_task import CliTask
-from app.job_queue import SPEC_FILE, JobQueue
+from app.job_queue import JobQueue
 from app.store import Store
-from app.worker_process import WorkerProcess, exit_reason
-from helpers import write_text_dataset, tiny_job as tiny_spec
+from helpers import tiny_job as tiny_spec
 from training_core.errors import ConfigError
-from training_core.protocol import encode, make_event
 
 WAIT = 90_000   # ms; a worker needs a few seconds to import torch, more on a busy 2-core machine
 
@@ -73,41 +70,6 @@ def test_queue_bookkeeping_without_workers(qtbot, tmp_path, queues):
     assert store.events(b, {"recovered"})
     q.shutdown()     # before the store goes: no queued start-up check may touch it
     store.close()
-
-
-def test_worker_process_reads_only_protocol_lines(qtbot, tmp_path):
-    spec_path = tmp_path / SPEC_FILE
-    spec_path.write_text('{"out": "%s"}' % (tmp_path / "run"), encoding="utf-8")
-    w = WorkerProcess(spec_path)
-    got = []
-    w.event.connect(got.append)
-    w._handle_line(b"some library printed this")
-    w._handle_line(encode(make_event("warning", code="data", message="x")).encode())
-    assert [e["type"] for e in got] == ["warning"] and not w.running() and w.pid is None
-    assert "some library printed this" in (tmp_path / "run" / "worker.log").read_text(encoding="utf-8")
-    assert "killed" in exit_reason(9, crashed=True) and "memory" in exit_reason(9, crashed=True)
-    assert "SIGSEGV" in exit_reason(11, crashed=True) and "status 3" in exit_reason(3, crashed=False)
-
-
-def test_a_retired_worker_says_nothing_more_and_is_deleted_safely(qtbot, tmp_path):
-    """A worker its owner is done with (retire) delivers no signal again, then is deleted outside
-    its own signals; a real process that keeps printing and then exits, deleted at once after."""
-    import sys
-    from PySide6.QtCore import QObject
-    import shiboken6
-    owner = QObject()
-    line = encode(make_event("warning", code="data", message="x")).replace("\n", "")
-    script = f"import time\nfor i in range(40): print({line!r}, flush=True); time.sleep(0.02)\n"
-    w = WorkerProcess(command=(sys.executable, ["-c", script]), run_dir=tmp_path / "run", parent=owner)
-    got, exits = [], []
-    w.event.connect(lambda ev: got.append(ev) or (len(got) == 3 and w.retire()))
-    w.exited.connect(lambda code, reason: exits.append(code))
-    w.start()
-    qtbot.waitUntil(lambda: not w.running(), timeout=30_000)
-    qtbot.wait(100)
-    assert len(got) == 3 and exits == []     # without retire: 40 events and an exit notice
-    w.deleteLater()
-    qtbot.waitUntil(lambda: not shiboken6.isValid(w), timeout=5_000)
 
 
 def test_queue_order_pause_all_failure_one_at_a_time_pause_resume_cancel(qtbot, tmp_path, queues):
@@ -188,30 +150,3 @@ def test_queue_order_pause_all_failure_one_at_a_time_pause_resume_cancel(qtbot, 
     assert state(store, again) == "cancelled"
     q.shutdown()     # before the store goes: no queued start-up check may touch it
     store.close()
-
-
-def test_cli_task_validate(qtbot, tmp_path):
-    good = tmp_path / "good.txt"
-    write_text_dataset(good, n_paragraphs=10)
-    task = CliTask(["validate", "--data", str(good), "--json"])
-    with qtbot.waitSignal(task.done, timeout=30_000) as blocker:
-        task.start()
-    report = blocker.args[0]
-    assert isinstance(report, dict) and report["records"] >= 1 and report["format"] == "text"
-
-    missing = tmp_path / "nothing-here.txt"
-    task = CliTask(["validate", "--data", str(missing), "--json"])
-    with qtbot.waitSignal(task.failed, timeout=30_000) as blocker:
-        task.start()
-    line = blocker.args[0]
-    assert "nothing-here.txt" in line and "\n" not in line and not line.startswith("modron-train")
-
-    # Plain text mode and an argparse error (exit 2, message after the usage lines).
-    task = CliTask(["validate", "--data", str(good)], json=False)
-    with qtbot.waitSignal(task.done, timeout=30_000) as blocker:
-        task.start()
-    assert isinstance(blocker.args[0], str) and "text" in blocker.args[0]
-    task = CliTask(["validate"])
-    with qtbot.waitSignal(task.failed, timeout=30_000) as blocker:
-        task.start()
-    assert "--data" in blocker.args[0]

@@ -20,14 +20,15 @@ GIB = 1024 ** 3
 
 
 class ScriptedWorker(QObject):
-    """Stands in for WorkerProcess: records what the queue sends; the test emits the events."""
+    """Stands in for EngineRun: records what the queue sends; the test emits the events."""
 
     event = Signal(dict)
     exited = Signal(int, str)
     made: list["ScriptedWorker"] = []
 
-    def __init__(self, spec_path=None, resume=False, parent=None, **_kw):
+    def __init__(self, args=(), run_dir=None, parent=None, **_kw):
         super().__init__(parent)
+        resume = "--resume" in args
         self.resume, self.last_failed, self.sent, self.started = resume, None, [], False
         ScriptedWorker.made.append(self)
 
@@ -66,7 +67,7 @@ class ScriptedWorker(QObject):
 @pytest.fixture
 def scripted(monkeypatch):
     ScriptedWorker.made = []
-    monkeypatch.setattr("app.job_queue.WorkerProcess", ScriptedWorker)
+    monkeypatch.setattr("app.job_queue.EngineRun", ScriptedWorker)
     return ScriptedWorker.made
 
 

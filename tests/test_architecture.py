@@ -17,7 +17,7 @@ except ModuleNotFoundError:     # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 UNPICKLE = re.compile(r"pickle\.loads?\(|torch\.load\((?![^)]*weights_only=True)")
 CONTRACTS = {"core-no-gui", "app-no-training-stack", "app-uses-light-core", "installer-standalone",
-             "swarm-below-cli"}
+             "swarm-below-cli", "views-display-only"}
 PACKAGES = ("app", "training_core", "installer", "resources")
 
 
@@ -62,6 +62,7 @@ def test_a_broken_layer_is_reported(tmp_path):
     add("app/tray.py", "\nimport training_core.engine\n")                         # engine imports torch
     add("installer/write_record.py", "\nfrom training_core.paths import data_dir\n")
     add("training_core/swarm/commands.py", "\n\ndef _loop():\n    from ..cli import PROG\n")   # the old loop
+    add("app/views/history.py", "\nimport subprocess\n")
 
     out = lint_imports(tmp_path)
     report = out.stdout + out.stderr
@@ -75,6 +76,7 @@ def test_a_broken_layer_is_reported(tmp_path):
     assert "training_core.engine -> torch" in report           # the second link of app -> engine -> torch
     assert "installer.write_record -> training_core.paths" in report
     assert "training_core.swarm.commands -> training_core.cli" in report
+    assert "app.views.history -> subprocess" in report
 
 
 def test_nothing_unpickles():

@@ -22,7 +22,7 @@ class Worker:
     """A real worker process, spawned like the app spawns it."""
 
     def __init__(self, spec_path: Path, resume: bool = False):
-        cmd = [sys.executable, "-m", "training_core.worker", "--spec", str(spec_path)] + (["--resume"] if resume else [])
+        cmd = [sys.executable, "-m", "training_core.cli", "run", "--spec", str(spec_path)] + (["--resume"] if resume else [])
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, encoding="utf-8")
         self.events: "queue.Queue[dict]" = queue.Queue()
@@ -132,8 +132,8 @@ def test_worker_reports_bad_data_as_one_line_and_exit_2(tmp_path):
 
 def test_worker_stdout_carries_only_protocol_lines_even_if_a_library_prints(tmp_path):
     # A library print() during training must not corrupt the event stream.
-    code = ("import sys, builtins; sys.argv=['w','--spec',%r];"
-            "import training_core.worker as w; orig=w.main;"
+    code = ("import sys, builtins; sys.argv=['modron-train','run','--spec',%r];"
+            "import training_core.cli as w; orig=w.main;"
             "print('noise before main');"
             "import training_core.engine as e; real=e.Engine._setup;"
             "e.Engine._setup=lambda self: (print('noise from a library'), real(self))[1];"

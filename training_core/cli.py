@@ -1,7 +1,10 @@
-"""`modron-train`: the headless face of the engine.
+"""`modron-train` (`python -m training_core.cli`): the headless face of the engine, and its one entry point:
+the app starts every piece of engine work as one of these commands (app/engine_client.py).
 
 Exit status: 0 success, 2 bad input (one line on stderr naming the file and the problem),
-1 internal error. `--json` prints the worker protocol's events, one per line, on stdout.
+1 internal error. `--json`: a training command prints the protocol's events, one per line, on stdout;
+a one-shot command (validate, plan, export, hardware) prints one JSON document. `run` always speaks the
+protocol, controls on stdin included (docs/protocol.md).
 """
 from __future__ import annotations
 
@@ -101,16 +104,26 @@ def cmd_resume(args) -> int:
     return _run(spec, args, resume=True)
 
 
+def cmd_run(args) -> int:
+    from .worker import serve
+    return serve(args.spec, resume=args.resume)
+
+
 def cmd_export(args) -> int:
     from .export import export_adapter, export_merged
     if not args.merged and not args.adapter:
         raise UserError("export", "say what to write: --merged OUT and/or --adapter OUT")
+    written = {}
     if args.merged:
-        path = export_merged(Path(args.source), Path(args.merged))
-        print(f"merged model written to {path}")
+        written["merged"] = str(export_merged(Path(args.source), Path(args.merged)))
+        if not args.json:
+            print(f"merged model written to {written['merged']}")
     if args.adapter:
-        path = export_adapter(Path(args.source), Path(args.adapter))
-        print(f"adapter written to {path}")
+        written["adapter"] = str(export_adapter(Path(args.source), Path(args.adapter)))
+        if not args.json:
+            print(f"adapter written to {written['adapter']}")
+    if args.json:
+        print(json.dumps(written, ensure_ascii=False))
     return 0
 
 
@@ -207,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("source", help="run folder or checkpoint folder")
     e.add_argument("--merged", metavar="OUT")
     e.add_argument("--adapter", metavar="OUT")
+    add_json(e)
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("validate", help="check a dataset and show what Modron will train on")
@@ -214,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", help="count tokens with this model's tokenizer")
     add_json(v)
     v.set_defaults(func=cmd_validate)
+
+    w = sub.add_parser("run", help="run a job spec as the app does: protocol events on stdout, controls "
+                                   "(pause, resume, stop, checkpoint) on stdin")
+    w.add_argument("--spec", required=True, metavar="FILE", help="the job spec (JSON)")
+    w.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    w.set_defaults(func=cmd_run)
 
     h = sub.add_parser("hardware", help="show GPUs, CPU and memory")
     add_json(h)

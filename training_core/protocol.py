@@ -18,6 +18,11 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 
+# The engine's one entry point: all engine work the app asks for is `python -m ENTRY_MODULE COMMAND ...`
+# (`modron-train`): `run --spec` and `swarm join --json` speak this protocol; validate, plan and export
+# answer with one JSON document (--json).
+ENTRY_MODULE = "training_core.cli"
+
 # type -> required fields. Optional fields are listed in docs/protocol.md.
 EVENTS: dict[str, tuple[str, ...]] = {
     "started": ("job_id", "run_dir", "device", "precision", "method", "model",

@@ -1,4 +1,5 @@
-"""The training worker: `python -m training_core.worker --spec JOB.json [--resume]`.
+"""A job spec run as the app runs it: `modron-train run --spec JOB.json [--resume]` (cli.py), whose
+body is `serve` here.
 
 Streams protocol events (training_core.protocol) as JSON lines on stdout and obeys control
 messages on stdin. Anything else that writes to stdout (a library's print) is redirected to
@@ -8,7 +9,6 @@ stderr, so stdout carries protocol lines only. Exit: 0 finished or stopped, 2 ba
 from __future__ import annotations
 
 import _thread
-import argparse
 import os
 import signal
 import sys
@@ -26,12 +26,8 @@ def _event_stream():
     return os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training_core.worker")
-    parser.add_argument("--spec", required=True, help="job spec JSON file")
-    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    args = parser.parse_args(argv)
-
+def serve(spec_path: str, resume: bool = False) -> int:
+    """Run the job in `spec_path` (from its last checkpoint if `resume`), speaking the protocol; the exit status."""
     out = _event_stream()
     lock = threading.Lock()
 
@@ -57,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=read_controls, args=(sys.stdin, controls, emit, on_control), daemon=True).start()
         from .config import JobSpec
         from .engine import Engine
-        spec = JobSpec.load(args.spec)
-        engine = Engine(spec, emit, controls, resume=args.resume)
+        spec = JobSpec.load(spec_path)
+        engine = Engine(spec, emit, controls, resume=resume)
         engine.run()
         return 0
     except StopRequested:   # before the engine could take it (still importing)
@@ -78,7 +74,3 @@ def main(argv: list[str] | None = None) -> int:
         emit(make_event("failed", code="internal", message=f"internal error: {type(exc).__name__}: {exc}",
                         step=engine.step if engine else 0))
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

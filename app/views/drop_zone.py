@@ -1,6 +1,6 @@
 """Where a dataset comes in: drop files or folders (or pick them), then see what Modron reads.
 
-Validation runs `training_core.cli validate` in a subprocess (CliTask), so a huge or odd file
+Validation is the engine's `validate` in its own process (an EngineCall, app/engine_client.py), so a huge or odd file
 never freezes the window, and the GUI never imports the data stack.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QListWidget, QPushButton,
                                QVBoxLayout, QWidget)
 
-from app.cli_task import CliTask
+from app.engine_client import EngineCall
 from app.views.form_ux import choose_files, choose_folder
 
 ERROR_STYLE = "color: #c62828;"
@@ -169,7 +169,7 @@ class DatasetPanel(QWidget):
 
         self.report: dict | None = None
         self.error: str | None = None
-        self._task: CliTask | None = None
+        self._task: EngineCall | None = None
         self.drop_zone.paths_changed.connect(self.validate)
         self._show()
 
@@ -192,7 +192,7 @@ class DatasetPanel(QWidget):
         if not paths:
             self._show()
             return
-        task = CliTask(["validate", "--data", *paths, "--json"], parent=self)
+        task = EngineCall(["validate", "--data", *paths, "--json"], parent=self)
         task.done.connect(lambda result, t=task: self._on_done(t, result))
         task.failed.connect(lambda message, t=task: self._on_failed(t, message))
         self._task = task

@@ -1,5 +1,5 @@
 """History: finished, failed and cancelled runs with their final figures and charts from the store,
-plus "Open output folder" and "Export merged model…" (a CliTask: merging loads torch)."""
+plus "Open output folder" and "Export merged model…" (the engine's `export` as an EngineCall: merging loads torch)."""
 from __future__ import annotations
 
 import re
@@ -12,7 +12,7 @@ from PySide6.QtWidgets import (QHBoxLayout, QLabel, QPushButton, QSplitter, QTab
 
 from app.views.form_ux import choose_folder
 from app.views.job_table import job_table, view_title
-from app.cli_task import CliTask
+from app.engine_client import EngineCall
 from app.views.run_view import RunCharts
 from training_core.preflight import format_duration
 
@@ -96,7 +96,7 @@ class HistoryView(QWidget):
 
         self.job_ids: list[int] = []
         self.job_id: int | None = None          # the job whose charts are shown
-        self._export: CliTask | None = None
+        self._export: EngineCall | None = None
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(REFRESH_MS)
@@ -212,13 +212,13 @@ class HistoryView(QWidget):
         if folder:
             self.export_merged(str(export_target(folder, job.name)))
 
-    def export_merged(self, out: str) -> CliTask | None:
+    def export_merged(self, out: str) -> EngineCall | None:
         """Write the selected run's merged model to `out` (in a subprocess)."""
         job = self._job()
         if job is None or self._export is not None:
             return None
-        task = CliTask(["export", job.run_dir, "--merged", out], parent=self, json=False)
-        task.done.connect(lambda _text, o=out: self._export_done(f"Merged model written to {o}", ok=True))
+        task = EngineCall(["export", job.run_dir, "--merged", out, "--json"], parent=self)
+        task.done.connect(lambda _written, o=out: self._export_done(f"Merged model written to {o}", ok=True))
         task.failed.connect(lambda message: self._export_done(message, ok=False))
         self._export = task
         self.export_status.setStyleSheet("")

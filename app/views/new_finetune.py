@@ -1,9 +1,9 @@
 """New finetune: data, model, method and length, a pre-flight check, then "Add to queue".
 
 The form is bound to JobSpec (training_core/config.py): every field of a job has an input here, with the
-schema's default and choices. Check writes the form's spec to a file and runs `training_core.cli plan
---spec FILE` on it (a subprocess: it reads model configs with transformers); that plan applies the same
-rules and figures as the engine's pre-flight. "Add to queue" only unlocks once a check passed for exactly
+schema's default and choices. Check writes the form's spec to a file and runs the engine's
+`plan --spec FILE` on it (an EngineCall, app/engine_client.py: it reads model configs with transformers);
+that plan applies the same rules and figures as the engine's pre-flight. "Add to queue" only unlocks once a check passed for exactly
 the form's current spec, so what is queued is what was checked.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QFormLayout, 
                                QHBoxLayout, QLabel, QLineEdit, QMessageBox, QPushButton, QRadioButton,
                                QDoubleSpinBox, QScrollArea, QSpinBox, QToolButton, QVBoxLayout, QWidget)
 
-from app.cli_task import CliTask
+from app.engine_client import EngineCall
 from app.views.drop_zone import ERROR_STYLE, WARN_STYLE, DatasetPanel
 from app.views.form_ux import choose_folder, polish_form
 from app.views.job_table import view_title
@@ -59,7 +59,7 @@ class NewFinetuneView(QWidget):
         self.store, self.queue = store, queue
         self.plan: dict | None = None
         self._plan_spec: dict | None = None   # the spec the shown plan was made for
-        self._task: CliTask | None = None
+        self._task: EngineCall | None = None
         self._build()
         self._on_model_kind()
         self._invalidate()
@@ -376,7 +376,7 @@ class NewFinetuneView(QWidget):
         os.close(fd)
         queued = self.queue.prepare(spec) if self.queue is not None else spec   # as the queue will store it
         JobSpec.from_dict({**queued, "out": str(self.store.runs_dir / "new-job")}).save(spec_file)
-        task = CliTask(["plan", "--spec", spec_file, "--json"], parent=self)
+        task = EngineCall(["plan", "--spec", spec_file, "--json"], parent=self)
         task.done.connect(lambda plan, t=task, s=spec: self._plan_done(t, s, plan))
         task.failed.connect(lambda message, t=task: self._plan_failed(t, message))
         for signal in (task.done, task.failed):   # read by then; a cancelled check's file goes with the next

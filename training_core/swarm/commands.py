@@ -1,7 +1,7 @@
 """`modron-train swarm join|host|invite`: argument handling around the swarm peer and the host.
 
 In --json mode, stdout carries protocol events only (anything a library prints goes to stderr)
-and control messages are read from stdin, exactly as in `python -m training_core.worker`.
+and control messages are read from stdin, exactly as in `modron-train run`.
 
 `swarm join` checks everything it can before torch is imported: the manifest or invite (every number
 in range, nothing on this computer named by an invite), the user's consent to each hub download an
