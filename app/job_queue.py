@@ -16,15 +16,39 @@ from training_core.config import JobSpec
 from training_core.errors import UserError
 from training_core.protocol import ENTRY_MODULE
 
-from .store import Job, Store
+from training_core.preflight import format_duration
+
 from .engine_client import EngineRun, job_args
+from .store import Job, Store
 
 SPEC_FILE = "queue-spec.json"   # the spec the queue hands its worker, inside the run folder
+DEMO_NAME = "Demo"
 
 _STEP_SUMMARY = ("step", "total_steps", "epoch", "loss", "lr", "tokens_per_s", "eta_s", "elapsed_s",
                  "vram_used", "vram_reserved", "ram_used", "tokens_seen")
 _STARTED_SUMMARY = ("total_steps", "device", "precision", "method", "model", "params_total",
                     "params_trainable", "resumed_from")
+
+
+def demo_job_spec() -> dict:
+    """The bundled demo job as a spec dict, `out` left for the store to fill."""
+    from training_core.demo import demo_spec
+    spec = demo_spec().to_dict()
+    spec.pop("out", None)
+    return spec
+
+
+def progress_text(job) -> str:
+    """'step 40 of 150 (27 %), 1 min 5 s left' from a Job's summary; '' when nothing is known yet.
+    Here, not in a view: the dashboard and the tray say it alike."""
+    s = job.summary or {}
+    step, total = s.get("step"), s.get("total_steps")
+    if step is None or not total:
+        return ""
+    text = f"step {step} of {total} ({100 * step // total} %)"
+    if s.get("eta_s") is not None and step < total:
+        text += f", {format_duration(s['eta_s'])} left"
+    return text
 
 
 def _one_line(text: str) -> str:
@@ -153,6 +177,10 @@ class JobQueue(QObject):
         self.job_changed.emit(job.id)
         self._schedule()
         return job.id
+
+    def submit_demo(self) -> int:
+        """Queue the bundled demo job (every "Try the demo" button); its id."""
+        return self.submit(demo_job_spec(), DEMO_NAME)
 
     def pause(self, job_id: int) -> None:
         job = self.store.get_job(job_id)

@@ -136,8 +136,7 @@ class MainWindow(QMainWindow):
 
     def start_demo(self) -> int:
         """Queue the demo job and show it in the Run view."""
-        from app.views.dashboard import submit_demo
-        job_id = submit_demo(self.queue)
+        job_id = self.queue.submit_demo()
         self.show_job(job_id)
         return job_id
 

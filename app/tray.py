@@ -13,7 +13,7 @@ from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QApplication, QMenu, QSystemTrayIcon
 
 from app.icons import state_icon
-from app.views.dashboard import progress_text
+from app.job_queue import progress_text
 
 CONTRIBUTE_SETTING = "contribute_while_idle"
 SNOOZE_SETTING = "snooze_until"

@@ -6,35 +6,8 @@ from PySide6.QtWidgets import (QFrame, QGridLayout, QHBoxLayout, QLabel, QProgre
                                QScrollArea, QVBoxLayout, QWidget)
 
 from app.views.job_table import view_title
-from training_core.preflight import format_bytes, format_duration
-
-DEMO_NAME = "Demo"
-
-
-def demo_job_spec() -> dict:
-    """The bundled demo job as a spec dict, `out` left for the store to fill."""
-    from training_core.demo import demo_spec
-    spec = demo_spec().to_dict()
-    spec.pop("out", None)
-    return spec
-
-
-def submit_demo(queue) -> int:
-    """Queue the demo job; returns its id."""
-    return queue.submit(demo_job_spec(), DEMO_NAME)
-
-
-def progress_text(job) -> str:
-    """'step 40 of 150 (27 %), 1 min 5 s left' from a Job's summary; '' when nothing is known yet."""
-    s = job.summary or {}
-    step, total = s.get("step"), s.get("total_steps")
-    if step is None or not total:
-        return ""
-    text = f"step {step} of {total} ({100 * step // total} %)"
-    if s.get("eta_s") is not None and step < total:
-        text += f", {format_duration(s['eta_s'])} left"
-    return text
-
+from app.job_queue import progress_text
+from training_core.preflight import format_bytes
 
 def _bar(maximum: int = 1000) -> QProgressBar:
     bar = QProgressBar()
@@ -184,7 +157,7 @@ class DashboardView(QWidget):
             self.welcome.setVisible(self._first_run)
 
     def try_demo(self) -> int:
-        job_id = submit_demo(self.queue)
+        job_id = self.queue.submit_demo()
         self.demo_submitted.emit(job_id)
         return job_id
 

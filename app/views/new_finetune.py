@@ -500,9 +500,7 @@ class NewFinetuneView(QWidget):
         return job_id
 
     def try_demo(self) -> int:
-        # The dashboard's helper, so both "Try the demo" buttons queue the very same job.
-        from app.views.dashboard import submit_demo
-        job_id = submit_demo(self.queue)
+        job_id = self.queue.submit_demo()   # the queue's own, so every "Try the demo" queues the very same job
         self.demo_submitted.emit(job_id)
         return job_id
 
