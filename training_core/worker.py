@@ -74,3 +74,7 @@ def serve(spec_path: str, resume: bool = False) -> int:
         emit(make_event("failed", code="internal", message=f"internal error: {type(exc).__name__}: {exc}",
                         step=engine.step if engine else 0))
         return 1
+
+
+if __name__ == "__main__":   # the old entry point: say where it went rather than exit 0 doing nothing
+    sys.exit("python -m training_core.worker is gone: use `python -m training_core.cli run --spec JOB.json [--resume]`")
