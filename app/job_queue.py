@@ -95,6 +95,7 @@ class JobQueue(QObject):
         self._job_id: int | None = None
         self._intent: str | None = None     # why we asked the worker to stop: "cancel" or "shutdown"
         self._seen: set[str] = set()        # event types seen from the current worker
+        self._resuming = False              # the current worker continues from a checkpoint
         self._shutting_down = False
         self._serial = 0                          # which worker the slots listen to
         self._retired: list[EngineRun] = []   # ended workers, deleted when the next one starts
@@ -345,6 +346,7 @@ class JobQueue(QObject):
         w.event.connect(lambda ev, jid=job.id, n=self._serial: self._on_event(jid, n, ev))
         w.exited.connect(lambda code, reason, jid=job.id, n=self._serial: self._on_exit(jid, n, code, reason))
         self._worker, self._job_id, self._intent, self._seen = w, job.id, None, set()
+        self._resuming = resume
         self.store.update_job(job.id, state="running", attempts=job.attempts + 1, started=job.started or time.time(),
                               finished=None, error=None)
         w.start()
@@ -371,7 +373,7 @@ class JobQueue(QObject):
         elif t == "eval":
             summary = {"eval_loss": ev.get("eval_loss"), "perplexity": ev.get("perplexity")}
         elif t == "started":
-            if w.resume or started_before:
+            if self._resuming or started_before:
                 # Steps after the checkpoint are done again (a resumed worker, or one that went back to
                 # its last good checkpoint after the loss diverged): drop their old points so the chart
                 # holds one history (all of it when there was no checkpoint to resume from).
