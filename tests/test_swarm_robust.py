@@ -5,6 +5,7 @@ the naming that leaves it out."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 from types import SimpleNamespace
 
@@ -177,7 +178,11 @@ def test_sync_state_load_refuses_weights_of_another_scale(monkeypatch):
     obj.__dict__.update(_parent_pid=-1, main_parameters=(torch.ones(2, 2),), extra_tensors=(),
                         on_warning=lambda code, msg: warnings.append(msg), max_epoch=lambda: 12)
     sent = {}
-    monkeypatch.setattr(DecentralizedAverager, "load_state_from_peers", lambda self, **kw: sent["state"])
+    def done(self, wait=True, **kw):      # the download finished: a future holding its state
+        future = concurrent.futures.Future()
+        future.set_result(sent["state"])
+        return future
+    monkeypatch.setattr(DecentralizedAverager, "load_state_from_peers", done)
     sent["state"] = ({"epoch": 10}, [torch.full((2, 2), 3.0)])
     assert _CheckedStateLoad.load_state_from_peers(obj) is sent["state"]
     sent["state"] = ({"epoch": 10}, [torch.full((2, 2), -100.0)])
