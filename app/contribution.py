@@ -24,6 +24,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
+from app import settings
 from app.engine_client import EngineRun
 from app.idle_policy import Decision, IdlePolicy, IdleRules, Sensors
 from app.swarm_runner import Runner, pick_runner
@@ -32,18 +33,7 @@ from training_core.protocol import ENTRY_MODULE
 from training_core.swarm.manifest import SwarmManifest, hub_downloads, make_invite, read_invite
 from training_core.swarm.sources import CONSENT_FLAG, consent_problem
 
-# Settings keys (the tray owns the first two; IdleRules.enabled / snooze_until come from them).
-CONTRIBUTE_SETTING = "contribute_while_idle"
-SNOOZE_SETTING = "snooze_until"
-RULES_SETTING = "idle_rules"
-INVITE_SETTING = "swarm_invite"
-GRACE_SETTING = "swarm_grace_s"
-PRIORITY_SETTING = "gpu_priority"
-LATENCY_SETTING = "swarm_handback_s"
-PID_SETTING = "swarm_worker_pid"    # so a worker left behind by a crashed app is ended at the next start
-CONSENT_SETTING = "swarm_download_consent"   # hub ids of the joined invite the user agreed to download
-
-DEFAULT_GRACE_S = 10.0
+DEFAULT_GRACE_S = settings.SWARM_GRACE_S.default
 PAUSED_KEEP_S = 300.0          # a worker paused longer than this is stopped (frees its CUDA context)
 PRIORITIES = ("local", "swarm")
 KEEP_LATENCIES = 50
@@ -61,12 +51,13 @@ def load_rules(store) -> tuple[IdleRules, str]:
     """The stored rules (defaults when none or unreadable) and a plain problem line, or ""."""
     problem = ""
     try:
-        rules = IdleRules.from_dict(store.get_setting(RULES_SETTING) or {})
+        rules = IdleRules.from_dict(settings.IDLE_RULES.get(store))
     except ConfigError as exc:
         rules, problem = IdleRules(), f"Your contribution rules could not be read ({exc}); using the defaults."
-    rules.enabled = bool(store.get_setting(CONTRIBUTE_SETTING, False))
-    until = store.get_setting(SNOOZE_SETTING)
-    rules.snooze_until = float(until) if isinstance(until, (int, float)) else None
+    # enabled and snooze_until are the tray's settings (one source for each)
+    rules.enabled = bool(settings.CONTRIBUTE.get(store))
+    until = settings.SNOOZE_UNTIL.get(store)
+    rules.snooze_until = float(until) if until is not None else None
     return rules, problem
 
 
@@ -75,21 +66,21 @@ def save_rules(store, rules: IdleRules) -> None:
     data = rules.to_dict()
     data.pop("enabled", None)
     data.pop("snooze_until", None)
-    store.set_setting(RULES_SETTING, data)
+    settings.IDLE_RULES.set(store, data)
 
 
 def grace_s(store) -> float:
-    value = store.get_setting(GRACE_SETTING, DEFAULT_GRACE_S)
-    return float(value) if isinstance(value, (int, float)) and value > 0 else DEFAULT_GRACE_S
+    value = settings.SWARM_GRACE_S.get(store)
+    return float(value) if value > 0 else DEFAULT_GRACE_S
 
 
 def gpu_priority(store) -> str:
-    value = store.get_setting(PRIORITY_SETTING, "local")
-    return value if value in PRIORITIES else "local"
+    value = settings.GPU_PRIORITY.get(store)
+    return value if value in PRIORITIES else settings.GPU_PRIORITY.default
 
 
 def joined_manifest(store) -> SwarmManifest | None:
-    text = store.get_setting(INVITE_SETTING)
+    text = settings.SWARM_INVITE.get(store)
     if not text:
         return None
     try:
@@ -105,15 +96,20 @@ def join_invite(store, text_or_path, accept_downloads=()) -> SwarmManifest:
     problem = consent_problem(manifest, list(accept_downloads))
     if problem:
         raise ConfigError("invite", problem)
-    store.set_setting(INVITE_SETTING, make_invite(manifest))
-    store.set_setting(CONSENT_SETTING, sorted({repo for _, repo in hub_downloads(manifest)}))
+    settings.SWARM_INVITE.set(store, make_invite(manifest))
+    settings.SWARM_DOWNLOAD_CONSENT.set(store, sorted({repo for _, repo in hub_downloads(manifest)}))
     return manifest
+
+
+def forget_invite(store) -> None:
+    """Leave the swarm as far as the settings go: its invite and the downloads agreed to for it."""
+    settings.SWARM_INVITE.set(store, None)
+    settings.SWARM_DOWNLOAD_CONSENT.set(store, None)
 
 
 def missing_consent(store, manifest: SwarmManifest) -> list[str]:
     """Hub ids this swarm would download that the user has not agreed to (no network, no cache look-up)."""
-    agreed = store.get_setting(CONSENT_SETTING) or []
-    agreed = set(agreed) if isinstance(agreed, list) else set()
+    agreed = set(settings.SWARM_DOWNLOAD_CONSENT.get(store))
     return [repo for _, repo in hub_downloads(manifest) if repo not in agreed]
 
 
@@ -124,16 +120,16 @@ def consent_args(store, manifest: SwarmManifest) -> list[str]:
 
 
 def handback_latencies(store) -> list[float]:
-    return [float(x) for x in store.get_setting(LATENCY_SETTING, []) or [] if isinstance(x, (int, float))]
+    return [float(x) for x in settings.SWARM_HANDBACK_S.get(store) if isinstance(x, (int, float))]
 
 
 def kill_orphan_peer(store) -> bool:
     """End a swarm worker that a crashed app left running (it would hold the GPU with nobody to pause it).
     Only a process whose command line is a swarm join is touched: pids get reused."""
-    pid = store.get_setting(PID_SETTING)
+    pid = settings.SWARM_WORKER_PID.get(store)
     if not pid:
         return False
-    store.set_setting(PID_SETTING, None)
+    settings.SWARM_WORKER_PID.set(store, None)
     try:
         import psutil
         proc = psutil.Process(int(pid))
@@ -283,7 +279,7 @@ class Contributor(QObject):
             waiting = q.waiting_job()
             if waiting is not None and gpu_priority(self.store) == "local":
                 return Decision(False, f"a local finetune ({waiting.name}) is waiting for the GPU", "local_job")
-        invite = self.store.get_setting(INVITE_SETTING)
+        invite = settings.SWARM_INVITE.get(self.store)
         manifest = joined_manifest(self.store)
         if manifest is None:
             return Decision(False, "join a swarm first: paste an invite in the Swarm view", "no_invite")
@@ -350,7 +346,7 @@ class Contributor(QObject):
         folder = Path(self.store.path).parent / "swarm"
         invite_file = folder / "joined-invite.txt"
         folder.mkdir(parents=True, exist_ok=True)
-        invite_file.write_text(self.store.get_setting(INVITE_SETTING) + "\n", encoding="utf-8")
+        invite_file.write_text(settings.SWARM_INVITE.get(self.store) + "\n", encoding="utf-8")
         rules = self.policy.rules
         args = ["--invite-file", self.runner.path(invite_file), "--json", "--device", "auto",
                 "--vram-fraction", f"{rules.vram_cap_fraction:g}", *consent_args(self.store, manifest)]
@@ -359,7 +355,8 @@ class Contributor(QObject):
             old.deleteLater()
         self._retired = []
         self._serial += 1
-        w = EngineRun(["swarm", "join", *args], folder / manifest.run_id, parent=self, command=self.runner.command(args))
+        w = EngineRun(["swarm", "join", *args], folder / manifest.run_id, parent=self,
+                      command=self.runner.command(args))
         # The slots name the worker by a number, not by the object: a connection holding the object
         # it belongs to is a reference cycle through C++ that PySide tears down badly.
         w.event.connect(lambda ev, n=self._serial: self._on_event(n, ev))
@@ -369,7 +366,7 @@ class Contributor(QObject):
         self._session_s, self._stop_after_pause, self._pause_sent = 0.0, False, None
         self.state, self.message = "starting", ""
         w.start()
-        self.store.set_setting(PID_SETTING, w.pid)
+        settings.SWARM_WORKER_PID.set(self.store, w.pid)
 
     def _send(self, kind: str) -> None:
         if self._worker is not None:
@@ -400,8 +397,7 @@ class Contributor(QObject):
 
     def leave(self) -> None:
         """Leave the swarm: forget the invite; a running worker leaves the swarm and exits."""
-        self.store.set_setting(INVITE_SETTING, None)
-        self.store.set_setting(CONSENT_SETTING, None)
+        forget_invite(self.store)
         self._hold, self._retry_at, self.message = None, None, ""
         if self._worker is not None:
             if self.state == "pausing":
@@ -460,7 +456,7 @@ class Contributor(QObject):
         elif t == "paused":
             if self._pause_sent is not None:
                 self.latencies = (self.latencies + [time.perf_counter() - self._pause_sent[0]])[-KEEP_LATENCIES:]
-                self.store.set_setting(LATENCY_SETTING, [round(x, 4) for x in self.latencies])
+                settings.SWARM_HANDBACK_S.set(self.store, [round(x, 4) for x in self.latencies])
                 self._pause_sent = None
             self.state, self._paused_since = "paused", self.clock()
             if self._stop_after_pause:
@@ -502,7 +498,7 @@ class Contributor(QObject):
         if serial != self._serial or w is None:
             return
         self._worker = None
-        self.store.set_setting(PID_SETTING, None)
+        settings.SWARM_WORKER_PID.set(self.store, None)
         w.retire()
         self._retired.append(w)
         expected = self.state in ("stopping", "pausing") or self._stop_after_pause
@@ -511,7 +507,7 @@ class Contributor(QObject):
         if not expected and code != 0:
             self.message = reason or self.message or f"the swarm worker stopped (status {code})"
             if code == 2:   # bad input: the same invite will fail the same way
-                self._hold = (self.store.get_setting(INVITE_SETTING), self.message)
+                self._hold = (settings.SWARM_INVITE.get(self.store), self.message)
             else:
                 self._retry_at = self.clock() + self._retry_s
                 self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)

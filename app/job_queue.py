@@ -18,6 +18,7 @@ from training_core.protocol import ENTRY_MODULE
 
 from training_core.preflight import format_duration
 
+from . import settings
 from .engine_client import EngineRun, job_args
 from .store import Job, Store
 
@@ -111,7 +112,7 @@ class JobQueue(QObject):
     # ---- queries --------------------------------------------------------------------------
     @property
     def paused_all(self) -> bool:
-        return bool(self.store.get_setting("paused_all", False))
+        return settings.PAUSED_ALL.get(self.store)
 
     def running_job(self) -> Job | None:
         """The job that has a worker (training, or paused with its worker waiting)."""
@@ -162,8 +163,8 @@ class JobQueue(QObject):
         Raises a UserError (one plain line) when it cannot run."""
         spec = dict(spec)
         if spec.get("checkpoint_every") is None and "checkpoint_minutes" not in spec:
-            minutes = self.store.get_setting("checkpoint_minutes")
-            if minutes:
+            minutes = settings.CHECKPOINT_MINUTES.get(self.store)
+            if minutes > 0:
                 spec["checkpoint_minutes"] = float(minutes)
         full = JobSpec.from_dict({**spec, "out": spec.get("out") or "-"}).to_dict()
         if not spec.get("out"):
@@ -234,7 +235,7 @@ class JobQueue(QObject):
 
     def pause_all(self) -> None:
         """Start nothing new, and pause the running job (it checkpoints and frees the GPU)."""
-        self.store.set_setting("paused_all", True)
+        settings.PAUSED_ALL.set(self.store, True)
         if self._worker is not None:
             job = self.store.get_job(self._job_id)
             if job.state == "running":
@@ -243,7 +244,7 @@ class JobQueue(QObject):
         self.queue_changed.emit()
 
     def resume_all(self) -> None:
-        self.store.set_setting("paused_all", False)
+        settings.PAUSED_ALL.set(self.store, False)
         for job in self.store.list_jobs(("paused",)):
             if job.summary.get("paused_by_all"):
                 self.resume(job.id)

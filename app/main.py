@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-DATA_DIR_SETTING = "data_dir_next"
 NO_TRAY_TEXT = ("Your desktop has no system tray, so Modron lives in this window: closing it quits Modron "
                 "(a running job saves a checkpoint first and continues at the next start). On GNOME, the "
                 "\"AppIndicator and KStatusNotifierItem Support\" extension adds a tray.")
@@ -48,6 +47,7 @@ def home_data_dir() -> Path:
 def apply_data_dir_choice() -> str | None:
     """Point MODRON_DATA_DIR at the folder chosen in Settings. Returns a warning line, or None."""
     global _home
+    from app import settings
     from app.store import DB_NAME, Store, store_problem
     from training_core.paths import data_dir
     _home = data_dir()
@@ -55,7 +55,7 @@ def apply_data_dir_choice() -> str | None:
         return None
     store = Store.open_default()
     try:
-        chosen = store.get_setting(DATA_DIR_SETTING)
+        chosen = settings.DATA_DIR_NEXT.get(store)
     finally:
         store.close()
     if not chosen or Path(chosen).resolve() == _home.resolve():

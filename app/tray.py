@@ -12,13 +12,11 @@ from PySide6.QtCore import QEvent, QObject
 from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QApplication, QMenu, QSystemTrayIcon
 
+from app import settings
 from app.icons import state_icon
 from app.job_queue import progress_text
 
-CONTRIBUTE_SETTING = "contribute_while_idle"
-SNOOZE_SETTING = "snooze_until"
 SNOOZE_SECONDS = 3600
-UNSEEN_SETTING = "unseen_failures"   # ids of failed jobs the user has not seen yet
 
 
 class Tray(QObject):
@@ -163,7 +161,7 @@ class Tray(QObject):
         self.refresh()
 
     def _load_unseen(self) -> list[int]:
-        ids = self.store.get_setting(UNSEEN_SETTING) or []
+        ids = settings.UNSEEN_FAILURES.get(self.store)
         alive = []
         for i in ids:
             try:
@@ -176,7 +174,7 @@ class Tray(QObject):
     def _set_unseen(self, ids: list[int]) -> None:
         if ids != self.unseen:
             self.unseen = list(ids)
-            self.store.set_setting(UNSEEN_SETTING, self.unseen)
+            settings.UNSEEN_FAILURES.set(self.store, self.unseen)
 
     def notify(self, title: str, text: str, icon=QSystemTrayIcon.MessageIcon.Information,
                job_id: int | None = None) -> None:
@@ -187,9 +185,9 @@ class Tray(QObject):
 
     def sync_menu(self) -> None:
         """Show the persisted settings (the Settings view may have changed them)."""
-        self._set_checked(self.contribute_action, bool(self.store.get_setting(CONTRIBUTE_SETTING, False)))
+        self._set_checked(self.contribute_action, settings.CONTRIBUTE.get(self.store))
         self._set_checked(self.pause_action, bool(self.queue.paused_all))
-        until = self.store.get_setting(SNOOZE_SETTING)
+        until = settings.SNOOZE_UNTIL.get(self.store)
         if until and until > time.time():
             self.snooze_action.setText(f"Snooze 1 h (snoozed until {time.strftime('%H:%M', time.localtime(until))})")
         else:
@@ -203,7 +201,7 @@ class Tray(QObject):
             action.blockSignals(False)
 
     def _contribute_toggled(self, on: bool) -> None:
-        self.store.set_setting(CONTRIBUTE_SETTING, bool(on))
+        settings.CONTRIBUTE.set(self.store, bool(on))
 
     def _pause_toggled(self, on: bool) -> None:
         if on:
@@ -213,7 +211,7 @@ class Tray(QObject):
         self.refresh()
 
     def snooze(self) -> None:
-        self.store.set_setting(SNOOZE_SETTING, time.time() + SNOOZE_SECONDS)
+        settings.SNOOZE_UNTIL.set(self.store, time.time() + SNOOZE_SECONDS)
         self.sync_menu()
 
     def open_window(self) -> None:

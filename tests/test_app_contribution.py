@@ -11,9 +11,8 @@ import textwrap
 import pytest
 from PySide6.QtCore import QObject, Signal
 
-from app.contribution import (CONTRIBUTE_SETTING, GRACE_SETTING, INVITE_SETTING, LATENCY_SETTING,
-                              PRIORITY_SETTING, SNOOZE_SETTING, Contributor, join_invite, load_rules,
-                              save_rules)
+from app import settings
+from app.contribution import Contributor, join_invite, load_rules, save_rules
 from app.idle_policy import IdleRules, Sensors
 from app.store import Store
 from training_core.swarm.manifest import bundled_path, load_manifest, make_invite
@@ -151,8 +150,8 @@ def rig(tmp_path, store, qtbot):
         clock = FakeClock()
         sensors = FakeSensors(clock)
         runner = FakeRunner(script, mode)
-        store.set_setting(CONTRIBUTE_SETTING, True)
-        if store.get_setting(INVITE_SETTING) is None:
+        store.set_setting(settings.CONTRIBUTE.key, True)
+        if store.get_setting(settings.SWARM_INVITE.key) is None:
             join_invite(store, DEMO_INVITE)
         rules, _ = load_rules(store)
         rules.idle_minutes = 1
@@ -208,7 +207,7 @@ def test_idle_warn_start_then_user_returns_pauses_fast_and_resumes(rig, qtbot, s
     assert c.state == "pausing" and "using the computer" in c.reason
     qtbot.waitUntil(lambda: c.state == "paused", timeout=5_000)
     assert len(c.latencies) == 1 and 0 < c.latencies[0] < 2.0
-    assert store.get_setting(LATENCY_SETTING) == [round(c.latencies[0], 4)]
+    assert store.get_setting(settings.SWARM_HANDBACK_S.key) == [round(c.latencies[0], 4)]
     assert changes == [True, False]
 
     # Idle again: a fresh warning, then the paused worker is resumed (not a second process).
@@ -225,7 +224,7 @@ def test_idle_warn_start_then_user_returns_pauses_fast_and_resumes(rig, qtbot, s
 
 def test_a_worker_that_ignores_pause_is_killed_after_the_grace_period(rig, qtbot, store):
     c, sensors, clock, runner, notices = rig("ignore_pause")
-    store.set_setting(GRACE_SETTING, 10)
+    store.set_setting(settings.SWARM_GRACE_S.key, 10)
     go_idle(c, sensors, clock, qtbot)
     user_returns(c, sensors, clock)
     assert c.state == "pausing"
@@ -263,12 +262,12 @@ def test_a_failing_rule_pauses_with_its_reason(rig, qtbot, store, what, reason):
 def test_snooze_then_toggle_off_stops_the_worker(rig, qtbot, store):
     c, sensors, clock, runner, notices = rig()
     go_idle(c, sensors, clock, qtbot)
-    store.set_setting(SNOOZE_SETTING, clock.t + 3600)
+    store.set_setting(settings.SNOOZE_UNTIL.key, clock.t + 3600)
     clock.t += 1
     c.tick()
     assert c.rule == "snoozed" and c.state == "pausing"
     qtbot.waitUntil(lambda: c.state == "paused", timeout=5_000)
-    store.set_setting(CONTRIBUTE_SETTING, False)
+    store.set_setting(settings.CONTRIBUTE.key, False)
     c.tick()
     assert c.state == "stopping"
     qtbot.waitUntil(lambda: c.worker_pid is None, timeout=5_000)
@@ -312,7 +311,7 @@ def test_local_priority_pauses_the_swarm_before_a_local_job_starts(rig, qtbot, s
 
 
 def test_swarm_priority_keeps_local_jobs_waiting_while_contributing(rig, qtbot, store):
-    store.set_setting(PRIORITY_SETTING, "swarm")
+    store.set_setting(settings.GPU_PRIORITY.key, "swarm")
     queue = FakeQueue()
     c, sensors, clock, runner, notices = rig(queue=queue)
     go_idle(c, sensors, clock, qtbot)
@@ -339,7 +338,7 @@ def test_stats_survive_a_crash_and_add_up_across_workers(rig, qtbot, store, tmp_
         first = other.swarm_stats("modron-demo")
         assert first["samples"] >= 24 and first["bytes_up"] >= 3000 and first["last_status"]["peers"] == 3
         assert len(other.swarm_metrics("modron-demo")["loss"]) >= 3
-        assert other.get_setting(INVITE_SETTING) == DEMO_INVITE
+        assert other.get_setting(settings.SWARM_INVITE.key) == DEMO_INVITE
     finally:
         other.close()
     c.tick()
@@ -382,8 +381,8 @@ def test_bad_input_holds_until_a_new_invite_and_missing_pieces_are_said_plainly(
 def test_rules_and_settings_round_trip(store):
     rules = IdleRules(idle_minutes=7, blocked_programs=["steam"], max_gpu_temp_c=75, unknown_idle="never")
     save_rules(store, rules)
-    store.set_setting(CONTRIBUTE_SETTING, True)
-    store.set_setting(SNOOZE_SETTING, 123.0)
+    store.set_setting(settings.CONTRIBUTE.key, True)
+    store.set_setting(settings.SNOOZE_UNTIL.key, 123.0)
     back, problem = load_rules(store)
     assert problem == "" and back.enabled and back.snooze_until == 123.0
     assert (back.idle_minutes, back.blocked_programs, back.max_gpu_temp_c, back.unknown_idle) == (

@@ -7,7 +7,8 @@ import datetime as dt
 
 import pytest
 
-from app.contribution import GRACE_SETTING, PRIORITY_SETTING, load_rules
+from app import settings
+from app.contribution import load_rules
 from app.idle_policy import Window
 from app.views.contribution_settings import ContributionSettingsView, format_schedule, parse_schedule
 
@@ -35,7 +36,7 @@ def test_round_trip(qtbot, store):
     assert (rules.idle_minutes, rules.allow_on_battery, rules.blocked_programs, rules.block_on_other_gpu_apps,
             rules.max_gpu_temp_c, rules.vram_cap_fraction, rules.unknown_idle) == (
         5, True, ["steam", "blender", "obs"], False, 78, 0.6, "never")
-    assert store.get_setting(GRACE_SETTING) == 4 and store.get_setting(PRIORITY_SETTING) == "swarm"
+    assert settings.SWARM_GRACE_S.get(store) == 4 and settings.GPU_PRIORITY.get(store) == "swarm"
 
     again = ContributionSettingsView(store, None)
     qtbot.addWidget(again)

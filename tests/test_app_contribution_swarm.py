@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from app.contribution import CONTRIBUTE_SETTING, Contributor, load_rules, save_rules
+from app import settings
+from app.contribution import Contributor, load_rules, save_rules
 from app.idle_policy import Sensors
 from app.store import Store
 from app.swarm_runner import LocalRunner
@@ -49,7 +50,7 @@ def test_real_swarm_peer_starts_pauses_and_leaves(tmp_path, qtbot):
             invite = ev["invite"] if ev.get("type") == "invite" else None
 
         away = {"idle": 3600.0}
-        store.set_setting(CONTRIBUTE_SETTING, True)
+        store.set_setting(settings.CONTRIBUTE.key, True)
         rules, _ = load_rules(store)
         rules.idle_minutes = 1
         save_rules(store, rules)

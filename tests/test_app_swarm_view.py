@@ -12,7 +12,8 @@ from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import QApplication
 
-from app.contribution import INVITE_SETTING, Contributor, load_rules
+from app import settings
+from app.contribution import Contributor, load_rules
 from app.idle_policy import Sensors
 from app.views.swarm_view import SwarmView, about, human_bytes
 from training_core.swarm.manifest import bundled_path, load_manifest, make_invite
@@ -48,16 +49,16 @@ def test_paste_a_garbage_invite_then_a_good_one_then_leave(qtbot, store):
     view.invite_edit.setText("hello, please join my swarm")
     view.join_button.click()
     assert view.error_label.isVisible() and "\n" not in view.error_label.text()
-    assert "is not a Modron invite" in view.error_label.text() and store.get_setting(INVITE_SETTING) is None
+    assert "is not a Modron invite" in view.error_label.text() and store.get_setting(settings.SWARM_INVITE.key) is None
 
     view.invite_edit.setText(INVITE)
     view.join_button.click()
     assert not view.error_label.isVisible() and view.joined_box.isVisible() and not view.join_box.isVisible()
     assert "modron-demo" in view.swarm_label.text() and "1 initial peer" in view.swarm_label.text()
-    assert store.get_setting(INVITE_SETTING) == INVITE
+    assert store.get_setting(settings.SWARM_INVITE.key) == INVITE
 
     view.leave_button.click()
-    assert store.get_setting(INVITE_SETTING) is None and view.join_box.isVisible()
+    assert store.get_setting(settings.SWARM_INVITE.key) is None and view.join_box.isVisible()
 
 
 def test_drop_an_invite_file_or_text(qtbot, store, tmp_path):
@@ -74,12 +75,12 @@ def test_drop_an_invite_file_or_text(qtbot, store, tmp_path):
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(good))])
     drop(view, mime)
-    assert store.get_setting(INVITE_SETTING) == INVITE and view.error_label.isHidden()
-    store.set_setting(INVITE_SETTING, None)
+    assert store.get_setting(settings.SWARM_INVITE.key) == INVITE and view.error_label.isHidden()
+    store.set_setting(settings.SWARM_INVITE.key, None)
     mime = QMimeData()
     mime.setText(INVITE)
     drop(view, mime)
-    assert store.get_setting(INVITE_SETTING) == INVITE
+    assert store.get_setting(settings.SWARM_INVITE.key) == INVITE
 
 
 def test_events_update_figures_and_chart_and_the_store_reloads_them(qtbot, store):
@@ -251,7 +252,6 @@ def hub_invite(model="someorg/some-model", **changes) -> str:
 
 
 def test_an_invite_with_a_hub_model_asks_before_joining_and_cancel_joins_nothing(qtbot, store):
-    from app.contribution import CONSENT_SETTING
     view = SwarmView(store, None)
     qtbot.addWidget(view)
     view.show()
@@ -265,18 +265,19 @@ def test_an_invite_with_a_hub_model_asks_before_joining_and_cancel_joins_nothing
     assert "Licence: unknown until downloaded: check it on https://huggingface.co/someorg/some-model" in text
     assert "Nothing is downloaded unless you choose" in text
     assert dialog.cancel_button.isDefault() and dialog.accept_button.text() == "Download and join"
-    assert store.get_setting(INVITE_SETTING) is None                 # nothing joined while asking
+    assert store.get_setting(settings.SWARM_INVITE.key) is None                 # nothing joined while asking
 
     qtbot.keyClick(dialog, Qt.Key_Return)                           # Enter does not agree: it cancels
     qtbot.waitUntil(lambda: view.consent_dialog is None)
-    assert store.get_setting(INVITE_SETTING) is None and store.get_setting(CONSENT_SETTING) is None
+    assert store.get_setting(settings.SWARM_INVITE.key) is None
+    assert store.get_setting(settings.SWARM_DOWNLOAD_CONSENT.key) is None
     assert view.error_label.isVisible()
     assert view.error_label.text() == "Not joined: you did not agree to download someorg/some-model."
     assert view.invite_edit.text() == hub_invite()                   # still there to think again
 
 
 def test_agreeing_joins_and_the_worker_is_given_the_consent(qtbot, store):
-    from app.contribution import CONSENT_SETTING, consent_args
+    from app.contribution import consent_args
     runs = []
 
     class Runner:
@@ -301,9 +302,9 @@ def test_agreeing_joins_and_the_worker_is_given_the_consent(qtbot, store):
     invite = hub_invite()
     assert view.join(invite) is False                                 # asked, not joined yet
     view.consent_dialog.accept_button.click()
-    qtbot.waitUntil(lambda: store.get_setting(INVITE_SETTING) is not None)
+    qtbot.waitUntil(lambda: store.get_setting(settings.SWARM_INVITE.key) is not None)
     assert view.consent_dialog is None and not view.error_label.isVisible()
-    assert store.get_setting(CONSENT_SETTING) == ["someorg/some-model"]
+    assert store.get_setting(settings.SWARM_DOWNLOAD_CONSENT.key) == ["someorg/some-model"]
     assert "someorg/some-model (from the Hugging Face hub)" in view.swarm_label.text()
     manifest = load_manifest(bundled_path("swarms/demo.toml"))
     assert consent_args(store, manifest) == []                          # the demo downloads nothing
@@ -312,11 +313,11 @@ def test_agreeing_joins_and_the_worker_is_given_the_consent(qtbot, store):
     c.shutdown(timeout_ms=5000)
 
     view.leave_button.click()
-    assert store.get_setting(CONSENT_SETTING) is None
+    assert store.get_setting(settings.SWARM_DOWNLOAD_CONSENT.key) is None
 
 
 def test_an_invite_kept_without_consent_waits_with_a_reason(qtbot, store):
-    store.set_setting(INVITE_SETTING, hub_invite("someorg/other"))     # e.g. kept by an older Modron
+    store.set_setting(settings.SWARM_INVITE.key, hub_invite("someorg/other"))     # e.g. kept by an older Modron
     store.set_setting("contribute_while_idle", True)
     c = Contributor(store, None, tick_ms=0,
                     sensors=lambda exclude=frozenset(): (Sensors(now=__import__("datetime").datetime.now(),
@@ -337,5 +338,5 @@ def test_an_invite_naming_a_local_folder_is_refused_in_the_view(qtbot, store, tm
     qtbot.addWidget(view)
     view.invite_edit.setText(invite)
     view.join_button.click()
-    assert view.consent_dialog is None and store.get_setting(INVITE_SETTING) is None
+    assert view.consent_dialog is None and store.get_setting(settings.SWARM_INVITE.key) is None
     assert "not allowed in an invite" in view.error_label.text() and "\n" not in view.error_label.text()

@@ -7,8 +7,8 @@ import re
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout,
                                QLabel, QPlainTextEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
-from app.contribution import (DEFAULT_GRACE_S, GRACE_SETTING, PRIORITIES, PRIORITY_SETTING, grace_s,
-                              gpu_priority, load_rules, save_rules)
+from app import settings
+from app.contribution import PRIORITIES, grace_s, gpu_priority, load_rules, save_rules
 from app.idle_policy import IdleRules, Window
 from app.views.form_ux import polish_form
 from app.views.settings_view import note
@@ -189,8 +189,8 @@ class ContributionSettingsView(QWidget):
             self._say(str(exc), error=True)   # the form keeps what was typed, to fix it
             return False
         save_rules(self.store, rules)
-        self.store.set_setting(GRACE_SETTING, float(self.grace_spin.value() or DEFAULT_GRACE_S))
-        self.store.set_setting(PRIORITY_SETTING, self.priority_combo.currentData())
+        settings.SWARM_GRACE_S.set(self.store, float(self.grace_spin.value() or settings.SWARM_GRACE_S.default))
+        settings.GPU_PRIORITY.set(self.store, self.priority_combo.currentData())
         if self.contributor is not None:
             self.contributor.poke()
         self._say("Saved.")

@@ -12,7 +12,7 @@ from pathlib import Path
 from PySide6.QtCore import QEvent, QObject, Qt
 from PySide6.QtWidgets import QAbstractSpinBox, QComboBox, QFileDialog, QFormLayout, QLabel, QWidget
 
-LAST_DIR_SETTING = "last_dir"   # last_dir.<kind>, plus the bare key: the last folder of any kind
+from app import settings
 
 
 class _WheelToPage(QObject):
@@ -54,9 +54,9 @@ def start_dir(store, kind: str) -> str:
     """Where a dialog for `kind` opens: the last folder picked for it, else the last of any kind,
     else the home folder. A remembered folder that is gone is skipped."""
     if store is not None:
-        for key in (f"{LAST_DIR_SETTING}.{kind}", LAST_DIR_SETTING):
-            value = store.get_setting(key)
-            if isinstance(value, str) and value and Path(value).is_dir():
+        for setting in (settings.last_dir(kind), settings.LAST_DIR):
+            value = setting.get(store)
+            if value and Path(value).is_dir():
                 return value
     return str(Path.home())
 
@@ -67,8 +67,8 @@ def remember_dir(store, kind: str, picked: str | Path) -> None:
     if store is None or not picked:
         return
     folder = str(Path(picked).parent)
-    store.set_setting(f"{LAST_DIR_SETTING}.{kind}", folder)
-    store.set_setting(LAST_DIR_SETTING, folder)
+    settings.last_dir(kind).set(store, folder)
+    settings.LAST_DIR.set(store, folder)
 
 
 def choose_folder(parent: QWidget, store, kind: str, title: str) -> str:

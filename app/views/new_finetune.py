@@ -3,8 +3,8 @@
 The form is bound to JobSpec (training_core/config.py): every field of a job has an input here, with the
 schema's default and choices. Check writes the form's spec to a file and runs the engine's
 `plan --spec FILE` on it (an EngineCall, app/engine_client.py: it reads model configs with transformers);
-that plan applies the same rules and figures as the engine's pre-flight. "Add to queue" only unlocks once a check passed for exactly
-the form's current spec, so what is queued is what was checked.
+that plan applies the same rules and figures as the engine's pre-flight. "Add to queue" only unlocks once
+a check passed for exactly the form's current spec, so what is queued is what was checked.
 """
 from __future__ import annotations
 

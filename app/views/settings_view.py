@@ -8,14 +8,10 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                                QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
-from app import autostart, install_info
+from app import autostart, install_info, settings
 from app.views.form_ux import polish_form
 from training_core.errors import UserError
 
-CHECKPOINT_SETTING = "checkpoint_minutes"
-CONTRIBUTE_SETTING = "contribute_while_idle"
-DATA_DIR_SETTING = "data_dir_next"
-DEFAULT_CHECKPOINT_MINUTES = 10
 
 
 def note(text: str) -> QLabel:
@@ -64,7 +60,7 @@ class SettingsView(QWidget):
         self.checkpoint_spin.setSuffix(" min")
         self.checkpoint_spin.setMaximumWidth(120)
         self.checkpoint_spin.setToolTip("For new jobs that don't set their own checkpoint interval in steps")
-        self.checkpoint_spin.valueChanged.connect(lambda v: self.store.set_setting(CHECKPOINT_SETTING, int(v)))
+        self.checkpoint_spin.valueChanged.connect(lambda v: settings.CHECKPOINT_MINUTES.set(self.store, int(v)))
         train_box = QGroupBox("Training")
         train_form = QFormLayout(train_box)
         train_form.addRow("Save a checkpoint every", self.checkpoint_spin)
@@ -85,7 +81,7 @@ class SettingsView(QWidget):
         desktop_layout.addWidget(self.autostart_error)
 
         self.contribute_box = QCheckBox("Contribute while idle")
-        self.contribute_box.toggled.connect(lambda on: self.store.set_setting(CONTRIBUTE_SETTING, bool(on)))
+        self.contribute_box.toggled.connect(lambda on: settings.CONTRIBUTE.set(self.store, bool(on)))
         self.contribute_box.setToolTip("Lend this computer to your swarm while you are away, "
                                        "within the contribution rules")
         swarm_box = QGroupBox("Swarm")
@@ -133,14 +129,14 @@ class SettingsView(QWidget):
         widgets = (self.checkpoint_spin, self.autostart_box, self.contribute_box)
         for w in widgets:
             w.blockSignals(True)
-        self.checkpoint_spin.setValue(int(self.store.get_setting(CHECKPOINT_SETTING, DEFAULT_CHECKPOINT_MINUTES)))
+        self.checkpoint_spin.setValue(int(settings.CHECKPOINT_MINUTES.get(self.store)))
         self.autostart_box.setChecked(autostart.supported() and autostart.is_enabled())
-        self.contribute_box.setChecked(bool(self.store.get_setting(CONTRIBUTE_SETTING, False)))
+        self.contribute_box.setChecked(settings.CONTRIBUTE.get(self.store))
         for w in widgets:
             w.blockSignals(False)
         current = Path(self.store.path).parent
         self.data_dir_label.setText(f"Now: {current}")
-        nxt = self._with_home_store(lambda s: s.get_setting(DATA_DIR_SETTING))
+        nxt = self._with_home_store(settings.DATA_DIR_NEXT.get)
         target = Path(nxt) if nxt else home_data_dir()
         changing = target.resolve() != current.resolve()
         self.next_dir_label.setText(f"From the next start: {target}" if changing else "")
@@ -170,7 +166,7 @@ class SettingsView(QWidget):
     def set_next_data_dir(self, path: str | Path | None) -> None:
         """Use `path` as the data folder from the next start (None: back to the default)."""
         value = str(Path(path).expanduser().resolve()) if path else None
-        self._with_home_store(lambda s: s.set_setting(DATA_DIR_SETTING, value))
+        self._with_home_store(lambda s: settings.DATA_DIR_NEXT.set(s, value))
         self.reload()
 
     def _choose_data_dir(self) -> None:

@@ -12,8 +12,8 @@ from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QFormLayout, QGroupBox
                                QLineEdit, QPushButton, QVBoxLayout, QWidget)
 
 from app.charts import TimeSeriesChart
-from app.contribution import (CONSENT_SETTING, INVITE_SETTING, handback_latencies, join_invite,
-                              joined_manifest, load_rules, save_rules)
+from app.contribution import (forget_invite, handback_latencies, join_invite, joined_manifest, load_rules,
+                              save_rules)
 from app.views.job_table import view_title
 from training_core.errors import ConfigError
 from training_core.swarm.manifest import SwarmManifest, read_invite
@@ -317,8 +317,7 @@ class SwarmView(QWidget):
         if self.contributor is not None:
             self.contributor.leave()
         else:
-            self.store.set_setting(INVITE_SETTING, None)
-            self.store.set_setting(CONSENT_SETTING, None)
+            forget_invite(self.store)
         self.reload()
 
     def dragEnterEvent(self, event) -> None:
