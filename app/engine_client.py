@@ -3,7 +3,8 @@
 
 Two shapes, one process plumbing (the engine's code folder on PYTHONPATH, UTF-8 pipes, nothing blocking):
 - `EngineCall`: a one-shot command (validate, plan, export). Its answer is the one JSON document
-  the command prints with --json (or its text); a failure is the one plain line the CLI prints last.
+  the command prints with --json (protocol.decode_answer: versioned like the events), or its text; a
+  failure is the one plain line the CLI prints last.
 - `EngineRun`: a long run that speaks the protocol (training_core/protocol.py): a job
   (`run --spec`, see `job_args`) or a swarm peer (`swarm join --json`). Events arrive decoded; controls
   go to its stdin; its stderr (logs, tracebacks) goes to RUN_DIR/worker.log, never into the GUI.
@@ -12,7 +13,6 @@ Views start one-shot calls; only services (app/job_queue.py, app/contribution.py
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -22,7 +22,7 @@ from pathlib import Path
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, Signal
 
 import training_core
-from training_core.protocol import ENTRY_MODULE, ProtocolError, decode_event, encode, make_control
+from training_core.protocol import ENTRY_MODULE, ProtocolError, decode_answer, decode_event, encode, make_control
 
 
 def guard_bool_refcounts() -> bool:
@@ -163,9 +163,9 @@ class EngineCall(QObject):
             self.done.emit(out)
         else:
             try:
-                result = json.loads(out)
-            except ValueError:
-                self.failed.emit("The engine's answer could not be read (it was not JSON).")
+                result = decode_answer(out)
+            except ProtocolError as exc:   # not JSON, or an engine of another version
+                self.failed.emit(f"The engine's answer could not be read ({exc}).")
                 return
             self.done.emit(result)
 

@@ -1,4 +1,5 @@
 """The protocol module and its documentation agree; messages round-trip; bad lines are refused."""
+import json
 import re
 from pathlib import Path
 
@@ -52,3 +53,13 @@ def test_events_missing_required_fields_are_refused():
         make_event("step", step=1)
     with pytest.raises(ProtocolError):
         decode_event('{"v": 1, "type": "checkpoint", "time": 0, "step": 1}')
+
+
+def test_one_shot_answers_are_versioned():
+    from training_core.protocol import decode_answer, encode_answer
+    text = encode_answer({"records": 3, "loss": float("nan")})
+    assert json.loads(text)["v"] == PROTOCOL_VERSION
+    assert decode_answer(text) == {"records": 3, "loss": None}
+    for bad in ('{"v": 99, "records": 3}', "[1]", "not json"):
+        with pytest.raises(ProtocolError):
+            decode_answer(bad)

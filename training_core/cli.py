@@ -3,13 +3,12 @@ the app starts every piece of engine work as one of these commands (app/engine_c
 
 Exit status: 0 success, 2 bad input (one line on stderr naming the file and the problem),
 1 internal error. `--json`: a training command prints the protocol's events, one per line, on stdout;
-a one-shot command (validate, plan, export, hardware) prints one JSON document. `run` always speaks the
+a one-shot command (validate, plan, export, hardware) prints one JSON document (protocol.encode_answer). `run` always speaks the
 protocol, controls on stdin included (docs/protocol.md).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -17,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from .errors import UserError
+from .protocol import encode_answer
 from .textout import PROG, TextProgress, json_emitter
 
 
@@ -68,7 +68,7 @@ def cmd_finetune(args) -> int:
 def cmd_plan(args) -> int:
     from .plan import format_plan, plan_job
     plan = plan_job(job_spec(args))
-    print(json.dumps(plan, indent=2, ensure_ascii=False) if args.json else format_plan(plan))
+    print(encode_answer(plan) if args.json else format_plan(plan))
     return 0
 
 
@@ -123,7 +123,7 @@ def cmd_export(args) -> int:
         if not args.json:
             print(f"adapter written to {written['adapter']}")
     if args.json:
-        print(json.dumps(written, ensure_ascii=False))
+        print(encode_answer(written))
     return 0
 
 
@@ -135,7 +135,7 @@ def cmd_validate(args) -> int:
         tokenizer = load_tokenizer(args.model)
     report = validate(args.data, tokenizer=tokenizer)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        print(encode_answer(report.to_dict()))
     else:
         print(report.format_text())
         if report.tokens is None:
@@ -147,7 +147,7 @@ def cmd_hardware(args) -> int:
     from .hardware import detect, format_report
     report = detect(include_torch=True)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(encode_answer(report.to_dict()))
     else:
         print(format_report(report))
     return 0

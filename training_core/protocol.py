@@ -114,3 +114,22 @@ def decode_event(line: str | bytes) -> dict[str, Any]:
 
 def decode_control(line: str | bytes) -> dict[str, Any]:
     return _decode(line, CONTROLS, "control message")
+
+
+def encode_answer(doc: dict[str, Any]) -> str:
+    """A one-shot command's answer (validate, plan, export, hardware with --json): one JSON document,
+    versioned like every message here so that the app can tell an engine of another version."""
+    return json.dumps({"v": PROTOCOL_VERSION, **_clean(doc)}, indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def decode_answer(text: str | bytes) -> dict[str, Any]:
+    """The document of `encode_answer`, without its "v"; ProtocolError when it is not one of this version."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"the answer is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("the answer is not a JSON object")
+    if doc.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"the answer has protocol version {doc.get('v')!r}, expected {PROTOCOL_VERSION}")
+    return {k: v for k, v in doc.items() if k != "v"}
