@@ -52,7 +52,7 @@ EVAL_SAMPLES = 4096
 
 @dataclass(frozen=True)
 class Config:
-    steps: int = 150              # inner steps per honest peer (the same samples in every run)
+    steps: int = 120              # inner steps per honest peer (the same samples in every run)
     inner_steps: int = 10
     micro_batch: int = 16
     step_s: float = 0.03          # an inner step takes at least this long
