@@ -44,7 +44,7 @@ FIRST_RETRY_S = 30.0          # after a failed state download (at most the check
 HOST_MIN_RATE = 125_000       # bytes/s
 # The host's state downloads stay at most this share of what the swarm's rounds send: a download is
 # the whole state (8-12 bytes per parameter) from one peer, more than an 8-bit round sends, so every
-# 10 minutes in a swarm of 3 it would be a third of all the traffic. In a small swarm the host's copy
+# 10 minutes in a 3-peer `base` swarm it would be as much as all of its rounds. In a small swarm the host's copy
 # then lags longer (its peers hold the progress). A --checkpoint-minutes given is kept as it is.
 HOST_SHARE = 0.10
 DEFAULT_CHECKPOINT_MINUTES = 10.0
@@ -197,7 +197,7 @@ class _SyncState:
         self.state_bytes = 3 * self.numel * 4           # parameters and Adam's two moments, float32
         self.exchanges_per_epoch = 2                    # a gradient round and a parameter round
         self.progress_key = f"{manifest.run_id}_progress"
-        self.timeout = state_load_timeout(3 * self.numel * 4, max(10.0, manifest.averaging_timeout))
+        self.timeout = state_load_timeout(self.state_bytes, max(10.0, manifest.averaging_timeout))
 
     @property
     def epoch(self) -> int:
@@ -226,7 +226,7 @@ class _SyncState:
             raise RuntimeError(f"could not download the swarm's state: {exc}") from None
         if self.epoch > before:
             self.serve_behind_peers()
-            return 3 * self.numel * 4
+            return self.state_bytes
         return 0
 
     def write_params(self) -> None:
@@ -262,7 +262,7 @@ class _DiLoCoState:
         n = self.numel = sum(p.numel() for p in params)
         self.state_bytes = 2 * n * 4                    # outer weights and momentum, float32
         self.exchanges_per_epoch = 1
-        self.rounds.load_timeout = state_load_timeout(2 * n * 4, self.rounds.load_timeout)   # weights + momentum
+        self.rounds.load_timeout = state_load_timeout(self.state_bytes, self.rounds.load_timeout)
         self.progress_key = f"{manifest.run_id}_diloco_progress"
         self.ceiling = 0
         self.optimizer = torch.optim.SGD(params, lr=d["outer_lr"], momentum=d["outer_momentum"], nesterov=True)
@@ -435,12 +435,12 @@ def run_host(manifest: SwarmManifest, opts: HostOptions, emit: Emit, controls: C
                     time.monotonic() - last_ckpt_time >= checkpoint_s)):
                 checkpoint("requested" if asked is not None else "periodic")
                 asked = None
+            summary = metrics.SwarmSummary.of(views)
             if downloads.traffic is not None:
-                downloads.traffic.observe(time.monotonic(), swarm_epoch, metrics.SwarmSummary.of(views).peers)
+                downloads.traffic.observe(time.monotonic(), swarm_epoch, summary.peers)
             downloads.maybe_start(swarm_epoch, asked=msg == "checkpoint")
             _remember_peers(dht, out)
             refusals.poll(dht)
-            summary = metrics.SwarmSummary.of(views)
             emit(make_event("swarm", role="host", run_id=manifest.run_id, algorithm=manifest.algorithm,
                             peers=summary.peers, epoch=swarm_epoch, round=keeper.round, phase="watching",
                             samples_contributed=summary.samples, bytes_up=0, bytes_down=downloads.bytes_down,
