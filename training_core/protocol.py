@@ -45,7 +45,20 @@ EVENTS: dict[str, tuple[str, ...]] = {
     # optional so that older, sync-only workers still speak version 1.
     "swarm": ("role", "run_id", "peers", "epoch", "samples_contributed", "bytes_up", "bytes_down"),
     "invite": ("run_id", "invite", "maddrs"),
+    # What a worker is doing before and around training (loading, downloading, tokenizing, ...), so that
+    # no run shows a bare "running": `phase` is one of PHASES; `done`/`total` optional (see docs/protocol.md).
+    "phase": ("phase", "message"),
+    # Long one-shot tasks (a GGUF export, a model download, generation) speak this protocol too:
+    # `progress` while they work, `result` once at the end with what `--json` would have printed.
+    "progress": ("task", "done", "total"),
+    "result": ("task", "answer"),
+    # Generation (the Playground): text as it is produced, whole characters only; `stream` names the model.
+    "token": ("stream", "text"),
 }
+
+# The phases a `phase` event names, in the order a run goes through them.
+PHASES = ("downloading", "loading_model", "tokenizing", "placing", "first_step", "training", "evaluating",
+          "checkpointing", "exporting", "finishing")
 
 CONTROLS: dict[str, tuple[str, ...]] = {
     "pause": (),        # checkpoint, free accelerator memory, wait for resume/stop
