@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .swarm.commands import add_parser as add_swarm_parser
     add_swarm_parser(sub)
+    from .download import add_parser as add_download_parser
+    add_download_parser(sub)
     return p
 
 
