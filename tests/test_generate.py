@@ -1,0 +1,182 @@
+"""`modron-train generate` and whole-character decoding, on tiny runs written in the checkpoint format."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from generate_helpers import full_run, lora_run
+from training_core import cli
+from training_core.generate import Request, load_trained, prompt_ids, resolve, run_one
+from training_core.models.tokenizer import bytes_tokenizer
+from training_core.whole_chars import CharStream, WholeChars, token_bytes, valid_prefix
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("gen")
+    return {"full": full_run(base / "full"), "lora": lora_run(base / "lora")}
+
+
+@pytest.fixture(scope="module")
+def full_model(runs):
+    model, tok = load_trained(resolve(runs["full"]), torch.float32)
+    return model, tok
+
+
+def generate(model, tok, stop_after=None, **settings):
+    pieces, calls = [], []
+
+    def should_stop():
+        calls.append(1)
+        return stop_after is not None and len(calls) > stop_after
+    out = run_one(model, tok, Request(**{"prompt": "Once upon a time", "seed": 3, **settings}),
+                  lambda piece, _n: pieces.append(piece), should_stop, torch.device("cpu"))
+    return out, pieces
+
+
+# ---- whole characters ------------------------------------------------------------------------
+def test_char_stream_holds_back_half_a_character():
+    tok = bytes_tokenizer()
+    stream = CharStream(tok)
+    data = "é中🙂".encode("utf-8")
+    got = [stream.feed([b]) for b in data]
+    assert got == ["", "é", "", "", "中", "", "", "", "🙂"]
+    assert stream.feed([tok.eos_token_id]) == ""          # special tokens stand for no text
+
+
+def test_the_mask_allows_only_what_continues_valid_utf8():
+    proc = WholeChars(bytes_tokenizer())
+    fresh = proc.allowed(0, None)
+    assert fresh[ord("a")] and fresh[0xE4] and not fresh[0x80] and not fresh[0xC0] and not fresh[0xF5]
+    assert fresh[bytes_tokenizer().eos_token_id]
+    after_e0 = proc.allowed(2, 0xE0)                        # E0 needs A0..BF next (no overlong forms)
+    assert after_e0[0xA0] and not after_e0[0x9F] and not after_e0[ord("a")]
+    assert not after_e0[bytes_tokenizer().eos_token_id]     # no eos in the middle of a character
+    assert not proc.allowed(1, None)[0xE4]
+    assert valid_prefix("中".encode()[:2]) and not valid_prefix(b"\xed\xa0") and not valid_prefix(b"\xf4\x90")
+
+
+def test_a_random_byte_model_never_writes_invalid_utf8(full_model):
+    model, tok = full_model
+    table = token_bytes(tok)
+    # Without the mask this model writes stray bytes: the test can tell.
+    torch.manual_seed(0)
+    ids = model.generate(input_ids=torch.tensor([[ord("O")]]), max_new_tokens=60, do_sample=True, top_k=0,
+                         pad_token_id=tok.pad_token_id)[0, 1:].tolist()
+    assert not valid_prefix(b"".join(table[i] or b"" for i in ids))
+    for seed in range(3):
+        out, pieces = generate(model, tok, temperature=1.5, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                               max_new_tokens=80, seed=seed)
+        assert "".join(pieces) == out["text"] and "\ufffd" not in out["text"]
+        assert all(piece for piece in pieces)
+        out["text"].encode("utf-8")                           # no lone surrogates either
+        assert out["tokens"] <= 80
+
+
+# ---- samplers ---------------------------------------------------------------------------------
+def test_greedy_is_deterministic_and_max_tokens_is_kept(full_model):
+    model, tok = full_model
+    one, _ = generate(model, tok, temperature=0, max_new_tokens=24, seed=1)
+    two, _ = generate(model, tok, temperature=0, max_new_tokens=24, seed=2)
+    assert one["text"] == two["text"] and one["tokens"] == two["tokens"]
+    assert one["tokens"] <= 24 and one["reason"] in ("length", "eos")
+    if one["reason"] == "length":
+        assert one["tokens"] == 24
+
+
+def test_a_stop_sequence_ends_the_text_before_it(full_model):
+    model, tok = full_model
+    full, _ = generate(model, tok, temperature=0, max_new_tokens=40, repetition_penalty=1.3)
+    text = full["text"]
+    assert len(text) >= 6, text
+    stop = text[3:5]
+    cut, pieces = generate(model, tok, temperature=0, max_new_tokens=40, repetition_penalty=1.3, stop=(stop,))
+    assert cut["reason"] == "stop_sequence" and cut["text"] == text[:text.index(stop)]
+    assert "".join(pieces) == cut["text"]                      # the held-back start of the stop never came out
+
+
+def test_a_stop_ends_generation_between_tokens(full_model):
+    model, tok = full_model
+    out, _ = generate(model, tok, stop_after=3, max_new_tokens=500, temperature=1.0)
+    assert out["reason"] == "stopped" and out["tokens"] <= 4
+
+
+# ---- modes and sources -------------------------------------------------------------------------
+def test_chat_mode_uses_the_chat_template_or_a_plain_fallback(runs):
+    from training_core.models.tokenizer import load_tokenizer
+    tok = load_tokenizer(resolve(runs["lora"]).ckpt / "tokenizer")
+    ids, stops = prompt_ids(tok, Request(prompt="hi there", mode="chat", system="be kind"))
+    text = tok.decode(ids)
+    assert "<|system|>be kind" in text and "<|user|>hi there" in text and text.endswith("<|assistant|>")
+    assert stops == ()
+    plain = bytes_tokenizer()
+    ids, stops = prompt_ids(plain, Request(prompt="hi there", mode="chat", stop=("END",)))
+    assert plain.decode(ids).endswith("User: hi there\nAssistant:") and stops == ("END", "\nUser:")
+    story, _ = prompt_ids(plain, Request(prompt="hi there"))
+    assert plain.decode(story) == "hi there"
+
+
+def test_a_lora_checkpoint_loads_base_plus_adapter(runs):
+    from peft import PeftModel
+    source = resolve(runs["lora"])
+    assert source.kind == "lora" and source.ckpt.name == "ckpt-00000012"
+    model, tok = load_trained(source, torch.float32)
+    assert isinstance(model, PeftModel)
+    trained, _ = generate(model, tok, temperature=0, max_new_tokens=12, repetition_penalty=1.0)
+    with model.disable_adapter():
+        base, _ = generate(model, tok, temperature=0, max_new_tokens=12, repetition_penalty=1.0)
+    assert trained["tokens"] and trained["text"] != base["text"]
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: p, "no such run, checkpoint or model folder"),
+    (lambda p: (p.mkdir(), (p / "job.json").write_text("{}"), p)[-1], "has no usable checkpoint yet"),
+    (lambda p: (p.mkdir(), p)[-1], "is not a Modron run, checkpoint or model folder"),
+])
+def test_a_bad_source_is_one_plain_line_exit_2(tmp_path, capsys, make, problem):
+    folder = make(tmp_path / "run")
+    assert cli.main(["generate", str(folder), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0] and str(folder) in err[0], err
+
+
+def test_bad_settings_are_refused(tmp_path, capsys, runs):
+    assert cli.main(["generate", str(runs["full"]), "--prompt", "x", "--top-p", "0"]) == 2
+    assert "--top-p" in capsys.readouterr().err
+    assert cli.main(["generate", str(runs["full"]), "--prompt", "x", "--compare-base"]) == 2
+    assert "trained from scratch" in capsys.readouterr().err
+
+
+# ---- the subprocess, as the app runs it --------------------------------------------------------
+def test_json_streams_tokens_and_obeys_stop(runs):
+    proc = subprocess.Popen([sys.executable, "-m", "training_core.cli", "generate", str(runs["lora"]), "--json",
+                             "--prompt", "Once", "--max-new-tokens", "5000", "--temperature", "1.0",
+                             "--compare-base"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, encoding="utf-8")
+    events = []
+    try:
+        for line in proc.stdout:
+            events.append(json.loads(line))
+            if sum(e["type"] == "token" for e in events) == 3:
+                sent = time.monotonic()
+                proc.stdin.write('{"v":1,"type":"stop"}\n')
+                proc.stdin.flush()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    assert time.monotonic() - sent < 5
+    assert events[0]["type"] == "phase" and events[-1]["type"] == "result"
+    answer = events[-1]["answer"]
+    assert answer["stopped"] is True and answer["streams"]["trained"]["reason"] == "stopped"
+    assert "base" not in answer["streams"]                     # a stop ends the whole request
+    tokens = [e for e in events if e["type"] == "token"]
+    assert {e["stream"] for e in tokens} == {"trained"}
+    assert "".join(e["text"] for e in tokens) == answer["streams"]["trained"]["text"]
