@@ -180,3 +180,20 @@ def test_json_streams_tokens_and_obeys_stop(runs):
     tokens = [e for e in events if e["type"] == "token"]
     assert {e["stream"] for e in tokens} == {"trained"}
     assert "".join(e["text"] for e in tokens) == answer["streams"]["trained"]["text"]
+
+
+def test_training_samples_are_whole_characters_too(full_model):
+    """Engine.samples (the run's sample events) masks and decodes like the Playground."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from training_core.engine import Engine
+    model, tok = full_model
+    sent = []
+    for seed in range(4):
+        fake = SimpleNamespace(model=model, tokenizer=tok, device=torch.device("cpu"), step=7,
+                               spec=SimpleNamespace(seed=seed, sample_prompts=["Once"], sample_max_tokens=40),
+                               _autocast=nullcontext, emit=lambda type_, **ev: sent.append(ev))
+        Engine.samples(fake)
+    assert len(sent) == 4 and all("\ufffd" not in ev["text"] for ev in sent)
+    assert any(ord(ch) > 127 for ev in sent for ch in ev["text"])   # multi-byte characters did come

@@ -435,6 +435,10 @@ class Engine:
         out = []
         self.model.eval()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        from transformers import LogitsProcessorList
+
+        from .whole_chars import WholeChars, decode
+        whole = LogitsProcessorList([WholeChars(self.tokenizer)])   # no half characters in a sample
         # Sampling must not move the training RNG, or a resumed run would diverge.
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.spec.seed)
@@ -442,8 +446,9 @@ class Engine:
                 enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
                 with self._autocast():
                     ids = self.model.generate(**enc, max_new_tokens=self.spec.sample_max_tokens, do_sample=True,
-                                              top_k=40, temperature=0.8, pad_token_id=self.tokenizer.pad_token_id)
-                text = self.tokenizer.decode(ids[0][enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                                              top_k=40, temperature=0.8, pad_token_id=self.tokenizer.pad_token_id,
+                                              logits_processor=whole)
+                text = decode(self.tokenizer, ids[0][enc["input_ids"].shape[1]:].tolist())
                 out.append({"prompt": prompt, "text": text})
                 self.emit("sample", step=self.step, prompt=prompt, text=text)
         self.model.train()
