@@ -32,7 +32,6 @@ from typing import Any, Callable
 from .errors import DiskError, ModelError, UserError
 from .model_files import PICKLED
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 REVISION = re.compile(r"^[\w.-][\w./-]{0,199}$")
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -78,8 +77,9 @@ def _endpoint() -> str:
 
 
 def check_repo_id(repo_id: str) -> str:
+    from .catalog import is_hub_id
     repo_id = repo_id.strip()
-    if not REPO_ID.match(repo_id) or ".." in repo_id:
+    if not is_hub_id(repo_id):
         raise UserError(repo_id or "HUB_ID", "is not a hub model id; use the form org/name, e.g. "
                                              "HuggingFaceTB/SmolLM2-135M")
     return repo_id
@@ -340,7 +340,7 @@ def download(repo_id: str, revision: str | None, out: Path, progress_cb: Callabl
 def cmd_download(args) -> int:
     from .controls import Controls, read_controls
     from .preflight import format_bytes, format_duration
-    from .protocol import encode_answer, make_event
+    from .protocol import make_event
     from .textout import json_emitter
 
     out = Path(args.out).expanduser() if args.out else models_dir()

@@ -21,6 +21,7 @@ from app.engine_client import EngineCall
 from app.views.drop_zone import ERROR_STYLE, WARN_STYLE, DatasetPanel
 from app.views.form_ux import choose_folder, polish_form
 from app.views.job_table import view_title
+from app.views.model_picker import ModelPicker
 from app.views.spec_inputs import changed_signal, make_input, optional_spin, read_input, write_input
 from training_core import config
 from training_core.config import JobSpec
@@ -107,6 +108,17 @@ class NewFinetuneView(QWidget):
                                      "scratch. QLoRA is LoRA on a 4-bit copy of the model: the least memory, "
                                      "NVIDIA GPUs only.")
         self.model_combo.currentIndexChanged.connect(self._on_model_kind)
+        self.pick_btn = QPushButton("Choose…")
+        self.pick_btn.setToolTip("Small open models with what each method needs of your GPU's memory, a hub id, "
+                                 "a folder on this computer, and downloads")
+        self.pick_btn.clicked.connect(self.open_picker)
+        pick_row = QHBoxLayout()
+        pick_row.setContentsMargins(0, 0, 0, 0)
+        pick_row.addWidget(self.model_combo, 1)
+        pick_row.addWidget(self.pick_btn)
+        self.model_pick_row = QWidget()
+        self.model_pick_row.setLayout(pick_row)
+        self.model_pick_row.setToolTip(self.model_combo.toolTip())
 
         # length
         self.steps_radio = QRadioButton("Steps")
@@ -137,7 +149,7 @@ class NewFinetuneView(QWidget):
 
         model_box = QGroupBox("2. Model and training")
         form = QFormLayout(model_box)
-        form.addRow("Model", self.model_combo)
+        form.addRow("Model", self.model_pick_row)
         form.addRow("", self.model_row)
         form.addRow("Method", self.method_combo)
         form.addRow("Length", length_row)
@@ -310,6 +322,19 @@ class NewFinetuneView(QWidget):
         folder = choose_folder(self, self.store, "model", "Choose a model folder (with config.json)")
         if folder:
             self.model_edit.setText(folder)
+
+    def open_picker(self) -> ModelPicker:
+        """The model picker, its memory figures made with the form's batch, sequence length and rank."""
+        try:
+            values = {name: read_input(name, box) for name, box in self.inputs.items()}
+            spec = JobSpec.from_dict({**values, "model": "picker", "data": ["-"], "out": "-", "method": None})
+        except UserError:
+            spec = None   # the picker uses the defaults
+        self.picker = ModelPicker(self.store, self, spec=spec)
+        self.picker.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        self.picker.chosen.connect(self.set_model)
+        self.picker.open()
+        return self.picker
 
     def set_model(self, model: str) -> None:
         """Select a preset ("scratch:NAME"), a local folder or a hub id."""
