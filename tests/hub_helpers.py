@@ -11,7 +11,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -52,6 +52,13 @@ class FakeHub:
         self.requests: list[dict] = []        # {"path", "range", "sent"}
         self.sizes: dict[str, int] = {}       # sizes to claim instead of the real ones
         self.digests: dict[str, str] = {}     # SHA-256 digests to claim instead of the real ones
+        self.listing: list[dict] = [           # what a search finds (hostile entries included)
+            {"id": repo, "downloads": 1234, "likes": 5, "tags": ["license:apache-2.0", "safetensors"]},
+            {"id": "tiny-org/tiny-gated", "downloads": 10 ** 15, "likes": -3, "gated": "manual",
+             "tags": ["license:llama3.2"]},
+            {"id": "../../tiny-escape", "downloads": 1, "tags": []},
+            {"id": "tiny-org/odd-licence", "downloads": 2, "tags": ["license:<b>bold</b>"]},
+        ]
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -86,6 +93,10 @@ class FakeHub:
         path = unquote(urlparse(h.path).path)
         record = {"path": path, "range": h.headers.get("Range"), "sent": 0}
         self.requests.append(record)
+        if path == "/api/models":   # list_models(search=...): one page
+            query = parse_qs(urlparse(h.path).query)
+            text = query.get("search", [""])[0]
+            return self._json(h, 200, [m for m in self.listing if text.lower() in m["id"].lower()])
         api = f"/api/models/{self.repo}"
         if path.startswith("/api/models/"):
             if not (path == api or path.startswith(api + "/revision/")):

@@ -217,3 +217,45 @@ def test_cancel_stops_the_download_and_keeps_what_came(qtbot, store, hub, tmp_pa
     qtbot.waitUntil(lambda: picker._download is None, timeout=10_000)
     assert "Stopped" in picker.status.text() and "download again" in picker.status.text()
     assert not chosen and picker.download_btn.isEnabled() and not picker.cancel_btn.isVisibleTo(picker)
+
+
+# ---- searching the hub (`modron-train models search`, and from the picker) --------------------------
+def test_search_answers_checked_results_and_offline_is_one_line(hub):
+    import subprocess
+    import sys
+
+    from tests.hub_helpers import ROOT, env_for
+    from training_core.protocol import decode_answer
+    run = subprocess.run([sys.executable, "-m", "training_core.cli", "models", "search", "tiny", "--json"],
+                         env=env_for(hub.url), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    models = decode_answer(run.stdout)["models"]
+    assert [m["id"] for m in models] == [REPO, "tiny-org/tiny-gated", "tiny-org/odd-licence"]   # no path
+    assert models[0]["licence_class"] == "permissive" and not models[0]["gated"]
+    assert models[1]["downloads"] == 10 ** 12 and models[1]["likes"] == 0 and models[1]["gated"]
+    assert models[1]["licence_class"] == "use-restricted"
+    assert models[2]["licence_id"] is None and models[2]["licence_class"] == "unknown"
+    offline = subprocess.run([sys.executable, "-m", "training_core.cli", "models", "search", "tiny"],
+                             env=env_for("http://127.0.0.1:9"), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    lines = offline.stderr.strip().splitlines()
+    assert offline.returncode == 2 and len(lines) == 1 and "cannot reach the Hugging Face hub" in lines[0]
+
+
+def test_the_picker_searches_the_hub_and_a_result_can_be_chosen(qtbot, hub):
+    picker = ModelPicker(report=report(gpu(8)))
+    qtbot.addWidget(picker)
+    before = picker.table.rowCount()
+    picker.hub_edit.setText("tiny")
+    picker.search_btn.click()
+    qtbot.waitUntil(lambda: picker.table.rowCount() == before + 3, timeout=30_000)
+    assert "3 models" in picker.status.text()
+    row = before
+    assert picker.table.item(row, 0).data(HUB_ID_ROLE) == REPO
+    assert picker.table.item(row, METHOD_COLUMN["lora"]).text() == "?"   # no config yet: Check reads it
+    picker.hub_edit.setText("tiny-gated")
+    picker.search_btn.click()
+    qtbot.waitUntil(lambda: picker.table.rowCount() == before + 1, timeout=30_000)   # the old results go
+    picker.select("tiny-org/tiny-gated")
+    with qtbot.waitSignal(picker.chosen) as got:
+        picker.use_btn.click()
+    assert got.args == ["tiny-org/tiny-gated"]

@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_swarm_parser(sub)
     from .download import add_parser as add_download_parser
     add_download_parser(sub)
+    from .hub_search import add_parser as add_models_parser
+    add_models_parser(sub)
     from .generate import add_parser as add_generate_parser
     add_generate_parser(sub)
     return p

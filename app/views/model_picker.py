@@ -1,10 +1,11 @@
 """Choose a model: small open base models and the from-scratch presets, each with what full, LoRA and QLoRA
-training would need of this computer's GPU (marked where it fits), a model folder on this computer, a
-hub id, and a download with its progress that can be cancelled and continued later.
+training would need of this computer's GPU (marked where it fits), a search of the hub by id, a model
+folder on this computer, and a download with its progress that can be cancelled and continued later.
 
 The memory figures come from training_core.catalog (the engine's own planning arithmetic on each model's
 config numbers: nothing is downloaded to show them). Downloads run as `modron-train download ID --json`
-(an EngineRun: progress events, then the folder) so the app never imports the hub's client.
+(an EngineRun: progress events, then the folder) and searches as `modron-train models search TEXT --json`
+(an EngineCall), so the app never imports the hub's client.
 """
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ class ModelPicker(QDialog):
         self.hub_edit.setToolTip("Any model on the Hugging Face hub by its id (org/name)")
         self.hub_edit.textChanged.connect(self._update_buttons)
         self.hub_edit.returnPressed.connect(self.use_hub_id)
+        self.search_btn = QPushButton("Search the hub")
+        self.search_btn.setToolTip("Text-generation models whose id contains this text, most downloaded first")
+        self.search_btn.clicked.connect(self.search_hub)
         self.hub_btn = QPushButton("Use this id")
         self.hub_btn.clicked.connect(self.use_hub_id)
         self.folder_btn = QPushButton("Model folder on this computer…")
@@ -85,6 +89,7 @@ class ModelPicker(QDialog):
         self.folder_btn.clicked.connect(self.browse_folder)
         hub_row = QHBoxLayout()
         hub_row.addWidget(self.hub_edit, 1)
+        hub_row.addWidget(self.search_btn)
         hub_row.addWidget(self.hub_btn)
         hub_row.addWidget(self.folder_btn)
 
@@ -123,6 +128,7 @@ class ModelPicker(QDialog):
 
     def fill(self, models) -> None:
         gpu = self.report.best_gpu()
+        self._fixed_rows = len(models)   # search results go below these
         self.table.setRowCount(len(models))
         for row, m in enumerate(models):
             figures = catalog.method_figures(m.config, m.params, gpu=gpu, ram_available=self.report.ram_available,
@@ -156,6 +162,49 @@ class ModelPicker(QDialog):
                             f"{format_bytes(fig['available'])} free {where}; {words}")
         item.setData(VERDICT_ROLE, verdict)
         return item
+
+    # ---- searching the hub ----------------------------------------------------------------
+    def search_hub(self) -> None:
+        text = self.hub_edit.text().strip()
+        if not text:
+            return
+        if self._search is not None:
+            self._search.cancel()
+        call = EngineCall(["models", "search", text, "--json"], parent=self)
+        call.done.connect(lambda answer, c=call: self._search_done(c, answer))
+        call.failed.connect(lambda message, c=call: self._search_failed(c, message))
+        self._search = call
+        self._say(f"Searching the hub for {text!r}…")
+        call.start()
+
+    def _search_done(self, call: EngineCall, answer: dict) -> None:
+        if call is not self._search:
+            return
+        self._search = None
+        found = [m for m in answer.get("models") or [] if isinstance(m, dict) and catalog.is_hub_id(str(m.get("id")))]
+        self.table.setRowCount(self._fixed_rows + len(found))
+        for row, m in enumerate(found, start=self._fixed_rows):
+            name = QTableWidgetItem(m["id"])
+            name.setData(HUB_ID_ROLE, m["id"])
+            licence = f"{m.get('licence_class') or 'unknown'}" + (f" ({m['licence_id']})" if m.get("licence_id") else "")
+            about = f"{int(m.get('downloads') or 0):,} downloads on the hub"
+            if m.get("gated"):
+                about += "; gated: accept its terms on its page and log in first"
+            for col, text in enumerate(("?", "?", licence)):
+                self.table.setItem(row, col + 1, QTableWidgetItem(text))
+            self.table.setItem(row, 0, name)
+            for col in METHOD_COLUMN.values():
+                item = QTableWidgetItem("?")
+                item.setToolTip("Not known before its config is read: Check in the form shows it")
+                self.table.setItem(row, col, item)
+            self.table.setItem(row, 7, QTableWidgetItem(about))
+        self._say(f"{len(found)} models on the hub match {answer.get('query', '')!r}."
+                  if found else "No text-generation model on the hub matches that.")
+
+    def _search_failed(self, call: EngineCall, message: str) -> None:
+        if call is self._search:
+            self._search = None
+            self._say(message, ERROR_STYLE)
 
     # ---- choosing -------------------------------------------------------------------------
     def selected_id(self) -> str | None:
@@ -275,3 +324,4 @@ class ModelPicker(QDialog):
         self.download_btn.setEnabled(self._target() is not None and not busy)
         self.cancel_btn.setVisible(busy)
         self.hub_btn.setEnabled(bool(self.hub_edit.text().strip()) and not busy)
+        self.search_btn.setEnabled(bool(self.hub_edit.text().strip()))
