@@ -17,6 +17,7 @@ VIEWS = (
     ("queue", "Queue", "app.views.queue_view", "QueueView"),
     ("run", "Run", "app.views.run_view", "RunView"),
     ("history", "History", "app.views.history", "HistoryView"),
+    ("playground", "Playground", "app.views.playground", "PlaygroundView"),
     ("swarm", "Swarm", "app.views.swarm_view", "SwarmView"),
     ("contribution", "Contribution rules", "app.views.contribution_settings", "ContributionSettingsView"),
     ("settings", "Settings", "app.views.settings_view", "SettingsView"),

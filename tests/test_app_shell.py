@@ -211,7 +211,7 @@ def test_window_views_and_the_demo_button(qtbot, store):
     assert window.views["dashboard"].welcome.isVisible()         # first run
     expected = {"dashboard": "DashboardView", "new": "NewFinetuneView", "queue": "QueueView", "run": "RunView",
                 "history": "HistoryView", "swarm": "SwarmView", "contribution": "ContributionSettingsView",
-                "settings": "SettingsView"}
+                "settings": "SettingsView", "playground": "PlaygroundView"}
     for name in VIEW_NAMES:
         view = window.show_view(name)
         assert type(view).__name__ == expected[name]

@@ -1,0 +1,340 @@
+"""Playground: try a finished run (or a checkpoint or exported folder) on your own prompt, side by side with
+its base model if you like.
+
+Generation is `modron-train generate --json` in its own process (app/engine_client.EngineRun): the app never
+loads a model. Text streams in as `token` events; Stop sends the protocol's `stop`, obeyed between two
+tokens. A training job that is running owns the GPU: Generate is refused while it runs, and a job that
+starts during a generation stops it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtGui import QTextCursor
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+                               QPlainTextEdit, QPushButton, QSpinBox, QSplitter, QVBoxLayout, QWidget)
+
+from app.engine_client import EngineRun
+from app.views.form_ux import choose_folder, polish_form
+from app.views.job_table import view_title
+from training_core.paths import data_dir
+
+KILL_AFTER_MS = 5000      # a stopped generation that has not ended by then is killed
+STREAMS = ("trained", "base")
+ERROR_STYLE = "color: #c62828;"
+
+
+def finished_runs(store) -> list:
+    """Finished jobs whose run folder still holds checkpoints, newest first."""
+    jobs = [j for j in store.list_jobs(("finished",)) if (Path(j.run_dir) / "checkpoints").is_dir()]
+    return sorted(jobs, key=lambda j: j.finished or j.created, reverse=True)
+
+
+def _finetuned(folder: Path) -> bool:
+    """Whether a run or checkpoint folder's job finetuned a model (so there is a base to compare with)."""
+    candidates = [folder / "job.json"]
+    if (folder / "modron_checkpoint.json").is_file():
+        candidates.append(folder.parent.parent / "job.json")   # checkpoints/ckpt-N -> the run's job.json
+    for job_file in candidates:
+        try:
+            model = json.loads(job_file.read_text(encoding="utf-8")).get("model", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return isinstance(model, str) and bool(model) and not model.startswith("scratch:")
+    return False
+
+
+def parse_stops(text: str) -> list[str]:
+    r"""Stop sequences typed as `\nUser:, THE END`: comma-separated, `\n` for a new line."""
+    return [s.replace("\\n", "\n") for s in (part.strip() for part in text.split(",")) if s]
+
+
+def _spin(kind, low, high, value, step, tip: str, decimals: int = 2):
+    box = kind()
+    if kind is QDoubleSpinBox:
+        box.setDecimals(decimals)
+    box.setRange(low, high)
+    box.setSingleStep(step)
+    box.setValue(value)
+    box.setToolTip(tip)
+    return box
+
+
+class PlaygroundView(QWidget):
+    def __init__(self, store, queue, parent=None):
+        super().__init__(parent)
+        self.store, self.queue = store, queue
+        self.folder: str | None = None          # a checkpoint or exported folder picked by hand
+        self.run: EngineRun | None = None
+        self._retired: list[EngineRun] = []
+        self._stopping = False
+        self._result: dict | None = None
+
+        self.source = QComboBox()
+        self.source.setToolTip("A finished run (its newest checkpoint), or a folder you picked")
+        self.source.currentIndexChanged.connect(self._on_source)
+        self.folder_btn = QPushButton("Folder…")
+        self.folder_btn.setToolTip("Pick a checkpoint folder (checkpoints/ckpt-…) or an exported model folder")
+        self.folder_btn.clicked.connect(self._pick_folder)
+        source_row = QHBoxLayout()
+        source_row.addWidget(self.source, 1)
+        source_row.addWidget(self.folder_btn)
+
+        self.prompt = QPlainTextEdit()
+        self.prompt.setPlaceholderText("Once upon a time…  (story: the model continues it; chat: your message)")
+        self.prompt.setMaximumHeight(120)
+
+        self.mode = QComboBox()
+        self.mode.addItem("Story (continue the text)", "story")
+        self.mode.addItem("Chat (the model's chat template)", "chat")
+        self.mode.setToolTip("Story continues your text as it is; chat wraps it as a message in the model's "
+                             "chat template (a plain User/Assistant layout when it has none)")
+        self.temperature = _spin(QDoubleSpinBox, 0.0, 2.0, 0.8, 0.05,
+                                 "Randomness: 0 always picks the likeliest token; higher is wilder")
+        self.top_p = _spin(QDoubleSpinBox, 0.05, 1.0, 0.95, 0.05,
+                           "Sample only from the likeliest tokens that together have this probability (1: off)")
+        self.top_k = _spin(QSpinBox, 0, 1000, 40, 5, "Sample only from the k likeliest tokens (0: off)")
+        self.repetition = _spin(QDoubleSpinBox, 1.0, 2.0, 1.1, 0.05,
+                                "Makes tokens already in the text less likely (1: off)")
+        self.max_tokens = _spin(QSpinBox, 1, 4096, 200, 50, "Stop after this many new tokens")
+        self.stops = QLineEdit()
+        self.stops.setPlaceholderText(r"e.g. \nUser:, THE END")
+        self.stops.setToolTip(r"End the text when one of these comes (comma-separated; \n is a new line)")
+        self.compare = QCheckBox("Compare with base")
+        self.compare.setToolTip("Also generate from the model the run started from, with the same settings "
+                                "and seed, shown beside it")
+        self.compare.toggled.connect(self._show_panes)
+        form = QFormLayout()
+        form.addRow("Mode", self.mode)
+        form.addRow("Temperature", self.temperature)
+        form.addRow("Top-p", self.top_p)
+        form.addRow("Top-k", self.top_k)
+        form.addRow("Repetition penalty", self.repetition)
+        form.addRow("Max new tokens", self.max_tokens)
+        form.addRow("Stop sequences", self.stops)
+        form.addRow("", self.compare)
+
+        self.generate_btn = QPushButton("Generate")
+        self.stop_btn = QPushButton("Stop")
+        self.generate_btn.clicked.connect(lambda: self.generate())
+        self.stop_btn.clicked.connect(lambda: self.stop())
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.generate_btn)
+        buttons.addWidget(self.stop_btn)
+        buttons.addStretch(1)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+        self.panes: dict[str, QPlainTextEdit] = {}
+        self.pane_titles: dict[str, QLabel] = {}
+        split = QSplitter(Qt.Orientation.Horizontal)
+        for name, title in zip(STREAMS, ("Trained", "Base model")):
+            box = QWidget()
+            box_layout = QVBoxLayout(box)
+            box_layout.setContentsMargins(0, 0, 0, 0)
+            self.pane_titles[name] = QLabel(f"<b>{title}</b>")
+            self.panes[name] = QPlainTextEdit()
+            self.panes[name].setReadOnly(True)
+            box_layout.addWidget(self.pane_titles[name])
+            box_layout.addWidget(self.panes[name], 1)
+            split.addWidget(box)
+        self._boxes = [split.widget(0), split.widget(1)]
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(view_title("Playground"))
+        layout.addLayout(source_row)
+        layout.addWidget(self.prompt)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status)
+        layout.addWidget(split, 1)
+        polish_form(self)
+
+        queue.queue_changed.connect(self.refresh)
+        queue.gpu_job_started.connect(self._on_gpu_job)
+        self.refresh()
+        self._show_panes()
+        self._update_buttons()
+
+    # ---- the source --------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """List the finished runs again, keeping the current choice."""
+        current = self.source.currentData()
+        self.source.blockSignals(True)
+        self.source.clear()
+        for job in finished_runs(self.store):
+            self.source.addItem(f"{job.name} ({job.spec.get('model', '')})", ("job", job.id))
+        if self.folder:
+            self.source.addItem(f"Folder: {self.folder}", ("folder", self.folder))
+        if not self.source.count():
+            self.source.addItem("No finished runs yet: train one, or pick a folder", None)
+        index = self.source.findData(current) if current is not None else -1
+        self.source.setCurrentIndex(max(index, 0))
+        self.source.blockSignals(False)
+        self._on_source()
+
+    def source_texts(self) -> list[str]:
+        return [self.source.itemText(i) for i in range(self.source.count())]
+
+    def select_folder(self, folder: str) -> None:
+        self.folder = folder
+        self.refresh()
+        self.source.setCurrentIndex(self.source.findData(("folder", folder)))
+
+    def _pick_folder(self) -> None:
+        folder = choose_folder(self, self.store, "playground", "Pick a checkpoint or exported model folder")
+        if folder:
+            self.select_folder(folder)
+
+    def _source_path(self) -> tuple[str | None, bool]:
+        """(the folder to generate from, whether it has a base model to compare with)."""
+        data = self.source.currentData()
+        if not data:
+            return None, False
+        kind, value = data
+        if kind == "folder":   # a run or checkpoint folder knows its base; an exported model does not here
+            return value, _finetuned(Path(value))
+        try:
+            job = self.store.get_job(value)
+        except KeyError:
+            return None, False
+        return job.run_dir, not str(job.spec.get("model", "")).startswith("scratch:")
+
+    def _on_source(self) -> None:
+        _path, can_compare = self._source_path()
+        self.compare.setEnabled(can_compare)
+        self.compare.setToolTip("Also generate from the model the run started from, with the same settings and "
+                                "seed, shown beside it" if can_compare else
+                                "Only for runs that finetuned a model (from-scratch runs and exported folders "
+                                "have no base model here)")
+        if not can_compare:
+            self.compare.setChecked(False)
+        self._update_buttons()
+
+    def _show_panes(self) -> None:
+        self._boxes[1].setVisible(self.compare.isChecked())
+
+    # ---- generating --------------------------------------------------------------------------
+    def gpu_busy_reason(self) -> str | None:
+        """Why Generate must wait: a training job that is running holds the GPU."""
+        job = self.queue.running_job()
+        if job is not None and job.state == "running":
+            return (f"A training job ({job.name}) is using the GPU right now; generate when it ends, "
+                    "or pause it in the Queue.")
+        return None
+
+    def generating(self) -> bool:
+        return self.run is not None
+
+    def args(self, path: str, prompt_file: Path) -> list[str]:
+        args = ["generate", path, "--json", "--prompt-file", str(prompt_file), "--mode", self.mode.currentData(),
+                "--temperature", f"{self.temperature.value():g}", "--top-p", f"{self.top_p.value():g}",
+                "--top-k", str(self.top_k.value()), "--repetition-penalty", f"{self.repetition.value():g}",
+                "--max-new-tokens", str(self.max_tokens.value())]
+        for stop in parse_stops(self.stops.text()):
+            args += ["--stop", stop]
+        if self.compare.isChecked() and self.compare.isEnabled():
+            args.append("--compare-base")
+        return args
+
+    def generate(self) -> EngineRun | None:
+        if self.run is not None:
+            return None
+        path, _ = self._source_path()
+        if path is None:
+            self._say("Pick a finished run or a folder first.", error=True)
+            return None
+        busy = self.gpu_busy_reason()
+        if busy:
+            self._say(busy, error=True)
+            return None
+        folder = data_dir() / "playground"
+        folder.mkdir(parents=True, exist_ok=True)
+        prompt_file = folder / "prompt.txt"   # a file, not argv: prompts can be long (Windows caps argv)
+        prompt_file.write_text(self.prompt.toPlainText(), encoding="utf-8")
+        for pane in self.panes.values():
+            pane.clear()
+        while self._retired:
+            self._retired.pop().deleteLater()
+        self._stopping, self._result = False, None
+        run = EngineRun(self.args(path, prompt_file), folder, parent=self)
+        run.event.connect(self._on_event)
+        run.exited.connect(self._on_exit)
+        self.run = run
+        self._say("Starting…")
+        self._update_buttons()
+        run.start()
+        return run
+
+    def stop(self, reason: str = "Stopping…") -> None:
+        run = self.run
+        if run is None:
+            return
+        self._stopping = True
+        run.send("stop")
+        self._say(reason)
+        QTimer.singleShot(KILL_AFTER_MS, lambda r=run: r.kill() if r is self.run else None)
+
+    def _on_gpu_job(self, _job_id: int) -> None:
+        if self.run is not None:
+            self.stop("A training job started and takes the GPU: generation stopped.")
+
+    def _on_event(self, ev: dict) -> None:
+        t = ev.get("type")
+        if t == "token":
+            pane = self.panes.get(ev.get("stream"))
+            if pane is not None:
+                pane.moveCursor(QTextCursor.MoveOperation.End)
+                pane.insertPlainText(str(ev.get("text", "")))
+                pane.moveCursor(QTextCursor.MoveOperation.End)
+        elif t == "phase" and not self._stopping:
+            self._say(str(ev.get("message", "")))
+        elif t == "progress" and not self._stopping:
+            stream = "base model" if ev.get("stream") == "base" else "trained model"
+            self._say(f"Generating ({stream}): {ev.get('done')} of {ev.get('total')} tokens")
+        elif t == "result":
+            self._result = ev.get("answer") or {}
+
+    def _on_exit(self, code: int, reason: str) -> None:
+        run, self.run = self.run, None
+        if run is not None:
+            run.retire()
+            self._retired.append(run)
+        if self._result is not None:
+            self._say(self._summary(self._result))
+        elif self._stopping:
+            self._say("Stopped.")
+        else:
+            self._say(reason or f"Generation ended with exit status {code}.", error=True)
+        self._update_buttons()
+
+    @staticmethod
+    def _summary(answer: dict) -> str:
+        parts = []
+        for name, label in (("trained", "trained"), ("base", "base")):
+            s = (answer.get("streams") or {}).get(name)
+            if s:
+                speed = f", {s['tokens_per_s']:g} tokens/s" if s.get("tokens_per_s") else ""
+                parts.append(f"{label}: {s.get('tokens', 0)} tokens{speed} ({s.get('reason')})")
+        where = f" on {answer['device']}" if answer.get("device") else ""
+        head = "Stopped" if answer.get("stopped") else "Done"
+        return f"{head}{where}" + (": " + "; ".join(parts) if parts else ".")
+
+    def _say(self, text: str, error: bool = False) -> None:
+        self.status.setStyleSheet(ERROR_STYLE if error else "")
+        self.status.setText(text)
+
+    def _update_buttons(self) -> None:
+        busy = self.run is not None
+        self.generate_btn.setEnabled(not busy and self.source.currentData() is not None)
+        self.stop_btn.setEnabled(busy)
+        self.source.setEnabled(not busy)
+        self.folder_btn.setEnabled(not busy)
+
+    def shutdown(self) -> None:
+        """The app quits: end a generation now (it holds nothing worth saving)."""
+        if self.run is not None:
+            self.run.kill()

@@ -1,0 +1,115 @@
+"""The Playground view: finished runs listed, text streamed from a real `modron-train generate` subprocess,
+Stop, the GPU rule, and base-vs-trained panes."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from generate_helpers import full_run, lora_run
+
+pytest.importorskip("PySide6")
+
+from app.job_queue import JobQueue  # noqa: E402
+from app.views.playground import PlaygroundView, parse_stops  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("play")
+    return {"full": full_run(base / "full"), "lora": lora_run(base / "lora")}
+
+
+def add_finished(store, name: str, run_dir, model: str, state: str = "finished") -> int:
+    job = store.add_job({"model": model, "data": ["x.txt"], "out": str(run_dir)}, name)
+    store.update_job(job.id, state=state, finished=1.0 + job.id)
+    return job.id
+
+
+@pytest.fixture
+def view(qtbot, store, runs, tmp_path):
+    add_finished(store, "scratch story", runs["full"], "scratch:tiny")
+    add_finished(store, "lora chat", runs["lora"], str(runs["lora"]) + "-base")
+    add_finished(store, "broken", tmp_path / "gone", "scratch:tiny", state="failed")
+    add_finished(store, "no checkpoints", tmp_path / "empty", "scratch:tiny")
+    queue = JobQueue(store, autostart=False)
+    v = PlaygroundView(store, queue)
+    qtbot.addWidget(v)
+    v.resize(900, 700)
+    v.show()
+    yield v
+    if v.run is not None:
+        v.run.kill()
+        qtbot.waitUntil(lambda: v.run is None, timeout=10_000)
+
+
+def pick(view, name: str) -> None:
+    index = next(i for i, t in enumerate(view.source_texts()) if t.startswith(name))
+    view.source.setCurrentIndex(index)
+
+
+def test_lists_finished_runs_with_checkpoints_newest_first(view):
+    assert view.source_texts() == [f"lora chat ({view.store.list_jobs()[1].spec['model']})",
+                                   "scratch story (scratch:tiny)"]
+    pick(view, "scratch story")
+    assert not view.compare.isEnabled()                     # from scratch: no base model
+    pick(view, "lora chat")
+    assert view.compare.isEnabled() and view.generate_btn.isEnabled() and not view.stop_btn.isEnabled()
+    assert parse_stops(r"\nUser:, THE END,") == ["\nUser:", "THE END"]
+
+
+def test_the_wheel_never_changes_a_setting(view, qtbot):
+    from PySide6.QtWidgets import QAbstractSpinBox, QComboBox
+
+    from test_app_form_ux import show, value, wheel
+    show(qtbot, view, 900, 700)
+    boxes = view.findChildren(QAbstractSpinBox) + [view.mode]
+    assert len(boxes) >= 5 and all(box.toolTip() for box in boxes + view.findChildren(QComboBox))
+    for box in boxes:
+        for notches in (-1, 1):
+            before = value(box)
+            wheel(box, notches)
+            assert value(box) == before, box.toolTip()
+
+
+def test_refuses_while_a_training_job_holds_the_gpu(view, monkeypatch):
+    monkeypatch.setattr(view.queue, "running_job", lambda: SimpleNamespace(state="running", name="big run"))
+    assert view.generate() is None and view.run is None
+    assert "big run" in view.status.text() and "GPU" in view.status.text()
+    monkeypatch.setattr(view.queue, "running_job", lambda: SimpleNamespace(state="paused", name="big run"))
+    assert view.gpu_busy_reason() is None                   # a paused job has given the GPU back
+
+
+def test_streams_trained_and_base_side_by_side(view, qtbot):
+    pick(view, "lora chat")
+    assert not view._boxes[1].isVisible()
+    view.compare.setChecked(True)
+    assert view._boxes[1].isVisible()
+    view.prompt.setPlainText("Once")
+    view.temperature.setValue(0)
+    view.max_tokens.setValue(12)
+    tokens = []
+    run = view.generate()
+    run.event.connect(lambda ev: tokens.append(ev) if ev["type"] == "token" else None)
+    assert not view.generate_btn.isEnabled() and view.stop_btn.isEnabled()
+    qtbot.waitUntil(lambda: view.run is None, timeout=90_000)
+    assert view.status.text().startswith("Done"), view.status.text()
+    answer = view._result
+    for stream in ("trained", "base"):
+        assert view.panes[stream].toPlainText() == answer["streams"][stream]["text"]
+    assert view.panes["trained"].toPlainText() and len([t for t in tokens if t["stream"] == "trained"]) > 1
+    assert view.panes["trained"].toPlainText() != view.panes["base"].toPlainText()
+    assert view.generate_btn.isEnabled() and not view.stop_btn.isEnabled()
+
+
+def test_stop_ends_a_generation_at_once(view, qtbot):
+    pick(view, "scratch story")
+    view.prompt.setPlainText("Once upon a time")
+    view.max_tokens.setValue(4096)
+    view.generate()
+    qtbot.waitUntil(lambda: len(view.panes["trained"].toPlainText()) >= 3, timeout=90_000)
+    view.stop_btn.click()
+    qtbot.waitUntil(lambda: view.run is None, timeout=5_000)
+    assert view._result["stopped"] is True and view._result["streams"]["trained"]["reason"] == "stopped"
+    assert view.status.text().startswith("Stopped"), view.status.text()
+    assert view.panes["trained"].toPlainText() == view._result["streams"]["trained"]["text"]
