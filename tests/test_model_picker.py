@@ -187,7 +187,7 @@ def hub(monkeypatch):
 
 
 def test_the_picker_downloads_with_progress_and_fills_the_downloaded_folder(qtbot, store, hub):
-    hub.delay = 0.01
+    hub.delay = 0.02   # about 0.6 s for the weights: a few progress events with a speed
     view = NewFinetuneView(store, None)
     qtbot.addWidget(view)
     picker = view.open_picker()
