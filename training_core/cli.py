@@ -110,6 +110,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.gguf or args.gguf_lora or args.gguf_sizes:
+        from .gguf_export import cmd_gguf
+        return cmd_gguf(args)
     from .export import export_adapter, export_merged
     if not args.merged and not args.adapter:
         raise UserError("export", "say what to write: --merged OUT and/or --adapter OUT")
@@ -220,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("source", help="run folder or checkpoint folder")
     e.add_argument("--merged", metavar="OUT")
     e.add_argument("--adapter", metavar="OUT")
+    e.add_argument("--gguf", metavar="OUT.gguf", help="one GGUF file for llama.cpp/Ollama (a LoRA run: merged), "
+                                                     "with an Ollama Modelfile beside it")
+    e.add_argument("--quant", default="f16", choices=("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"),
+                   help="GGUF weight type (default: f16; the k-quants need llama-cpp-python)")
+    e.add_argument("--gguf-lora", metavar="OUT.gguf", help="a LoRA run's adapter as a GGUF LoRA (llama.cpp --lora)")
+    e.add_argument("--gguf-sizes", action="store_true", help="print the expected GGUF size per quant")
+    e.add_argument("--force", action="store_true", help="replace GGUF files that already exist")
     add_json(e)
     e.set_defaults(func=cmd_export)
 

@@ -1,0 +1,315 @@
+"""GGUF export: files transformers' own GGUF loader reads back to the same logits and token ids, a GGUF LoRA
+llama.cpp's --lora takes, an Ollama Modelfile, and the CLI's one-line refusals. Tiny models built here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGUFReader
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, LlamaTokenizer, Qwen2Config, Qwen2ForCausalLM)
+
+from helpers import SAMPLE_TEXT, make_tokenizer
+from training_core.cli import main
+from training_core.config import JobSpec
+from training_core.gguf_export import K_QUANT_HINT, estimate, export_gguf, k_quants_available
+from training_core.protocol import decode_event
+
+TEXT = "The lighthouse keeper counted the ships, and every evening she read them aloud."
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LICENCE = {"klass": "permissive", "licence_id": "apache-2.0", "name": "Apache License 2.0",
+           "source": "README.md", "summary": "You may use, change and share it, also commercially.", "warning": None}
+# Largest logit difference allowed against the source model, per weight type (logits here are about +-1).
+TOLERANCE = {"f32": 1e-5, "f16": 5e-3, "bf16": 3e-2, "q8_0": 5e-2}
+
+
+def write_checkpoint(run: Path, kind: str, model, tokenizer, spec: JobSpec) -> Path:
+    ckpt = run / "checkpoints" / "ckpt-00000020"
+    ckpt.mkdir(parents=True)
+    model.save_pretrained(ckpt / ("adapter" if kind == "lora" else "model"), safe_serialization=True)
+    tokenizer.save_pretrained(ckpt / "tokenizer")
+    (ckpt / "job.json").write_text(json.dumps(spec.to_dict()), encoding="utf-8")
+    (ckpt / "licence.json").write_text(json.dumps(LICENCE), encoding="utf-8")
+    (ckpt / "modron_checkpoint.json").write_text(json.dumps(
+        {"format": "modron-checkpoint", "version": 1, "step": 20, "kind": kind}), encoding="utf-8")
+    spec.save(run / "job.json")
+    return ckpt
+
+
+def spm_tokenizer() -> LlamaTokenizer:
+    """A SentencePiece-style (Llama 2) tokenizer: metaspace BPE with byte fallback, trained here."""
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([SAMPLE_TEXT], trainer=trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                                      show_progress=False))
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return LlamaTokenizer(vocab=model["vocab"], merges=merges, unk_token="<unk>", bos_token="<s>",
+                          eos_token="</s>", add_bos_token=True)
+
+
+def randomise(model) -> None:
+    torch.manual_seed(0)
+    with torch.no_grad():   # norms away from 1 and biases away from 0, so a misplaced one shows
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+
+
+def full_run(root: Path, name: str, model, tokenizer) -> Path:
+    run = root / name
+    write_checkpoint(run, "full", model, tokenizer,
+                     JobSpec(model="scratch:tiny", data=[str(root / "stories.txt")], out=str(run)))
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Full runs of three shapes: a scratch-style tied Llama with grouped-query attention and a chat
+    template, an untied Qwen2 (q/k/v biases), and a Llama with a SentencePiece tokenizer."""
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    bpe = make_tokenizer()
+    bpe.chat_template = CHATML
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(bpe), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=0,
+        bos_token_id=0, pad_token_id=1))
+    randomise(llama)
+    out["llama"] = (full_run(root, "llama", llama, bpe), llama, bpe)
+    qwen = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(bpe) + 4, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=0))
+    randomise(qwen)
+    plain = make_tokenizer()
+    out["qwen2"] = (full_run(root, "qwen2", qwen, plain), qwen, plain)
+    spm = spm_tokenizer()
+    spm_model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(spm), hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2))
+    randomise(spm_model)
+    out["spm"] = (full_run(root, "spm", spm_model, spm), spm_model, spm)
+    return root, out
+
+
+def read_back(path: Path):
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
+
+
+def logits(model, ids: list[int]) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0"])
+def test_llama_gguf_reads_back_to_the_same_logits_and_tokens(runs, quant):
+    root, made = runs
+    run, source, tokenizer = made["llama"]
+    seen = []
+    answer = export_gguf(run, root / f"llama-{quant}.gguf", quant, progress=lambda *a: seen.append(a))
+    path = Path(answer["gguf"])
+    assert answer["quant"] == quant and answer["bytes"] == path.stat().st_size and answer["lora"] is None
+    assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] == 20   # 2 layers x 9 + embedding + final norm
+    model, tok = read_back(path)
+    ids = tokenizer(TEXT)["input_ids"]
+    assert tok(TEXT)["input_ids"] == ids
+    assert tok.decode(ids) == TEXT
+    diff = (logits(model, ids) - logits(source, ids)).abs().max().item()
+    assert diff < TOLERANCE[quant], f"{quant}: logits differ by {diff}"
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]   # no temporary files left
+
+    fields = GGUFReader(path).fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == 0
+    assert fields["tokenizer.ggml.padding_token_id"].contents() == 1
+    assert fields["tokenizer.chat_template"].contents() == CHATML
+    assert fields["general.license"].contents() == "apache-2.0"
+
+
+def test_qwen2_with_biases_and_an_untied_head(runs):
+    root, made = runs
+    run, source, tokenizer = made["qwen2"]
+    path = Path(export_gguf(run, root / "qwen2.gguf", "f32")["gguf"])
+    names = {t.name for t in GGUFReader(path).tensors}
+    assert {"output.weight", "blk.0.attn_q.bias", "blk.1.attn_k.bias"} <= names
+    model, tok = read_back(path)
+    ids = tokenizer(TEXT)["input_ids"]
+    assert tok(TEXT)["input_ids"] == ids
+    assert (logits(model, ids) - logits(source, ids)).abs().max().item() < TOLERANCE["f32"]
+    assert model.config.vocab_size == len(tokenizer) + 4   # padded with unused tokens to the embedding's rows
+
+
+def test_sentencepiece_tokenizer_reads_back_to_the_same_ids(runs):
+    root, made = runs
+    run, source, tokenizer = made["spm"]
+    path = Path(export_gguf(run, root / "spm.gguf", "f16")["gguf"])
+    fields = GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    model, tok = read_back(path)
+    for text in (TEXT, "  two spaces, ünïcode and 42 digits"):
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] == 1 and tok(text)["input_ids"] == ids, text
+    ids = tokenizer(TEXT)["input_ids"]
+    assert (logits(model, ids) - logits(source, ids)).abs().max().item() < TOLERANCE["f16"]
+
+
+def test_modelfile_has_template_stops_and_licence(runs):
+    root, made = runs
+    answer = export_gguf(made["llama"][0], root / "sub" / "chat.gguf", "f16")
+    modelfile = Path(answer["modelfile"])
+    assert modelfile == root / "sub" / "chat.Modelfile"
+    text = modelfile.read_text(encoding="utf-8")
+    assert text.startswith("FROM ./chat.gguf\n")
+    assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>" in text and "{{ .System }}" in text
+    assert "PARAMETER stop <|im_end|>" in text and "PARAMETER stop <|endoftext|>" in text
+    assert 'LICENSE """Apache License 2.0 (apache-2.0)' in text and "commercially" in text
+    # A model without a chat template gets a plain continuation template.
+    plain = export_gguf(made["qwen2"][0], root / "sub" / "plain.gguf", "f16")
+    assert 'TEMPLATE """{{ .Prompt }}{{ .Response }}"""' in Path(plain["modelfile"]).read_text(encoding="utf-8")
+
+
+def test_existing_files_are_kept_without_force(runs, capsys):
+    root, made = runs
+    target = root / "kept.gguf"
+    target.write_bytes(b"mine")
+    code = main(["export", str(made["llama"][0]), "--gguf", str(target)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"modron-train: error: {target}: already exists; choose another name or pass "
+                                 "--force to replace it"]
+    assert target.read_bytes() == b"mine"
+    assert main(["export", str(made["llama"][0]), "--gguf", str(target), "--force", "--quant", "f32"]) == 0
+    assert target.stat().st_size > 100_000
+
+
+def test_json_speaks_progress_then_result(runs, capsys):
+    root, made = runs
+    out = root / "json.gguf"
+    assert main(["export", str(made["llama"][0]), "--gguf", str(out), "--quant", "q8_0", "--json"]) == 0
+    events = [decode_event(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["type"] for e in events][-1] == "result" and {e["type"] for e in events[:-1]} == {"progress"}
+    assert events[0]["done"] == 0 and events[-2]["done"] == events[-2]["total"] == 20
+    assert all(e["task"] == "export" and e["unit"] == "tensors" and e["message"] for e in events[:-1])
+    answer = events[-1]["answer"]
+    assert answer == {"gguf": str(out), "quant": "q8_0", "bytes": out.stat().st_size,
+                      "modelfile": str(root / "json.Modelfile"), "lora": None, "warnings": []}
+
+
+def test_sizes_estimate_is_close_to_the_files(runs, capsys):
+    root, made = runs
+    assert main(["export", str(made["llama"][0]), "--gguf-sizes", "--json"]) == 0
+    from training_core.protocol import decode_answer
+    doc = decode_answer(capsys.readouterr().out)
+    assert doc["architecture"] == "llama" and doc["kind"] == "full" and doc["lora"] is None
+    assert list(doc["sizes"]) == ["f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
+    assert doc["available"][:4] == ["f32", "f16", "bf16", "q8_0"]
+    for quant in ("f32", "q8_0"):
+        real = (root / f"llama-{quant}.gguf")
+        if real.exists():
+            assert abs(doc["sizes"][quant] - real.stat().st_size) < 0.1 * real.stat().st_size
+    assert doc["sizes"]["f32"] > doc["sizes"]["f16"] > doc["sizes"]["q8_0"]
+
+
+def test_an_architecture_it_cannot_write_is_refused_in_one_line(tmp_path, capsys):
+    tok = make_tokenizer()
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    run = full_run(tmp_path, "gpt2", gpt2, tok)
+    capsys.readouterr()
+    code = main(["export", str(run), "--gguf", str(tmp_path / "x.gguf"), "--json"])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("modron-train: error: ") and "GPT2LMHeadModel" in err[0]
+    assert "Llama" in err[0] and "Mistral" in err[0] and "Qwen2" in err[0]
+    failed = decode_event(captured.out.strip())
+    assert failed["type"] == "failed" and failed["code"] == "bad_model"
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.skipif(k_quants_available(), reason="llama-cpp-python is installed here")
+def test_k_quants_without_llama_cpp_say_how_to_get_them(runs, capsys):
+    root, made = runs
+    assert main(["export", str(made["llama"][0]), "--gguf", str(root / "k.gguf"), "--quant", "q4_k_m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and K_QUANT_HINT in err[0] and "pip install 'modron[llama]'" in err[0]
+
+
+# ---- LoRA runs ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf_lora")
+    tok = make_tokenizer()
+    base_dir = root / "base"
+    base = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=0, bos_token_id=0, pad_token_id=1))
+    randomise(base)
+    base.save_pretrained(base_dir, safe_serialization=True)
+    tok.save_pretrained(base_dir)
+    (base_dir / "LICENSE").write_text("The full Apache licence text.", encoding="utf-8")
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    with torch.no_grad():   # as if trained: lora_B starts at zero
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    run = root / "run"
+    spec = JobSpec(model=str(base_dir), data=[str(root / "d.jsonl")], out=str(run), method="lora", lora_r=4,
+                   lora_alpha=8)
+    write_checkpoint(run, "lora", peft_model, tok, spec)
+    return root, run, peft_model, tok
+
+
+def test_lora_gguf_has_llama_cpp_names_shapes_and_alpha(lora_run):
+    root, run, peft_model, _ = lora_run
+    answer = export_gguf(run, None, lora_out=root / "adapter.gguf")
+    assert answer["gguf"] is None and answer["modelfile"] is None and answer["lora"] == str(root / "adapter.gguf")
+    reader = GGUFReader(root / "adapter.gguf")
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == pytest.approx(8.0)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    tensors = {t.name: t for t in reader.tensors}
+    # 7 linear layers per block, 2 blocks, lora_a and lora_b each
+    assert len(tensors) == 28
+    a, b = tensors["blk.0.attn_k.weight.lora_a"], tensors["blk.0.attn_k.weight.lora_b"]
+    # ggml shapes are reversed: lora_a [in, r], lora_b [r, out]; k has 2 heads x 16 = 32 outputs
+    assert list(a.shape) == [64, 4] and list(b.shape) == [4, 32]
+    assert list(tensors["blk.1.ffn_down.weight.lora_a"].shape) == [96, 4]
+    state = peft_model.state_dict()
+    lora_a = state["base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight"] \
+        if "base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight" in state \
+        else state["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"]
+    written = tensors["blk.0.ffn_up.weight.lora_a"].data.reshape(4, 64)
+    assert torch.allclose(torch.from_numpy(written.copy()), lora_a.float())
+
+
+def test_lora_run_gguf_is_the_merged_model(lora_run):
+    root, run, peft_model, tok = lora_run
+    sizes = estimate(run)
+    assert sizes["kind"] == "lora" and sizes["lora"] > 0
+    answer = export_gguf(run, root / "merged.gguf", "f32", lora_out=root / "both-adapter.gguf")
+    assert Path(answer["lora"]).is_file()
+    model, _ = read_back(Path(answer["gguf"]))
+    ids = tok(TEXT)["input_ids"]
+    assert (logits(model, ids) - logits(peft_model, ids)).abs().max().item() < 1e-4
+    assert "The full Apache licence text." in Path(answer["modelfile"]).read_text(encoding="utf-8")
+
+
+def test_gguf_lora_of_a_full_run_is_refused(runs, capsys):
+    root, made = runs
+    assert main(["export", str(made["llama"][0]), "--gguf-lora", str(root / "no.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "full finetune" in err[0]
