@@ -52,6 +52,7 @@ class FakeHub:
         self.requests: list[dict] = []        # {"path", "range", "sent"}
         self.sizes: dict[str, int] = {}       # sizes to claim instead of the real ones
         self.digests: dict[str, str] = {}     # SHA-256 digests to claim instead of the real ones
+        self.cut: dict[str, int] = {}         # once: close the connection after this many bytes of a file
         self.listing: list[dict] = [           # what a search finds (hostile entries included)
             {"id": repo, "downloads": 1234, "likes": 5, "tags": ["license:apache-2.0", "safetensors"]},
             {"id": "tiny-org/tiny-gated", "downloads": 10 ** 15, "likes": -3, "gated": "manual",
@@ -132,8 +133,9 @@ class FakeHub:
         if h.command == "HEAD":
             return
         try:
-            for i in range(start, len(data), 32 << 10):
-                piece = data[i:i + (32 << 10)]
+            end = start + self.cut.pop(name) if name in self.cut else len(data)
+            for i in range(start, end, 32 << 10):
+                piece = data[i:min(i + (32 << 10), end)]
                 h.wfile.write(piece)
                 record["sent"] += len(piece)
                 if self.delay:

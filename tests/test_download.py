@@ -185,3 +185,13 @@ def test_a_damaged_file_is_not_kept(hub, tmp_path, monkeypatch, capsys):
     assert "does not match its checksum" in capsys.readouterr().err
     folder = tmp_path / "tiny-org--tiny-llama" / SHA[:12]
     assert not (folder / "model.safetensors").exists() and not part_file(tmp_path).exists()
+
+
+def test_a_dropped_connection_is_continued_in_the_same_run(hub, tmp_path, monkeypatch, capsys):
+    hub.cut["model.safetensors"] = 300 << 10   # the server hangs up after 300 KB of 2 MB
+    assert run_here(monkeypatch, hub.url, REPO, "--out", str(tmp_path)) == 0
+    first, second = hub.sent("model.safetensors")
+    assert first["range"] is None and second["range"] == f"bytes={first['sent']}-"
+    assert first["sent"] + second["sent"] == len(hub.files["model.safetensors"])
+    folder = Path(capsys.readouterr().out.strip())
+    assert (folder / "model.safetensors").read_bytes() == hub.files["model.safetensors"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -266,22 +267,24 @@ def _fetch(url: str, headers: dict[str, str], f: RemoteFile, folder: Path, progr
                 raise ModelError(f.name, f"the hub refused the download (HTTP {exc.code}); the model may be gated: "
                                          "accept its terms on its page and log in (`hf auth login`)") from None
             raise ModelError(f.name, f"the hub answered HTTP {exc.code} ({exc.reason})") from None
-        except (urllib.error.URLError, OSError) as exc:   # a dropped connection: continue from `have`
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:   # a dropped connection
             if isinstance(exc, OSError) and exc.errno is not None and user_disk_error(exc):
                 raise
-            failures = 0 if got_any else failures + 1
-            if failures >= RETRIES:
-                reason = getattr(exc, "reason", exc)
-                why = _first_line(reason) if isinstance(reason, BaseException) else str(reason)
-                raise UserError(f.name, f"the download keeps failing ({why}); check the internet connection "
-                                        "and run the download again: it continues where it stopped") from None
-            for _ in range(int(2 ** failures * 5)):   # 1, 2, 4 s, leaving at once on a stop
-                if cancel.is_set():
-                    raise Stopped from None
-                time.sleep(0.1)
-            continue
-        if have == f.size:
-            break
+            reason = getattr(exc, "reason", exc)
+            problem = _first_line(reason) if isinstance(reason, BaseException) else str(reason)
+        else:
+            if have == f.size:
+                break
+            problem = "the connection closed before the end of the file"
+        # Continue from `have` after a pause; give up after RETRIES attempts in a row that brought nothing.
+        failures = 0 if got_any else failures + 1
+        if failures >= RETRIES:
+            raise UserError(f.name, f"the download keeps failing ({problem}); check the internet connection "
+                                    "and run the download again: it continues where it stopped")
+        for _ in range(int(2 ** failures * 5)):   # 1, 2, 4 s, leaving at once on a stop
+            if cancel.is_set():
+                raise Stopped
+            time.sleep(0.1)
     if f.sha256 is not None and _sha256(part, cancel) != f.sha256:
         progress.add(-f.size)
         part.unlink()
