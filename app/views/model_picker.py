@@ -74,6 +74,10 @@ class ModelPicker(QDialog):
         self.table.itemSelectionChanged.connect(self._update_buttons)
         self.table.itemDoubleClicked.connect(lambda _item: self.use_selected())
 
+        self.legend = QLabel("Memory for the form's batch and sequence length, with gradient checkpointing "
+                             "turned on where a run would need it (hover a figure for details). "
+                             "✓ fits, tight: it may fit, ✗ won't fit.")
+        self.legend.setWordWrap(True)
         self.hub_edit = QLineEdit()
         self.hub_edit.setPlaceholderText("a Hugging Face hub id, e.g. HuggingFaceTB/SmolLM2-135M")
         self.hub_edit.setToolTip("Any model on the Hugging Face hub by its id (org/name)")
@@ -119,6 +123,7 @@ class ModelPicker(QDialog):
         layout = QVBoxLayout(self)
         layout.addWidget(self.gpu_label)
         layout.addWidget(self.table, 1)
+        layout.addWidget(self.legend)
         layout.addLayout(hub_row)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
