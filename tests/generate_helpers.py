@@ -66,3 +66,20 @@ def lora_run(folder: Path, step: int = 12) -> Path:
     spec = {"model": str(base_dir), "data": [str(folder / "stories.txt")], "out": str(folder), "method": "lora",
             "lora_r": 4, "lora_alpha": 8}
     return _finish(folder, ckpt, spec, "lora", step)
+
+
+def finetuned_run(folder: Path, step: int = 12) -> Path:
+    """A full finetune of a tiny local base model: the checkpoint holds the base's weights, nudged."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base_dir = make_local_model(folder.parent / f"{folder.name}-base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))
+    ckpt = folder / "checkpoints" / f"ckpt-{step:08d}"
+    model.save_pretrained(ckpt / "model", safe_serialization=True)
+    make_tokenizer().save_pretrained(ckpt / "tokenizer")
+    spec = {"model": str(base_dir), "data": [str(folder / "stories.txt")], "out": str(folder), "method": "full"}
+    return _finish(folder, ckpt, spec, "full", step)

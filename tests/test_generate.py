@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generate_helpers import full_run, lora_run
+from generate_helpers import finetuned_run, full_run, lora_run
 from training_core import cli
 from training_core.generate import Request, load_trained, prompt_ids, resolve, run_one
 from training_core.models.tokenizer import bytes_tokenizer
@@ -148,11 +148,32 @@ def test_a_bad_source_is_one_plain_line_exit_2(tmp_path, capsys, make, problem):
     assert len(err) == 1 and problem in err[0] and str(folder) in err[0], err
 
 
+def test_compare_base_of_a_full_finetune_and_an_exported_folder(runs, tmp_path, capsys):
+    """Text mode (a terminal): each stream under its name; the base model is loaded from the run's job,
+    or from --base for an exported folder, which alone has no base to compare with."""
+    run = finetuned_run(tmp_path / "ft")
+    settings = ["--prompt", "Once", "--temperature", "0", "--max-new-tokens", "6", "--repetition-penalty", "1"]
+    assert cli.main(["generate", str(run), "--compare-base", *settings]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("--- trained ---\n") and "\n--- base ---\n" in out
+    trained, base = out[len("--- trained ---\n"):].split("\n--- base ---\n")
+    assert trained != base
+    exported = tmp_path / "ft-base"   # a plain model folder, as an export writes one
+    assert resolve(exported).kind == "model"
+    assert cli.main(["generate", str(exported), "--compare-base", *settings]) == 2
+    assert "--base" in capsys.readouterr().err
+    assert cli.main(["generate", str(exported), "--compare-base", "--base", str(exported), *settings]) == 0
+    _, plain = capsys.readouterr().out.split("--- trained ---\n")
+    assert plain.split("\n--- base ---\n")[0] == base.removesuffix("\n")   # the base model, either way
+
+
 def test_bad_settings_are_refused(tmp_path, capsys, runs):
     assert cli.main(["generate", str(runs["full"]), "--prompt", "x", "--top-p", "0"]) == 2
     assert "--top-p" in capsys.readouterr().err
     assert cli.main(["generate", str(runs["full"]), "--prompt", "x", "--compare-base"]) == 2
     assert "trained from scratch" in capsys.readouterr().err
+    assert cli.main(["generate", str(runs["full"]), "--prompt", "x", "--device", "gpu"]) == 2
+    assert "unknown device" in capsys.readouterr().err
 
 
 # ---- the subprocess, as the app runs it --------------------------------------------------------

@@ -254,6 +254,8 @@ def run_one(model, tokenizer, req: Request, on_text: Callable[[str, int], None],
 # ---- the command ---------------------------------------------------------------------------
 def _pick_device(choice: str):
     import torch
+    if choice not in ("auto", "cpu", "cuda") and not (choice.startswith("cuda:") and choice[5:].isdigit()):
+        raise UserError("--device", f"unknown device {choice!r}; use auto, cpu, cuda or cuda:N")
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu"), torch.float32
     if not torch.cuda.is_available():
@@ -358,7 +360,8 @@ def cmd_generate(args) -> int:
         return 0
     except Exception as exc:
         err = user_error_from(exc)
-        if err is None:
+        if err is None:   # a bug: the app hears it plainly; cli.main logs the traceback
+            session.emit("failed", code="internal", message=f"internal error: {type(exc).__name__}: {exc}", step=0)
             raise
         session.emit("failed", code=err.code, message=str(err), step=0)
         sys.stderr.write(f"modron-train: error: {err}\n")
@@ -396,15 +399,19 @@ def _generate(args, session: _Session) -> int:
 
     one("trained", model, tokenizer)
     if args.compare_base and not session.stop_asked:
-        if source.kind == "lora" and not args.base:
-            one("base", model, tokenizer, model.disable_adapter())   # the same weights, adapter off
-        else:
-            del model
-            gc.collect()
-            session.emit("phase", phase="loading_model", message="Loading the base model to compare")
-            base, base_tok = load_base_model(source, args.base, dtype, trust)
-            base.to(device)
-            one("base", base, base_tok)
+        from .controls import StopRequested
+        try:
+            if source.kind == "lora" and not args.base:
+                one("base", model, tokenizer, model.disable_adapter())   # the same weights, adapter off
+            else:
+                del model
+                gc.collect()
+                session.emit("phase", phase="loading_model", message="Loading the base model to compare")
+                base, base_tok = load_base_model(source, args.base, dtype, trust)
+                base.to(device)
+                one("base", base, base_tok)
+        except StopRequested:   # stopped while the base model loaded: the trained text still counts
+            session.stop_asked = True
     answer = {"source": str(source.path), "checkpoint": str(source.ckpt) if source.ckpt else None,
               "device": str(device), "mode": req.mode, "seed": req.seed, "stopped": session.stop_asked,
               "streams": streams}

@@ -22,6 +22,7 @@ from app.views.job_table import view_title
 from training_core.paths import data_dir
 
 KILL_AFTER_MS = 5000      # a stopped generation that has not ended by then is killed
+LOG_CAP_BYTES = 1 << 20   # the generations' stderr log starts again past this
 STREAMS = ("trained", "base")
 ERROR_STYLE = "color: #c62828;"
 
@@ -253,6 +254,9 @@ class PlaygroundView(QWidget):
             return None
         folder = data_dir() / "playground"
         folder.mkdir(parents=True, exist_ok=True)
+        log = folder / "worker.log"
+        if log.is_file() and log.stat().st_size > LOG_CAP_BYTES:   # each generation appends to it
+            log.unlink()
         prompt_file = folder / "prompt.txt"   # a file, not argv: prompts can be long (Windows caps argv)
         prompt_file.write_text(self.prompt.toPlainText(), encoding="utf-8")
         for pane in self.panes.values():
