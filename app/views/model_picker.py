@@ -191,7 +191,9 @@ class ModelPicker(QDialog):
         for row, m in enumerate(found, start=self._fixed_rows):
             name = QTableWidgetItem(m["id"])
             name.setData(HUB_ID_ROLE, m["id"])
-            licence = f"{m.get('licence_class') or 'unknown'}" + (f" ({m['licence_id']})" if m.get("licence_id") else "")
+            licence = str(m.get("licence_class") or "unknown")
+            if m.get("licence_id"):
+                licence += f" ({m['licence_id']})"
             about = f"{int(m.get('downloads') or 0):,} downloads on the hub"
             if m.get("gated"):
                 about += "; gated: accept its terms on its page and log in first"
