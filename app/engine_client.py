@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, Signal
+from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, Signal
 
 import training_core
 from training_core.protocol import ENTRY_MODULE, ProtocolError, decode_answer, decode_event, encode, make_control
@@ -301,3 +301,94 @@ class EngineRun(QObject):
             reason = f"The training process could not be started ({self._proc.errorString()})."
             self._log(f"--- {reason}\n".encode())
             self.exited.emit(-1, reason)
+
+
+class EngineTask(QObject):
+    """A long one-shot command that speaks the protocol (`export RUN --gguf OUT --json`): `progress` events
+    while it works, then `done` with the `result` event's answer, or `failed` with one plain line (its
+    `failed` event, else the CLI's last line). `cancel()` sends SIGTERM, on which the engine removes its
+    partial files, and kills it if it is still there after CANCEL_GRACE_MS; no signal follows a cancel."""
+    progress = Signal(dict)   # each `progress` event, decoded
+    done = Signal(object)     # the answer
+    failed = Signal(str)
+    CANCEL_GRACE_MS = 5_000
+
+    def __init__(self, args, parent=None):
+        super().__init__(parent)
+        self.args = [str(a) for a in args]
+        self._buf = b""
+        self._err = b""
+        self._answer = None
+        self._failed: str | None = None
+        self._cancelled = self._finished = False
+        self._proc = _process(self, engine_command(self.args))
+        self._proc.readyReadStandardOutput.connect(self._on_stdout)
+        self._proc.readyReadStandardError.connect(self._on_stderr)
+        self._proc.finished.connect(self._on_finished)
+        self._proc.errorOccurred.connect(self._on_error)
+
+    def start(self) -> None:
+        self._proc.start()
+
+    def running(self) -> bool:
+        return self._proc.state() != QProcess.ProcessState.NotRunning
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self.running():
+            self._proc.terminate()
+            QTimer.singleShot(self.CANCEL_GRACE_MS, self._kill_if_running)
+
+    def _kill_if_running(self) -> None:
+        if self.running():
+            self._proc.kill()
+
+    def _on_stderr(self) -> None:
+        self._err = (self._err + bytes(self._proc.readAllStandardError().data()))[-65536:]
+
+    def _on_stdout(self) -> None:
+        self._buf += bytes(self._proc.readAllStandardOutput().data())
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            self._handle_line(line)
+
+    def _handle_line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            ev = decode_event(line)
+        except ProtocolError:
+            return   # only protocol lines belong on stdout; a stray one is not worth failing the task for
+        if ev["type"] == "progress" and not self._cancelled:
+            self.progress.emit(ev)
+        elif ev["type"] == "result":
+            self._answer = ev["answer"]
+        elif ev["type"] == "failed":
+            self._failed = str(ev.get("message") or "").strip() or None
+
+    def _on_finished(self, code: int, status: QProcess.ExitStatus) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._on_stderr()
+        self._buf += bytes(self._proc.readAllStandardOutput().data())
+        if self._buf:
+            self._handle_line(self._buf)
+            self._buf = b""
+        if self._cancelled:
+            return
+        if status == QProcess.ExitStatus.CrashExit:
+            self.failed.emit(f"The engine process crashed (signal {code}).")
+        elif self._failed:
+            self.failed.emit(self._failed)
+        elif code != 0:
+            self.failed.emit(error_line(self._err.decode("utf-8", "replace"), code))
+        elif self._answer is None:
+            self.failed.emit("The engine ended without an answer.")
+        else:
+            self.done.emit(self._answer)
+
+    def _on_error(self, error: QProcess.ProcessError) -> None:
+        if error == QProcess.ProcessError.FailedToStart and not (self._cancelled or self._finished):
+            self._finished = True
+            self.failed.emit(f"The engine process could not be started ({self._proc.errorString()}).")

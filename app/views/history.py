@@ -1,5 +1,6 @@
 """History: finished, failed and cancelled runs with their final figures and charts from the store,
-plus "Open output folder" and "Export merged model…" (the engine's `export` as an EngineCall: merging loads torch)."""
+plus "Open output folder", "Export merged model…" (the engine's `export` as an EngineCall: merging loads torch)
+and "Export…" (app/views/export_dialog.py: GGUF with a quant, the merged model, a LoRA run's adapter)."""
 from __future__ import annotations
 
 import re
@@ -13,6 +14,7 @@ from PySide6.QtWidgets import (QHBoxLayout, QLabel, QPushButton, QSplitter, QTab
 from app.views.form_ux import choose_folder
 from app.views.job_table import job_table, view_title
 from app.engine_client import EngineCall
+from app.views.export_dialog import ExportDialog
 from app.views.run_view import RunCharts
 from training_core.preflight import format_duration
 
@@ -63,6 +65,10 @@ class HistoryView(QWidget):
 
         self.open_btn = QPushButton("Open output folder")
         self.export_btn = QPushButton("Export merged model…")
+        self.export_as_btn = QPushButton("Export…")
+        self.export_as_btn.setToolTip("GGUF for llama.cpp and Ollama (with a quantization), the merged model, "
+                                      "or a LoRA run's adapter")
+        self.export_as_btn.clicked.connect(self.open_export_dialog)
         self.open_btn.clicked.connect(self.open_output_folder)
         self.export_btn.clicked.connect(self._choose_export_folder)
         self.detail = QLabel("")
@@ -76,6 +82,7 @@ class HistoryView(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.open_btn)
         buttons.addWidget(self.export_btn)
+        buttons.addWidget(self.export_as_btn)
         buttons.addStretch(1)
         lower = QWidget()
         lower_layout = QVBoxLayout(lower)
@@ -97,6 +104,7 @@ class HistoryView(QWidget):
         self.job_ids: list[int] = []
         self.job_id: int | None = None          # the job whose charts are shown
         self._export: EngineCall | None = None
+        self._dialogs: list[ExportDialog] = []
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(REFRESH_MS)
@@ -188,6 +196,7 @@ class HistoryView(QWidget):
         self.open_btn.setEnabled(has_output)
         has_checkpoint = has_output and (Path(job.run_dir) / "checkpoints").is_dir()
         self.export_btn.setEnabled(has_checkpoint and self._export is None)
+        self.export_as_btn.setEnabled(has_checkpoint)
 
     def _job(self):
         if self.job_id is None:
@@ -211,6 +220,22 @@ class HistoryView(QWidget):
         folder = choose_folder(self, self.store, "export", "Export the merged model to a folder")
         if folder:
             self.export_merged(str(export_target(folder, job.name)))
+
+    def open_export_dialog(self) -> ExportDialog | None:
+        """The Export dialog for the selected run (formats, quant, size, progress, Cancel)."""
+        job = self._job()
+        if job is None:
+            return None
+        # A dialog is deleted only once its engine processes are gone: a QProcess deleted while it still
+        # reports is a use-after-free in PySide (see EngineRun.retire).
+        for old in [d for d in self._dialogs if not d.isVisible() and not d.busy()]:
+            self._dialogs.remove(old)
+            old.deleteLater()
+        dialog = ExportDialog(job.name, job.run_dir, self.store, parent=self)
+        dialog.exported.connect(lambda answer: self.export_status.setText(dialog.status.text()))
+        self._dialogs.append(dialog)
+        dialog.open()
+        return dialog
 
     def export_merged(self, out: str) -> EngineCall | None:
         """Write the selected run's merged model to `out` (in a subprocess)."""
