@@ -64,6 +64,23 @@ def test_the_mask_allows_only_what_continues_valid_utf8():
     assert valid_prefix("中".encode()[:2]) and not valid_prefix(b"\xed\xa0") and not valid_prefix(b"\xf4\x90")
 
 
+def test_sentencepiece_byte_fallback_tokens_are_their_bytes():
+    """Llama-2/Mistral-style vocabularies: "▁" is a space, <0xE4> is one byte."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)},
+             "▁the": 259, "中": 260}
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    table = token_bytes(tok)
+    assert table[3 + 0xE4] == b"\xe4" and table[259] == b" the" and table[260] == "中".encode()
+    assert table[2] is None
+    mask = WholeChars(tok).allowed(0, None)
+    assert mask[259] and mask[260] and mask[3 + 0xE4] and not mask[3 + 0x80]
+    assert CharStream(tok).feed([259, 3 + 0xE4, 3 + 0xB8]) == " the"
+
+
 def test_a_random_byte_model_never_writes_invalid_utf8(full_model):
     model, tok = full_model
     table = token_bytes(tok)
