@@ -438,16 +438,20 @@ def _run_main(monkeypatch, tmp_path, argv, tray_available, inspect):
     app_ = QApplication.instance()
     quit_on_close = app_.quitOnLastWindowClosed()
     seen = {}
-    before = {id(w) for w in QApplication.topLevelWidgets()}
+    # The widgets themselves, not their id()s: a transient wrapper (a combo box's popup, ...) freed after
+    # the look would lend its id to the new window's wrapper, which was then never found.
+    before = QApplication.topLevelWidgets()
 
     def check():
-        windows = [w for w in QApplication.topLevelWidgets() if isinstance(w, MainWindow) and id(w) not in before]
-        seen["window"] = windows[-1]
         try:
+            windows = [w for w in QApplication.topLevelWidgets()
+                       if isinstance(w, MainWindow) and not any(w is b for b in before)]
+            seen["window"] = windows[-1]
             inspect(windows[-1])
         except BaseException as exc:   # re-raised after the loop ends
             seen["error"] = exc
-        app_.quit()
+        finally:
+            app_.quit()   # always: a failed look must fail the test, not hang it in the app's loop
     QTimer.singleShot(300, check)
     try:
         code = app.main.main(argv + ["--data-dir", str(tmp_path / "data")])

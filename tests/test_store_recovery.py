@@ -112,7 +112,7 @@ def _run_main(monkeypatch, tmp_path, button: str, inspect=None):
     monkeypatch.setattr(QSystemTrayIcon, "isSystemTrayAvailable", staticmethod(lambda: False))
     qapp = QApplication.instance()
     quit_on_close = qapp.quitOnLastWindowClosed()
-    before = {id(w) for w in QApplication.topLevelWidgets()}
+    before = QApplication.topLevelWidgets()   # the widgets, not id()s, which a freed wrapper lends on
     seen = {"polls": 0}
 
     def answer():
@@ -129,7 +129,7 @@ def _run_main(monkeypatch, tmp_path, button: str, inspect=None):
 
     def look():
         windows = [w for w in QApplication.topLevelWidgets()
-                   if isinstance(w, MainWindow) and w.isVisible() and id(w) not in before]
+                   if isinstance(w, MainWindow) and w.isVisible() and not any(w is b for b in before)]
         if not windows:
             QTimer.singleShot(50, look)
             return
