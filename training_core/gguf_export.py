@@ -243,7 +243,7 @@ def _general(writer, spec, ckpt: Path, licence: dict, kind: str) -> None:
         writer.add_base_model_name(0, base)
     if licence.get("licence_id"):
         writer.add_license(str(licence["licence_id"]))
-    writer.add_string("general.source.modron.kind", kind)
+    writer.add_string("modron.checkpoint_kind", kind)   # our own namespace: general.* is the format's
 
 
 def _hparams(writer, config, arch: str) -> None:
@@ -507,7 +507,7 @@ def export_gguf(source: Path, gguf_out: Path | None, quant: str = "f16", lora_ou
     model, _ = _merged_model(ckpt, spec, kind)
     licence, licence_file = _licence(ckpt, spec)
     tmp = _tmp_name(gguf_out)
-    base = gguf_out.with_name(f".{gguf_out.name}.f16-base-{os.getpid()}") if quant in K_QUANTS else None
+    base = gguf_out.with_name(f".{gguf_out.name}.tmp-gguf-f16-{os.getpid()}") if quant in K_QUANTS else None
     try:
         _write_model(base or tmp, model, config, vocab, plan, quant, spec, ckpt, licence, kind, progress, total)
         del model
@@ -554,8 +554,8 @@ def cmd_gguf(args) -> int:
 
     def progress(done: int, total: int, message: str) -> None:
         now = time.monotonic()
-        if done not in (0, total) and now - last[0] < 0.1:
-            return   # a few events a second are plenty for a progress bar
+        if done not in (0, total) and now - last[0] < 0.1 and message.startswith("writing"):
+            return   # a few tensor events a second are plenty for a progress bar
         last[0] = now
         if args.json:
             sys.stdout.write(encode(make_event("progress", task="export", done=done, total=total,
