@@ -28,7 +28,8 @@ if "--gguf-sizes" in args:
     sys.exit(0)
 target = args[args.index("--gguf") + 1] if "--gguf" in args else args[3]
 if "broken" in target:
-    event("failed", code="bad_model", message="ckpt/model: is a GPT2LMHeadModel model, which it cannot write", step=None)
+    event("failed", code="bad_model", step=None,
+          message="ckpt/model: is a GPT2LMHeadModel model, which it cannot write")
     sys.stderr.write("modron-train: error: ckpt/model: is a GPT2LMHeadModel model\n")
     sys.exit(2)
 open(os.environ["FAKE_PID_FILE"], "w").write(str(os.getpid()))
@@ -52,7 +53,8 @@ def fake_engine(tmp_path, monkeypatch):
     script.write_text(FAKE_ENGINE, encoding="utf-8")
     pid_file = tmp_path / "engine.pid"
     monkeypatch.setenv("FAKE_PID_FILE", str(pid_file))
-    monkeypatch.setattr("app.engine_client.engine_command", lambda args: (sys.executable, [str(script), *map(str, args)]))
+    monkeypatch.setattr("app.engine_client.engine_command",
+                        lambda args: (sys.executable, [str(script), *map(str, args)]))
     return pid_file
 
 
@@ -166,5 +168,5 @@ def test_a_real_gguf_export_from_the_dialog(qtbot, tmp_path):
     assert answers, dialog.status.text()
     assert answers[0]["gguf"] == str(out) and answers[0]["bytes"] == out.stat().st_size
     assert (20, 20) in maxima   # the bar followed the engine's tensors
-    assert dialog.status.text().startswith(f"GGUF (q8_0, ") and "ollama create tiny-run" in dialog.status.text()
+    assert dialog.status.text().startswith("GGUF (q8_0, ") and "ollama create tiny-run" in dialog.status.text()
     assert (tmp_path / "exports" / "tiny.Modelfile").is_file()

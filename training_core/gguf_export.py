@@ -277,7 +277,8 @@ def _check_rope(config, where) -> None:
 
 def _file_type(quant: str) -> int:
     from gguf import LlamaFileType as F
-    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}.get(quant, F.MOSTLY_F16)
+    types = {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}
+    return types.get(quant, F.MOSTLY_F16)
 
 
 def _write_model(path: Path, model, config, vocab, plan: list[Planned], quant: str, spec, ckpt, licence, kind,

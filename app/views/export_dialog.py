@@ -159,7 +159,8 @@ class ExportDialog(QDialog):
             if path and not path.endswith(".gguf"):
                 path += ".gguf"
         else:
-            path = QFileDialog.getExistingDirectory(self, "Export to a folder", str(Path(self.target_edit.text()).parent))
+            path = QFileDialog.getExistingDirectory(self, "Export to a folder",
+                                                    str(Path(self.target_edit.text()).parent))
         if path:
             self.target_edit.setText(path)
             self._typed_target = True
@@ -188,7 +189,8 @@ class ExportDialog(QDialog):
             item.setEnabled(q in available)
             item.setToolTip("" if q in available else str(doc.get("k_quants_hint") or ""))
         if self.quant() not in available and available:
-            self.quant_box.setCurrentIndex(self.quant_box.findData("q8_0" if "q8_0" in available else sorted(available)[0]))
+            fallback = "q8_0" if "q8_0" in available else sorted(available)[0]
+            self.quant_box.setCurrentIndex(self.quant_box.findData(fallback))
         self._show_size()
 
     def _on_sizes_failed(self, message: str) -> None:
@@ -264,7 +266,8 @@ class ExportDialog(QDialog):
     def _on_done(self, answer: dict) -> None:
         fmt = self.format()
         if fmt == "gguf":
-            text = f"GGUF ({answer.get('quant')}, {format_bytes(answer.get('bytes') or 0)}) written to {answer.get('gguf')}"
+            size = format_bytes(answer.get("bytes") or 0)
+            text = f"GGUF ({answer.get('quant')}, {size}) written to {answer.get('gguf')}"
             if answer.get("modelfile"):
                 text += f"; for Ollama: ollama create {slug(self.job_name).lower()} -f {answer['modelfile']}"
         elif fmt == "gguf_lora":
