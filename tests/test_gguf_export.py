@@ -313,3 +313,29 @@ def test_gguf_lora_of_a_full_run_is_refused(runs, capsys):
     assert main(["export", str(made["llama"][0]), "--gguf-lora", str(root / "no.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "full finetune" in err[0]
+
+
+def test_mistral_is_written_as_llama(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+    tok = make_tokenizer()
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=None, tie_word_embeddings=False))
+    randomise(model)
+    # (a run named "...mistral..." would not do: transformers' loader then asks gguf-py for a "mistral"
+    # architecture it does not have; llama.cpp reads such a file fine)
+    path = Path(export_gguf(full_run(tmp_path, "mist", model, tok), tmp_path / "m.gguf", "f32")["gguf"])
+    assert GGUFReader(path).fields["general.architecture"].contents() == "llama"
+    back, _ = read_back(path)
+    ids = tok(TEXT)["input_ids"]
+    assert (logits(back, ids) - logits(model, ids)).abs().max().item() < TOLERANCE["f32"]
+
+
+def test_modelfile_templates_for_common_chat_formats():
+    from training_core.ollama_modelfile import modelfile, template_and_stops
+    llama3 = "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    name, template, stops = template_and_stops(llama3, "<|end_of_text|>")
+    assert name == "llama3" and "<|eot_id|>" in stops and "<|end_of_text|>" in stops and ".Prompt" in template
+    assert template_and_stops("[INST] {{ m }} [/INST]", "</s>")[0] == "llama2"
+    text = modelfile("a.gguf", None, "</s>", 'text with """ quotes')
+    assert text.count('"""') == 4 and "'''" in text   # the licence's own triple quotes cannot end the value
