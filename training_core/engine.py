@@ -77,6 +77,9 @@ class Engine:
         self._fake_nan_done: set[int] = set()
         self._lr_retries = 0
         self._run_dir_lock = None
+        self._phase: tuple[str, str] | None = None   # the (phase, message) last sent
+        self._phase_done: int | None = None           # and its progress
+        self._phase_sent = 0.0                        # when (monotonic), for progress at most 4 a second
 
     # ---- events ---------------------------------------------------------------------------
     def emit(self, type_: str, **fields: Any) -> None:
@@ -85,6 +88,21 @@ class Engine:
 
     def warn(self, code: str, message: str) -> None:
         self.emit("warning", code=code, message=message)
+
+    def phase(self, name: str, message: str, done: int | None = None, total: int | None = None,
+              unit: str | None = None) -> None:
+        """Say what the run is doing (a `phase` event) when that changes, and its progress at most every
+        EMIT_INTERVAL_S (plus the end). In set-up each call is also where a stop is obeyed."""
+        self.controls.check()
+        now = time.monotonic()
+        recent = now - self._phase_sent < EMIT_INTERVAL_S
+        if (name, message) == self._phase and (done == self._phase_done or (done != total and recent)):
+            return
+        if name == "training" and recent:
+            return   # back to training after a quick eval: sent on a later step, so frequent evals don't flood
+        self._phase, self._phase_done, self._phase_sent = (name, message), done, now
+        extra = {k: v for k, v in (("done", done), ("total", total), ("unit", unit)) if v is not None}
+        self.emit("phase", phase=name, message=message, **extra)
 
     # ---- set-up ---------------------------------------------------------------------------
     def _pick_device(self, hw: hardware.HardwareReport) -> tuple[torch.device, Any]:
@@ -102,14 +120,13 @@ class Engine:
         return torch.device("cpu"), None
 
     def _setup(self) -> None:
-        """The set-up steps, in order; each reads what the ones before it left on self."""
-        self._prepare()
-        state = self._restore()
-        base_source = self._load_model()
-        self._load_data(state)
-        gc_on = self._preflight()
-        self._place_model(gc_on)
-        self._make_optimizer(state)
+        """Set up, then say so (`started`). A local run sets up in a helper thread while this one waits
+        (Controls.run_setup), so a stop (SIGTERM, the `stop` control) ends set-up at once however long a
+        library call takes; a swarm peer's set-up (its network) stays in this thread."""
+        if self.strategy.name == "local":
+            base_source, gc_on = self.controls.run_setup(self._set_up)
+        else:
+            base_source, gc_on = self._set_up()
         self.emit("started", job_id=self.spec.job_id, run_dir=str(self.run_dir), device=str(self.device),
                   precision=self.precision, method=self.method, model=self.spec.model, base_source=base_source,
                   params_total=self.params_total, params_trainable=self.params_trainable,
@@ -119,9 +136,22 @@ class Engine:
                   gradient_checkpointing=gc_on, pid=os.getpid())
         self.strategy.started(self)
 
+    def _set_up(self) -> tuple[str, bool]:
+        """The set-up steps, in order; each reads what the ones before it left on self. Returns where the
+        weights came from and whether gradient checkpointing is on."""
+        self._prepare()
+        state = self._restore()
+        base_source = self._load_model()
+        self._load_data(state)
+        gc_on = self._preflight()
+        self._place_model(gc_on)
+        self._make_optimizer(state)
+        return base_source, gc_on
+
     def _prepare(self) -> None:
         """Threads, the method, the run folder, the device and the precision."""
         spec = self.spec
+        self.phase("loading_model", "Preparing the run folder and the device…")
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()   # our events are the progress; keep stderr readable
         if spec.threads:
@@ -189,6 +219,7 @@ class Engine:
 
     def _load_model(self) -> str:
         """Model, tokenizer and licence; returns where the weights came from."""
+        self.phase("loading_model", "Loading the model libraries…")   # seconds of imports on a first run
         from . import data as data_mod
         from .licence import read_licence, scratch_licence
         from .models import load_base
@@ -203,12 +234,14 @@ class Engine:
             time.sleep(spec.test_sleep_in_setup)
         if self.resume_ckpt is not None and self.method == "full":
             from transformers import AutoModelForCausalLM
+            self.phase("loading_model", f"Loading the model from checkpoint {self.resume_ckpt.name}…")
             self.model = AutoModelForCausalLM.from_pretrained(self.resume_ckpt / "model", use_safetensors=True,
                                                               dtype=torch.float32)
             self.tokenizer = load_tokenizer(self.resume_ckpt / "tokenizer")
             base_source = "checkpoint"
         else:
-            loaded = load_base(spec, texts=texts, dtype=load_dtype, check_config=self._refuse_if_cannot_fit)
+            loaded = load_base(spec, texts=texts, dtype=load_dtype, check_config=self._refuse_if_cannot_fit,
+                               phase=self.phase)
             self.model, self.tokenizer, model_dir, base_source = (loaded.model, loaded.tokenizer, loaded.model_dir,
                                                                   loaded.source)
         if spec.is_scratch:
@@ -238,7 +271,7 @@ class Engine:
         spec = self.spec
 
         def progress(done: int, total: int) -> None:
-            pass
+            self.phase("tokenizing", "Tokenizing the data…", done, total, "bytes")
         self.data = data_mod.build_dataset(spec.data, self.tokenizer, spec.seq_len, eval_fraction=spec.eval_fraction,
                                            seed=spec.seed, progress=progress)
         for w in self.data.warnings:
@@ -284,6 +317,8 @@ class Engine:
     def _place_model(self, gc_on: bool) -> None:
         """The finetuning method (LoRA adapters...), resumed adapter weights, then the device."""
         from .models import apply_method, count_trainable
+        adapters = " with its LoRA adapters" if self.method in ("lora", "qlora") else ""
+        self.phase("placing", f"Placing the model{adapters} on {self.device.type}…")
         model = apply_method(self.model, self.spec, self.method, gc_on)
         if self.resume_ckpt is not None and self.method != "full":
             ckpt_io.load_weights(model, self.resume_ckpt, self.method)
@@ -417,6 +452,7 @@ class Engine:
         n = min(self.data.num_eval, MAX_EVAL_BLOCKS)
         if n == 0:
             return {"eval_loss": None, "perplexity": None}
+        self.phase("evaluating", f"Evaluating on {n} held-out blocks…")
         self.model.eval()
         total = 0.0
         for start in range(0, n, self.micro_batch):
@@ -489,6 +525,8 @@ class Engine:
         eval_result = self.evaluate() if with_eval else self.last_eval
         self.last_eval = eval_result
         samples = self.samples() if with_eval else []
+        self.phase("checkpointing", "Writing the final checkpoint…" if reason == "final"
+                   else f"Writing a checkpoint at step {self.step}…")
         path = ckpt_io.save(self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
                             optimizer=self.strategy.checkpoint_optimizer(self), kind="lora" if self.method in ("lora", "qlora") else "full",
                             trainer_state=self.trainer_state(), job=self.spec.to_dict(),
@@ -633,7 +671,10 @@ class Engine:
             self.controls.polling = True   # from here a stop is obeyed between steps, after a checkpoint
             while self.step < self.total_steps:
                 self.handle_controls()
+                if self.step == first_step:
+                    self.phase("first_step", "First step (slow: allocating memory, warming up kernels)…")
                 loss_acc += self.train_step()
+                self.phase("training", "Training")
                 self.strategy.after_step(self)
                 due_ckpt = (self.step % spec.checkpoint_every == 0) if spec.checkpoint_every else \
                     (time.monotonic() - self.last_ckpt_time >= spec.checkpoint_minutes * 60)
@@ -667,6 +708,7 @@ class Engine:
                 if due_ckpt:
                     self.save_checkpoint("periodic")
             path = self.save_checkpoint("final")
+            self.phase("finishing", "Finishing…")
         except StopRun:
             return RunResult("stopped", self.step, None, self.last_loss, self.last_eval.get("eval_loss"))
         result = RunResult("finished", self.step, str(path), self.last_loss, self.last_eval.get("eval_loss"))

@@ -8,7 +8,6 @@ stderr, so stdout carries protocol lines only. Exit: 0 finished or stopped, 2 ba
 """
 from __future__ import annotations
 
-import _thread
 import os
 import signal
 import sys
@@ -39,27 +38,29 @@ def serve(spec_path: str, resume: bool = False) -> int:
     from .controls import Controls, StopRequested, read_controls
     from .errors import user_error_from
     controls = Controls()
+    # SIGTERM acts as `stop` at every phase: checkpoint and stop in the loop, end set-up at once before it.
+    # The handler only sets a flag (Controls.stop): an exception thrown from it would land in whatever
+    # library code runs at that moment, which may swallow it (a finaliser did).
+    signal.signal(signal.SIGTERM, lambda *_: controls.stop())
+    # The first second: say so before the heavy imports (torch, transformers) take several.
+    emit(make_event("phase", phase="loading_model", message="Starting the training engine…"))
 
     def on_control(kind: str) -> None:
-        # A stop while the model loads or the data is tokenized: interrupt set-up now (the main thread
-        # runs the SIGTERM handler below), not after minutes of loading.
         if kind == "stop" and not controls.polling:
-            _thread.interrupt_main(signal.SIGTERM)
+            controls.stop()   # set-up ends at once (the loop reads the queued `stop` itself)
 
     engine = None
     try:
-        # SIGTERM acts as `stop` at every phase: checkpoint and stop in the loop, end set-up at once before it.
-        signal.signal(signal.SIGTERM, lambda *_: controls.stop())
         threading.Thread(target=read_controls, args=(sys.stdin, controls, emit, on_control), daemon=True).start()
         from .config import JobSpec
-        from .engine import Engine
         spec = JobSpec.load(spec_path)
+        Engine = controls.run_setup(_import_engine)   # seconds of imports a stop need not wait for
         engine = Engine(spec, emit, controls, resume=resume)
         engine.run()
-        return 0
+        return _exit_now(out, 0) if controls.abandoned is not None else 0
     except StopRequested:   # before the engine could take it (still importing)
         emit(make_event("stopped", step=engine.step if engine else 0, checkpoint=None))
-        return 0
+        return _exit_now(out, 0)
     except Exception as exc:
         err = user_error_from(exc)   # bad input, or the user's disk (full, read-only, a symlink loop...)
         if err is not None:
@@ -74,6 +75,23 @@ def serve(spec_path: str, resume: bool = False) -> int:
         emit(make_event("failed", code="internal", message=f"internal error: {type(exc).__name__}: {exc}",
                         step=engine.step if engine else 0))
         return 1
+
+
+def _import_engine():
+    from .engine import Engine
+    return Engine
+
+
+def _exit_now(out, code: int) -> int:
+    """End the process now, its events and log written: set-up work a stop abandoned (an import, a model
+    load) may still run in a helper thread, and an interpreter shutting down around it can take long.
+    No worse than the SIGKILL a run must survive anyway (checkpoints and caches are written atomically)."""
+    for stream in (out, sys.stderr, sys.__stderr__):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":   # the old entry point: say where it went rather than exit 0 doing nothing

@@ -180,21 +180,30 @@ def _download(repo_id: str, trust_remote_code: bool) -> Path:
 
 
 def load_base(spec: JobSpec, texts: Callable[[], Iterable[str]] | None = None,
-              dtype=torch.float32, check_config: Callable[[object, Path], None] | None = None) -> LoadedModel:
+              dtype=torch.float32, check_config: Callable[[object, Path], None] | None = None,
+              phase: Callable[[str, str], None] | None = None) -> LoadedModel:
     """The model and tokenizer `spec.model` names, ready for `methods.apply_method`.
 
     `check_config(config, config_path)` runs on a pretrained model's config before its weights are
-    loaded (the engine refuses a model that cannot fit there)."""
+    loaded (the engine refuses a model that cannot fit there). `phase(name, message)` is told what
+    happens (downloading, loading_model: the engine's `phase` events)."""
+    say = phase or (lambda name, message: None)
     if spec.is_scratch:
         if spec.resolved_method == "qlora":
             raise ModelError("--method", "QLoRA needs a pretrained model; train from scratch with --method full")
+        say("loading_model", f"Building the {spec.model} model"
+            + (" and training its tokenizer on your data…" if spec.tokenizer in ("auto", "train") else "…"))
         return _load_scratch(spec, texts, dtype)
     if spec.resolved_method == "qlora":
         methods.require_qlora()
     path = Path(spec.model).expanduser()
     if path.exists() or not HUB_ID.match(spec.model):
+        say("loading_model", f"Loading the model {path.name or spec.model}…")
         return _load_pretrained(path, spec, dtype, "local", check_config)
+    # No byte counts: huggingface_hub's progress bars are not cheap to read (the Download button has them).
+    say("downloading", f"Downloading {spec.model} from the Hugging Face hub (or finding it in its cache)…")
     snapshot = _download(spec.model, spec.trust_remote_code)
+    say("loading_model", f"Loading the model {spec.model}…")
     try:
         return _load_pretrained(snapshot, spec, dtype, "hub", check_config)
     except ModelError as exc:
