@@ -16,7 +16,7 @@ from training_core.config import JobSpec
 from training_core.errors import UserError
 from training_core.protocol import ENTRY_MODULE
 
-from training_core.preflight import format_duration
+from training_core.preflight import format_bytes, format_duration
 
 from . import settings
 from .engine_client import EngineRun, job_args
@@ -29,6 +29,8 @@ _STEP_SUMMARY = ("step", "total_steps", "epoch", "loss", "lr", "tokens_per_s", "
                  "vram_used", "vram_reserved", "ram_used", "tokens_seen")
 _STARTED_SUMMARY = ("total_steps", "device", "precision", "method", "model", "params_total",
                     "params_trainable", "resumed_from")
+# The running worker's latest `phase` event, in the summary like the step figures; cleared when it ends.
+NO_PHASE = {"phase": None, "phase_message": None, "phase_done": None, "phase_total": None, "phase_unit": None}
 
 
 def demo_job_spec() -> dict:
@@ -39,17 +41,43 @@ def demo_job_spec() -> dict:
     return spec
 
 
+def phase_text(summary: dict) -> str:
+    """What a running job's worker is doing, from its summary's phase: 'Loading the model…',
+    'Tokenizing the data: 45 % (12 MB of 26 MB)'; '' while it simply trains or nothing is known."""
+    phase = summary.get("phase")
+    if not phase or phase == "training":
+        return ""
+    text = summary.get("phase_message") or phase.replace("_", " ").capitalize()
+    done, total = summary.get("phase_done"), summary.get("phase_total")
+    if isinstance(done, (int, float)) and isinstance(total, (int, float)) and total > 0:
+        unit = summary.get("phase_unit")
+        figures = (f"{format_bytes(done)} of {format_bytes(total)}" if unit == "bytes"
+                   else f"{done:,} of {total:,}" + (f" {unit}" if unit else ""))
+        text = f"{text.rstrip('.…')}: {int(100 * done / total)} % ({figures})"
+    return text
+
+
+def phase_fraction(summary: dict) -> float | None:
+    """The phase's progress (0..1) when its worker counts it, else None."""
+    done, total = summary.get("phase_done"), summary.get("phase_total")
+    if summary.get("phase") and isinstance(done, (int, float)) and isinstance(total, (int, float)) and total > 0:
+        return min(1.0, max(0.0, done / total))
+    return None
+
+
 def progress_text(job) -> str:
-    """'step 40 of 150 (27 %), 1 min 5 s left' from a Job's summary; '' when nothing is known yet.
+    """'step 40 of 150 (27 %), 1 min 5 s left' from a Job's summary, with what the worker is doing when
+    that is more than training ('Loading the model…' before the first step); '' when nothing is known yet.
     Here, not in a view: the dashboard and the tray say it alike."""
     s = job.summary or {}
+    doing = phase_text(s) if getattr(job, "state", "running") == "running" else ""
     step, total = s.get("step"), s.get("total_steps")
     if step is None or not total:
-        return ""
+        return doing
     text = f"step {step} of {total} ({100 * step // total} %)"
     if s.get("eta_s") is not None and step < total:
         text += f", {format_duration(s['eta_s'])} left"
-    return text
+    return f"{text} · {doing}" if doing else text
 
 
 def _one_line(text: str) -> str:
@@ -96,6 +124,7 @@ class JobQueue(QObject):
         self._job_id: int | None = None
         self._intent: str | None = None     # why we asked the worker to stop: "cancel" or "shutdown"
         self._seen: set[str] = set()        # event types seen from the current worker
+        self._phase_said: tuple | None = None   # the current worker's last (phase, message) put in the log
         self._resuming = False              # the current worker continues from a checkpoint
         self._shutting_down = False
         self._serial = 0                          # which worker the slots listen to
@@ -272,7 +301,7 @@ class JobQueue(QObject):
                                               "message": "Modron was closed while this job ran; "
                                                          "it continues from its last checkpoint"})
                 self.store.move_job(job.id, 0)
-                self._set(job.id, state="queued", summary={"worker_pid": None})
+                self._set(job.id, state="queued", summary={"worker_pid": None, **NO_PHASE})
         self.queue_changed.emit()
         self._schedule()
 
@@ -305,7 +334,7 @@ class JobQueue(QObject):
 
     def _requeue_front(self, job_id: int) -> None:
         self.store.move_job(job_id, 0)
-        self._set(job_id, state="queued", summary={"worker_pid": None})
+        self._set(job_id, state="queued", summary={"worker_pid": None, **NO_PHASE})
 
     def _schedule(self) -> None:
         # Later, from the event loop: never start a process from inside another one's signal.
@@ -347,11 +376,12 @@ class JobQueue(QObject):
         w.event.connect(lambda ev, jid=job.id, n=self._serial: self._on_event(jid, n, ev))
         w.exited.connect(lambda code, reason, jid=job.id, n=self._serial: self._on_exit(jid, n, code, reason))
         self._worker, self._job_id, self._intent, self._seen = w, job.id, None, set()
+        self._phase_said = None
         self._resuming = resume
         self.store.update_job(job.id, state="running", attempts=job.attempts + 1, started=job.started or time.time(),
                               finished=None, error=None)
         w.start()
-        self._set(job.id, summary={"worker_pid": w.pid})
+        self._set(job.id, summary={"worker_pid": w.pid, **NO_PHASE})
         self.queue_changed.emit()
         self.gpu_job_started.emit(job.id)
 
@@ -365,11 +395,16 @@ class JobQueue(QObject):
         store = self.store
         if t in ("step", "eval"):
             store.add_metric(job_id, ev)
-        else:
-            store.add_event(job_id, ev)
+        elif t != "phase" or (ev.get("phase"), ev.get("message")) != self._phase_said:
+            store.add_event(job_id, ev)   # a phase's progress updates (4 a second) only reach the summary
+            if t == "phase":
+                self._phase_said = (ev.get("phase"), ev.get("message"))
         summary: dict = {}
         fields: dict = {}
-        if t == "step":
+        if t == "phase":
+            summary = {"phase": ev.get("phase"), "phase_message": ev.get("message"), "phase_done": ev.get("done"),
+                       "phase_total": ev.get("total"), "phase_unit": ev.get("unit")}
+        elif t == "step":
             summary = {k: ev.get(k) for k in _STEP_SUMMARY}
         elif t == "eval":
             summary = {"eval_loss": ev.get("eval_loss"), "perplexity": ev.get("perplexity")}
@@ -385,7 +420,8 @@ class JobQueue(QObject):
             summary = {"checkpoint": ev.get("path"), "checkpoint_step": ev.get("step")}
         elif t == "paused":
             fields["state"] = "paused"
-            summary = {"step": ev.get("step"), "vram_used": ev.get("vram_used"), "checkpoint": ev.get("checkpoint")}
+            summary = {"step": ev.get("step"), "vram_used": ev.get("vram_used"), "checkpoint": ev.get("checkpoint"),
+                       **NO_PHASE}
             # The worker reads the controls that arrived together as one batch and, once paused, waits for
             # new ones: a stop or resume sent while the pause was pending may be lost. Say it again now.
             if self._intent in ("cancel", "shutdown"):
@@ -417,6 +453,7 @@ class JobQueue(QObject):
         self._intent = None
         w.retire()
         self._retired.append(w)
+        self.store.update_job(job_id, summary=NO_PHASE)   # nothing is being done any more
         now = time.time()
         if code == 0 and "finished" in seen:
             self._set(job_id, state="finished", finished=now, error=None, summary={"worker_pid": None})

@@ -9,6 +9,7 @@ from PySide6.QtCore import QTimer, Signal
 from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPushButton,
                                QTableWidgetItem, QVBoxLayout, QWidget)
 
+from app.job_queue import phase_text
 from app.views.job_table import job_table, view_title
 from app.store import ACTIVE_STATES
 from training_core.preflight import format_duration
@@ -23,8 +24,12 @@ CANCELLABLE = ("queued", "running", "paused", "failed")
 
 
 def state_text(queue, job) -> str:
-    """The State column: the job's state, or "cancelling…" while its worker saves and stops."""
-    return CANCELLING if queue.cancelling(job.id) else STATE_TEXT.get(job.state, job.state)
+    """The State column: the job's state, what a running job's worker is doing when that is more than
+    training ("Loading the model…", "Tokenizing the data: 45 % (…)"), or "cancelling…" while it saves and stops."""
+    if queue.cancelling(job.id):
+        return CANCELLING
+    doing = phase_text(job.summary or {}) if job.state == "running" else ""
+    return doing or STATE_TEXT.get(job.state, job.state)
 
 
 def cancel_after_asking(view, job_id: str | None, states) -> bool:

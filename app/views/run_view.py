@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (QButtonGroup, QGridLayout, QHBoxLayout, QLabel, Q
                                QPushButton, QRadioButton, QSplitter, QVBoxLayout, QWidget)
 
 from app.charts import TimeSeriesChart
+from app.job_queue import phase_fraction, phase_text
 from app.views.job_table import view_title
 from app.views.queue_view import CANCELLING, cancel_after_asking, confirm_cancel
 from training_core.preflight import format_bytes, format_duration
@@ -22,6 +23,7 @@ VRAM_SERIES = ("vram_used", "vram_reserved")
 ACTIVE = ("queued", "running", "paused")
 HOLD = ("running", "paused")     # while the shown job is in one of these, don't jump to another
 MAX_LOG_LINES = 5000
+PHASE_BAR_STEPS = 1000
 
 
 def _floats(values) -> np.ndarray:
@@ -63,6 +65,8 @@ def describe_event(ev: dict) -> str | None:
         return f"Finished at step {ev.get('step')}{loss}{ev_loss}"
     if t == "failed":
         return f"✖ Failed: {ev.get('message')}"
+    if t == "phase":
+        return ev.get("message") or None
     if t == "step":
         return None
     return None if t is None else f"{t}"
@@ -209,6 +213,15 @@ class RunView(QWidget):
         for b in (self.pause_btn, self.resume_btn, self.cancel_btn):
             header.addWidget(b)
 
+        # What the worker is doing while the charts are still empty (loading, tokenizing, the first step)
+        # or between steps (evaluating, checkpointing); hidden while it simply trains.
+        self.phase_label = QLabel("")
+        self.phase_bar = QProgressBar()
+        self.phase_bar.setRange(0, PHASE_BAR_STEPS)
+        self.phase_bar.setTextVisible(False)
+        self.phase_bar.setMaximumHeight(8)
+        self.phase_label.hide()
+        self.phase_bar.hide()
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
@@ -239,12 +252,15 @@ class RunView(QWidget):
         layout = QVBoxLayout(self)
         layout.addWidget(view_title("Run"))
         layout.addLayout(header)
+        layout.addWidget(self.phase_label)
+        layout.addWidget(self.phase_bar)
         layout.addWidget(self.progress)
         layout.addWidget(self.figures)
         layout.addWidget(split, 1)
 
         self._summary: dict = {}
         self._samples: list[dict] = []
+        self._last_phase_line: str | None = None
         queue.job_event.connect(self._on_job_event)
         queue.job_changed.connect(self._on_job_changed)
         self.show_job()
@@ -264,6 +280,7 @@ class RunView(QWidget):
         self.log.clear()
         self._samples = []
         self._summary = {}
+        self._last_phase_line = None
         if job_id is None:
             self._update_header()
             return
@@ -325,6 +342,9 @@ class RunView(QWidget):
             self._summary["perplexity"] = ev.get("perplexity")
         elif t == "started":
             self._summary["total_steps"] = ev.get("total_steps")
+        elif t == "phase":
+            self._summary.update(phase=ev.get("phase"), phase_message=ev.get("message"), phase_done=ev.get("done"),
+                                 phase_total=ev.get("total"), phase_unit=ev.get("unit"))
         elif t == "finished":
             self._summary["step"] = ev.get("step")
             self._summary["total_steps"] = max(self._summary.get("total_steps") or 0, ev.get("step") or 0)
@@ -332,8 +352,10 @@ class RunView(QWidget):
             self._keep_sample(ev)
             self._show_samples()
         line = describe_event(ev)
-        if line:
+        if line and (t != "phase" or line != self._last_phase_line):   # not each progress update
             self.log.appendPlainText(f"{_stamp(ev)}  {line}")
+        if t == "phase":
+            self._last_phase_line = line
         self._update_header(ev if t in ("finished", "failed", "stopped", "paused", "resumed") else None)
 
     def _keep_sample(self, ev: dict) -> None:
@@ -366,6 +388,7 @@ class RunView(QWidget):
             self.progress.setValue(0)
             self.progress.setFormat("")
             self.figures.setText("")
+            self._show_phase({}, None)
             return
         state = job.state
         if last_event and last_event.get("type") == "finished":
@@ -380,6 +403,7 @@ class RunView(QWidget):
         self.cancel_btn.setEnabled(state in ACTIVE and not cancelling)
 
         s = {**job.summary, **self._summary}
+        self._show_phase(s, state)
         step, total = s.get("step") or 0, s.get("total_steps") or 0
         if state == "finished":
             step = total = max(step, total, 1)
@@ -398,6 +422,16 @@ class RunView(QWidget):
         if s.get("elapsed_s") is not None:
             figures.append(f"running for {format_duration(s['elapsed_s'])}")
         self.figures.setText(" · ".join(figures))
+
+    def _show_phase(self, summary: dict, state: str | None) -> None:
+        """The phase line (and its bar when the worker counts its progress) of a running job."""
+        text = phase_text(summary) if state == "running" and not self.queue.cancelling(self.job_id) else ""
+        self.phase_label.setText(text)
+        self.phase_label.setVisible(bool(text))
+        fraction = phase_fraction(summary) if text else None
+        if fraction is not None:
+            self.phase_bar.setValue(round(fraction * PHASE_BAR_STEPS))
+        self.phase_bar.setVisible(fraction is not None)
 
     def _act(self, action: str) -> None:
         if self.job_id is not None:
