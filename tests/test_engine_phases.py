@@ -114,3 +114,15 @@ def test_a_stopped_set_up_says_its_phase_first(tmp_path):
     w.send("stop")
     assert w.finish(timeout=30) == 0, w.stderr()
     assert w.all[0]["type"] == "phase" and w.all[-1]["type"] == "stopped"
+
+
+def test_the_loop_trains_with_the_threads_asked_for_though_set_up_ran_in_its_own_thread(tmp_path):
+    """torch.set_num_threads holds per thread with OpenMP: set-up's helper thread setting it is not enough."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = Engine(JobSpec(**engine_job(tmp_path, steps=2, seq_len=32, threads=1)), lambda e: None).run()
+        assert result.status == "finished" and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

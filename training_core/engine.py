@@ -123,6 +123,8 @@ class Engine:
         """Set up, then say so (`started`). A local run sets up in a helper thread while this one waits
         (Controls.run_setup), so a stop (SIGTERM, the `stop` control) ends set-up at once however long a
         library call takes; a swarm peer's set-up (its network) stays in this thread."""
+        if self.spec.threads:   # per thread (OpenMP): here, where the loop runs, and in set-up's own thread
+            torch.set_num_threads(self.spec.threads)
         if self.strategy.name == "local":
             base_source, gc_on = self.controls.run_setup(self._set_up)
         else:
