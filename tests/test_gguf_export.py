@@ -339,3 +339,52 @@ def test_modelfile_templates_for_common_chat_formats():
     assert template_and_stops("[INST] {{ m }} [/INST]", "</s>")[0] == "llama2"
     text = modelfile("a.gguf", None, "</s>", 'text with """ quotes')
     assert text.count('"""') == 4 and "'''" in text   # the licence's own triple quotes cannot end the value
+
+
+@pytest.mark.skipif(not k_quants_available(), reason="llama-cpp-python is not installed (pip install 'modron[llama]')")
+@pytest.mark.parametrize("quant, tolerance", [("f32", 1e-3), ("q8_0", 0.1), ("q4_k_m", 0.5)])
+def test_llama_cpp_runs_the_file_to_the_same_logits(runs, quant, tolerance):
+    """The real reader: llama.cpp itself (rotary layout, tokenizer, k-quants by its own quantizer)."""
+    import llama_cpp
+    import numpy as np
+    root, made = runs
+    run, source, tokenizer = made["llama"]
+    path = Path(export_gguf(run, root / f"cpp-{quant}.gguf", quant, force=True)["gguf"])
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
+    ids = tokenizer(TEXT)["input_ids"]
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    got = np.asarray(llm.scores[:len(ids)])
+    diff = np.abs(got - logits(source, ids)[0].numpy()).max()
+    assert diff < tolerance, f"{quant}: llama.cpp logits differ by {diff}"
+
+
+@pytest.mark.skipif(not k_quants_available(), reason="llama-cpp-python is not installed (pip install 'modron[llama]')")
+def test_llama_cpp_applies_the_gguf_lora_to_the_base(lora_run):
+    import llama_cpp
+    import numpy as np
+    root, run, peft_model, tok = lora_run
+    base = full_run(root, "base-run", AutoModelForCausalLM.from_pretrained(root / "base"), tok)
+    base_gguf = export_gguf(base, root / "base.gguf", "f32", force=True)["gguf"]
+    adapter = export_gguf(run, None, lora_out=root / "cpp-adapter.gguf", force=True)["lora"]
+    llm = llama_cpp.Llama(model_path=base_gguf, lora_path=adapter, n_ctx=128, logits_all=True, verbose=False)
+    ids = tok(TEXT)["input_ids"]
+    llm.eval(ids)
+    diff = np.abs(np.asarray(llm.scores[:len(ids)]) - logits(peft_model, ids)[0].numpy()).max()
+    assert diff < 1e-3, f"llama.cpp with the adapter differs from the PEFT model by {diff}"
+
+
+@pytest.mark.skipif(not k_quants_available(), reason="llama-cpp-python is not installed (pip install 'modron[llama]')")
+@pytest.mark.parametrize("name", ["qwen2", "spm"])
+def test_llama_cpp_reads_qwen2_and_sentencepiece_files(runs, name):
+    import llama_cpp
+    import numpy as np
+    root, made = runs
+    run, source, tokenizer = made[name]
+    path = export_gguf(run, root / f"cpp-{name}.gguf", "f32", force=True)["gguf"]
+    llm = llama_cpp.Llama(model_path=path, n_ctx=128, logits_all=True, verbose=False)
+    ids = tokenizer(TEXT)["input_ids"]
+    assert llm.tokenize(TEXT.encode(), add_bos=name == "spm", special=False) == ids
+    llm.eval(ids)
+    diff = np.abs(np.asarray(llm.scores[:len(ids)]) - logits(source, ids)[0].numpy()).max()
+    assert diff < 1e-3, f"{name}: llama.cpp logits differ by {diff}"
