@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Linux installer: dist/modron-<version>-linux-x86_64.run, one self-extracting file (makeself)
-# holding uv, Modron's wheel, the GPU -> torch picker and the install/uninstall scripts.
+# holding uv, Modron's wheel, the dependency locks, the GPU -> torch picker and the install/uninstall scripts.
 #   installer/build-linux.sh            (needs: makeself (apt install makeself) and python3 3.10+; nothing else)
 # Downloads (uv from PyPI) are cached in dist/cache/; installer/build-tools.sh has the shared steps.
 set -euo pipefail
@@ -19,6 +19,7 @@ cp "$(uv_bin manylinux_2_17_x86_64 uv)" "$STAGE/uv"
 app_wheel "$STAGE" >/dev/null
 cp installer/torch_select.py installer/write_record.py installer/linux/install.sh installer/linux/uninstall.sh "$STAGE/"
 cp resources/icons/modron.svg "$STAGE/"
+cp -r installer/locks "$STAGE/locks"   # the release's dependency locks (installer/lock.py), one per torch
 echo "$VERSION" > "$STAGE/VERSION"
 chmod +x "$STAGE/install.sh" "$STAGE/uninstall.sh" "$STAGE/uv"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Windows installer on Linux: dist/Modron-Setup-<version>.exe, with makensis (apt install nsis)
-# from installer/windows/modron.nsi, warnings treated as errors. It carries uv.exe, Modron's wheel and the
-# GPU -> torch picker; Python and PyTorch are downloaded on the user's machine.
+# from installer/windows/modron.nsi, warnings treated as errors. It carries uv.exe, Modron's wheel, the
+# dependency locks and the GPU -> torch picker; Python and PyTorch are downloaded on the user's machine.
 #   installer/build-windows.sh
 # Downloads (uv from PyPI) are cached in dist/cache/; installer/build-tools.sh has the shared steps.
 set -euo pipefail
@@ -18,6 +18,7 @@ STAGE=$(mktemp -d "${TMPDIR:-/tmp}/modron-build-win.XXXXXX")
 trap 'rm -rf "$STAGE"' EXIT
 WHEEL=$(basename "$(app_wheel "$STAGE")")
 cp "$(uv_bin win_amd64 uv.exe)" installer/torch_select.py installer/write_record.py "$STAGE/"
+cp -r installer/locks "$STAGE/locks"   # the release's dependency locks (installer/lock.py), one per torch
 
 # MODRON_FAST_BUILD=1 (the tests): zlib instead of solid LZMA, a bigger file in a quarter of the time.
 FAST=()

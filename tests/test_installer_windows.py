@@ -43,7 +43,8 @@ def test_setup_is_a_pe_file_carrying_uv_and_the_wheel(setup_exe, tmp_path):
     _need("7z", "p7zip-full")
     listing = subprocess.run(["7z", "l", str(setup_exe)], capture_output=True, text=True, check=True).stdout
     for name in ("installer/uv.exe", "installer/modron-0.1.0-py3-none-any.whl", "installer/torch_select.py",
-                 "installer/write_record.py", "Uninstall.exe"):
+                 "installer/write_record.py", "installer/locks/torch-2.13.0.txt", "installer/locks/torch-2.7.1.txt",
+                 "Uninstall.exe"):
         assert name in listing, listing
     subprocess.run(["7z", "x", "-y", f"-o{tmp_path}", str(setup_exe), "installer/uv.exe",
                     "installer/modron-0.1.0-py3-none-any.whl"], capture_output=True, check=True)
@@ -65,6 +66,8 @@ def test_the_script_passes_makensis_with_warnings_as_errors(tmp_path):
     stage.mkdir()
     for name in ("uv.exe", "torch_select.py", "write_record.py", "modron-0.1.0-py3-none-any.whl"):
         (stage / name).write_bytes(b"placeholder")
+    (stage / "locks").mkdir()
+    (stage / "locks" / "torch-2.13.0.txt").write_bytes(b"placeholder")
     ok = _makensis(NSI, stage, tmp_path / "ok.exe")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert _is_pe((tmp_path / "ok.exe").read_bytes()[:1 << 16])

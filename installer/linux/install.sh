@@ -175,7 +175,7 @@ data = json.load(open(path))
 data["reasons"] = [f"the {build} build could not be downloaded ({problem}); you agreed to the CPU build instead"]
 json.dump(data, open(path, "w"))
 EOF
-    BUILD=cpu REQ=$(field requirement) INDEX_URL=$(field index_url)
+    BUILD=cpu REQ=$(field requirement) INDEX_URL=$(field index_url) TORCH_VER=$(field torch)
     mapfile -t ARGS < <(index_args "$CPU_INDEX" "$INDEX_URL")
     install_torch "$REQ" "${ARGS[@]}" \
       || fail "could not download the CPU build of PyTorch either ($(last_error)). Check the internet connection, then run the installer again."
@@ -184,12 +184,19 @@ EOF
   fi
 fi
 
-# --- 6. Modron ---------------------------------------------------------------------------------------------
-step "Installing Modron $VERSION and the libraries it uses (from PyPI)"
-WHEEL=$(ls "$HERE"/modron-*.whl)
+# --- 6. Modron -------------------------------------------------------------------------------------------------
+# The libraries come from the release's lock (installer/lock.py): the versions resolved and tested for this
+# release and this torch, each file checked against its hash; --no-deps: nothing unlocked comes in.
+LOCK=$HERE/locks/torch-$TORCH_VER.txt
+step "Installing Modron $VERSION and the libraries it uses (the versions locked for this release, from PyPI)"
+[ -f "$LOCK" ] || fail "this installer has no lock for torch $TORCH_VER ($LOCK); use another --torch build."
 mapfile -t ARGS < <([ -n "$FIND_LINKS" ] && printf '%s\n' --find-links "$FIND_LINKS")
-logged "$UV" pip install --python "$NEW/bin/python" "${ARGS[@]}" "$WHEEL" \
+logged "$UV" pip install --python "$NEW/bin/python" --require-hashes --no-deps "${ARGS[@]}" -r "$LOCK" \
   || fail "could not download the libraries Modron needs from PyPI ($(last_error)). Check the internet connection, then run the installer again."
+logged "$UV" pip install --python "$NEW/bin/python" --no-deps "$HERE"/modron-*.whl \
+  || fail "could not install Modron's own package ($(last_error))."
+logged "$UV" pip check --python "$NEW/bin/python" \
+  || fail "the installed libraries do not fit together ($(last_error)); run the installer again, or report it with the log."
 
 # --- 7. swap in, menu entry, record, uninstaller --------------------------------------------------------------
 step "Putting it in place: menu entry, record, uninstaller"

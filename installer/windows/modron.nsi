@@ -47,6 +47,7 @@ Var PY        ; the uv-managed Python
 Var UV
 Var BUILD     ; the PyTorch build, its requirement and index
 Var REQ
+Var TORCHVER  ; its torch release: which lock (installer\locks\torch-X.txt) the libraries come from
 Var IDX
 Var PREVIOUS  ; the version installed before, if any
 Var ARGS      ; the command line
@@ -110,6 +111,7 @@ Section "Modron (required)" SecMain
   File "${STAGE}\torch_select.py"
   File "${STAGE}\write_record.py"
   File "${STAGE}\${WHEEL}"
+  File /r "${STAGE}\locks"   ; the release's dependency locks (installer/lock.py)
   ${If} "$EXEPATH" != "$INSTDIR\Modron-Setup.exe"
     CopyFiles /SILENT "$EXEPATH" "$INSTDIR\Modron-Setup.exe"   ; "Repair install" reruns this copy
   ${EndIf}
@@ -141,6 +143,7 @@ Section "Modron (required)" SecMain
   ${EndIf}
   !insertmacro Field build $BUILD
   !insertmacro Field requirement $REQ
+  !insertmacro Field torch $TORCHVER
   !insertmacro Field index_url $IDX
   !insertmacro Field reasons $2
   !insertmacro Say "PyTorch build: $BUILD ($REQ). $2"
@@ -173,6 +176,7 @@ Section "Modron (required)" SecMain
     !insertmacro Say "Falling back to the CPU build of PyTorch, as you agreed"
     !insertmacro Logged '"$PY" "$INSTDIR\installer\torch_select.py" --platform windows --torch cpu --out "$INSTDIR\torch-choice.json"'
     !insertmacro Field requirement $REQ
+    !insertmacro Field torch $TORCHVER
     !insertmacro Field index_url $IDX
     !insertmacro Logged '"$UV" pip install --python "$INSTDIR\venv.new\Scripts\python.exe" --index-url $IDX $REQ'
     ${If} $0 != 0
@@ -180,10 +184,19 @@ Section "Modron (required)" SecMain
     ${EndIf}
   ${EndIf}
 
-  !insertmacro Say "[5/7] Installing Modron ${VERSION} and the libraries it uses (from PyPI)"
-  !insertmacro Logged '"$UV" pip install --python "$INSTDIR\venv.new\Scripts\python.exe" "$INSTDIR\installer\${WHEEL}"'
+  ; The libraries at the versions locked for this release and this torch, hashes checked, nothing unlocked.
+  !insertmacro Say "[5/7] Installing Modron ${VERSION} and the libraries it uses (the versions locked for this release, from PyPI)"
+  !insertmacro Logged '"$UV" pip install --python "$INSTDIR\venv.new\Scripts\python.exe" --require-hashes --no-deps -r "$INSTDIR\installer\locks\torch-$TORCHVER.txt"'
   ${If} $0 != 0
     !insertmacro Fail "Could not download the libraries Modron needs from PyPI. Check the internet connection and run the installer again."
+  ${EndIf}
+  !insertmacro Logged '"$UV" pip install --python "$INSTDIR\venv.new\Scripts\python.exe" --no-deps "$INSTDIR\installer\${WHEEL}"'
+  ${If} $0 != 0
+    !insertmacro Fail "Could not install Modron's own package (see the log)."
+  ${EndIf}
+  !insertmacro Logged '"$UV" pip check --python "$INSTDIR\venv.new\Scripts\python.exe"'
+  ${If} $0 != 0
+    !insertmacro Fail "The installed libraries do not fit together (see the log). Run the installer again."
   ${EndIf}
 
   !insertmacro Say "[6/7] Putting it in place: Start menu, Apps & features, record"
@@ -252,7 +265,7 @@ Section /o "Set up swarm contribution (WSL2)" SecWsl
   ${EndIf}
   !insertmacro Say "Installing the swarm worker in ${WSL_DISTRO}"
   !insertmacro Logged '"$SYSDIR\wsl.exe" -d ${WSL_DISTRO} -u root -- sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv"'
-  !insertmacro Logged '"$SYSDIR\wsl.exe" -d ${WSL_DISTRO} -- sh -c "python3 -m venv ~/modron/venv && ~/modron/venv/bin/pip install -q --index-url $IDX $REQ && ~/modron/venv/bin/pip install -q $$(wslpath -u $\'$INSTDIR\installer\${WHEEL}$\')"'
+  !insertmacro Logged '"$SYSDIR\wsl.exe" -d ${WSL_DISTRO} -- sh -c "python3 -m venv ~/modron/venv && ~/modron/venv/bin/pip install -q --index-url $IDX $REQ && ~/modron/venv/bin/pip install -q --require-hashes --no-deps -r $$(wslpath -u $\'$INSTDIR\installer\locks\torch-$TORCHVER.txt$\') && ~/modron/venv/bin/pip install -q --no-deps $$(wslpath -u $\'$INSTDIR\installer\${WHEEL}$\')"'
   ${If} $0 != 0
     !insertmacro Fail "The swarm worker could not be installed in WSL2 (see the log). Modron itself is installed; run the installer again to retry."
   ${EndIf}
