@@ -57,10 +57,6 @@ class Controls:
         its next check()."""
         self._stop_asked = True
 
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop_asked
-
     def check(self) -> None:
         """A set-up checkpoint (between phases, in progress callbacks): StopRequested if a stop came."""
         if self._stop_asked and not self.polling:
