@@ -33,6 +33,7 @@ K_QUANT_BITS = {"q4_k_m": 4.9, "q5_k_m": 5.7, "q6_k": 6.6}
 ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 SUPPORTED = "Llama (Modron's scratch presets, SmolLM, TinyLlama), Mistral and Qwen2"
 MODELFILE_SUFFIX = ".Modelfile"
+_LOG_CALLBACKS: list = []   # llama.cpp log callbacks handed to C, kept alive for the process
 
 Progress = Callable[[int, int, str], None]
 
@@ -325,12 +326,29 @@ def _k_quantize(src: Path, dst: Path, quant: str) -> None:
     import ctypes
 
     import llama_cpp
+
+    # llama.cpp logs a line per tensor; keep its last words for an error instead of flooding the terminal.
+    said: list[str] = []
+
+    def keep(level, text, user_data):
+        said.append(text.decode("utf-8", "replace") if text else "")
+        del said[:-20]
+    # The C side holds the callback's pointer: it must outlive this call (a module global), and the
+    # library's own logger comes back afterwards.
+    _LOG_CALLBACKS.append(llama_cpp.llama_log_callback(keep))
+    llama_cpp.llama_log_set(_LOG_CALLBACKS[-1], ctypes.c_void_p(0))
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = K_QUANTS[quant]
     params.nthread = max(1, os.cpu_count() or 1)
-    code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    try:
+        code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        own = getattr(getattr(llama_cpp, "_logger", None), "llama_log_callback", None)
+        if own is not None:
+            llama_cpp.llama_log_set(own, ctypes.c_void_p(0))
     if code != 0:
-        raise ModelError(src, f"llama.cpp could not quantize it to {quant} (status {code})")
+        last = next((t.strip() for t in reversed(said) if t.strip()), f"status {code}")
+        raise ModelError(src, f"llama.cpp could not quantize it to {quant} ({last})")
 
 
 def _licence(ckpt: Path, spec) -> tuple[dict, str | None]:
