@@ -7,7 +7,7 @@ import os
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from app.job_queue import phase_text, progress_text
-from app.views.queue_view import QueueView, state_text
+from app.views.queue_view import state_text
 from app.views.run_view import RunView
 from helpers import tiny_job
 from test_app_run_queue_ux import queue_and_view, scripted  # noqa: F401 - the fixture is used by name
@@ -67,7 +67,7 @@ def test_run_view_shows_the_phase_from_the_first_event_and_hides_it_while_traini
 
 def test_a_restarted_view_and_a_new_worker_show_the_stored_phase_not_an_old_one(
         qtbot, tmp_path, store, scripted, queues):
-    queue, _ = queue_and_view(qtbot, store, queues, QueueView)
+    queue, _ = queue_and_view(qtbot, store, queues, RunView)
     job = queue.submit(tiny_job(tmp_path), "again")
     w = started_worker(qtbot, queue, scripted, job)
     w.say("phase", phase="downloading", message="Downloading org/model from the Hugging Face hub…")

@@ -98,7 +98,7 @@ class Engine:
         recent = now - self._phase_sent < EMIT_INTERVAL_S
         if (name, message) == self._phase and (done == self._phase_done or (done != total and recent)):
             return
-        if name == "training" and recent:
+        if name == "training" and recent and self._phase[0] != "first_step":
             return   # back to training after a quick eval: sent on a later step, so frequent evals don't flood
         self._phase, self._phase_done, self._phase_sent = (name, message), done, now
         extra = {k: v for k, v in (("done", done), ("total", total), ("unit", unit)) if v is not None}
