@@ -235,3 +235,20 @@ def test_training_samples_are_whole_characters_too(full_model):
         Engine.samples(fake)
     assert len(sent) == 4 and all("\ufffd" not in ev["text"] for ev in sent)
     assert any(ord(ch) > 127 for ev in sent for ch in ev["text"])   # multi-byte characters did come
+
+
+def test_a_stop_while_the_model_loads_ends_the_wait_at_once(runs, monkeypatch):
+    """SIGTERM and the `stop` control only set a flag; the load runs in a helper thread, so a stop ends
+    the wait in our own code however long the load takes (it used to wait for the first token)."""
+    import threading
+
+    from training_core import generate as gen
+    from training_core.controls import StopRequested
+    monkeypatch.setattr(gen, "load_trained", lambda *a, **k: time.sleep(60))   # a load that never ends in time
+    args = cli.build_parser().parse_args(["generate", str(runs["full"]), "--prompt", "Once", "--json"])
+    session = gen._Session(json_mode=False)
+    threading.Timer(0.3, session.controls.stop).start()
+    began = time.monotonic()
+    with pytest.raises(StopRequested):
+        gen._generate(args, session)
+    assert time.monotonic() - began < 3 and session.controls.abandoned is not None

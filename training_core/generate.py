@@ -344,20 +344,23 @@ def cmd_generate(args) -> int:
         return _generate(args, session)
     from .controls import StopRequested, read_controls
     from .errors import user_error_from
-    import _thread
 
     def on_control(kind: str) -> None:
-        # A stop while the model loads ends the process at once (the main thread runs the handler below).
+        # A stop while a model loads ends the wait in run_setup at once (the loop reads the queued stop).
         if kind == "stop" and not session.controls.polling:
-            _thread.interrupt_main(signal.SIGTERM)
+            session.controls.stop()
+    # Only a flag (see controls.StopRequested): an exception thrown from a handler can be swallowed.
     signal.signal(signal.SIGTERM, lambda *_: session.controls.stop())
     threading.Thread(target=read_controls, args=(sys.stdin, session.controls, session.emit_raw, on_control),
                      daemon=True).start()
+    from .worker import _exit_now
     try:
-        return _generate(args, session)
+        code = _generate(args, session)
+        # A load a stop abandoned may still run in its helper thread: leave without waiting for it.
+        return _exit_now(session.out, code) if session.controls.abandoned is not None else code
     except StopRequested:
         session.emit("result", task=TASK, answer={"stopped": True, "streams": {}})
-        return 0
+        return _exit_now(session.out, 0)
     except Exception as exc:
         err = user_error_from(exc)
         if err is None:   # a bug: the app hears it plainly; cli.main logs the traceback
@@ -380,7 +383,7 @@ def _generate(args, session: _Session) -> int:
     device, dtype = _pick_device(args.device)
     what = source.ckpt or source.path
     session.emit("phase", phase="loading_model", message=f"Loading {what} on {device.type}")
-    model, tokenizer = load_trained(source, dtype, trust)
+    model, tokenizer = session.controls.run_setup(load_trained, source, dtype, trust)   # a stop ends the wait
     model.to(device)
     streams: dict[str, dict] = {}
 
@@ -407,7 +410,7 @@ def _generate(args, session: _Session) -> int:
                 del model
                 gc.collect()
                 session.emit("phase", phase="loading_model", message="Loading the base model to compare")
-                base, base_tok = load_base_model(source, args.base, dtype, trust)
+                base, base_tok = session.controls.run_setup(load_base_model, source, args.base, dtype, trust)
                 base.to(device)
                 one("base", base, base_tok)
         except StopRequested:   # stopped while the base model loaded: the trained text still counts
