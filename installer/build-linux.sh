@@ -17,7 +17,7 @@ STAGE=$(mktemp -d "${TMPDIR:-/tmp}/modron-build.XXXXXX")
 trap 'rm -rf "$STAGE"' EXIT
 cp "$(uv_bin manylinux_2_17_x86_64 uv)" "$STAGE/uv"
 app_wheel "$STAGE" >/dev/null
-cp installer/torch_select.py installer/write_record.py installer/linux/install.sh installer/linux/uninstall.sh "$STAGE/"
+cp installer/torch_select.py installer/write_record.py installer/verify_env.py installer/linux/install.sh installer/linux/uninstall.sh "$STAGE/"
 cp resources/icons/modron.svg "$STAGE/"
 cp -r installer/locks "$STAGE/locks"   # the release's dependency locks (installer/lock.py), one per torch
 echo "$VERSION" > "$STAGE/VERSION"

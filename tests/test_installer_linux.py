@@ -94,13 +94,43 @@ def test_install_end_to_end(installed):
     assert record["repair_command"][-1] == "--repair"
     log = (inst / "install.log").read_text()
     assert "[8/8]" in log and "uv pip install" in log and "PASSED" in log
-    # The copy that "Repair install" runs is complete (its uv is the installed one) and starts; the fake disk
-    # check stops it before it changes anything.
+    # Where each part came from, truthfully: no PyTorch index was used (--torch-index none), the libraries
+    # came from the lock with their hashes checked.
+    assert record["torch"]["index_url"] is None and record["torch"]["source"] == f"the wheels in {WHEELS} and PyPI"
+    assert "download.pytorch.org" not in log and f"came from the wheels in {WHEELS} and PyPI" in proc.stdout
+    assert "--require-hashes --no-deps" in log and "/locks/torch-2.13.0.txt" in log
+    assert record["libraries"]["lock"] == "torch-2.13.0.txt" and len(record["libraries"]["lock_sha256"]) == 64
+    assert record["environment"] == "built" and 0 < record["installed_bytes"] <= 1.6 * 2 ** 30
+    assert "installed size: " in proc.stdout
+    # The copy that "Repair install" runs is complete (its uv is the installed one) and starts. With nothing to
+    # change it keeps the environment (checked file by file) in seconds, even with no disk space left, and
+    # removes a download cache left in the install.
     uv = subprocess.run([str(inst / "installer" / "uv"), "--version"], capture_output=True, text=True)
     assert uv.returncode == 0 and uv.stdout.startswith("uv 0.13.9")
+    (inst / "cache" / "archive-v0").mkdir(parents=True)
+    start = time.monotonic()
     repair = subprocess.run(record["repair_command"], env=_env(home, MODRON_INSTALL_FAKE_FREE_BYTES="1"),
                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
-    assert repair.returncode == 1 and "upgrading or repairing the install of Modron 0.1.0" in repair.stdout
+    took = time.monotonic() - start
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert "upgrading or repairing the install of Modron 0.1.0" in repair.stdout
+    assert "Keeping the environment" in repair.stdout and "files: all as installed" in repair.stdout
+    assert not (inst / "cache").exists()
+    kept = json.loads((inst / "install.json").read_text())
+    assert kept["environment"] == "kept" and kept["torch"]["source"] == record["torch"]["source"]
+    assert took < 60, took   # about 10 s here (bench/installer_times.py); slack for a loaded CI machine
+    # A damaged environment is not kept: the repair goes on to rebuild it, and the fake disk check stops it
+    # before it changes anything.
+    v = sys.version_info
+    victim = inst / "venv" / "lib" / f"python{v.major}.{v.minor}" / "site-packages" / "peft" / "__init__.py"
+    victim.rename(victim.with_name("moved"))
+    try:
+        repair = subprocess.run(record["repair_command"], env=_env(home, MODRON_INSTALL_FAKE_FREE_BYTES="1"),
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    finally:
+        victim.with_name("moved").rename(victim)
+    assert repair.returncode == 1
+    assert "building the environment anew" in repair.stdout and "peft/__init__.py is missing" in repair.stdout
     assert "not enough disk space" in repair.stderr
     # The installer ran the installed app's self-test from the swapped-in environment (step 8).
     assert f"Modron self-test (Python {record['python']['version']}, {inst}/venv)" in log
@@ -156,8 +186,10 @@ def test_killed_install_is_repaired_by_a_rerun_and_an_upgrade_keeps_user_data(ru
     (inst / "install.json").write_text(json.dumps(record, indent=2))
 
     # Kill the installer (the whole process group, as a closed terminal would) while it installs packages.
+    # (--rebuild: the same .run would otherwise keep the environment, which is already right.)
     env = _env(home)
-    proc = subprocess.Popen([str(run_file), *_args("--torch-index", "none")], env=env, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([str(run_file), *_args("--torch-index", "none", "--rebuild")], env=env,
+                            stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log = inst / "install.log"
     start = log.stat().st_size
@@ -182,6 +214,7 @@ def test_killed_install_is_repaired_by_a_rerun_and_an_upgrade_keeps_user_data(ru
     record = json.loads((inst / "install.json").read_text())
     assert record["version"] == "0.1.0" and record["upgraded_from"] == "0.0.9"
     assert record["torch"]["build"] == "cpu" and "you agreed" in record["torch"]["reasons"][0]
+    assert record["torch"]["index_url"] is None and WHEELS in record["torch"]["source"]   # --cpu-index none
     assert record["gpus"] == [{"name": "NVIDIA GeForce RTX 3090", "compute_cap": "8.6"}]
     db = sqlite3.connect(data / "modron.db")
     assert db.execute("SELECT x FROM probe").fetchall() == [("kept",)]
