@@ -48,6 +48,10 @@ def make_local_model(folder, vocab_texts=None):
     """A tiny pretrained-style model folder: config, safetensors weights, tokenizer, licence card."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+    # save_pretrained's "Writing model shards" bar would land in the stderr a test reads next (the engine
+    # turns it off for itself, so the test passed only after an engine had run in this process).
+    hf_logging.disable_progress_bar()
     tok = make_tokenizer(vocab_texts)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
