@@ -25,6 +25,12 @@ def _is_pe(data: bytes) -> bool:
     return data[offset:offset + 4] == b"PE\0\0"
 
 
+def _machine(data: bytes) -> int:
+    """The PE header's Machine field: 0x8664 for x86-64, 0x14c for 32-bit x86."""
+    offset = int.from_bytes(data[0x3C:0x40], "little")
+    return int.from_bytes(data[offset + 4:offset + 6], "little")
+
+
 @pytest.fixture(scope="module")
 def setup_exe():
     _need("makensis", "nsis")
@@ -40,6 +46,7 @@ def setup_exe():
 @pytest.mark.slow
 def test_setup_is_a_pe_file_carrying_uv_and_the_wheel(setup_exe, tmp_path):
     assert _is_pe(setup_exe.read_bytes()[:1 << 16])
+    assert _machine(setup_exe.read_bytes()[:1 << 16]) == 0x8664   # 64-bit: a 64-bit-only Wine starts it
     _need("7z", "p7zip-full")
     listing = subprocess.run(["7z", "l", str(setup_exe)], capture_output=True, text=True, check=True).stdout
     for name in ("installer/uv.exe", "installer/modron-0.1.0-py3-none-any.whl", "installer/torch_select.py",
@@ -76,3 +83,16 @@ def test_the_script_passes_makensis_with_warnings_as_errors(tmp_path):
     warned.write_text(NSI.read_text().replace("Var ARGS ", "Var NEVER_USED\nVar ARGS ", 1))
     bad = _makensis(warned, stage, tmp_path / "bad.exe")
     assert bad.returncode != 0 and "NEVER_USED" in bad.stdout + bad.stderr
+
+
+
+def test_uninstaller_and_apps_entry_come_before_any_download():
+    """A failed or cancelled install can be removed in one click: the uninstaller and the Apps & features entry
+    are written before Python is downloaded; the entry's version moves only once the new environment is in."""
+    text = NSI.read_text()
+    main = text[text.index('Section "Modron" SecMain'):text.index("SectionEnd")]
+    first_download = main.index("python install")
+    assert main.index('WriteUninstaller "$INSTDIR\\Uninstall.exe"') < first_download
+    assert main.index('"UninstallString"') < first_download
+    assert main.rindex('"DisplayVersion" "${VERSION}"') > main.index('Rename "$INSTDIR\\venv.new" "$INSTDIR\\venv"')
+    assert "SectionSetSize ${SecMain} $NEEDS_KB" in text   # "Space required" is the PyTorch build's, not the file's

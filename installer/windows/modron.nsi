@@ -8,7 +8,7 @@
 ;   /AUTOSTART     start Modron at login          /WSL   also set up swarm contribution in WSL2
 ; Uninstaller: /S silent (keeps your data), /PURGE also deletes your data.
 
-Unicode true
+Target amd64-unicode   ; a 64-bit installer (Debian's nsis has the amd64 stubs): 64-bit-only Wine and Windows on ARM
 !include "MUI2.nsh"
 !include "FileFunc.nsh"
 !include "LogicLib.nsh"
@@ -51,6 +51,7 @@ Var TORCHVER  ; its torch release: which lock (installer\locks\torch-X.txt) the 
 Var IDX
 Var PREVIOUS  ; the version installed before, if any
 Var ARGS      ; the command line
+Var NEEDS_KB  ; the disk the chosen PyTorch build needs (torch_select's needs_bytes), for "Space required"
 
 !define MUI_ABORTWARNING
 !define MUI_WELCOMEPAGE_TEXT "This installs Modron ${VERSION} for you (no administrator rights needed) in$\r$\n$\r$\n$LOCALAPPDATA\modron\install$\r$\n$\r$\nIt downloads Python and the PyTorch build that fits your GPU (a few GB for NVIDIA GPUs). Running it again repairs or upgrades the install; your queue, runs and settings are kept."
@@ -98,7 +99,7 @@ Var ARGS      ; the command line
 
 ; --- sections ----------------------------------------------------------------------------------------------
 
-Section "Modron (required)" SecMain
+Section "Modron" SecMain
   SectionIn RO
   CreateDirectory "$INSTDIR"
   ReadRegStr $PREVIOUS HKCU "${UNINST_KEY}" "DisplayVersion"
@@ -115,6 +116,19 @@ Section "Modron (required)" SecMain
   ${If} "$EXEPATH" != "$INSTDIR\Modron-Setup.exe"
     CopyFiles /SILENT "$EXEPATH" "$INSTDIR\Modron-Setup.exe"   ; "Repair install" reruns this copy
   ${EndIf}
+  ; The uninstaller and the Apps & features entry come first: an install that fails or is cancelled from here
+  ; on is removed in one click and leaves nothing. (An upgrade's entry keeps the old version until step 6.)
+  WriteUninstaller "$INSTDIR\Uninstall.exe"
+  WriteRegStr HKCU "${UNINST_KEY}" "DisplayName" "Modron"
+  ${If} $PREVIOUS == ""
+    WriteRegStr HKCU "${UNINST_KEY}" "DisplayVersion" "${VERSION}"
+  ${EndIf}
+  WriteRegStr HKCU "${UNINST_KEY}" "Publisher" "The Modron project"
+  WriteRegStr HKCU "${UNINST_KEY}" "InstallLocation" "$INSTDIR"
+  WriteRegStr HKCU "${UNINST_KEY}" "UninstallString" '"$INSTDIR\Uninstall.exe"'
+  WriteRegStr HKCU "${UNINST_KEY}" "QuietUninstallString" '"$INSTDIR\Uninstall.exe" /S'
+  WriteRegDWORD HKCU "${UNINST_KEY}" "NoModify" 1
+  WriteRegDWORD HKCU "${UNINST_KEY}" "NoRepair" 1
   StrCpy $UV "$INSTDIR\installer\uv.exe"
   System::Call 'Kernel32::SetEnvironmentVariable(t "UV_PYTHON_INSTALL_DIR", t "$INSTDIR\python")i'
   System::Call 'Kernel32::SetEnvironmentVariable(t "UV_CACHE_DIR", t "$INSTDIR\cache")i'
@@ -210,15 +224,9 @@ Section "Modron (required)" SecMain
   Rename "$INSTDIR\venv.new" "$INSTDIR\venv"
   RMDir /r "$INSTDIR\venv.old"
   CreateShortcut "$SMPROGRAMS\Modron.lnk" "$INSTDIR\venv\Scripts\pythonw.exe" "-m app.main" "" 0 SW_SHOWNORMAL "" "Finetune language models on your own GPU"
-  WriteUninstaller "$INSTDIR\Uninstall.exe"
-  WriteRegStr HKCU "${UNINST_KEY}" "DisplayName" "Modron"
-  WriteRegStr HKCU "${UNINST_KEY}" "DisplayVersion" "${VERSION}"
-  WriteRegStr HKCU "${UNINST_KEY}" "Publisher" "The Modron project"
-  WriteRegStr HKCU "${UNINST_KEY}" "InstallLocation" "$INSTDIR"
-  WriteRegStr HKCU "${UNINST_KEY}" "UninstallString" '"$INSTDIR\Uninstall.exe"'
-  WriteRegStr HKCU "${UNINST_KEY}" "QuietUninstallString" '"$INSTDIR\Uninstall.exe" /S'
-  WriteRegDWORD HKCU "${UNINST_KEY}" "NoModify" 1
-  WriteRegDWORD HKCU "${UNINST_KEY}" "NoRepair" 1
+  WriteRegStr HKCU "${UNINST_KEY}" "DisplayVersion" "${VERSION}"   ; now the new version is the one in place
+  ${GetSize} "$INSTDIR" "/S=0K" $1 $2 $3
+  WriteRegDWORD HKCU "${UNINST_KEY}" "EstimatedSize" $1
   !insertmacro Logged '"$INSTDIR\venv\Scripts\python.exe" "$INSTDIR\installer\write_record.py" --choice "$INSTDIR\torch-choice.json" --version ${VERSION} --previous "$PREVIOUS" --menu-entry "$SMPROGRAMS\Modron.lnk" --autostart-entry "HKCU\${RUN_KEY}\Modron" --uninstaller "$INSTDIR\Uninstall.exe" --log "$INSTDIR\install.log" -- "$INSTDIR\Modron-Setup.exe"'
   ${If} $0 != 0
     !insertmacro Fail "Could not write the install record $INSTDIR\install.json."
@@ -233,11 +241,11 @@ Section "Modron (required)" SecMain
   !insertmacro Say "Modron ${VERSION} is installed."
 SectionEnd
 
-Section /o "Start Modron when I log in" SecAutostart
+Section /o "Start at login" SecAutostart
   WriteRegStr HKCU "${RUN_KEY}" "Modron" '"$INSTDIR\venv\Scripts\pythonw.exe" -m app.main --background'
 SectionEnd
 
-Section /o "Set up swarm contribution (WSL2)" SecWsl
+Section /o "Set up swarm contribution" SecWsl
   ; The app runs the swarm worker as: wsl.exe -d Modron -- ~/modron/venv/bin/python -m training_core.cli swarm join
   System::Call 'Kernel32::SetEnvironmentVariable(t "WSL_UTF8", t "1")i'
   !insertmacro Logged '"$SYSDIR\wsl.exe" --status'
@@ -271,7 +279,7 @@ Section /o "Set up swarm contribution (WSL2)" SecWsl
   ${EndIf}
 SectionEnd
 
-LangString DESC_SecMain ${LANG_ENGLISH} "Modron, Python, and the PyTorch build for your GPU."
+LangString DESC_SecMain ${LANG_ENGLISH} "Modron (required), Python, and the PyTorch build for your GPU: the space shown is for that build."
 LangString DESC_SecAutostart ${LANG_ENGLISH} "Start Modron in the tray when you log in to Windows."
 LangString DESC_SecWsl ${LANG_ENGLISH} "Lend your GPU to community training runs: installs WSL2 where missing (asks for a restart) and a Linux distribution named Modron with the swarm worker in it."
 !insertmacro MUI_FUNCTION_DESCRIPTION_BEGIN
@@ -282,6 +290,25 @@ LangString DESC_SecWsl ${LANG_ENGLISH} "Lend your GPU to community training runs
 
 Function .onInit
   ${GetParameters} $ARGS
+  ; "Space required": what the PyTorch build needs (torch_select.py's needs_bytes: a CUDA build 9 GB, the CPU
+  ; build 3 GB), not the few MB this file holds. The build is picked later, with Python; an NVIDIA driver that
+  ; answers nvidia-smi means a CUDA build, and /TORCH= says it outright.
+  StrCpy $NEEDS_KB 3145728
+  nsExec::ExecToStack '"nvidia-smi" -L'
+  Pop $0
+  Pop $1
+  ${If} $0 == 0
+    StrCpy $NEEDS_KB 9437184
+  ${EndIf}
+  ClearErrors
+  ${GetOptions} $ARGS "/TORCH=" $1
+  ${IfNot} ${Errors}
+    StrCpy $NEEDS_KB 9437184
+    ${If} $1 == "cpu"
+      StrCpy $NEEDS_KB 3145728
+    ${EndIf}
+  ${EndIf}
+  SectionSetSize ${SecMain} $NEEDS_KB
   ClearErrors
   ${GetOptions} $ARGS "/AUTOSTART" $0
   ${IfNot} ${Errors}
