@@ -82,6 +82,11 @@ Var NEEDS_KB  ; the disk the chosen PyTorch build needs (torch_select's needs_by
   Pop $0
 !macroend
 
+!macro LastLogLine VAR   ; the log's last line: the failed command's own error (uv prints it last)
+  ${LineRead} "$INSTDIR\install.log" "-1" ${VAR}
+  ${TrimNewLines} ${VAR} ${VAR}
+!macroend
+
 !macro Fail TEXT
   !insertmacro Say "FAILED: ${TEXT}"
   RMDir /r "$INSTDIR\venv.new"
@@ -139,7 +144,8 @@ Section "Modron" SecMain
   !insertmacro Say "[1/7] Getting Python ${PYTHON_PIN}"
   !insertmacro Logged '"$UV" python install ${PYTHON_PIN}'
   ${If} $0 != 0
-    !insertmacro Fail "Python ${PYTHON_PIN} could not be downloaded. Check the internet connection and run the installer again."
+    !insertmacro LastLogLine $1
+    !insertmacro Fail "Python ${PYTHON_PIN} could not be downloaded ($1). Check the internet connection and run the installer again."
   ${EndIf}
   nsExec::ExecToStack '"$UV" python find --managed-python ${PYTHON_PIN}'
   Pop $0
@@ -202,7 +208,8 @@ Section "Modron" SecMain
   !insertmacro Say "[5/7] Installing Modron ${VERSION} and the libraries it uses (the versions locked for this release, from PyPI)"
   !insertmacro Logged '"$UV" pip install --python "$INSTDIR\venv.new\Scripts\python.exe" --require-hashes --no-deps -r "$INSTDIR\installer\locks\torch-$TORCHVER.txt"'
   ${If} $0 != 0
-    !insertmacro Fail "Could not download the libraries Modron needs from PyPI. Check the internet connection and run the installer again."
+    !insertmacro LastLogLine $1
+    !insertmacro Fail "Could not download the libraries Modron needs from PyPI ($1). Check the internet connection and run the installer again."
   ${EndIf}
   !insertmacro Logged '"$UV" pip install --python "$INSTDIR\venv.new\Scripts\python.exe" --no-deps "$INSTDIR\installer\${WHEEL}"'
   ${If} $0 != 0
