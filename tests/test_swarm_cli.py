@@ -1,6 +1,7 @@
 """`modron-train swarm ...` input errors (in-process, no network): one line, exit 2."""
 from __future__ import annotations
 
+import time
 import stat
 
 import pytest
@@ -195,3 +196,16 @@ def test_a_peer_held_in_a_round_after_stop_says_stopped_and_exits():
         assert done.returncode == rc, done.stderr[-2000:]
         assert [e["step"] for e in events if e["type"] == "stopped"] == [step]     # said once
         assert any(e.get("code") == "stop_forced" for e in events) == (stuck == "1")
+
+
+def test_a_stop_signal_never_waits_for_the_inbox_lock():
+    """The handler runs in the main thread, which may hold the inbox's lock (inside poll/wait) when the
+    signal comes: queuing the stop must not take that lock in the handler (it deadlocked in principle)."""
+    from training_core.controls import Controls
+    from training_core.swarm.commands import _post_stop
+    controls = Controls()
+    with controls._q.mutex:          # the main thread inside Queue.get when SIGTERM lands
+        t0 = time.monotonic()
+        _post_stop(controls)
+        assert time.monotonic() - t0 < 0.5
+    assert controls.wait(5) == "stop"

@@ -112,6 +112,14 @@ def _control_stream():
     return stream
 
 
+def _post_stop(controls) -> None:
+    """Queue a `stop` from a signal handler. The handler runs in the main thread, which may hold the
+    inbox's lock at that moment (inside Controls.poll/wait): putting from here could deadlock, so a
+    helper thread puts it. (Not Controls.stop(): that would also end the set-up of a swarm at once,
+    abandoning a DHT half started, where this stop is obeyed after set-up, in the loop.)"""
+    threading.Thread(target=controls.put, args=("stop",), name="stop-signal", daemon=True).start()
+
+
 def _install_stop_signals(on_stop) -> None:
     """SIGTERM/SIGINT ask for a clean stop; a second one leaves at once (e.g. while the DHT is
     still starting and nothing reads the control inbox yet)."""
@@ -175,7 +183,7 @@ def cmd_join(args) -> int:
             watchdog.start()
 
     def on_signal(signum, frame):
-        controls.put("stop")
+        _post_stop(controls)
         on_control("stop")
     _install_stop_signals(on_signal)
     if args.json:
@@ -283,7 +291,7 @@ def cmd_host(args) -> int:
                 stopping.set()
 
         def on_signal(*_) -> None:
-            controls.put("stop")
+            _post_stop(controls)
             stopping.set()
         _install_stop_signals(on_signal)
         if args.json:
