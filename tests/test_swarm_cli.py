@@ -1,8 +1,8 @@
 """`modron-train swarm ...` input errors (in-process, no network): one line, exit 2."""
 from __future__ import annotations
 
-import time
 import stat
+import time
 
 import pytest
 
