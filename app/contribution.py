@@ -41,6 +41,7 @@ RETRY_FIRST_S, RETRY_MAX_S = 60.0, 1800.0
 
 # Worker states in which the swarm holds (or is about to hold) the GPU.
 ACTIVE = ("starting", "contributing", "resuming")
+WATCH_MS = 100   # while contributing: how often the user's return is looked for (bench/yield_latency.py)
 # Rules that a reason of ours (local job, no invite...) may replace: the user-set ones stay visible.
 _GATEABLE = ("ok", "user_active", "idle_unknown")
 
@@ -173,7 +174,7 @@ class Contributor(QObject):
     notify = Signal(str, str)           # title, text: for the tray
 
     def __init__(self, store, queue=None, *, sensors: Callable | None = None, runner: Runner | None = None,
-                 clock: Callable[[], float] = time.monotonic, tick_ms: int = 1000,
+                 clock: Callable[[], float] = time.monotonic, tick_ms: int = 1000, watch_ms: int | None = None,
                  notify_before_s: float = 10.0, paused_keep_s: float = PAUSED_KEEP_S,
                  join_args: list[str] | None = None, parent=None):
         super().__init__(parent)
@@ -223,6 +224,12 @@ class Contributor(QObject):
         self._timer.timeout.connect(self.tick)
         if tick_ms > 0:
             self._timer.start(tick_ms)
+        # While the GPU is lent, the user's return is looked for every watch_ms (one idle read costs well
+        # under a millisecond), not only at the 1 s tick that reads the rules and decides everything else.
+        self.watch_ms = watch_ms if watch_ms is not None else (WATCH_MS if tick_ms > 0 else 0)
+        self._watch = QTimer(self)
+        self._watch.timeout.connect(self._watch_for_return)
+        self._watched_idle: float | None = None
 
     # --- queries ---------------------------------------------------------------------------
     @property
@@ -265,7 +272,28 @@ class Contributor(QObject):
         self._reconcile(final)
         self._check_timers(final)
         self._set_contributing(self.contributing)
+        self._watched_idle = sensors.idle_seconds
+        if self.watch_ms > 0 and self.contributing:
+            if not self._watch.isActive() or self._watch.interval() != self.watch_ms:
+                self._watch.start(self.watch_ms)
+        else:
+            self._watch.stop()
         self.changed.emit()
+
+    def _watch_for_return(self) -> None:
+        """Between ticks while contributing: idle time that went down means input came; decide now."""
+        if not self.contributing:
+            self._watch.stop()
+            return
+        try:
+            sensors, _notes = self._sensors({p for p in (self.worker_pid,) if p})
+        except Exception:   # the tick reports sensor trouble; the watch just waits for it
+            return
+        idle, before = sensors.idle_seconds, self._watched_idle
+        self._watched_idle = idle
+        # `before >= 1`: someone already at the keyboard (idle near 0) must not make every look a tick.
+        if idle is not None and before is not None and before >= 1.0 and idle < before:
+            self.tick()
 
     def _block(self) -> Decision | None:
         """The app's reasons to wait, in the order the user most needs to hear them."""
@@ -437,6 +465,7 @@ class Contributor(QObject):
     def shutdown(self, timeout_ms: int = 10000) -> None:
         """Quit: the worker leaves the swarm (killed after timeout_ms). Blocks, on purpose."""
         self._timer.stop()
+        self._watch.stop()
         w = self._worker
         if w is None:
             return

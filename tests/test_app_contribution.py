@@ -408,3 +408,19 @@ def test_job_queue_gate_holds_jobs_until_it_opens(store, qtbot):
     assert queue.running_job() is None
     queue.pause_all()
     assert queue.waiting_job() is None
+
+
+def test_while_contributing_the_users_return_is_seen_between_ticks(rig, qtbot):
+    """The 1 s tick decided the hand-back alone (p95 near 1 s); a cheap idle look every watch_ms sees
+    the user come back and decides at once. Without the watch nothing happens until the next tick."""
+    still, sensors_still, clock_still, _, _ = rig()            # no watch (tick_ms=0: ticks by hand)
+    go_idle(still, sensors_still, clock_still, qtbot)
+    sensors_still.idle = 0.0
+    qtbot.wait(400)
+    assert still.state == "contributing"
+
+    c, sensors, clock, _, _ = rig(watch_ms=20)
+    go_idle(c, sensors, clock, qtbot)
+    sensors.idle = 0.0                                          # the user is back; no tick is called
+    qtbot.waitUntil(lambda: c.state in ("pausing", "paused"), timeout=1000)
+    assert c.rule == "user_active"
