@@ -51,7 +51,7 @@ def test_setup_is_a_pe_file_carrying_uv_and_the_wheel(setup_exe, tmp_path):
     listing = subprocess.run(["7z", "l", str(setup_exe)], capture_output=True, text=True, check=True).stdout
     for name in ("installer/uv.exe", "installer/modron-0.1.0-py3-none-any.whl", "installer/torch_select.py",
                  "installer/write_record.py", "installer/locks/torch-2.13.0.txt", "installer/locks/torch-2.7.1.txt",
-                 "Uninstall.exe"):
+                 "modron.ico", "Uninstall.exe"):
         assert name in listing, listing
     subprocess.run(["7z", "x", "-y", f"-o{tmp_path}", str(setup_exe), "installer/uv.exe",
                     "installer/modron-0.1.0-py3-none-any.whl"], capture_output=True, check=True)
@@ -80,6 +80,7 @@ def test_the_script_passes_makensis_with_warnings_as_errors(tmp_path):
     assert _is_pe((tmp_path / "ok.exe").read_bytes()[:1 << 16])
     # -WX is live: one unused variable (a warning) fails the build.
     warned = tmp_path / "warned.nsi"
+    shutil.copy(NSI.with_name("modron.ico"), tmp_path)   # makensis reads the icon beside the script
     warned.write_text(NSI.read_text().replace("Var ARGS ", "Var NEVER_USED\nVar ARGS ", 1))
     bad = _makensis(warned, stage, tmp_path / "bad.exe")
     assert bad.returncode != 0 and "NEVER_USED" in bad.stdout + bad.stderr

@@ -54,6 +54,10 @@ Var ARGS      ; the command line
 Var NEEDS_KB  ; the disk the chosen PyTorch build needs (torch_select's needs_bytes), for "Space required"
 
 !define MUI_ABORTWARNING
+; Modron's icon (resources/icons/modron.svg at 48 px, made with Qt's ico writer; see installer/README.md) for the
+; installer, the uninstaller, the Start menu entry and Apps & features (makensis runs in this folder).
+!define MUI_ICON "modron.ico"
+!define MUI_UNICON "modron.ico"
 !define MUI_WELCOMEPAGE_TEXT "This installs Modron ${VERSION} for you (no administrator rights needed) in$\r$\n$\r$\n$LOCALAPPDATA\modron\install$\r$\n$\r$\nIt downloads Python and the PyTorch build that fits your GPU (a few GB for NVIDIA GPUs). Running it again repairs or upgrades the install; your queue, runs and settings are kept."
 !insertmacro MUI_PAGE_WELCOME
 !insertmacro MUI_PAGE_COMPONENTS
@@ -123,8 +127,11 @@ Section "Modron" SecMain
   ${EndIf}
   ; The uninstaller and the Apps & features entry come first: an install that fails or is cancelled from here
   ; on is removed in one click and leaves nothing. (An upgrade's entry keeps the old version until step 6.)
+  SetOutPath "$INSTDIR"
+  File "modron.ico"
   WriteUninstaller "$INSTDIR\Uninstall.exe"
   WriteRegStr HKCU "${UNINST_KEY}" "DisplayName" "Modron"
+  WriteRegStr HKCU "${UNINST_KEY}" "DisplayIcon" "$INSTDIR\modron.ico"
   ${If} $PREVIOUS == ""
     WriteRegStr HKCU "${UNINST_KEY}" "DisplayVersion" "${VERSION}"
   ${EndIf}
@@ -230,7 +237,7 @@ Section "Modron" SecMain
   ${EndIf}
   Rename "$INSTDIR\venv.new" "$INSTDIR\venv"
   RMDir /r "$INSTDIR\venv.old"
-  CreateShortcut "$SMPROGRAMS\Modron.lnk" "$INSTDIR\venv\Scripts\pythonw.exe" "-m app.main" "" 0 SW_SHOWNORMAL "" "Finetune language models on your own GPU"
+  CreateShortcut "$SMPROGRAMS\Modron.lnk" "$INSTDIR\venv\Scripts\pythonw.exe" "-m app.main" "$INSTDIR\modron.ico" 0 SW_SHOWNORMAL "" "Finetune language models on your own GPU"
   WriteRegStr HKCU "${UNINST_KEY}" "DisplayVersion" "${VERSION}"   ; now the new version is the one in place
   ${GetSize} "$INSTDIR" "/S=0K" $1 $2 $3
   WriteRegDWORD HKCU "${UNINST_KEY}" "EstimatedSize" $1
