@@ -58,6 +58,12 @@ def fake_engine(tmp_path, monkeypatch):
     return pid_file
 
 
+def test_the_dialog_offers_the_engines_quants():
+    from training_core.gguf_export import QUANTS as ENGINE_QUANTS
+    from app.views.export_dialog import QUANTS, QUANT_NOTES
+    assert sorted(QUANTS) == sorted(ENGINE_QUANTS) == sorted(QUANT_NOTES)
+
+
 def test_formats_follow_the_run_kind(qtbot, tmp_path, fake_engine):
     make_checkpoint(tmp_path / "full", "full")
     make_checkpoint(tmp_path / "lora", "lora")
