@@ -44,13 +44,24 @@ EOF
 host_uv() { uv_bin manylinux_2_17_x86_64 uv; }   # the builds run on x86-64 Linux
 
 app_wheel() {   # app_wheel OUTDIR -> path of Modron's wheel, built from the work tree
-  local out=$1 uv
+  local out=$1 uv src
   uv=$(host_uv)
   mkdir -p "$out"
   rm -f "$out"/modron-*.whl
+  # From a clean copy of the files git knows (committed or not, ignored ones left out): setuptools reuses a
+  # build/ folder in the tree, which keeps modules deleted since and would put them in the wheel.
+  src=$(mktemp -d "${TMPDIR:-/tmp}/modron-src.XXXXXX")
+  if git -C "$BT_ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    (cd "$BT_ROOT" && git ls-files -z -co --exclude-standard \
+       | tar --null -T - --ignore-failed-read -cf - 2>/dev/null) | tar -xf - -C "$src"   # (deleted files: skipped)
+  else
+    cp -r "$BT_ROOT/." "$src" && rm -rf "$src/build" "$src"/*.egg-info
+  fi
   # uv builds in an isolated environment with setuptools and wheel from PyPI; --python: this Python, not
   # one uv would download. UV_NO_CONFIG: a developer's uv.toml does not change the build.
-  UV_NO_CONFIG=1 "$uv" build --quiet --wheel --no-create-gitignore --python "$PYTHON" --out-dir "$out" "$BT_ROOT" >&2
+  UV_NO_CONFIG=1 "$uv" build --quiet --wheel --no-create-gitignore --python "$PYTHON" --out-dir "$out" "$src" >&2 \
+    || { rm -rf "$src"; return 1; }
+  rm -rf "$src"
   ls "$out"/modron-*.whl
 }
 

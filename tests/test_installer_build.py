@@ -38,4 +38,6 @@ def test_the_wheel_builds_with_a_bare_python(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
     assert "app/main.py" in names and "training_core/cli.py" in names and "installer/torch_select.py" not in names
+    # Only files of the work tree: nothing from a stale build/ folder (a module deleted since, once shipped).
+    assert [n for n in names if ".dist-info/" not in n and not (ROOT / n).is_file()] == []
     assert (tmp_path / "cache" / "uv-0.13.9-manylinux_2_17_x86_64" / "uv").is_file()
