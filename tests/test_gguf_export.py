@@ -388,3 +388,22 @@ def test_llama_cpp_reads_qwen2_and_sentencepiece_files(runs, name):
     llm.eval(ids)
     diff = np.abs(np.asarray(llm.scores[:len(ids)]) - logits(source, ids)[0].numpy()).max()
     assert diff < 1e-3, f"{name}: llama.cpp logits differ by {diff}"
+
+
+def test_llama3_rope_scaling_becomes_the_divisors_transformers_uses():
+    """Llama 3.1/3.2 bases: llama.cpp divides each rotary frequency by `rope_freqs`."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from training_core.gguf_export import _head_dim, _llama3_rope_factors, _rope
+    cfg = LlamaConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
+                      max_position_embeddings=131072,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192})
+    theta, kind, params = _rope(cfg)
+    assert (theta, kind) == (500000.0, "llama3")
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    d = _head_dim(cfg)
+    plain = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    factors = torch.from_numpy(_llama3_rope_factors(params, d, theta)).double()
+    assert torch.allclose(plain / factors, expected.double(), rtol=1e-6)
