@@ -47,6 +47,14 @@ class InstallInfo:
             ("Why", "; ".join(torch.get("reasons") or []) or "?"),
             ("GPU", gpu_text or "none found"),
         ]
+        if torch.get("source"):   # where it really came from: an index, or local wheels
+            rows.insert(3, ("PyTorch from", str(torch["source"])))
+        libraries = r.get("libraries") or {}
+        if libraries.get("lock"):
+            rows.append(("Libraries", f"the versions locked for this release ({libraries['lock']}), "
+                                      f"from {libraries.get('source') or '?'}"))
+        if isinstance(r.get("installed_bytes"), int):
+            rows.append(("Size", f"{r['installed_bytes'] / 2 ** 30:.1f} GB"))
         if r.get("driver"):
             rows.append(("NVIDIA driver", str(r["driver"])))
         rows.append(("Folder", str((r.get("paths") or {}).get("install", self.path.parent))))

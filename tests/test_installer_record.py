@@ -94,3 +94,28 @@ def test_a_repair_command_that_cannot_start_is_reported(record, monkeypatch, tmp
     info.record["repair_command"] = [str(tmp_path / "gone" / "install.sh")]
     with pytest.raises(install_info.UserError, match="cannot be started"):
         install_info.start_repair(info)
+
+
+def test_the_record_says_where_torch_and_the_libraries_came_from(monkeypatch, tmp_path):
+    install = tmp_path / "modron" / "install"
+    (install / "venv").mkdir(parents=True)
+    lock = tmp_path / "torch-2.13.0.txt"
+    lock.write_text("numpy==2.0 \\\n    --hash=sha256:00\n")
+    spec = importlib.util.spec_from_file_location("write_record", ROOT / "installer" / "write_record.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    choice = install / "choice.json"
+    choice.write_text(json.dumps({"build": "cpu", "torch": "2.13.0", "index_url": "https://download.pytorch.org/whl/cpu",
+                                  "needs_bytes": 1, "reasons": ["no GPU"], "gpus": [], "driver": None, "amd": []}))
+    monkeypatch.setattr(sys, "prefix", str(install / "venv"))
+    assert mod.main(["--choice", str(choice), "--version", "0.1.0", "--menu-entry", "m", "--autostart-entry", "a",
+                     "--uninstaller", "u", "--log", "l", "--torch-source", "the wheels in /w and PyPI", "--torch-url", "",
+                     "--lock", str(lock), "--libraries-source", "PyPI", "--installed-bytes", str(3 * 2 ** 29),
+                     "--environment", "kept", "--", "repair"]) == 0
+    data = json.loads((install / "install.json").read_text())
+    assert data["torch"]["index_url"] is None and data["torch"]["source"] == "the wheels in /w and PyPI"
+    assert data["libraries"]["lock"] == "torch-2.13.0.txt" and data["environment"] == "kept"
+    monkeypatch.setattr(install_info, "record_path", lambda: install / "install.json")
+    rows = dict(install_info.load().rows())
+    assert rows["PyTorch from"] == "the wheels in /w and PyPI" and rows["Size"] == "1.5 GB"
+    assert rows["Libraries"] == "the versions locked for this release (torch-2.13.0.txt), from PyPI"
