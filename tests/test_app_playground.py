@@ -1,5 +1,5 @@
-"""The Playground view: finished runs listed, text streamed from a real `modron-train generate` subprocess,
-Stop, the GPU rule, and base-vs-trained panes."""
+"""The Playground view and its service (app/generation.py): finished runs listed, text streamed from a real
+`modron-train generate` subprocess, Stop, the GPU rule, and base-vs-trained panes."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -10,6 +10,7 @@ from generate_helpers import full_run, lora_run
 
 pytest.importorskip("PySide6")
 
+from app.generation import GPU_TAKEN  # noqa: E402
 from app.job_queue import JobQueue  # noqa: E402
 from app.views.playground import PlaygroundView, parse_stops  # noqa: E402
 
@@ -38,9 +39,9 @@ def view(qtbot, store, runs, tmp_path):
     v.resize(900, 700)
     v.show()
     yield v
-    if v.run is not None:
-        v.run.kill()
-        qtbot.waitUntil(lambda: v.run is None, timeout=10_000)
+    if v.generating():
+        v.generation.kill()
+        qtbot.waitUntil(lambda: not v.generating(), timeout=10_000)
 
 
 def pick(view, name: str) -> None:
@@ -74,10 +75,10 @@ def test_the_wheel_never_changes_a_setting(view, qtbot):
 
 def test_refuses_while_a_training_job_holds_the_gpu(view, monkeypatch):
     monkeypatch.setattr(view.queue, "running_job", lambda: SimpleNamespace(state="running", name="big run"))
-    assert view.generate() is None and view.run is None
+    assert view.generate() is False and not view.generating()
     assert "big run" in view.status.text() and "GPU" in view.status.text()
     monkeypatch.setattr(view.queue, "running_job", lambda: SimpleNamespace(state="paused", name="big run"))
-    assert view.gpu_busy_reason() is None                   # a paused job has given the GPU back
+    assert view.generation.busy_reason() is None                   # a paused job has given the GPU back
 
 
 def test_streams_trained_and_base_side_by_side(view, qtbot):
@@ -89,15 +90,15 @@ def test_streams_trained_and_base_side_by_side(view, qtbot):
     view.temperature.setValue(0)
     view.max_tokens.setValue(12)
     tokens = []
-    run = view.generate()
-    run.event.connect(lambda ev: tokens.append(ev) if ev["type"] == "token" else None)
+    view.generation.text.connect(lambda stream, text: tokens.append(stream))
+    assert view.generate()
     assert not view.generate_btn.isEnabled() and view.stop_btn.isEnabled()
-    qtbot.waitUntil(lambda: view.run is None, timeout=90_000)
+    qtbot.waitUntil(lambda: not view.generating(), timeout=90_000)
     assert view.status.text().startswith("Done"), view.status.text()
-    answer = view._result
+    answer = view.generation.answer
     for stream in ("trained", "base"):
         assert view.panes[stream].toPlainText() == answer["streams"][stream]["text"]
-    assert view.panes["trained"].toPlainText() and len([t for t in tokens if t["stream"] == "trained"]) > 1
+    assert view.panes["trained"].toPlainText() and tokens.count("trained") > 1
     assert view.panes["trained"].toPlainText() != view.panes["base"].toPlainText()
     assert view.generate_btn.isEnabled() and not view.stop_btn.isEnabled()
 
@@ -109,7 +110,23 @@ def test_stop_ends_a_generation_at_once(view, qtbot):
     view.generate()
     qtbot.waitUntil(lambda: len(view.panes["trained"].toPlainText()) >= 3, timeout=90_000)
     view.stop_btn.click()
-    qtbot.waitUntil(lambda: view.run is None, timeout=5_000)
-    assert view._result["stopped"] is True and view._result["streams"]["trained"]["reason"] == "stopped"
+    qtbot.waitUntil(lambda: not view.generating(), timeout=5_000)
+    answer = view.generation.answer
+    assert answer["stopped"] is True and answer["streams"]["trained"]["reason"] == "stopped"
     assert view.status.text().startswith("Stopped"), view.status.text()
-    assert view.panes["trained"].toPlainText() == view._result["streams"]["trained"]["text"]
+    assert view.panes["trained"].toPlainText() == answer["streams"]["trained"]["text"]
+
+
+def test_a_training_job_that_starts_stops_a_generation(view, qtbot):
+    """The service's GPU rule, its other half: a queue job that starts during a generation stops it."""
+    pick(view, "scratch story")
+    view.prompt.setPlainText("Once upon a time")
+    view.max_tokens.setValue(4096)
+    said = []
+    view.generation.stopping.connect(said.append)
+    assert view.generate()
+    qtbot.waitUntil(lambda: len(view.panes["trained"].toPlainText()) >= 3, timeout=90_000)
+    view.queue.gpu_job_started.emit(1)
+    assert said == [GPU_TAKEN] and view.status.text() == GPU_TAKEN
+    qtbot.waitUntil(lambda: not view.generating(), timeout=5_000)
+    assert view.generation.answer["stopped"] is True and view.generate_btn.isEnabled()

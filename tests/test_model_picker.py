@@ -197,7 +197,7 @@ def test_the_picker_downloads_with_progress_and_fills_the_downloaded_folder(qtbo
     with qtbot.waitSignal(picker.chosen, timeout=60_000) as got:
         picker.start_download()
         assert picker.cancel_btn.isVisibleTo(picker) and not picker.download_btn.isEnabled()
-        picker._download.event.connect(lambda _ev: seen.append(picker.status.text()))
+        picker.download.progress.connect(lambda _ev: seen.append(picker.status.text()))
     folder = got.args[0]
     assert folder.endswith(f"{REPO.replace('/', '--')}/{SHA[:12]}")
     assert view.model_combo.currentData() == LOCAL and view.model_id() == folder
@@ -215,7 +215,7 @@ def test_cancel_stops_the_download_and_keeps_what_came(qtbot, store, hub, tmp_pa
     qtbot.waitUntil(lambda: "model.safetensors" in str(hub.requests[-1:]) and hub.requests[-1]["sent"] > 0,
                     timeout=30_000)
     picker.cancel_btn.click()
-    qtbot.waitUntil(lambda: picker._download is None, timeout=10_000)
+    qtbot.waitUntil(lambda: not picker.download.running(), timeout=10_000)
     assert "Stopped" in picker.status.text() and "download again" in picker.status.text()
     assert not chosen and picker.download_btn.isEnabled() and not picker.cancel_btn.isVisibleTo(picker)
 

@@ -3,9 +3,9 @@ training would need of this computer's GPU (marked where it fits), a search of t
 folder on this computer, and a download with its progress that can be cancelled and continued later.
 
 The memory figures come from training_core.catalog (the engine's own planning arithmetic on each model's
-config numbers: nothing is downloaded to show them). Downloads run as `modron-train download ID --json`
-(an EngineRun: progress events, then the folder) and searches as `modron-train models search TEXT --json`
-(an EngineCall), so the app never imports the hub's client.
+config numbers: nothing is downloaded to show them). Downloads are the service app/model_download.py's
+(`modron-train download ID --json`: progress events, then the folder) and searches are
+`modron-train models search TEXT --json` (an EngineCall), so the app never imports the hub's client.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (QAbstractItemView, QDialog, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
                                QProgressBar, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout)
 
-from app.engine_client import EngineCall, EngineRun
+from app.engine_client import EngineCall
+from app.model_download import ModelDownload
 from app.views.drop_zone import ERROR_STYLE, WARN_STYLE
 from app.views.form_ux import choose_folder
 from training_core import catalog
@@ -52,10 +53,13 @@ class ModelPicker(QDialog):
         self.store = store
         self.report = report if report is not None else detect(include_torch=False)
         self.spec = spec
-        self._download: EngineRun | None = None
         self._search: EngineCall | None = None
-        self._downloading: str | None = None
-        self._result: str | None = None
+        # The download itself (its process, Cancel) is the service's; this dialog shows it.
+        self.download = ModelDownload(self)
+        self.download.progress.connect(self._on_progress)
+        self.download.done.connect(self._on_downloaded)
+        self.download.stopped.connect(self._on_download_stopped)
+        self.download.failed.connect(self._on_download_failed)
         self._build()
         self.fill([*catalog.CATALOG, *catalog.PRESETS])
 
@@ -266,58 +270,46 @@ class ModelPicker(QDialog):
 
     def start_download(self) -> None:
         model = self._target()
-        if model is None or self._download is not None:
+        if model is None or not self.download.start(model):
             return
-        from training_core.paths import data_dir
-        run = EngineRun(["download", model, "--json"], data_dir() / "models" / "logs", parent=self)
-        run.event.connect(self._on_event)
-        run.exited.connect(self._on_exit)
-        self._download, self._downloading = run, model
         self.progress.setValue(0)
         self.progress.setVisible(True)
         self._say(f"Asking the hub what {model} holds…")
-        run.start()
         self._update_buttons()
 
     def cancel_download(self) -> None:
-        if self._download is not None:
-            self._download.send("stop")   # the engine stops at once and keeps the partial file
+        self.download.cancel()   # the engine stops at once and keeps the partial file
 
-    def _on_event(self, ev: dict) -> None:
-        kind = ev["type"]
-        if kind == "progress":
-            done, total = ev.get("done") or 0, ev.get("total") or 0
-            if total:
-                self.progress.setValue(int(1000 * min(done, total) / total))
-            parts = [f"{format_bytes(done)} of {format_bytes(total)}" if total else format_bytes(done)]
-            if ev.get("rate"):
-                parts.append(f"{format_bytes(ev['rate'])}/s")
-            if ev.get("eta_s") is not None and done < total:
-                parts.append(f"{format_duration(ev['eta_s'])} left")
-            self._say(f"Downloading {self._downloading}: " + " · ".join(parts))
-        elif kind == "result":
-            self._result = ev["answer"].get("folder")
-        elif kind == "stopped":
-            self._say(f"Stopped. {ev.get('message', '')}".strip(), WARN_STYLE)
+    def _on_progress(self, ev: dict) -> None:
+        done, total = ev.get("done") or 0, ev.get("total") or 0
+        if total:
+            self.progress.setValue(int(1000 * min(done, total) / total))
+        parts = [f"{format_bytes(done)} of {format_bytes(total)}" if total else format_bytes(done)]
+        if ev.get("rate"):
+            parts.append(f"{format_bytes(ev['rate'])}/s")
+        if ev.get("eta_s") is not None and done < total:
+            parts.append(f"{format_duration(ev['eta_s'])} left")
+        self._say(f"Downloading {self.download.hub_id}: " + " · ".join(parts))
 
-    def _on_exit(self, code: int, reason: str) -> None:
-        run, self._download = self._download, None
-        folder = getattr(self, "_result", None)
-        self._result = None
+    def _on_downloaded(self, folder: str) -> None:
+        self._download_ended()
+        self._say(f"Downloaded into {folder}")
+        self._choose(folder)
+
+    def _on_download_stopped(self, message: str) -> None:
+        self._download_ended()
+        self._say(f"Stopped. {message}".strip(), WARN_STYLE)
+
+    def _on_download_failed(self, message: str) -> None:
+        self._download_ended()
+        self._say(message, ERROR_STYLE)
+
+    def _download_ended(self) -> None:
         self.progress.setVisible(False)
-        if run is not None:
-            run.retire()
         self._update_buttons()
-        if code == 0 and folder:
-            self._say(f"Downloaded into {folder}")
-            self._choose(folder)
-        elif code != 0:
-            self._say(reason or f"The download ended with exit status {code}.", ERROR_STYLE)
 
     def reject(self) -> None:
-        if self._download is not None:   # closing stops the download; it continues next time
-            self._download.send("stop")
-            self._download.wait(3000)
+        self.download.cancel(wait_ms=3000)   # closing stops the download; it continues next time
         super().reject()
 
     # ---- state ----------------------------------------------------------------------------
@@ -326,7 +318,7 @@ class ModelPicker(QDialog):
         self.status.setText(text)
 
     def _update_buttons(self) -> None:
-        busy = self._download is not None
+        busy = self.download.running()
         self.use_btn.setEnabled(self.selected_id() is not None and not busy)
         self.download_btn.setEnabled(self._target() is not None and not busy)
         self.cancel_btn.setVisible(busy)

@@ -1,28 +1,25 @@
 """Playground: try a finished run (or a checkpoint or exported folder) on your own prompt, side by side with
 its base model if you like.
 
-Generation is `modron-train generate --json` in its own process (app/engine_client.EngineRun): the app never
-loads a model. Text streams in as `token` events; Stop sends the protocol's `stop`, obeyed between two
-tokens. A training job that is running owns the GPU: Generate is refused while it runs, and a job that
-starts during a generation stops it.
+Generation is `modron-train generate --json` in its own process, run by the service app/generation.py (the
+app never loads a model): text streams in as it comes; Stop asks the engine to stop between two tokens. A
+training job that is running owns the GPU: Generate is refused while it runs, and a job that starts during
+a generation stops it.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
                                QPlainTextEdit, QPushButton, QSpinBox, QSplitter, QVBoxLayout, QWidget)
 
-from app.engine_client import EngineRun
+from app.generation import Generation
 from app.views.form_ux import choose_folder, polish_form
 from app.views.job_table import view_title
-from training_core.paths import data_dir
 
-KILL_AFTER_MS = 5000      # a stopped generation that has not ended by then is killed
-LOG_CAP_BYTES = 1 << 20   # the generations' stderr log starts again past this
 STREAMS = ("trained", "base")
 ERROR_STYLE = "color: #c62828;"
 
@@ -68,10 +65,16 @@ class PlaygroundView(QWidget):
         super().__init__(parent)
         self.store, self.queue = store, queue
         self.folder: str | None = None          # a checkpoint or exported folder picked by hand
-        self.run: EngineRun | None = None
-        self._retired: list[EngineRun] = []
-        self._stopping = False
-        self._result: dict | None = None
+        # The generation itself (its process, Stop, the GPU rule) is the service's; this view shows it.
+        self.generation = Generation(queue, parent=self)
+        self.generation.started.connect(self._on_started)
+        self.generation.text.connect(self._on_text)
+        self.generation.phase.connect(self._say)
+        self.generation.progress.connect(self._on_progress)
+        self.generation.stopping.connect(self._say)
+        self.generation.done.connect(self._on_done)
+        self.generation.stopped.connect(self._on_stopped)
+        self.generation.failed.connect(self._on_failed)
 
         self.source = QComboBox()
         self.source.setToolTip("A finished run (its newest checkpoint), or a folder you picked")
@@ -155,7 +158,6 @@ class PlaygroundView(QWidget):
         polish_form(self)
 
         queue.queue_changed.connect(self.refresh)
-        queue.gpu_job_started.connect(self._on_gpu_job)
         self.refresh()
         self._show_panes()
         self._update_buttons()
@@ -218,101 +220,62 @@ class PlaygroundView(QWidget):
     def _show_panes(self) -> None:
         self._boxes[1].setVisible(self.compare.isChecked())
 
-    # ---- generating --------------------------------------------------------------------------
-    def gpu_busy_reason(self) -> str | None:
-        """Why Generate must wait: a training job that is running holds the GPU."""
-        job = self.queue.running_job()
-        if job is not None and job.state == "running":
-            return (f"A training job ({job.name}) is using the GPU right now; generate when it ends, "
-                    "or pause it in the Queue.")
-        return None
-
+    # ---- generating (the Generation service runs it; this shows it) ---------------------------
     def generating(self) -> bool:
-        return self.run is not None
+        return self.generation.running()
 
-    def args(self, path: str, prompt_file: Path) -> list[str]:
-        args = ["generate", path, "--json", "--prompt-file", str(prompt_file), "--mode", self.mode.currentData(),
-                "--temperature", f"{self.temperature.value():g}", "--top-p", f"{self.top_p.value():g}",
-                "--top-k", str(self.top_k.value()), "--repetition-penalty", f"{self.repetition.value():g}",
-                "--max-new-tokens", str(self.max_tokens.value())]
-        for stop in parse_stops(self.stops.text()):
-            args += ["--stop", stop]
-        if self.compare.isChecked() and self.compare.isEnabled():
-            args.append("--compare-base")
-        return args
+    def settings(self) -> dict:
+        """The form's settings, as app.generation.generate_args takes them."""
+        return {"mode": self.mode.currentData(), "temperature": self.temperature.value(),
+                "top_p": self.top_p.value(), "top_k": self.top_k.value(),
+                "repetition_penalty": self.repetition.value(), "max_new_tokens": self.max_tokens.value(),
+                "stops": parse_stops(self.stops.text()),
+                "compare_base": self.compare.isChecked() and self.compare.isEnabled()}
 
-    def generate(self) -> EngineRun | None:
-        if self.run is not None:
-            return None
+    def generate(self) -> bool:
+        """Start a generation from the chosen source; False (and why, in the status line) if it did not."""
+        if self.generation.running():
+            return False
         path, _ = self._source_path()
         if path is None:
             self._say("Pick a finished run or a folder first.", error=True)
-            return None
-        busy = self.gpu_busy_reason()
-        if busy:
-            self._say(busy, error=True)
-            return None
-        folder = data_dir() / "playground"
-        folder.mkdir(parents=True, exist_ok=True)
-        log = folder / "worker.log"
-        if log.is_file() and log.stat().st_size > LOG_CAP_BYTES:   # each generation appends to it
-            log.unlink()
-        prompt_file = folder / "prompt.txt"   # a file, not argv: prompts can be long (Windows caps argv)
-        prompt_file.write_text(self.prompt.toPlainText(), encoding="utf-8")
+            return False
+        why = self.generation.start(path, self.prompt.toPlainText(), **self.settings())
+        if why:
+            self._say(why, error=True)
+            return False
+        return True
+
+    def stop(self) -> None:
+        self.generation.stop()
+
+    def _on_started(self) -> None:
         for pane in self.panes.values():
             pane.clear()
-        while self._retired:
-            self._retired.pop().deleteLater()
-        self._stopping, self._result = False, None
-        run = EngineRun(self.args(path, prompt_file), folder, parent=self)
-        run.event.connect(self._on_event)
-        run.exited.connect(self._on_exit)
-        self.run = run
         self._say("Starting…")
         self._update_buttons()
-        run.start()
-        return run
 
-    def stop(self, reason: str = "Stopping…") -> None:
-        run = self.run
-        if run is None:
-            return
-        self._stopping = True
-        run.send("stop")
-        self._say(reason)
-        QTimer.singleShot(KILL_AFTER_MS, lambda r=run: r.kill() if r is self.run else None)
+    def _on_text(self, stream: str, text: str) -> None:
+        pane = self.panes.get(stream)
+        if pane is not None:
+            pane.moveCursor(QTextCursor.MoveOperation.End)
+            pane.insertPlainText(text)
+            pane.moveCursor(QTextCursor.MoveOperation.End)
 
-    def _on_gpu_job(self, _job_id: int) -> None:
-        if self.run is not None:
-            self.stop("A training job started and takes the GPU: generation stopped.")
+    def _on_progress(self, stream: str, done, total) -> None:
+        stream = "base model" if stream == "base" else "trained model"
+        self._say(f"Generating ({stream}): {done} of {total} tokens")
 
-    def _on_event(self, ev: dict) -> None:
-        t = ev.get("type")
-        if t == "token":
-            pane = self.panes.get(ev.get("stream"))
-            if pane is not None:
-                pane.moveCursor(QTextCursor.MoveOperation.End)
-                pane.insertPlainText(str(ev.get("text", "")))
-                pane.moveCursor(QTextCursor.MoveOperation.End)
-        elif t == "phase" and not self._stopping:
-            self._say(str(ev.get("message", "")))
-        elif t == "progress" and not self._stopping:
-            stream = "base model" if ev.get("stream") == "base" else "trained model"
-            self._say(f"Generating ({stream}): {ev.get('done')} of {ev.get('total')} tokens")
-        elif t == "result":
-            self._result = ev.get("answer") or {}
+    def _on_done(self, answer: dict) -> None:
+        self._say(self._summary(answer))
+        self._update_buttons()
 
-    def _on_exit(self, code: int, reason: str) -> None:
-        run, self.run = self.run, None
-        if run is not None:
-            run.retire()
-            self._retired.append(run)
-        if self._result is not None:
-            self._say(self._summary(self._result))
-        elif self._stopping:
-            self._say("Stopped.")
-        else:
-            self._say(reason or f"Generation ended with exit status {code}.", error=True)
+    def _on_stopped(self) -> None:
+        self._say("Stopped.")
+        self._update_buttons()
+
+    def _on_failed(self, reason: str) -> None:
+        self._say(reason, error=True)
         self._update_buttons()
 
     @staticmethod
@@ -332,7 +295,7 @@ class PlaygroundView(QWidget):
         self.status.setText(text)
 
     def _update_buttons(self) -> None:
-        busy = self.run is not None
+        busy = self.generation.running()
         self.generate_btn.setEnabled(not busy and self.source.currentData() is not None)
         self.stop_btn.setEnabled(busy)
         self.source.setEnabled(not busy)
@@ -340,5 +303,4 @@ class PlaygroundView(QWidget):
 
     def shutdown(self) -> None:
         """The app quits: end a generation now (it holds nothing worth saving)."""
-        if self.run is not None:
-            self.run.kill()
+        self.generation.kill()
