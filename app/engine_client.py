@@ -140,9 +140,17 @@ class EngineCall(QObject):
     def start(self) -> None:
         self._proc.start()
 
+    CANCEL_GRACE_MS = 5_000
+
     def cancel(self) -> None:
-        """Stop it; neither signal is emitted afterwards."""
+        """Stop it (SIGTERM, on which an export removes its temporary folder; killed if still there after
+        CANCEL_GRACE_MS); neither signal is emitted afterwards."""
         self._cancelled = True
+        if self.running():
+            self._proc.terminate()
+            QTimer.singleShot(self.CANCEL_GRACE_MS, self._kill_if_running)
+
+    def _kill_if_running(self) -> None:
         if self.running():
             self._proc.kill()
 

@@ -195,3 +195,45 @@ def test_model_card_front_matter_and_sections():
     unknown = model_card(base_model="org/x", licence={"klass": "unknown", "licence_id": None}, datasets=[],
                          hyperparameters={}, eval={}, method="lora", created="today")
     assert "license: other" in unknown
+
+
+def test_a_killed_exports_temporary_folder_is_swept_by_the_next(tmp_path, lora_run):
+    """A Cancel that came to a kill (or a crash) leaves `.OUT.tmp-export-PID`; the next export to OUT removes
+    it once its process is gone, and leaves one whose process still runs."""
+    import subprocess
+    import sys
+    run, _ = lora_run
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "out"
+        stale, busy = (tmp_path / f".out.tmp-export-{gone.pid}"), (tmp_path / f".out.tmp-export-{alive.pid}")
+        for folder in (stale, busy):
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"half")
+        export_adapter(run, out)
+        assert not stale.exists() and busy.is_dir() and (out / "adapter_config.json").is_file()
+    finally:
+        alive.kill()
+
+
+def test_sigterm_during_a_merged_export_leaves_nothing(tmp_path, lora_run):
+    """The app's Cancel sends SIGTERM: the export leaves through its cleanup, no temporary folder stays."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    run, _ = lora_run
+    out = tmp_path / "merged"
+    proc = subprocess.Popen([sys.executable, "-m", "training_core.cli", "export", str(run), "--merged", str(out),
+                             "--json"], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".merged.tmp-export-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the export ended before it could be cancelled"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert list(tmp_path.glob(".merged.tmp-export-*")) == [] and not out.exists(), err

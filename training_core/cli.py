@@ -113,9 +113,10 @@ def cmd_export(args) -> int:
     if args.gguf or args.gguf_lora or args.gguf_sizes:
         from .gguf_export import cmd_gguf
         return cmd_gguf(args)
-    from .export import export_adapter, export_merged
+    from .export import export_adapter, export_merged, leave_on_sigterm
     if not args.merged and not args.adapter:
         raise UserError("export", "say what to write: --merged OUT and/or --adapter OUT")
+    signal.signal(signal.SIGTERM, leave_on_sigterm)   # the app's Cancel: no temporary folder stays
     written = {}
     if args.merged:
         written["merged"] = str(export_merged(Path(args.source), Path(args.merged)))

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -74,6 +75,24 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+# Temporary output folders of exports under way in this process, for leave_on_sigterm.
+_IN_PROGRESS: set[Path] = set()
+
+
+def leave_on_sigterm(signum, frame) -> None:
+    """SIGTERM handler for `modron-train export` (the app's Cancel): remove the temporary folders and exit
+    at once. Not an exception: one raised from a handler lands in whatever library code runs (a model
+    load) and may be swallowed there, and the export would go on."""
+    for tmp in list(_IN_PROGRESS):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(128 + signum)
+
+
 def _start_output(out: Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -81,16 +100,38 @@ def _start_output(out: Path) -> Path:
     if out.is_dir() and any(out.iterdir()):
         raise UserError(out, "already exists and is not empty; choose a new folder to export to")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(out)
     tmp = out.parent / f".{out.name}.tmp-export-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    _IN_PROGRESS.add(tmp)
     return tmp
+
+
+def _sweep(out: Path) -> None:
+    """Remove the temporary folders of earlier exports to `out` whose process is gone (killed: a Cancel
+    that came to a kill, a crash); one still running keeps its own."""
+    for p in out.parent.glob(f".{out.name}.tmp-export-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # someone else's process: alive
+        return True
+    return True
 
 
 def _finish_output(tmp: Path, out: Path) -> Path:
     if out.is_dir():
         out.rmdir()  # checked empty before we started
+    _IN_PROGRESS.discard(tmp)   # from here the folder is the user's (a SIGTERM now must not remove it)
     os.replace(tmp, out)
     fsync_dir(out.parent)
     return out
@@ -190,6 +231,7 @@ def export_merged(source: Path, out: Path) -> Path:
         _write_card(ckpt, spec, manifest, tmp)
         return _finish_output(tmp, out)
     finally:
+        _IN_PROGRESS.discard(tmp)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -214,5 +256,6 @@ def export_adapter(source: Path, out: Path) -> Path:
         _write_card(ckpt, spec, manifest, tmp)
         return _finish_output(tmp, out)
     finally:
+        _IN_PROGRESS.discard(tmp)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
