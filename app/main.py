@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     contributor.shutdown()
     queue.shutdown()
     poller.shutdown()
+    playground = window.views.built().get("playground")
+    if playground is not None:
+        playground.shutdown()   # a generation holds nothing worth saving: it ends now
     if tray is not None:
         tray.hide()
     server.close()

@@ -570,3 +570,13 @@ def test_the_gui_never_imports_the_training_stack(tmp_path):
                                "QueueView", "RunView", "SettingsView", "SwarmView"]
     assert result["polled"]          # the dashboard's hardware thread ran
     assert result["heavy"] == []
+
+
+def test_quitting_ends_a_playground_generation(qapp, tmp_path, monkeypatch):
+    """main() shuts the Playground down after its loop, like the queue and the contribution (a running
+    generation would otherwise outlive the window until Qt tears its process down)."""
+    from app.views.playground import PlaygroundView
+    ended = []
+    monkeypatch.setattr(PlaygroundView, "shutdown", lambda self: ended.append(self))
+    assert _run_main(monkeypatch, tmp_path, [], False, lambda window: window.views["playground"]) == 0
+    assert len(ended) == 1
