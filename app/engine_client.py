@@ -183,7 +183,27 @@ class EngineCall(QObject):
             self.failed.emit(f"The engine process could not be started ({self._proc.errorString()}).")
 
 
-class EngineRun(QObject):
+class _EventLines:
+    """An engine process's stdout cut into protocol lines for `_handle_line` (a partial last line waits
+    for the rest); shared by EngineRun and EngineTask."""
+    _buf: bytes
+    _proc: QProcess
+
+    def _on_stdout(self) -> None:
+        self._buf += bytes(self._proc.readAllStandardOutput().data())
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            self._handle_line(line)
+
+    def _drain_stdout(self) -> None:
+        """At exit: read what is left, the last line too, so no event is lost behind the exit notice."""
+        self._on_stdout()
+        if self._buf:
+            self._handle_line(self._buf)
+            self._buf = b""
+
+
+class EngineRun(_EventLines, QObject):
     """One long engine run speaking the protocol: `EngineRun(job_args(spec), run_dir, parent=queue)`,
     connect `event`/`exited`, then `start()`; `send("pause")` etc. `command` replaces the local
     (program, argv), for a runner that starts the same entry point elsewhere (WSL, app/swarm_runner.py)."""
@@ -257,11 +277,6 @@ class EngineRun(QObject):
     def _on_stderr(self) -> None:
         self._log(bytes(self._proc.readAllStandardError().data()))
 
-    def _on_stdout(self) -> None:
-        self._buf += bytes(self._proc.readAllStandardOutput().data())
-        *lines, self._buf = self._buf.split(b"\n")
-        for line in lines:
-            self._handle_line(line)
 
     def _handle_line(self, line: bytes) -> None:
         if not line.strip():
@@ -283,10 +298,7 @@ class EngineRun(QObject):
         self._done = True
         # Read what is left so no event is lost behind the exit notice.
         self._on_stderr()
-        self._buf += bytes(self._proc.readAllStandardOutput().data())
-        if self._buf:
-            self._handle_line(self._buf)
-            self._buf = b""
+        self._drain_stdout()
         crashed = status == QProcess.ExitStatus.CrashExit
         message = str((self.last_failed or {}).get("message") or "").strip()
         if message:
@@ -311,7 +323,7 @@ class EngineRun(QObject):
             self.exited.emit(-1, reason)
 
 
-class EngineTask(QObject):
+class EngineTask(_EventLines, QObject):
     """A long one-shot command that speaks the protocol (`export RUN --gguf OUT --json`): `progress` events
     while it works, then `done` with the `result` event's answer, or `failed` with one plain line (its
     `failed` event, else the CLI's last line). `cancel()` sends SIGTERM, on which the engine removes its
@@ -354,11 +366,6 @@ class EngineTask(QObject):
     def _on_stderr(self) -> None:
         self._err = (self._err + bytes(self._proc.readAllStandardError().data()))[-65536:]
 
-    def _on_stdout(self) -> None:
-        self._buf += bytes(self._proc.readAllStandardOutput().data())
-        *lines, self._buf = self._buf.split(b"\n")
-        for line in lines:
-            self._handle_line(line)
 
     def _handle_line(self, line: bytes) -> None:
         if not line.strip():
@@ -379,10 +386,7 @@ class EngineTask(QObject):
             return
         self._finished = True
         self._on_stderr()
-        self._buf += bytes(self._proc.readAllStandardOutput().data())
-        if self._buf:
-            self._handle_line(self._buf)
-            self._buf = b""
+        self._drain_stdout()
         if self._cancelled:
             return
         if status == QProcess.ExitStatus.CrashExit:

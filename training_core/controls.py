@@ -24,6 +24,14 @@ def interruptible(fn: Callable[..., T], *args, **kwargs) -> T:
     """fn(*args, **kwargs) in a helper thread while this (main) thread waits in short sleeps, so signal
     handlers still run during long native calls that never return to Python, such as a tokenizer's
     training in Rust. fn's exception, if any, is raised here. (A run's set-up uses Controls.run_setup.)"""
+    thread, out = _in_thread(fn, args, kwargs, getattr(fn, "__name__", "call"))
+    while thread.is_alive():
+        thread.join(0.1)
+    return _outcome(out)
+
+
+def _in_thread(fn: Callable[..., Any], args, kwargs, name: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start fn(*args, **kwargs) in a daemon thread; `out` gets its "value" or its "error"."""
     out: dict[str, Any] = {}
 
     def call() -> None:
@@ -31,10 +39,12 @@ def interruptible(fn: Callable[..., T], *args, **kwargs) -> T:
             out["value"] = fn(*args, **kwargs)
         except BaseException as exc:   # handed to the caller as it is
             out["error"] = exc
-    thread = threading.Thread(target=call, name=getattr(fn, "__name__", "call"), daemon=True)
+    thread = threading.Thread(target=call, name=name, daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(0.1)
+    return thread, out
+
+
+def _outcome(out: dict[str, Any]) -> Any:
     if "error" in out:
         raise out["error"]
     return out["value"]
@@ -68,23 +78,13 @@ class Controls:
         WAIT_SLICE_S, in our own code, however long fn's library calls take. fn sees the stop at its next
         check() and ends there; until then it is `abandoned` (a worker process exits without it)."""
         self.check()
-        out: dict[str, Any] = {}
-
-        def call() -> None:
-            try:
-                out["value"] = fn(*args, **kwargs)
-            except BaseException as exc:   # handed to the caller as it is
-                out["error"] = exc
-        thread = threading.Thread(target=call, name=f"setup-{getattr(fn, '__name__', 'call')}", daemon=True)
-        thread.start()
+        thread, out = _in_thread(fn, args, kwargs, f"setup-{getattr(fn, '__name__', 'call')}")
         while thread.is_alive():
             thread.join(WAIT_SLICE_S)
             if self._stop_asked and thread.is_alive():
                 self.abandoned = thread
                 raise StopRequested
-        if "error" in out:
-            raise out["error"]
-        return out["value"]
+        return _outcome(out)
 
     def put(self, kind: str) -> None:
         self._q.put(kind)
