@@ -131,13 +131,60 @@ def test_history_opens_the_dialog_for_the_selected_run(qtbot, tmp_path, store, f
     view = HistoryView(store, JobQueue(store, autostart=False))
     qtbot.addWidget(view)
     view.select_job(job.id)
-    assert view.export_as_btn.isEnabled()
+    assert view.export_btn.isEnabled() and view.export_btn.text() == "Export…"
     dialog = view.open_export_dialog()
     assert isinstance(dialog, ExportDialog) and dialog.isVisible() and dialog.kind == "lora"
     qtbot.waitUntil(lambda: not dialog.busy(), timeout=TIMEOUT_MS)
     dialog.reject()
-    assert view.open_export_dialog() is not dialog
-    qtbot.waitUntil(lambda: not view._dialogs[-1].busy(), timeout=TIMEOUT_MS)
+    first, dialog = dialog, view.open_export_dialog()
+    assert dialog is not first and view._dialogs == [dialog]   # the closed one, its processes gone, is deleted
+    qtbot.waitUntil(lambda: not dialog.busy(), timeout=TIMEOUT_MS)
+    # While it exports (the stand-in never finishes), no second export can start from History.
+    dialog.target_edit.setText(str(tmp_path / "out.gguf"))
+    qtbot.mouseClick(dialog.export_btn, Qt.LeftButton)
+    assert view.exporting() and not view.export_btn.isEnabled()
+    assert view.open_export_dialog() is dialog and view._dialogs == [dialog]
+    qtbot.mouseClick(dialog.cancel_btn, Qt.LeftButton)
+    assert not view.exporting() and view.export_btn.isEnabled() and view.export_status.text() == ""
+    qtbot.waitUntil(lambda: not dialog.busy(), timeout=10_000)
+    dialog.reject()
+
+
+def test_history_export_needs_a_checkpoint(qtbot, tmp_path, store):
+    from app.job_queue import JobQueue
+    from app.views.history import HistoryView
+    job = store.add_job({"model": "scratch:tiny", "data": ["x.txt"], "out": str(tmp_path / "run")}, "tiny run")
+    (tmp_path / "run").mkdir()   # an output folder, but the run failed before its first checkpoint
+    store.update_job(job.id, state="failed", finished=1.0)
+    view = HistoryView(store, JobQueue(store, autostart=False))
+    qtbot.addWidget(view)
+    view.select_job(job.id)
+    assert view.open_btn.isEnabled() and not view.export_btn.isEnabled()
+    make_checkpoint(tmp_path / "run", "full")
+    view.select_job(job.id)
+    assert view.export_btn.isEnabled()
+
+
+def test_proposed_names_follow_the_run_and_never_an_earlier_export(qtbot, tmp_path, store, fake_engine):
+    from app import settings
+    from app.views.export_dialog import folder_target
+    make_checkpoint(tmp_path / "run", "full")
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    settings.last_dir("export").set(store, str(exports))
+    (exports / "tiny-run-merged").mkdir()
+    (exports / "tiny-run-merged" / "config.json").write_text("{}")
+    dialog = ExportDialog("tiny run", str(tmp_path / "run"), store)
+    qtbot.addWidget(dialog)
+    dialog.choose("gguf", "q8_0")
+    assert dialog.target_edit.text() == str(exports / "tiny-run-q8_0.gguf")
+    dialog.choose("merged")
+    assert dialog.target_edit.text() == str(exports / "tiny-run-merged-2")
+    # A picked folder: itself when empty, else a new subfolder named after the run.
+    assert folder_target(tmp_path / "empty", "tiny-run-merged") == tmp_path / "empty"
+    assert folder_target(exports, "tiny-run-merged") == exports / "tiny-run-merged-2"
+    dialog.reject()
+    qtbot.waitUntil(lambda: not dialog.busy(), timeout=TIMEOUT_MS)
 
 
 def test_a_real_gguf_export_from_the_dialog(qtbot, tmp_path):

@@ -214,28 +214,66 @@ def test_file_dialogs_start_in_the_last_folder_and_remember_it_across_restarts(q
     store.close()
 
 
+# A stand-in engine for History's Export dialog: a merged "model" is one config.json; anything else fails.
+FAKE_EXPORT_ENGINE = r"""
+import json, pathlib, sys
+args = sys.argv[1:]
+if "--merged" not in args:
+    sys.exit("modron-train: error: not in this stand-in")
+out = pathlib.Path(args[args.index("--merged") + 1])
+out.mkdir(parents=True, exist_ok=True)
+(out / "config.json").write_text("{}")
+print(json.dumps({"v": VERSION, "merged": str(out)}))
+"""
+
+
 def test_history_export_dialog_starts_in_the_last_export_folder(qtbot, tmp_path, store, monkeypatch):
+    import json
     from app.job_queue import JobQueue
     from app.views.history import HistoryView
+    from training_core.protocol import PROTOCOL_VERSION
     exports = tmp_path / "exports"
     (exports / "first").mkdir(parents=True)
     job = store.add_job({"model": "scratch:tiny", "data": ["x.txt"], "out": str(tmp_path / "run")}, "tiny run")
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)   # something to export
+    ckpt = tmp_path / "run" / "checkpoints" / "ckpt-00000010"   # something to export
+    ckpt.mkdir(parents=True)
+    (ckpt / "modron_checkpoint.json").write_text(json.dumps({"step": 10, "kind": "full"}), encoding="utf-8")
     store.update_job(job.id, state="finished", finished=1.0)
+    engine = tmp_path / "fake_engine.py"
+    engine.write_text(FAKE_EXPORT_ENGINE.replace("VERSION", str(PROTOCOL_VERSION)), encoding="utf-8")
+    monkeypatch.setattr("app.engine_client.engine_command",
+                        lambda args: (sys.executable, [str(engine), *map(str, args)]))
     dialogs = FakeDialogs(monkeypatch)
     view = HistoryView(store, JobQueue(store, autostart=False))
     qtbot.addWidget(view)
-    exported = []
-    monkeypatch.setattr(view, "export_merged", exported.append)   # no merge: only the folder matters here
     view.select_job(job.id)
     assert view.export_btn.isEnabled()
-    dialogs.answer = str(exports / "first")
+
     qtbot.mouseClick(view.export_btn, Qt.LeftButton)
-    assert dialogs.starts == [str(Path.home())] and exported == [str(exports / "first")]
+    dialog = view._dialogs[-1]
+    dialog.choose("merged")
+    assert Path(dialog.target_edit.text()).parent == Path.home()   # nothing remembered yet
+    dialogs.answer = str(exports / "first")
+    qtbot.mouseClick(dialog.browse_btn, Qt.LeftButton)
+    assert dialogs.starts == [str(Path.home())] and dialog.target_edit.text() == str(exports / "first")
+    qtbot.mouseClick(dialog.export_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not view.exporting(), timeout=30_000)
+    assert (exports / "first" / "config.json").is_file(), dialog.status.text()
+    assert view.export_status.text() == f"Merged model written to {exports / 'first'}"
+    dialog.reject()
+    qtbot.waitUntil(lambda: not dialog.busy(), timeout=30_000)
+
+    # The next export opens beside the last one, proposing a name after the run.
+    qtbot.mouseClick(view.export_btn, Qt.LeftButton)
+    dialog = view._dialogs[-1]
+    dialog.choose("merged")
+    assert dialog.target_edit.text() == str(exports / "tiny-run-merged")
     dialogs.answer = ""
-    qtbot.mouseClick(view.export_btn, Qt.LeftButton)   # the next export opens beside the last one
-    assert dialogs.starts[-1] == str(exports) and len(exported) == 1
+    qtbot.mouseClick(dialog.browse_btn, Qt.LeftButton)   # cancelled: the proposal stays
+    assert dialogs.starts[-1] == str(exports) and dialog.target_edit.text() == str(exports / "tiny-run-merged")
     assert store.get_setting("last_dir.export") == str(exports)
+    dialog.reject()
+    qtbot.waitUntil(lambda: not dialog.busy(), timeout=30_000)
 
 
 # ---- (d) every bad file of a dataset is named -------------------------------------------------

@@ -18,7 +18,7 @@ from app.charts import TimeSeriesChart, keep_last_per_x
 from app.job_queue import JobQueue
 from app.store import Store
 from app.views.drop_zone import DatasetPanel
-from app.views.history import HistoryView, export_target
+from app.views.history import HistoryView
 from app.views.new_finetune import NewFinetuneView
 from app.views.queue_view import QueueView
 from app.views.run_view import RunView
@@ -485,17 +485,36 @@ def test_history_lists_the_run_reloads_charts_and_exports(finished_run, qtbot, t
     view.open_btn.click()
     assert [u.toLocalFile() for u in opened] == [store.get_job(job_id).run_dir]
 
+    # Export… opens the dialog; a merged model into an empty folder the user picks goes into it.
     out = tmp_path / "exported"
     out.mkdir()
-    monkeypatch.setattr("app.views.form_ux.QFileDialog.getExistingDirectory", lambda *a, **k: str(out))
+    monkeypatch.setattr("app.views.export_dialog.QFileDialog.getExistingDirectory", lambda *a, **k: str(out))
     view.export_btn.click()
+    dialog = view._dialogs[-1]
+    assert dialog.isVisible() and dialog.windowTitle() == "Export tiny run"
+    dialog.choose("merged")
+    dialog.browse_btn.click()
+    assert dialog.target_edit.text() == str(out)
+    dialog.export_btn.click()
+    # One export at a time: History's button is off, and asking again brings back the running dialog.
     assert view.exporting() and not view.export_btn.isEnabled()
+    assert view.open_export_dialog() is dialog and len(view._dialogs) == 1
     qtbot.waitUntil(lambda: not view.exporting(), timeout=CLI_TIMEOUT_MS)
-    assert view.export_status.text() == f"Merged model written to {out}", view.export_status.text()
+    line = f"Merged model written to {out}"
+    assert dialog.status.text() == line and dialog.isVisible(), dialog.status.text()
+    assert view.export_status.text() == line and view.export_btn.isEnabled()
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 128
-    # the folder is no longer empty: a second export would go to a new subfolder
-    assert export_target(str(out), "tiny run") == out / "tiny-run-merged"
+    # the folder is no longer empty: picking it again proposes a new subfolder named after the run
+    dialog.browse_btn.click()
+    assert dialog.target_edit.text() == str(out / "tiny-run-merged")
+    dialog.reject()
+    qtbot.waitUntil(lambda: not dialog.busy(), timeout=CLI_TIMEOUT_MS)
+    # the line stays with the run once the dialog is closed, and comes back when the run is selected again
+    view.select_job(None)
+    assert view.export_status.text() == ""
+    view.select_job(job_id)
+    assert view.export_status.text() == line
 
 
 def test_time_axis_ticks_read_as_durations_and_stay_distinct_below_a_second(qtbot):

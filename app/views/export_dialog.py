@@ -1,5 +1,7 @@
 """History's Export dialog: one run's model as a merged safetensors folder, its LoRA adapter, one GGUF file
-(with a quant) or a GGUF LoRA; the expected size, a progress bar and Cancel.
+(with a quant) or a GGUF LoRA; the expected size, a progress bar and Cancel. It proposes a free name after
+the run in the last export folder (settings' last_dir "export"), and keeps the line saying where it wrote
+until it is closed (History shows that line too).
 
 The engine does the work (`modron-train export RUN ... --json`): the sizes come from `--gguf-sizes` (an
 EngineCall when the dialog opens), a GGUF export streams `progress` events (an EngineTask) and Cancel
@@ -55,8 +57,29 @@ def slug(name: str) -> str:
     return re.sub(r"[^\w.-]+", "-", name).strip("-") or "model"
 
 
+def free_path(folder: str | Path, stem: str, suffix: str = "") -> Path:
+    """folder/stem+suffix, else stem-2, stem-3, ...: a proposed name never points at an earlier export
+    (the engine refuses a non-empty folder)."""
+    target = Path(folder) / f"{stem}{suffix}"
+    n = 2
+    while target.exists():
+        target = Path(folder) / f"{stem}-{n}{suffix}"
+        n += 1
+    return target
+
+
+def folder_target(picked: str | Path, stem: str) -> Path:
+    """A picked folder itself when it is new or empty, else a new subfolder named `stem` inside it: picking
+    one's usual exports folder must not end in the engine's "not empty" refusal."""
+    picked = Path(picked)
+    if not picked.exists() or (picked.is_dir() and not any(picked.iterdir())):
+        return picked
+    return free_path(picked, stem)
+
+
 class ExportDialog(QDialog):
     exported = Signal(dict)   # the engine's answer when an export finished
+    running = Signal(bool)    # an export started (True) or ended, however it ended (False)
 
     def __init__(self, job_name: str, run_dir: str, store=None, parent=None):
         super().__init__(parent)
@@ -132,15 +155,14 @@ class ExportDialog(QDialog):
     def _is_file(self) -> bool:
         return FORMATS[self.format()][1]
 
+    def _stem(self) -> str:
+        """The export's name after the run: tiny-run-q8_0, tiny-run-lora, tiny-run-merged, tiny-run-adapter."""
+        fmt, name = self.format(), slug(self.job_name)
+        return {"gguf": f"{name}-{self.quant()}", "gguf_lora": f"{name}-lora",
+                "merged": f"{name}-merged", "adapter": f"{name}-adapter"}[fmt]
+
     def default_target(self) -> str:
-        folder = Path(start_dir(self.store, "export"))
-        name = slug(self.job_name)
-        fmt = self.format()
-        if fmt == "gguf":
-            return str(folder / f"{name}-{self.quant()}.gguf")
-        if fmt == "gguf_lora":
-            return str(folder / f"{name}-lora.gguf")
-        return str(folder / f"{name}-{'merged' if fmt == 'merged' else 'adapter'}")
+        return str(free_path(start_dir(self.store, "export"), self._stem(), ".gguf" if self._is_file() else ""))
 
     def _on_typed(self, _text: str) -> None:
         self._typed_target = True
@@ -159,11 +181,13 @@ class ExportDialog(QDialog):
             if path and not path.endswith(".gguf"):
                 path += ".gguf"
         else:
-            path = QFileDialog.getExistingDirectory(self, "Export to a folder",
-                                                    str(Path(self.target_edit.text()).parent))
+            picked = QFileDialog.getExistingDirectory(self, "Export to a folder",
+                                                      str(Path(self.target_edit.text()).parent))
+            path = str(folder_target(picked, self._stem())) if picked else ""
         if path:
             self.target_edit.setText(path)
             self._typed_target = True
+            remember_dir(self.store, "export", path)   # picked counts even if this export is never started
 
     # ---- sizes --------------------------------------------------------------------------
     def _ask_sizes(self) -> None:
@@ -253,6 +277,7 @@ class ExportDialog(QDialog):
         self.status.setText(f"Exporting to {target}…")
         self._update_buttons()
         task.start()
+        self.running.emit(True)
         return task
 
     def _on_progress(self, ev: dict) -> None:
@@ -287,6 +312,7 @@ class ExportDialog(QDialog):
         self.status.setStyleSheet("" if ok else "color: #c62828;")
         self.status.setText(message)
         self._update_buttons()
+        self.running.emit(False)
 
     def cancel_export(self) -> None:
         task, self.task = self.task, None

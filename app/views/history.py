@@ -1,9 +1,8 @@
 """History: finished, failed and cancelled runs with their final figures and charts from the store,
-plus "Open output folder", "Export merged model…" (the engine's `export` as an EngineCall: merging loads torch)
-and "Export…" (app/views/export_dialog.py: GGUF with a quant, the merged model, a LoRA run's adapter)."""
+plus "Open output folder" and "Export…" (app/views/export_dialog.py: GGUF with a quant, the merged model,
+a LoRA run's adapter; the engine does the work). Where a run's last export went stays under the buttons."""
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -11,9 +10,7 @@ from PySide6.QtCore import Qt, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (QHBoxLayout, QLabel, QPushButton, QSplitter, QTableWidgetItem, QVBoxLayout, QWidget)
 
-from app.views.form_ux import choose_folder
 from app.views.job_table import job_table, view_title
-from app.engine_client import EngineCall
 from app.views.export_dialog import ExportDialog
 from app.views.run_view import RunCharts
 from training_core.preflight import format_duration
@@ -42,20 +39,6 @@ def final_figures(job) -> dict[str, str]:
             "ended": time.strftime("%Y-%m-%d %H:%M", time.localtime(job.finished)) if job.finished else ""}
 
 
-def export_target(folder: str, job_name: str) -> Path:
-    """Export into the chosen folder when it is empty, else into a new subfolder named after the job."""
-    folder = Path(folder)
-    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
-        return folder
-    base = re.sub(r"[^\w.-]+", "-", job_name).strip("-") or "model"
-    target = folder / f"{base}-merged"
-    n = 2
-    while target.exists():
-        target = folder / f"{base}-merged-{n}"
-        n += 1
-    return target
-
-
 class HistoryView(QWidget):
     def __init__(self, store, queue, parent=None):
         super().__init__(parent)
@@ -64,13 +47,11 @@ class HistoryView(QWidget):
         self.table.itemSelectionChanged.connect(self._on_selection)
 
         self.open_btn = QPushButton("Open output folder")
-        self.export_btn = QPushButton("Export merged model…")
-        self.export_as_btn = QPushButton("Export…")
-        self.export_as_btn.setToolTip("GGUF for llama.cpp and Ollama (with a quantization), the merged model, "
-                                      "or a LoRA run's adapter")
-        self.export_as_btn.clicked.connect(self.open_export_dialog)
+        self.export_btn = QPushButton("Export…")
+        self.export_btn.setToolTip("GGUF for llama.cpp and Ollama (with a quantization), the merged model, "
+                                   "or a LoRA run's adapter")
+        self.export_btn.clicked.connect(self.open_export_dialog)
         self.open_btn.clicked.connect(self.open_output_folder)
-        self.export_btn.clicked.connect(self._choose_export_folder)
         self.detail = QLabel("")
         self.detail.setWordWrap(True)
         self.detail.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -82,7 +63,6 @@ class HistoryView(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.open_btn)
         buttons.addWidget(self.export_btn)
-        buttons.addWidget(self.export_as_btn)
         buttons.addStretch(1)
         lower = QWidget()
         lower_layout = QVBoxLayout(lower)
@@ -103,8 +83,8 @@ class HistoryView(QWidget):
 
         self.job_ids: list[int] = []
         self.job_id: int | None = None          # the job whose charts are shown
-        self._export: EngineCall | None = None
         self._dialogs: list[ExportDialog] = []
+        self._export_lines: dict[int, str] = {}   # job id -> where its last export was written
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(REFRESH_MS)
@@ -164,7 +144,7 @@ class HistoryView(QWidget):
     def select_job(self, job_id: int | None) -> None:
         """Show a run's details and reload its charts from the store."""
         self.job_id = job_id
-        self.export_status.clear()
+        self.export_status.setText(self._export_lines.get(job_id, ""))
         if job_id is None:
             self.charts.clear()
             self.detail.clear()
@@ -195,8 +175,7 @@ class HistoryView(QWidget):
         has_output = job is not None and Path(job.run_dir).is_dir()
         self.open_btn.setEnabled(has_output)
         has_checkpoint = has_output and (Path(job.run_dir) / "checkpoints").is_dir()
-        self.export_btn.setEnabled(has_checkpoint and self._export is None)
-        self.export_as_btn.setEnabled(has_checkpoint)
+        self.export_btn.setEnabled(has_checkpoint and not self.exporting())
 
     def _job(self):
         if self.job_id is None:
@@ -213,16 +192,14 @@ class HistoryView(QWidget):
             return False
         return QDesktopServices.openUrl(QUrl.fromLocalFile(job.run_dir))
 
-    def _choose_export_folder(self) -> None:
-        job = self._job()
-        if job is None:
-            return
-        folder = choose_folder(self, self.store, "export", "Export the merged model to a folder")
-        if folder:
-            self.export_merged(str(export_target(folder, job.name)))
-
     def open_export_dialog(self) -> ExportDialog | None:
-        """The Export dialog for the selected run (formats, quant, size, progress, Cancel)."""
+        """The Export dialog for the selected run (formats, quant, size, progress, Cancel); while an export
+        runs, the dialog running it (one export at a time: two would share the disk, and maybe the target)."""
+        running = next((d for d in self._dialogs if d.exporting()), None)
+        if running is not None:
+            running.raise_()
+            running.activateWindow()
+            return running
         job = self._job()
         if job is None:
             return None
@@ -232,34 +209,20 @@ class HistoryView(QWidget):
             self._dialogs.remove(old)
             old.deleteLater()
         dialog = ExportDialog(job.name, job.run_dir, self.store, parent=self)
-        dialog.exported.connect(lambda answer: self.export_status.setText(dialog.status.text()))
+        dialog.running.connect(lambda _running: self._update_buttons())
+        dialog.exported.connect(lambda _answer, d=dialog, job_id=job.id: self._exported(job_id, d.status.text()))
         self._dialogs.append(dialog)
         dialog.open()
         return dialog
 
-    def export_merged(self, out: str) -> EngineCall | None:
-        """Write the selected run's merged model to `out` (in a subprocess)."""
-        job = self._job()
-        if job is None or self._export is not None:
-            return None
-        task = EngineCall(["export", job.run_dir, "--merged", out, "--json"], parent=self)
-        task.done.connect(lambda _written, o=out: self._export_done(f"Merged model written to {o}", ok=True))
-        task.failed.connect(lambda message: self._export_done(message, ok=False))
-        self._export = task
-        self.export_status.setStyleSheet("")
-        self.export_status.setText(f"Exporting to {out}…")
-        self._update_buttons()
-        task.start()
-        return task
-
-    def _export_done(self, message: str, ok: bool) -> None:
-        self._export = None
-        self.export_status.setStyleSheet("" if ok else "color: #c62828;")
-        self.export_status.setText(message)
-        self._update_buttons()
+    def _exported(self, job_id: int, line: str) -> None:
+        # The dialog keeps its line until closed; History keeps it with the run, for after the dialog.
+        self._export_lines[job_id] = line
+        if job_id == self.job_id:
+            self.export_status.setText(line)
 
     def exporting(self) -> bool:
-        return self._export is not None
+        return any(d.exporting() for d in self._dialogs)
 
 
 def _esc(text: str) -> str:
