@@ -86,9 +86,24 @@ Var NEEDS_KB  ; the disk the chosen PyTorch build needs (torch_select's needs_by
   Pop $0
 !macroend
 
-!macro LastLogLine VAR   ; the log's last line: the failed command's own error (uv prints it last)
+!macro LastLogLine VAR   ; why the command just run failed: the log's last line, where uv prints its root cause
   ${LineRead} "$INSTDIR\install.log" "-1" ${VAR}
   ${TrimNewLines} ${VAR} ${VAR}
+  ${Do}   ; uv indents it as "  cause: ..."; the user reads only the cause
+    StrCpy $R9 ${VAR} 1
+    ${IfThen} $R9 != " " ${|} ${ExitDo} ${|}
+    StrCpy ${VAR} ${VAR} "" 1
+  ${Loop}
+  StrCpy $R9 ${VAR} 7
+  ${IfThen} $R9 == "cause: " ${|} StrCpy ${VAR} ${VAR} "" 7 ${|}
+  ; No output at all: the last line is our own "$ command" (the program could not start, e.g. a missing DLL
+  ; or blocked by antivirus); quoting it would read as the cause. Give the exit status instead.
+  StrCpy $R9 ${VAR} 2
+  ${If} $R9 == "$$ "
+    StrCpy $R9 $0
+    ${IfThen} $0 < 0 ${|} IntFmt $R9 "0x%08X" $0 ${|}   ; an NTSTATUS, as Windows' docs write it (0xC0000135)
+    StrCpy ${VAR} "it printed nothing and exited with status $R9"
+  ${EndIf}
 !macroend
 
 !macro Fail TEXT
@@ -132,9 +147,8 @@ Section "Modron" SecMain
   WriteUninstaller "$INSTDIR\Uninstall.exe"
   WriteRegStr HKCU "${UNINST_KEY}" "DisplayName" "Modron"
   WriteRegStr HKCU "${UNINST_KEY}" "DisplayIcon" "$INSTDIR\modron.ico"
-  ${If} $PREVIOUS == ""
-    WriteRegStr HKCU "${UNINST_KEY}" "DisplayVersion" "${VERSION}"
-  ${EndIf}
+  ; No DisplayVersion yet, not even on a first install: a rerun after a failed one would read it as the
+  ; version installed before (the log's "before:", the record's "previous") with nothing installed.
   WriteRegStr HKCU "${UNINST_KEY}" "Publisher" "The Modron project"
   WriteRegStr HKCU "${UNINST_KEY}" "InstallLocation" "$INSTDIR"
   WriteRegStr HKCU "${UNINST_KEY}" "UninstallString" '"$INSTDIR\Uninstall.exe"'
@@ -149,7 +163,9 @@ Section "Modron" SecMain
   System::Call 'Kernel32::SetEnvironmentVariable(t "VIRTUAL_ENV", n)i'
 
   !insertmacro Say "[1/7] Getting Python ${PYTHON_PIN}"
-  !insertmacro Logged '"$UV" python install ${PYTHON_PIN}'
+  ; --no-bin --no-registry: nothing outside $INSTDIR (uv would otherwise add python3.11.exe to
+  ; %USERPROFILE%\.local\bin and register it under HKCU\Software\Python, which the uninstaller would leave).
+  !insertmacro Logged '"$UV" python install --no-bin --no-registry ${PYTHON_PIN}'
   ${If} $0 != 0
     !insertmacro LastLogLine $1
     !insertmacro Fail "Python ${PYTHON_PIN} could not be downloaded ($1). Check the internet connection and run the installer again."
