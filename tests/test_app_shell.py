@@ -567,7 +567,7 @@ def test_the_gui_never_imports_the_training_stack(tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["views"] == ["ContributionSettingsView", "DashboardView", "HistoryView", "NewFinetuneView",
-                               "QueueView", "RunView", "SettingsView", "SwarmView"]
+                               "PlaygroundView", "QueueView", "RunView", "SettingsView", "SwarmView"]
     assert result["polled"]          # the dashboard's hardware thread ran
     assert result["heavy"] == []
 
