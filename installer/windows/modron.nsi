@@ -54,10 +54,17 @@ Var ARGS      ; the command line
 Var NEEDS_KB  ; the disk the chosen PyTorch build needs (torch_select's needs_bytes), for "Space required"
 
 !define MUI_ABORTWARNING
-; Modron's icon (resources/icons/modron.svg at 48 px, made with Qt's ico writer; see installer/README.md) for the
+; Modron's icon (resources/icons/modron.svg at 48 px, made with Qt's ico writer by make_images.py) for the
 ; installer, the uninstaller, the Start menu entry and Apps & features (makensis runs in this folder).
 !define MUI_ICON "modron.ico"
 !define MUI_UNICON "modron.ico"
+; Modron's images instead of NSIS's defaults, made from the same SVG by make_images.py (24-bit BMPs): the
+; Welcome and Finish pages' bitmap (164x314) and the other pages' header image (150x57).
+!define MUI_WELCOMEFINISHPAGE_BITMAP "wizard.bmp"
+!define MUI_UNWELCOMEFINISHPAGE_BITMAP "wizard.bmp"
+!define MUI_HEADERIMAGE
+!define MUI_HEADERIMAGE_BITMAP "header.bmp"
+!define MUI_HEADERIMAGE_UNBITMAP "header.bmp"
 !define MUI_WELCOMEPAGE_TEXT "This installs Modron ${VERSION} for you (no administrator rights needed) in$\r$\n$\r$\n$LOCALAPPDATA\modron\install$\r$\n$\r$\nIt downloads Python and the PyTorch build that fits your GPU (a few GB for NVIDIA GPUs). Running it again repairs or upgrades the install; your queue, runs and settings are kept."
 !insertmacro MUI_PAGE_WELCOME
 !insertmacro MUI_PAGE_COMPONENTS
