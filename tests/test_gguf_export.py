@@ -390,6 +390,42 @@ def test_llama_cpp_reads_qwen2_and_sentencepiece_files(runs, name):
     assert diff < 1e-3, f"{name}: llama.cpp logits differ by {diff}"
 
 
+@pytest.fixture(scope="module")
+def bytes_run(tmp_path_factory):
+    """A scratch run trained with `--tokenizer bytes`: one token per byte, no merges at all."""
+    from training_core.models.tokenizer import bytes_tokenizer
+    root = tmp_path_factory.mktemp("bytes")
+    tok = bytes_tokenizer()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, tie_word_embeddings=True))
+    randomise(model)
+    return root, full_run(root, "bytes", model, tok), model, tok
+
+
+def test_bytes_tokenizer_gguf_has_the_merges_key_llama_cpp_requires(bytes_run):
+    root, run, _, _ = bytes_run
+    path = export_gguf(run, root / "keys.gguf", "f16", force=True)["gguf"]
+    merges = GGUFReader(path).fields.get("tokenizer.ggml.merges")
+    assert merges is not None and len(merges.data) == 1   # a stand-in that never fires
+
+
+@pytest.mark.skipif(not k_quants_available(), reason="llama-cpp-python is not installed (pip install 'modron[llama]')")
+def test_llama_cpp_loads_a_bytes_tokenizer_run_and_tokenizes_the_same(bytes_run):
+    import llama_cpp
+    import numpy as np
+    root, run, source, tok = bytes_run
+    path = export_gguf(run, root / "cpp-bytes.gguf", "f32", force=True)["gguf"]
+    llm = llama_cpp.Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False)
+    text = TEXT + " ünï 😀 \n\ttabs"
+    ids = tok(text)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids == list(text.encode())
+    assert llm.detokenize(ids).decode() == tok.decode(ids) == text
+    llm.eval(ids)
+    diff = np.abs(np.asarray(llm.scores[:len(ids)]) - logits(source, ids)[0].numpy()).max()
+    assert diff < 1e-3, f"bytes: llama.cpp logits differ by {diff}"
+
+
 def test_llama3_rope_scaling_becomes_the_divisors_transformers_uses():
     """Llama 3.1/3.2 bases: llama.cpp divides each rotary frequency by `rope_freqs`."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

@@ -80,6 +80,17 @@ def _merges(model: dict) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or ()]
 
 
+def _no_merges(tokens: list[str], types: list[int], where) -> list[str]:
+    """Stand-in merges for a byte-level vocabulary that has none (Modron's bytes tokenizer). llama.cpp refuses
+    a BPE file without a merges key, and gguf cannot write an empty array: one merge of a multi-character
+    control token with itself never fires, since with no other merges no symbol is ever longer than a byte."""
+    for text, kind in zip(tokens, types):
+        if kind == CONTROL and len(text) > 1 and " " not in text:
+            return [f"{text} {text}"]
+    raise ModelError(where, "has a byte-level tokenizer with no merges and no special token, which llama.cpp "
+                            "cannot load from a GGUF file")
+
+
 def vocab_from_tokenizer(tokenizer, n_vocab: int, where) -> Vocab:
     """The GGUF vocabulary of a transformers fast tokenizer, padded to the model's `n_vocab` rows."""
     try:
@@ -137,7 +148,7 @@ def vocab_from_tokenizer(tokenizer, n_vocab: int, where) -> Vocab:
                    warnings=warnings)
     merges = _merges(model)
     if kind == "gpt2":
-        result.merges = merges
+        result.merges = merges or _no_merges(tokens, types, where)
     else:
         # SentencePiece BPE merges the pair whose result scores highest: a merge's rank as a negative score
         # makes llama.cpp merge in the same order as the tokenizer's merge list.
