@@ -11,6 +11,7 @@ from pathlib import Path
 from PySide6.QtCore import QObject, QTimer, Signal
 
 from app.engine_client import EngineRun
+from training_core.escapes import escape
 from training_core.paths import data_dir
 
 KILL_AFTER_MS = 5000      # a stopped generation that has not ended by then is killed
@@ -25,8 +26,8 @@ def generate_args(source: str, prompt_file: Path, *, mode: str = "story", temper
     args = ["generate", str(source), "--json", "--prompt-file", str(prompt_file), "--mode", mode,
             "--temperature", f"{temperature:g}", "--top-p", f"{top_p:g}", "--top-k", str(top_k),
             "--repetition-penalty", f"{repetition_penalty:g}", "--max-new-tokens", str(max_new_tokens)]
-    for stop in stops:
-        args += ["--stop", stop]
+    for stop in stops:   # written back in the form --stop reads (it unescapes), so a stop arrives as it was
+        args += ["--stop", escape(stop)]
     if compare_base:
         args.append("--compare-base")
     return args

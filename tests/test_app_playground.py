@@ -49,6 +49,20 @@ def pick(view, name: str) -> None:
     view.source.setCurrentIndex(index)
 
 
+def test_stop_sequences_reach_the_engine_as_typed(tmp_path):
+    r"""The field and `generate --stop` read `\n`, `\t` and `\\` alike (training_core.escapes), and the app
+    writes them back escaped on the command line, so the engine stops at exactly what the field meant."""
+    from app.generation import generate_args
+    from training_core import cli
+    from training_core.generate import request_from
+    stops = parse_stops(r"\nUser:, \tEND, a\\nb, C:\path")
+    assert stops == ["\nUser:", "\tEND", "a\\nb", "C:\\path"]
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Once", encoding="utf-8")
+    args = cli.build_parser().parse_args(generate_args(str(tmp_path), prompt, stops=stops))
+    assert list(request_from(args).stop) == stops
+
+
 def test_lists_finished_runs_with_checkpoints_newest_first(view):
     assert view.source_texts() == [f"lora chat ({view.store.list_jobs()[1].spec['model']})",
                                    "scratch story (scratch:tiny)"]

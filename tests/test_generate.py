@@ -252,3 +252,27 @@ def test_a_stop_while_the_model_loads_ends_the_wait_at_once(runs, monkeypatch):
     with pytest.raises(StopRequested):
         gen._generate(args, session)
     assert time.monotonic() - began < 3 and session.controls.abandoned is not None
+
+
+# ---- the command line's own text ---------------------------------------------------------------
+def test_stop_reads_the_playgrounds_escapes(runs, capsys):
+    r"""`--stop "\n"` is a new line, as in the Playground's field (one function: training_core.escapes)."""
+    from training_core.escapes import escape, unescape
+    from training_core.generate import request_from
+    args = cli.build_parser().parse_args(["generate", str(runs["full"]), "--prompt", "x", "--stop", r"\n",
+                                          "--stop", r"\tEND\\n", "--stop", r"C:\path"])
+    assert request_from(args).stop == ("\n", "\tEND\\n", "C:\\path")
+    for text in ("\nUser:", "a\\nb", "\\", "tab\there", "x\\\\n\n"):
+        assert unescape(escape(text)) == text
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert r"\n is a new line" in " ".join(capsys.readouterr().out.split())
+
+
+def test_no_loading_progress_bar_on_stderr(runs):
+    """transformers' "Loading weights" bar is noise on every call (the app logs stderr): it is off."""
+    out = subprocess.run([sys.executable, "-m", "training_core.cli", "generate", str(runs["lora"]), "--prompt",
+                          "Once", "--max-new-tokens", "2", "--device", "cpu"], cwd=ROOT, capture_output=True,
+                         text=True, encoding="utf-8", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Loading weights" not in out.stderr and "it/s]" not in out.stderr, out.stderr

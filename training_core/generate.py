@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CheckpointError, ModelError, UserError
+from .escapes import unescape
 
 TASK = "generate"
 CHAT_FALLBACK_STOP = "\nUser:"
@@ -285,7 +286,8 @@ def request_from(args) -> Request:
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     return Request(prompt=prompt, mode=args.mode, system=args.system or "", temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                   max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()), seed=seed)
+                   max_new_tokens=args.max_new_tokens, seed=seed,
+                   stop=tuple(unescape(s) for s in args.stop or ()))   # as the Playground reads them
 
 
 class _Session:
@@ -381,6 +383,8 @@ def _generate(args, session: _Session) -> int:
             raise UserError(source.path, "was trained from scratch: there is no base model to compare with")
     trust = args.trust_remote_code or bool(source.spec and source.spec.trust_remote_code)
     device, dtype = _pick_device(args.device)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # its "Loading weights" bar on every call is noise on stderr
     what = source.ckpt or source.path
     session.emit("phase", phase="loading_model", message=f"Loading {what} on {device.type}")
     model, tokenizer = session.controls.run_setup(load_trained, source, dtype, trust)   # a stop ends the wait
@@ -441,7 +445,8 @@ def add_parser(sub) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.1, help="make repeating tokens less likely "
                                                                          "(default: 1.1; 1 is off)")
     g.add_argument("--max-new-tokens", type=int, default=200, help="at most this many tokens (default: 200)")
-    g.add_argument("--stop", action="append", metavar="TEXT", help="end when this text comes (repeatable)")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help=r"end when this text comes (repeatable); \n is a new line, \t a tab, \\ a backslash")
     g.add_argument("--seed", type=int, help="the same seed and settings give the same text (default: random)")
     g.add_argument("--compare-base", action="store_true", help="also generate from the base model (stream 'base')")
     g.add_argument("--base", metavar="FOLDER", help="the base model to compare with (default: the run's)")

@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
 from app.generation import Generation
 from app.views.form_ux import choose_folder, polish_form
 from app.views.job_table import view_title
+from training_core.escapes import unescape
 
 STREAMS = ("trained", "base")
 ERROR_STYLE = "color: #c62828;"
@@ -45,8 +46,9 @@ def _finetuned(folder: Path) -> bool:
 
 
 def parse_stops(text: str) -> list[str]:
-    r"""Stop sequences typed as `\nUser:, THE END`: comma-separated, `\n` for a new line."""
-    return [s.replace("\\n", "\n") for s in (part.strip() for part in text.split(",")) if s]
+    r"""Stop sequences typed as `\nUser:, THE END`: comma-separated; `\n`, `\t`, `\\` as `generate --stop`
+    reads them (the one function, training_core.escapes)."""
+    return [unescape(s) for s in (part.strip() for part in text.split(",")) if s]
 
 
 def _spin(kind, low, high, value, step, tip: str, decimals: int = 2):
@@ -105,7 +107,7 @@ class PlaygroundView(QWidget):
         self.max_tokens = _spin(QSpinBox, 1, 4096, 200, 50, "Stop after this many new tokens")
         self.stops = QLineEdit()
         self.stops.setPlaceholderText(r"e.g. \nUser:, THE END")
-        self.stops.setToolTip(r"End the text when one of these comes (comma-separated; \n is a new line)")
+        self.stops.setToolTip(r"End the text when one of these comes (comma-separated; \n is a new line, \t a tab)")
         self.compare = QCheckBox("Compare with base")
         self.compare.setToolTip("Also generate from the model the run started from, with the same settings "
                                 "and seed, shown beside it")
