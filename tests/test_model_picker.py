@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from app.views.model_picker import HUB_ID_ROLE, METHOD_COLUMN, VERDICT_ROLE, ModelPicker
+from app.views.model_picker import ABOUT_COLUMN, GGUF_COLUMN, HUB_ID_ROLE, METHOD_COLUMN, VERDICT_ROLE, ModelPicker
 from app.views.new_finetune import HUB, LOCAL, NewFinetuneView
 from tests.hub_helpers import CONFIG, REPO, SHA, FakeHub, safetensors_bytes, tiny_repo
 from training_core import catalog, preflight
@@ -43,6 +43,27 @@ def test_the_catalogue_is_a_short_list_of_well_formed_open_models():
         assert 1.5 <= m.download_bytes / m.params <= 4.5, m.hub_id   # 16-bit or 32-bit safetensors
         assert m.note and "\n" not in m.note and m.architecture
     assert not catalog.is_hub_id("../etc") and not catalog.is_hub_id("a/b/c") and not catalog.is_hub_id("")
+
+
+def test_each_model_says_whether_it_exports_to_gguf(qtbot):
+    """The GGUF export writes a few architectures (gguf_export.ARCHS): the picker says which models those are,
+    so whoever wants KoboldCpp or Ollama sees it before training, not at export."""
+    from training_core.gguf_export import ARCHS
+    assert catalog.GGUF_MODEL_TYPES == set(ARCHS)
+    for m in (*catalog.CATALOG, *catalog.PRESETS):
+        assert m.model_type == {"GPT-NeoX": "gpt_neox", "Qwen2": "qwen2"}.get(m.architecture, "llama"), m.hub_id
+        assert m.gguf_export == (m.model_type in ARCHS)
+    assert not next(m for m in catalog.CATALOG if m.hub_id == "EleutherAI/pythia-160m").gguf_export
+    picker = ModelPicker(report=report(None))
+    qtbot.addWidget(picker)
+    assert picker.table.horizontalHeaderItem(GGUF_COLUMN).text() == "GGUF"
+    for row, m in enumerate((*catalog.CATALOG, *catalog.PRESETS)):
+        cell, about = picker.table.item(row, GGUF_COLUMN), picker.table.item(row, ABOUT_COLUMN).text()
+        if m.gguf_export:
+            assert cell.text() == "yes" and "KoboldCpp" in cell.toolTip() and "GGUF" not in about
+        else:
+            assert cell.text().startswith("no") and "cannot go to" in cell.toolTip() and "KoboldCpp" in cell.toolTip()
+            assert about.endswith("GGUF export: no")
 
 
 def test_the_presets_are_modrons_own():

@@ -18,6 +18,9 @@ from . import preflight
 from .hardware import GpuInfo, choose_precision
 
 METHODS = ("full", "lora", "qlora")
+# The config model_types the GGUF export writes (gguf_export.ARCHS). That module is not the app's to import,
+# so they are written here again; a test keeps the two equal.
+GGUF_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 # A hub model id as typed ("org/name", or a bare legacy name): never a path ("..", slashes beyond one).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
@@ -36,10 +39,16 @@ class CatalogModel:
     architecture: str
     note: str
     config: dict[str, Any] = field(default_factory=dict)   # the config.json numbers the estimate reads
+    model_type: str = "llama"   # config.json's model_type: whether a trained model can be exported to GGUF
 
     @property
     def is_scratch(self) -> bool:
         return self.hub_id.startswith("scratch:")
+
+    @property
+    def gguf_export(self) -> bool:
+        """A run from this model can be written as GGUF (llama.cpp, Ollama, LM Studio, KoboldCpp)."""
+        return self.model_type in GGUF_MODEL_TYPES
 
     @property
     def name(self) -> str:
@@ -66,17 +75,17 @@ CATALOG: tuple[CatalogModel, ...] = (
                  _llama(2048, 8192, 24, 32, 32, 49152)),
     CatalogModel("Qwen/Qwen2.5-0.5B", 494_032_768, 988 * MB, "apache-2.0", "permissive", "Qwen2",
                  "Multilingual and good at code for its size; a large vocabulary (152 k tokens)",
-                 _llama(896, 4864, 24, 14, 2, 151936)),
+                 _llama(896, 4864, 24, 14, 2, 151936), "qwen2"),
     CatalogModel("Qwen/Qwen2.5-1.5B", 1_543_714_304, 3_090 * MB, "apache-2.0", "permissive", "Qwen2",
                  "Multilingual, long context; the largest Qwen2.5 under Apache 2.0 here",
-                 _llama(1536, 8960, 28, 12, 2, 151936)),
+                 _llama(1536, 8960, 28, 12, 2, 151936), "qwen2"),
     CatalogModel("TinyLlama/TinyLlama_v1.1", 1_100_048_384, 4_400 * MB, "apache-2.0", "permissive", "Llama",
                  "Llama 2 architecture trained on 2 T tokens; fp32 weights (a larger download)",
                  _llama(2048, 5632, 22, 32, 4, 32000, tied=False)),
     CatalogModel("EleutherAI/pythia-160m", 162_322_944, 325 * MB, "apache-2.0", "permissive", "GPT-NeoX",
                  "A research classic trained on the Pile, with open data and checkpoints",
                  {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                  "vocab_size": 50304, "tie_word_embeddings": False}),
+                  "vocab_size": 50304, "tie_word_embeddings": False}, "gpt_neox"),
 )
 
 # Modron's from-scratch presets, as training_core/models/presets.py defines them (a test keeps the two

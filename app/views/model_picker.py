@@ -25,8 +25,13 @@ from training_core.errors import UserError
 from training_core.hardware import HardwareReport, detect
 from training_core.preflight import format_bytes, format_duration
 
-COLUMNS = ("Model", "Parameters", "Download", "Licence", "Full", "LoRA", "QLoRA", "About")
+COLUMNS = ("Model", "Parameters", "Download", "Licence", "Full", "LoRA", "QLoRA", "GGUF", "About")
 METHOD_COLUMN = {"full": 4, "lora": 5, "qlora": 6}
+GGUF_COLUMN, ABOUT_COLUMN = 7, 8
+# Said before training: whoever wants the model in llama.cpp/KoboldCpp must not find out at export time.
+GGUF_TIP = {True: "Exports to GGUF (llama.cpp, Ollama, LM Studio, KoboldCpp)",
+            False: "No GGUF export: Modron writes GGUF for Llama, Mistral and Qwen2 models only, so this one "
+                   "cannot go to llama.cpp, Ollama, LM Studio or KoboldCpp (a merged safetensors folder works)"}
 MARK = {"fits": ("✓", "#2e7d32"), "tight": ("tight", "#9a6700"), "wont_fit": ("✗", "#c62828")}
 HUB_ID_ROLE = Qt.ItemDataRole.UserRole
 VERDICT_ROLE = Qt.ItemDataRole.UserRole + 1
@@ -80,7 +85,8 @@ class ModelPicker(QDialog):
 
         self.legend = QLabel("Memory for the form's batch and sequence length, with gradient checkpointing "
                              "turned on where a run would need it (hover a figure for details). "
-                             "✓ fits, tight: it may fit, ✗ won't fit.")
+                             "✓ fits, tight: it may fit, ✗ won't fit. GGUF: whether the trained model "
+                             "can be exported for llama.cpp, Ollama, LM Studio and KoboldCpp.")
         self.legend.setWordWrap(True)
         self.hub_edit = QLineEdit()
         self.hub_edit.setPlaceholderText("a Hugging Face hub id, e.g. HuggingFaceTB/SmolLM2-135M")
@@ -151,9 +157,14 @@ class ModelPicker(QDialog):
                 self.table.setItem(row, col, item)
             for method, col in METHOD_COLUMN.items():
                 self.table.setItem(row, col, self._method_item(figures[method], method))
-            about = QTableWidgetItem(f"{m.architecture}: {m.note}")
+            gguf = QTableWidgetItem("yes" if m.gguf_export else "no ✗")
+            gguf.setToolTip(GGUF_TIP[m.gguf_export])
+            if not m.gguf_export:
+                gguf.setForeground(QColor(MARK["wont_fit"][1]))
+            self.table.setItem(row, GGUF_COLUMN, gguf)
+            about = QTableWidgetItem(f"{m.architecture}: {m.note}" + ("" if m.gguf_export else "; GGUF export: no"))
             about.setToolTip(about.text())
-            self.table.setItem(row, 7, about)
+            self.table.setItem(row, ABOUT_COLUMN, about)
 
     def _method_item(self, fig: dict, method: str) -> QTableWidgetItem:
         verdict = fig["verdict"]
@@ -208,7 +219,11 @@ class ModelPicker(QDialog):
                 item = QTableWidgetItem("?")
                 item.setToolTip("Not known before its config is read: Check in the form shows it")
                 self.table.setItem(row, col, item)
-            self.table.setItem(row, 7, QTableWidgetItem(about))
+            gguf = QTableWidgetItem("?")
+            gguf.setToolTip("GGUF export writes Llama, Mistral and Qwen2 models only; its card on the hub says "
+                            "which this is")
+            self.table.setItem(row, GGUF_COLUMN, gguf)
+            self.table.setItem(row, ABOUT_COLUMN, QTableWidgetItem(about))
         self._say(f"{len(found)} models on the hub match {answer.get('query', '')!r}."
                   if found else "No text-generation model on the hub matches that.")
 
