@@ -390,6 +390,73 @@ def test_llama_cpp_reads_qwen2_and_sentencepiece_files(runs, name):
     assert diff < 1e-3, f"{name}: llama.cpp logits differ by {diff}"
 
 
+# Run in a child: the export, slowed where the Cancel must land. With llama.cpp, each of its log lines waits a
+# little (so SIGTERM arrives while the handler runs inside its ctypes callback, as in real use); without it,
+# each tensor written waits.
+SLOW_EXPORT = """
+import sys, time
+import training_core.gguf_export as ge
+try:
+    import llama_cpp
+    make = llama_cpp.llama_log_callback
+    llama_cpp.llama_log_callback = lambda fn: make(lambda *a: (time.sleep(0.05), fn(*a))[1])
+except ImportError:
+    encode = ge._encode
+    ge._encode = lambda *a: (time.sleep(0.3), encode(*a))[1]
+from training_core.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_the_quantizer_leaves_nothing(runs, tmp_path):
+    """The app's Cancel during the k-quant step (or, without llama.cpp, while tensors are written): the
+    process ends at once, non-zero, and neither the GGUF, its Modelfile nor a temporary file stays."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    root, made = runs
+    run = made["llama"][0]
+    out = tmp_path / "cancelled.gguf"
+    quant, step = ("q4_k_m", "quantizing") if k_quants_available() else ("f16", "writing")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, "export", str(run), "--gguf", str(out),
+                             "--quant", quant, "--json"], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        event = decode_event(line)
+        if event.get("type") == "progress" and event["message"].startswith(step):
+            break
+    time.sleep(0.3)
+    assert proc.poll() is None, "the export ended before it could be cancelled"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], err
+
+
+def test_sigterm_after_publishing_keeps_the_users_file(runs, tmp_path, monkeypatch):
+    """A Cancel that comes once the file is renamed into place removes nothing of the user's."""
+    import training_core.export as export_mod
+    import training_core.fsutil as fsutil
+    root, made = runs
+    out = tmp_path / "kept.gguf"
+
+    class Left(Exception):
+        pass
+
+    def exit_now(status):
+        raise Left(status)
+
+    def cancel_now(folder):   # called right after the rename
+        monkeypatch.setattr(export_mod.os, "_exit", exit_now)
+        with pytest.raises(Left):
+            export_mod.leave_on_sigterm(15, None)
+    monkeypatch.setattr(fsutil, "fsync_dir", cancel_now)
+    export_gguf(made["llama"][0], out, "f16")
+    assert out.is_file() and out.stat().st_size > 0
+    assert not export_mod._IN_PROGRESS
+
+
 @pytest.fixture(scope="module")
 def bytes_run(tmp_path_factory):
     """A scratch run trained with `--tokenizer bytes`: one token per byte, no merges at all."""

@@ -75,16 +75,24 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-# Temporary output folders of exports under way in this process, for leave_on_sigterm.
+# Temporary output folders and files (GGUF export's too) of exports under way in this process, for
+# leave_on_sigterm. An output leaves the set before it is renamed into place: from then on it is the user's.
 _IN_PROGRESS: set[Path] = set()
 
 
 def leave_on_sigterm(signum, frame) -> None:
-    """SIGTERM handler for `modron-train export` (the app's Cancel): remove the temporary folders and exit
-    at once. Not an exception: one raised from a handler lands in whatever library code runs (a model
-    load) and may be swallowed there, and the export would go on."""
+    """SIGTERM handler for `modron-train export` (the app's Cancel): remove the temporary folders and files
+    and exit at once. Not an exception: one raised from a handler lands in whatever library code runs (a
+    model load, a ctypes callback of llama.cpp's quantizer) and may be swallowed there, and the export
+    would go on and publish its file."""
     for tmp in list(_IN_PROGRESS):
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

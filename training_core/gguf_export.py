@@ -218,21 +218,47 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _temporary(path: Path) -> Path:
+    """`path`, registered for removal by a SIGTERM (export.leave_on_sigterm) until it is published."""
+    from .export import _IN_PROGRESS
+    _IN_PROGRESS.add(path)
+    return path
+
+
+def _done(*paths: Path | None) -> None:
+    from .export import _IN_PROGRESS
+    for p in paths:
+        if p is not None:
+            _IN_PROGRESS.discard(p)
+            p.unlink(missing_ok=True)
+
+
 def _publish(tmp: Path, out: Path) -> None:
+    from .export import _IN_PROGRESS
     from .fsutil import fsync_dir
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, out)
+    # A SIGTERM between leaving the registry and the rename would strand the temporary file; one held
+    # until after it finds the file published, and the user's file stays.
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is not None:
+        mask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        _IN_PROGRESS.discard(tmp)
+        os.replace(tmp, out)
+    finally:
+        if mask is not None:
+            mask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     fsync_dir(out.parent)
 
 
 def _write_text(out: Path, text: str) -> None:
-    tmp = _tmp_name(out)
+    tmp = _temporary(_tmp_name(out))
     try:
         tmp.write_text(text, encoding="utf-8")
         _publish(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        _done(tmp)
 
 
 def _general(writer, spec, ckpt: Path, licence: dict, kind: str) -> None:
@@ -506,12 +532,12 @@ def export_gguf(source: Path, gguf_out: Path | None, quant: str = "f16", lora_ou
     answer = {"gguf": None, "quant": quant if gguf_out else None, "bytes": 0, "modelfile": None, "lora": None,
               "warnings": []}
     if lora_out is not None:
-        tmp = _tmp_name(lora_out)
+        tmp = _temporary(_tmp_name(lora_out))
         try:
             _write_lora(tmp, ckpt, config, spec, progress)
             _publish(tmp, lora_out)
         finally:
-            tmp.unlink(missing_ok=True)
+            _done(tmp)
         answer.update(lora=str(lora_out), bytes=lora_out.stat().st_size)
     if gguf_out is None:
         return answer
@@ -525,8 +551,9 @@ def export_gguf(source: Path, gguf_out: Path | None, quant: str = "f16", lora_ou
     from .export import _merged_model
     model, _ = _merged_model(ckpt, spec, kind)
     licence, licence_file = _licence(ckpt, spec)
-    tmp = _tmp_name(gguf_out)
-    base = gguf_out.with_name(f".{gguf_out.name}.tmp-gguf-f16-{os.getpid()}") if quant in K_QUANTS else None
+    tmp = _temporary(_tmp_name(gguf_out))
+    base = _temporary(gguf_out.with_name(f".{gguf_out.name}.tmp-gguf-f16-{os.getpid()}")) \
+        if quant in K_QUANTS else None
     try:
         _write_model(base or tmp, model, config, vocab, plan, quant, spec, ckpt, licence, kind, progress, total)
         del model
@@ -536,9 +563,7 @@ def export_gguf(source: Path, gguf_out: Path | None, quant: str = "f16", lora_ou
             progress(total, total, f"quantized to {quant}")
         _publish(tmp, gguf_out)
     finally:
-        tmp.unlink(missing_ok=True)
-        if base is not None:
-            base.unlink(missing_ok=True)
+        _done(tmp, base)
     _write_text(modelfile_out, modelfile(gguf_out.name, vocab.chat_template, vocab.token_text("eos"),
                                          licence_text(licence, licence_file)))
     answer.update(gguf=str(gguf_out), bytes=gguf_out.stat().st_size, modelfile=str(modelfile_out))
@@ -566,9 +591,10 @@ def cmd_gguf(args) -> int:
     if not args.gguf and not args.gguf_lora:
         raise UserError("export", "say what to write: --gguf OUT.gguf and/or --gguf-lora OUT.gguf")
 
-    def on_term(signum, frame):   # Cancel in the app: leave through the cleanup, no half-written file stays
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
+    from .export import leave_on_sigterm
+    # Cancel in the app: remove the temporary files and leave at once. Not an exception: during the
+    # k-quant step the handler runs inside llama.cpp's ctypes log callback, which swallows one.
+    signal.signal(signal.SIGTERM, leave_on_sigterm)
     last = [0.0]
 
     def progress(done: int, total: int, message: str) -> None:
