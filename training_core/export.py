@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .checkpoint import latest_good, problem, read_manifest
@@ -191,6 +192,8 @@ def _write_card(ckpt: Path, spec: JobSpec, manifest: dict, dest: Path) -> None:
 def _merged_model(ckpt: Path, spec: JobSpec, kind: str):
     """(model, base folder or None) with any LoRA adapter folded into the weights."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # a "Loading weights" bar on every export says nothing to its user
 
     if kind == "full":
         try:
@@ -211,7 +214,10 @@ def _merged_model(ckpt: Path, spec: JobSpec, kind: str):
     if not (adapter / "adapter_config.json").is_file():
         raise CheckpointError(ckpt, "has no adapter/adapter_config.json")
     try:
-        peft_model = PeftModel.from_pretrained(loaded.model, str(adapter))
+        with warnings.catch_warnings():
+            # PEFT reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on every export)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            peft_model = PeftModel.from_pretrained(loaded.model, str(adapter))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(adapter, f"does not fit the base model ({str(exc).strip().splitlines()[0]})") from None
     return peft_model.merge_and_unload(), loaded.model_dir
