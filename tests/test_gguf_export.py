@@ -457,6 +457,56 @@ def test_sigterm_after_publishing_keeps_the_users_file(runs, tmp_path, monkeypat
     assert not export_mod._IN_PROGRESS
 
 
+def test_too_little_free_space_is_refused_before_writing(runs, tmp_path, capsys, monkeypatch):
+    """The estimate (with the f16 intermediate of a k-quant) against the disk's free space: one line, exit 2,
+    naming the user's file, before anything is loaded or written."""
+    import shutil
+    import training_core.gguf_export as ge
+    root, made = runs
+    out = tmp_path / "big.gguf"
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=50_000))
+    monkeypatch.setattr(ge, "_write_model", lambda *a: pytest.fail("wrote with no room"))
+    for quant in ("f16", "q4_k_m") if k_quants_available() else ("f16",):
+        assert main(["export", str(made["llama"][0]), "--gguf", str(out), "--quant", quant]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(out) in err and "free" in err, err
+        assert ("f16 intermediate" in err) == (quant == "q4_k_m"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KB tmpfs (needs root, as CI and this machine have); skipped where it cannot be mounted."""
+    import subprocess
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_disk_that_fills_up_is_one_line_naming_the_file(runs, small_disk, capsys, monkeypatch):
+    """The check passes (another writer may fill the disk meanwhile) and the write runs out of space: one
+    line naming the user's file, exit 2, no temporary file left; the same for a folder no file can go in."""
+    import training_core.gguf_export as ge
+    root, made = runs
+    monkeypatch.setattr(ge, "_check_space", lambda *a: None, raising=False)
+    out = small_disk / "full.gguf"
+    assert main(["export", str(made["llama"][0]), "--gguf", str(out), "--quant", "f32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{out}: no space left on the disk" in err, err
+    assert "tmp-gguf" not in err and list(small_disk.iterdir()) == []
+    if Path("/proc").is_dir():
+        assert main(["export", str(made["llama"][0]), "--gguf", "/proc/x.gguf"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "/proc/x.gguf: cannot be written there" in err, err
+
+
 @pytest.fixture(scope="module")
 def bytes_run(tmp_path_factory):
     """A scratch run trained with `--tokenizer bytes`: one token per byte, no merges at all."""

@@ -16,11 +16,12 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import CheckpointError, ConfigError, ModelError, UserError
+from .errors import CheckpointError, ConfigError, DiskError, ModelError, UserError
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 PYTHON_QUANTS = ("f32", "f16", "bf16", "q8_0")
@@ -348,7 +349,7 @@ def _write_model(path: Path, model, config, vocab, plan: list[Planned], quant: s
         writer.close()
 
 
-def _k_quantize(src: Path, dst: Path, quant: str) -> None:
+def _k_quantize(src: Path, dst: Path, quant: str, out: Path) -> None:
     import ctypes
 
     import llama_cpp
@@ -373,8 +374,15 @@ def _k_quantize(src: Path, dst: Path, quant: str) -> None:
         if own is not None:
             llama_cpp.llama_log_set(own, ctypes.c_void_p(0))
     if code != 0:
+        import shutil
         last = next((t.strip() for t in reversed(said) if t.strip()), f"status {code}")
-        raise ModelError(src, f"llama.cpp could not quantize it to {quant} ({last})")
+        try:
+            full = shutil.disk_usage(dst.parent).free < _FREE_MARGIN
+        except OSError:
+            full = False
+        if full or "No space left" in " ".join(said):
+            raise _disk_error(out, OSError(28, "No space left on device"))
+        raise ModelError(out, f"llama.cpp could not quantize it to {quant} ({last})")
 
 
 def _licence(ckpt: Path, spec) -> tuple[dict, str | None]:
@@ -463,6 +471,69 @@ def _write_lora(path: Path, ckpt: Path, config, spec, progress: Progress) -> Non
         writer.close()
 
 
+# ---- sizes and the disk -----------------------------------------------------------------------------
+def _expected_size(plan: list[Planned], quant: str, meta: int) -> int:
+    """About how many bytes the `quant` file of `plan` (planned as f16 for a k-quant) takes."""
+    if quant not in K_QUANTS:
+        return sum(p.nbytes for p in plan) + meta
+    total = 0
+    for p in plan:
+        n = math.prod(p.shape)
+        if len(p.shape) == 1:
+            total += 4 * n
+        elif p.shape[-1] % 256 == 0:
+            total += int(n * K_QUANT_BITS[quant] / 8)
+        else:
+            total += int(n * 8.5 / 8) if p.shape[-1] % 32 == 0 else 2 * n   # llama.cpp's fallbacks
+    return total + meta
+
+
+_FREE_MARGIN = 1 << 20
+
+
+def _check_space(out: Path, need: int, what: str) -> None:
+    """Refuse before writing when the output's disk cannot hold `need` bytes."""
+    import shutil
+
+    from .preflight import format_bytes
+    try:
+        usage = shutil.disk_usage(out.parent)
+    except OSError:
+        return   # the write itself says what is wrong
+    if usage.total == 0:
+        return   # /proc and other pseudo file systems report nothing; the write fails in its own words
+    if usage.free < need + need // 50 + _FREE_MARGIN:
+        raise DiskError(out, f"needs about {format_bytes(need)} free for {what}, but its disk has "
+                             f"{format_bytes(usage.free)}; free some space or choose a folder on another disk")
+
+
+@contextmanager
+def _writing(out: Path):
+    """An OS error while writing `out` or its temporary files, as one line naming `out` (not the hidden
+    temporary name): a full disk, a read-only or forbidden folder, a folder no file can go in (/proc)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None and Path(exc.filename).parent != out.parent and Path(exc.filename) != out.parent:
+            raise   # about another file (the checkpoint being read)
+        raise _disk_error(out, exc) from None
+
+
+def _disk_error(out: Path, exc: OSError) -> DiskError:
+    import errno
+
+    from .errors import _OS_ADVICE
+    name = errno.errorcode.get(exc.errno or 0, "")
+    # numpy's tofile reports a short write ("524288 requested and 458192 written") with no errno: the disk
+    # filled up under it.
+    if exc.errno is None and "requested and" in str(exc) and "written" in str(exc):
+        name = "ENOSPC"
+    advice = _OS_ADVICE.get(name)
+    if advice is None:
+        return DiskError(out, f"cannot be written there ({exc.strerror or exc})")
+    return DiskError(out, advice.removesuffix(", then resume"))
+
+
 # ---- the commands ---------------------------------------------------------------------------------
 def estimate(source: Path) -> dict:
     """Expected file size per quant (and of the GGUF LoRA), for the export dialog; loads no weights."""
@@ -474,22 +545,8 @@ def estimate(source: Path) -> dict:
     shapes = _shapes(config)
     meta = vocab_from_tokenizer(load_tokenizer(ckpt / "tokenizer"), config.vocab_size, ckpt / "tokenizer") \
         .metadata_bytes()
-    sizes = {}
-    for quant in QUANTS:
-        plan = plan_tensors(config, shapes, "f16" if quant in K_QUANTS else quant)
-        if quant in K_QUANTS:
-            total = 0
-            for p in plan:
-                n = math.prod(p.shape)
-                if len(p.shape) == 1:
-                    total += 4 * n
-                elif p.shape[-1] % 256 == 0:
-                    total += int(n * K_QUANT_BITS[quant] / 8)
-                else:
-                    total += int(n * 8.5 / 8) if p.shape[-1] % 32 == 0 else 2 * n   # llama.cpp's fallbacks
-            sizes[quant] = total + meta
-        else:
-            sizes[quant] = sum(p.nbytes for p in plan) + meta
+    sizes = {quant: _expected_size(plan_tensors(config, shapes, "f16" if quant in K_QUANTS else quant), quant, meta)
+             for quant in QUANTS}
     lora = None
     weights = ckpt / "adapter" / "adapter_model.safetensors"
     if kind == "lora" and weights.is_file():   # written as f32, whatever training stored
@@ -526,16 +583,18 @@ def export_gguf(source: Path, gguf_out: Path | None, quant: str = "f16", lora_ou
         raise UserError(outputs[-1], "is named twice; give --gguf and --gguf-lora different files")
     _check_free(outputs, force)
     for p in outputs:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        _sweep(p)
+        with _writing(p):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            _sweep(p)
 
     answer = {"gguf": None, "quant": quant if gguf_out else None, "bytes": 0, "modelfile": None, "lora": None,
               "warnings": []}
     if lora_out is not None:
         tmp = _temporary(_tmp_name(lora_out))
         try:
-            _write_lora(tmp, ckpt, config, spec, progress)
-            _publish(tmp, lora_out)
+            with _writing(lora_out):
+                _write_lora(tmp, ckpt, config, spec, progress)
+                _publish(tmp, lora_out)
         finally:
             _done(tmp)
         answer.update(lora=str(lora_out), bytes=lora_out.stat().st_size)
@@ -546,6 +605,11 @@ def export_gguf(source: Path, gguf_out: Path | None, quant: str = "f16", lora_ou
     vocab = vocab_from_tokenizer(tokenizer, config.vocab_size, ckpt / "tokenizer")
     answer["warnings"] += vocab.warnings
     plan = plan_tensors(config, _shapes(config), "f16" if quant in K_QUANTS else quant)
+    meta = vocab.metadata_bytes()
+    need = _expected_size(plan, quant, meta)
+    if quant in K_QUANTS:   # the f16 file llama.cpp quantizes from sits beside it until the end
+        need += _expected_size(plan, "f16", meta)
+    _check_space(gguf_out, need, f"the {quant} file" + (" and its f16 intermediate" if quant in K_QUANTS else ""))
     total = len(plan) + (1 if quant in K_QUANTS else 0)
     progress(0, total, "merging the adapter into the base model" if kind == "lora" else "loading the model")
     from .export import _merged_model
@@ -555,17 +619,19 @@ def export_gguf(source: Path, gguf_out: Path | None, quant: str = "f16", lora_ou
     base = _temporary(gguf_out.with_name(f".{gguf_out.name}.tmp-gguf-f16-{os.getpid()}")) \
         if quant in K_QUANTS else None
     try:
-        _write_model(base or tmp, model, config, vocab, plan, quant, spec, ckpt, licence, kind, progress, total)
-        del model
-        if base is not None:
-            progress(len(plan), total, f"quantizing to {quant} with llama.cpp")
-            _k_quantize(base, tmp, quant)
-            progress(total, total, f"quantized to {quant}")
-        _publish(tmp, gguf_out)
+        with _writing(gguf_out):
+            _write_model(base or tmp, model, config, vocab, plan, quant, spec, ckpt, licence, kind, progress, total)
+            del model
+            if base is not None:
+                progress(len(plan), total, f"quantizing to {quant} with llama.cpp")
+                _k_quantize(base, tmp, quant, gguf_out)
+                progress(total, total, f"quantized to {quant}")
+            _publish(tmp, gguf_out)
     finally:
         _done(tmp, base)
-    _write_text(modelfile_out, modelfile(gguf_out.name, vocab.chat_template, vocab.token_text("eos"),
-                                         licence_text(licence, licence_file)))
+    with _writing(modelfile_out):
+        _write_text(modelfile_out, modelfile(gguf_out.name, vocab.chat_template, vocab.token_text("eos"),
+                                             licence_text(licence, licence_file)))
     answer.update(gguf=str(gguf_out), bytes=gguf_out.stat().st_size, modelfile=str(modelfile_out))
     return answer
 
