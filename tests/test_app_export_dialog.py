@@ -27,12 +27,17 @@ if "--gguf-sizes" in args:
                                 "q4_k_m": 700000, "q5_k_m": 800000, "q6_k": 900000}}))
     sys.exit(0)
 target = args[args.index("--gguf") + 1] if "--gguf" in args else args[3]
+if "exists-meanwhile" in target:   # the file came after the dialog looked: the engine's own refusal
+    event("failed", code="bad_input", step=None,
+          message=f"{target}: already exists; choose another name or pass --force to replace it")
+    sys.exit(2)
 if "broken" in target:
     event("failed", code="bad_model", step=None,
           message="ckpt/model: is a GPT2LMHeadModel model, which it cannot write")
     sys.stderr.write("modron-train: error: ckpt/model: is a GPT2LMHeadModel model\n")
     sys.exit(2)
 open(os.environ["FAKE_PID_FILE"], "w").write(str(os.getpid()))
+open(os.environ["FAKE_PID_FILE"] + ".args", "w").write(json.dumps(args))
 for i in range(100000):
     event("progress", task="export", done=min(i, 40), total=40, unit="tensors", message=f"writing tensor {i}")
     time.sleep(0.05)
@@ -185,6 +190,68 @@ def test_proposed_names_follow_the_run_and_never_an_earlier_export(qtbot, tmp_pa
     assert folder_target(exports, "tiny-run-merged") == exports / "tiny-run-merged-2"
     dialog.reject()
     qtbot.waitUntil(lambda: not dialog.busy(), timeout=TIMEOUT_MS)
+
+
+def test_an_existing_file_is_replaced_only_when_the_user_says_so(qtbot, tmp_path, store, fake_engine,
+                                                                   monkeypatch):
+    """GGUF names are proposed free (the Modelfile beside it too); a file that is there is replaced only after
+    "Replace it?" (then with the engine's --force), and the dialog never tells its user about --force."""
+    from PySide6.QtWidgets import QMessageBox
+
+    from app import settings
+    make_checkpoint(tmp_path / "run", "full")
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    settings.last_dir("export").set(store, str(exports))
+    (exports / "tiny-run-q8_0.gguf").write_bytes(b"GGUF")
+    (exports / "tiny-run-f16.Modelfile").write_text("FROM ./tiny-run-f16.gguf")   # its GGUF since deleted
+    dialog = ExportDialog("tiny run", str(tmp_path / "run"), store)
+    qtbot.addWidget(dialog)
+    qtbot.waitUntil(lambda: dialog.sizes is not None, timeout=TIMEOUT_MS)   # no quant fallback later on
+    dialog.choose("gguf", "q8_0")
+    assert dialog.target_edit.text() == str(exports / "tiny-run-q8_0-2.gguf")
+    dialog.choose("gguf", "f16")
+    assert dialog.target_edit.text() == str(exports / "tiny-run-f16-2.gguf")
+    dialog.choose("gguf", "q8_0")
+
+    asked, answer = [], [QMessageBox.No]
+    monkeypatch.setattr(QMessageBox, "question", lambda parent, title, text, *a: asked.append((title, text))
+                        or answer[0])
+    existing = str(exports / "tiny-run-q8_0.gguf")
+    dialog.target_edit.setText(existing)
+    assert dialog.start_export() is None and not dialog.exporting()
+    assert asked == [("Replace it?", f"tiny-run-q8_0.gguf already exists in {exports}. Replace it?")]
+    assert (exports / "tiny-run-q8_0.gguf").read_bytes() == b"GGUF"
+    assert dialog.target_edit.text() == str(exports / "tiny-run-q8_0-2.gguf")     # a free name beside it
+    assert dialog.status.text() == "tiny-run-q8_0.gguf is kept. Export saves as tiny-run-q8_0-2.gguf instead."
+
+    answer[0] = QMessageBox.Yes
+    dialog.target_edit.setText(existing)
+    assert dialog.start_export() is not None and len(asked) == 2
+    qtbot.waitUntil(lambda: Path(str(fake_engine) + ".args").is_file(), timeout=TIMEOUT_MS)
+    args = json.loads(Path(str(fake_engine) + ".args").read_text())
+    assert args[args.index("--gguf") + 1] == existing and "--force" in args
+    dialog.cancel_export()
+    qtbot.waitUntil(lambda: not dialog.busy(), timeout=TIMEOUT_MS)
+
+    # A file that came after the dialog looked: the engine refuses, and the line speaks of Export, not --force.
+    dialog.target_edit.setText(str(exports / "exists-meanwhile.gguf"))
+    dialog.start_export()
+    qtbot.waitUntil(lambda: not dialog.exporting(), timeout=TIMEOUT_MS)
+    assert dialog.status.text().endswith("already exists; choose another name or Export again to replace it")
+    assert "--force" not in dialog.status.text() and len(asked) == 2
+    qtbot.waitUntil(lambda: not dialog.busy(), timeout=TIMEOUT_MS)
+
+    # After an export the proposal moves on: a second Export does not land on the file just written.
+    dialog._typed_target = False
+    dialog.choose("gguf", "bf16")
+    written = exports / "tiny-run-bf16.gguf"
+    assert dialog.target_edit.text() == str(written)
+    written.write_bytes(b"GGUF")
+    dialog._on_done({"gguf": str(written), "quant": "bf16", "bytes": 4})
+    assert dialog.target_edit.text() == str(exports / "tiny-run-bf16-2.gguf")
+    assert dialog.status.text().startswith("GGUF (bf16, ")
+    dialog.reject()
 
 
 def test_a_real_gguf_export_from_the_dialog(qtbot, tmp_path):

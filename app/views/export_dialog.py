@@ -1,7 +1,8 @@
 """History's Export dialog: one run's model as a merged safetensors folder, its LoRA adapter, one GGUF file
 (with a quant) or a GGUF LoRA; the expected size, a progress bar and Cancel. It proposes a free name after
-the run in the last export folder (settings' last_dir "export"), and keeps the line saying where it wrote
-until it is closed (History shows that line too).
+the run in the last export folder (settings' last_dir "export"), asks before replacing a file that is there
+(then passes the engine's --force), and keeps the line saying where it wrote until it is closed (History
+shows that line too).
 
 The engine does the work (`modron-train export RUN ... --json`): the sizes come from `--gguf-sizes` (an
 EngineCall when the dialog opens), a GGUF export streams `progress` events (an EngineTask) and Cancel
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QComboBox, QDialog, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
-                               QProgressBar, QPushButton, QVBoxLayout)
+                               QMessageBox, QProgressBar, QPushButton, QVBoxLayout)
 
 from app.engine_client import EngineCall, EngineTask
 from app.views.form_ux import remember_dir, start_dir
@@ -28,6 +29,7 @@ QUANT_NOTES = {"f32": "full precision, largest", "f16": "half precision, same qu
                "bf16": "half precision", "q8_0": "8-bit, near-lossless", "q6_k": "6-bit",
                "q5_k_m": "5-bit, a good balance", "q4_k_m": "4-bit, smallest; the usual choice"}
 DEFAULT_QUANT = "q8_0"
+MODELFILE_SUFFIX = ".Modelfile"   # the engine writes a GGUF file's Ollama Modelfile beside it (gguf_export.py)
 FORMATS = {   # key -> (label, written as a file (else a folder), needs a LoRA run)
     "gguf": ("GGUF file (llama.cpp, Ollama, LM Studio, KoboldCpp)", True, False),
     "gguf_lora": ("GGUF LoRA adapter (llama.cpp / KoboldCpp --lora)", True, True),
@@ -57,15 +59,27 @@ def slug(name: str) -> str:
     return re.sub(r"[^\w.-]+", "-", name).strip("-") or "model"
 
 
-def free_path(folder: str | Path, stem: str, suffix: str = "") -> Path:
-    """folder/stem+suffix, else stem-2, stem-3, ...: a proposed name never points at an earlier export
-    (the engine refuses a non-empty folder)."""
-    target = Path(folder) / f"{stem}{suffix}"
-    n = 2
-    while target.exists():
-        target = Path(folder) / f"{stem}-{n}{suffix}"
+def free_path(folder: str | Path, stem: str, suffix: str = "", also: tuple[str, ...] = ()) -> Path:
+    """folder/stem+suffix, else stem-2, stem-3, ...: a proposed name never points at an earlier export (the
+    engine refuses a non-empty folder, and an existing file unless told to replace it). `also`: suffixes of
+    files the export writes beside it (a GGUF file's Modelfile), which must be free too."""
+    n = 1
+    while True:
+        name = stem if n == 1 else f"{stem}-{n}"
+        if not any((Path(folder) / f"{name}{s}").exists() for s in (suffix, *also)):
+            return Path(folder) / f"{name}{suffix}"
         n += 1
-    return target
+
+
+def written_files(target: str | Path, fmt: str) -> list[Path]:
+    """The files a file export to `target` writes: the GGUF file, and for a model its Modelfile."""
+    target = Path(target)
+    return [target, target.with_name(target.stem + MODELFILE_SUFFIX)] if fmt == "gguf" else [target]
+
+
+def gui_words(message: str) -> str:
+    """The engine's refusal of an existing file names its command-line flag; here Export asks instead."""
+    return message.replace("pass --force to replace it", "Export again to replace it")
 
 
 def folder_target(picked: str | Path, stem: str) -> Path:
@@ -161,8 +175,12 @@ class ExportDialog(QDialog):
         return {"gguf": f"{name}-{self.quant()}", "gguf_lora": f"{name}-lora",
                 "merged": f"{name}-merged", "adapter": f"{name}-adapter"}[fmt]
 
+    def _also(self) -> tuple[str, ...]:
+        return (MODELFILE_SUFFIX,) if self.format() == "gguf" else ()
+
     def default_target(self) -> str:
-        return str(free_path(start_dir(self.store, "export"), self._stem(), ".gguf" if self._is_file() else ""))
+        return str(free_path(start_dir(self.store, "export"), self._stem(), ".gguf" if self._is_file() else "",
+                             self._also()))
 
     def _on_typed(self, _text: str) -> None:
         self._typed_target = True
@@ -176,8 +194,10 @@ class ExportDialog(QDialog):
 
     def _browse(self) -> None:
         if self._is_file():
+            # Export asks before replacing (the Modelfile too): one question, not the file dialog's as well.
             path, _ = QFileDialog.getSaveFileName(self, "Save the GGUF file as", self.target_edit.text(),
-                                                  "GGUF files (*.gguf)")
+                                                  "GGUF files (*.gguf)",
+                                                  options=QFileDialog.Option.DontConfirmOverwrite)
             if path and not path.endswith(".gguf"):
                 path += ".gguf"
         else:
@@ -249,11 +269,31 @@ class ExportDialog(QDialog):
             w.setEnabled(not busy)
         self.quant_box.setEnabled(not busy and self.format() == "gguf")
 
-    def command(self) -> list[str]:
+    def command(self, replace: bool = False) -> list[str]:
         target, fmt = self.target_edit.text().strip(), self.format()
         flag = {"gguf": "--gguf", "gguf_lora": "--gguf-lora", "merged": "--merged", "adapter": "--adapter"}[fmt]
         args = ["export", self.run_dir, flag, target, "--json"]
-        return args + (["--quant", self.quant()] if fmt == "gguf" else [])
+        return args + (["--quant", self.quant()] if fmt == "gguf" else []) + (["--force"] if replace else [])
+
+    def _ask_replace(self, target: str) -> bool | None:
+        """For a file export: False when nothing is in the way, True when the user agreed to replace what is,
+        None when they did not (the field then holds a free name beside it)."""
+        existing = [p for p in written_files(target, self.format()) if p.is_file()]
+        if not existing:
+            return False
+        names, two = " and ".join(p.name for p in existing), len(existing) > 1
+        answer = QMessageBox.question(
+            self, "Replace it?", f"{names} already {'exist' if two else 'exists'} in {existing[0].parent}. "
+            f"Replace {'them' if two else 'it'}?", QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+        if answer == QMessageBox.Yes:
+            return True
+        path = Path(target)
+        free = free_path(path.parent, path.stem, path.suffix, self._also())
+        self.target_edit.setText(str(free))
+        self._typed_target = True
+        self.status.setStyleSheet("")
+        self.status.setText(f"{path.name} is kept. Export saves as {free.name} instead.")
+        return None
 
     def start_export(self) -> EngineTask | EngineCall | None:
         if self.task is not None or self.kind is None:
@@ -262,16 +302,19 @@ class ExportDialog(QDialog):
         if not target:
             self._finish("Say where to save it.", ok=False)
             return None
+        replace = self._ask_replace(target) if self._is_file() else False
+        if replace is None:
+            return None
         remember_dir(self.store, "export", target)
         if self._is_file():
-            task = EngineTask(self.command(), parent=self)
+            task = EngineTask(self.command(replace), parent=self)
             task.progress.connect(self._on_progress)
             self.progress.setRange(0, 0)   # busy until the first progress event says how many tensors
         else:   # the merged model and the adapter folder answer once, without progress events
             task = EngineCall(self.command(), parent=self)
             self.progress.setRange(0, 0)
         task.done.connect(self._on_done)
-        task.failed.connect(lambda message: self._finish(message, ok=False))
+        task.failed.connect(lambda message: self._finish(gui_words(message), ok=False))
         self.task = task
         self.status.setStyleSheet("")
         self.status.setText(f"Exporting to {target}…")
@@ -301,6 +344,8 @@ class ExportDialog(QDialog):
             text = f"{'Merged model' if fmt == 'merged' else 'Adapter'} written to {answer.get(fmt)}"
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
+        if not self._typed_target:   # a second Export must not land on the file just written
+            self.target_edit.setText(self.default_target())
         self._finish(text, ok=True)
         self.exported.emit(dict(answer))
 
