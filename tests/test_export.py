@@ -237,3 +237,37 @@ def test_sigterm_during_a_merged_export_leaves_nothing(tmp_path, lora_run):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert list(tmp_path.glob(".merged.tmp-export-*")) == [] and not out.exists(), err
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_with_a_word(tmp_path, tokenizer, capsys):
+    """Every export (merged, adapter-less full run, GGUF) of a run whose newest checkpoint is damaged says so,
+    and which step it exported instead: a warning line (text) or the answer's warnings (--json)."""
+    from training_core.cli import main
+    from training_core.protocol import decode_answer, decode_event
+    spec = JobSpec(model="scratch:tiny", data=["a.txt"], out=str(tmp_path / "run"), tokenizer="bytes")
+    run = Path(spec.out)
+    for step in (75, 150):
+        torch.manual_seed(step)
+        ckpt = write_checkpoint(run, step, "full", LlamaForCausalLM(tiny_config()), tokenizer, spec)
+    weights = ckpt / "model" / "model.safetensors"
+    (ckpt / "modron_checkpoint.json").write_text(json.dumps(
+        {"format": "modron-checkpoint", "version": 1, "step": 150, "kind": "full",
+         "files": ["model/model.safetensors"]}), encoding="utf-8")
+    weights.write_bytes(weights.read_bytes()[:100])   # cut short, as by a crash mid-write
+    said = "the newest checkpoint ckpt-00000150 is damaged ("
+    capsys.readouterr()   # the set-up's own output
+
+    assert main(["export", str(run), "--merged", str(tmp_path / "m1")]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: " + said) and "exported ckpt-00000075 (step 75) instead" in err, err
+    assert "merged model (step 75) written to" in out
+    assert main(["export", str(run), "--merged", str(tmp_path / "m2"), "--json"]) == 0
+    doc = decode_answer(capsys.readouterr().out)
+    assert doc["step"] == 75 and len(doc["warnings"]) == 1 and doc["warnings"][0].startswith(said)
+
+    assert main(["export", str(run), "--gguf", str(tmp_path / "m.gguf")]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: " + said) and "step 75" in out, (out, err)
+    assert main(["export", str(run), "--gguf", str(tmp_path / "j.gguf"), "--json"]) == 0
+    answer = decode_event(capsys.readouterr().out.splitlines()[-1])["answer"]
+    assert answer["step"] == 75 and answer["warnings"][0].startswith(said)

@@ -203,7 +203,7 @@ def test_json_speaks_progress_then_result(runs, capsys):
     assert all(e["task"] == "export" and e["unit"] == "tensors" and e["message"] for e in events[:-1])
     answer = events[-1]["answer"]
     assert answer == {"gguf": str(out), "quant": "q8_0", "bytes": out.stat().st_size,
-                      "modelfile": str(root / "json.Modelfile"), "lora": None, "warnings": []}
+                      "modelfile": str(root / "json.Modelfile"), "lora": None, "step": 20, "warnings": []}
 
 
 def test_sizes_estimate_is_close_to_the_files(runs, capsys):

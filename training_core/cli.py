@@ -117,15 +117,26 @@ def cmd_export(args) -> int:
     if not args.merged and not args.adapter:
         raise UserError("export", "say what to write: --merged OUT and/or --adapter OUT")
     signal.signal(signal.SIGTERM, leave_on_sigterm)   # the app's Cancel: no temporary folder stays
-    written = {}
+    written: dict = {}
+    info: dict = {"warnings": []}
+    said: set = set()
+
+    def warn() -> None:   # each once, before the line saying what was written
+        for w in info["warnings"]:
+            if w not in said and not args.json:
+                sys.stderr.write(f"warning: {w}\n")
+            said.add(w)
     if args.merged:
-        written["merged"] = str(export_merged(Path(args.source), Path(args.merged)))
+        written["merged"] = str(export_merged(Path(args.source), Path(args.merged), info))
+        warn()
         if not args.json:
-            print(f"merged model written to {written['merged']}")
+            print(f"merged model (step {info['step']}) written to {written['merged']}")
     if args.adapter:
-        written["adapter"] = str(export_adapter(Path(args.source), Path(args.adapter)))
+        written["adapter"] = str(export_adapter(Path(args.source), Path(args.adapter), info))
+        warn()
         if not args.json:
-            print(f"adapter written to {written['adapter']}")
+            print(f"adapter (step {info['step']}) written to {written['adapter']}")
+    written.update(step=info["step"], warnings=info["warnings"])
     if args.json:
         print(encode_answer(written))
     return 0

@@ -44,7 +44,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return best[1] if best else None
 
 
-def _resolve(source: Path) -> Path:
+def _resolve(source: Path, warnings: list[str] | None = None) -> Path:
+    """The checkpoint to export: `source` itself, or a run's newest whole one. Passing over a damaged newer
+    one is said in `warnings`: the user would otherwise take an older model for the newest."""
     source = Path(source)
     if not source.is_dir():
         raise CheckpointError(source, "no such run or checkpoint folder")
@@ -54,11 +56,28 @@ def _resolve(source: Path) -> Path:
         ckpt = latest_checkpoint(source)
         if ckpt is None:
             raise CheckpointError(source, "has no finished checkpoint to export (no checkpoints/ckpt-* folder)")
-        ckpt = latest_good(source)[0] or ckpt   # a damaged newest one gives way to the one before it
+        good, skipped = latest_good(source)
+        if good is not None:   # a damaged newest one gives way to the one before it, with a word
+            ckpt = good
+            if skipped and warnings is not None:
+                (newest, trouble), more = skipped[0], len(skipped) - 1
+                also = f" (and {more} more after {ckpt.name})" if more else ""
+                warnings.append(f"the newest checkpoint {newest.name} is damaged ({trouble}){also}; exported "
+                                f"{ckpt.name} (step {checkpoint_step(ckpt)}) instead")
     trouble = problem(ckpt)
     if trouble:
         raise CheckpointError(ckpt, f"is damaged ({trouble}); export an earlier checkpoint of the run")
     return ckpt
+
+
+def checkpoint_step(ckpt: Path):
+    """The step a checkpoint was written at (its manifest's, else its folder name's), or None."""
+    try:
+        step = read_manifest(ckpt).get("step")
+    except CheckpointError:
+        step = None
+    digits = ckpt.name[len(PREFIX):]
+    return step if step is not None else (int(digits) if digits.isdigit() else None)
 
 
 def _job(ckpt: Path) -> JobSpec:
@@ -223,11 +242,20 @@ def _merged_model(ckpt: Path, spec: JobSpec, kind: str):
     return peft_model.merge_and_unload(), loaded.model_dir
 
 
-def export_merged(source: Path, out: Path) -> Path:
-    """A standalone model folder (safetensors, tokenizer, README.md card) from a run or checkpoint."""
+def _tell(info: dict | None, ckpt: Path, warnings: list[str]) -> None:
+    if info is not None:
+        info.update(checkpoint=str(ckpt), step=checkpoint_step(ckpt))
+        info.setdefault("warnings", []).extend(w for w in warnings if w not in info["warnings"])
+
+
+def export_merged(source: Path, out: Path, info: dict | None = None) -> Path:
+    """A standalone model folder (safetensors, tokenizer, README.md card) from a run or checkpoint.
+    `info` (if given) gets the checkpoint, its step and warnings (a damaged newest checkpoint passed over)."""
     from .models.tokenizer import load_tokenizer
 
-    ckpt = _resolve(source)
+    warnings_: list[str] = []
+    ckpt = _resolve(source, warnings_)
+    _tell(info, ckpt, warnings_)
     manifest = read_manifest(ckpt)
     spec = _job(ckpt)
     kind = manifest.get("kind", "full")
@@ -250,9 +278,11 @@ def export_merged(source: Path, out: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_adapter(source: Path, out: Path) -> Path:
+def export_adapter(source: Path, out: Path, info: dict | None = None) -> Path:
     """The LoRA adapter alone (adapter_config.json + adapter_model.safetensors), its tokenizer and a card."""
-    ckpt = _resolve(source)
+    warnings_: list[str] = []
+    ckpt = _resolve(source, warnings_)
+    _tell(info, ckpt, warnings_)
     manifest = read_manifest(ckpt)
     if manifest.get("kind") != "lora":
         raise CheckpointError(ckpt, "is a full finetune, which has no adapter; export the merged model instead")

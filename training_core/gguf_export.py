@@ -62,11 +62,11 @@ def k_quants_available() -> bool:
     return True
 
 
-def _source(source: Path):
-    """(checkpoint folder, its job spec, kind)."""
+def _source(source: Path, warnings: list[str] | None = None):
+    """(checkpoint folder, its job spec, kind); a damaged newest checkpoint passed over goes in `warnings`."""
     from .checkpoint import read_manifest
     from .export import _job, _resolve
-    ckpt = _resolve(Path(source))
+    ckpt = _resolve(Path(source), warnings)
     kind = read_manifest(ckpt).get("kind", "full")
     return ckpt, _job(ckpt), kind
 
@@ -567,7 +567,8 @@ def export_gguf(source: Path, gguf_out: Path | None, quant: str = "f16", lora_ou
     from .ollama_modelfile import licence_text, modelfile
     if quant not in QUANTS:
         raise ConfigError("--quant", f"must be one of {', '.join(QUANTS)}")
-    ckpt, spec, kind = _source(source)
+    found: list[str] = []
+    ckpt, spec, kind = _source(source, found)
     config, where = _model_config(ckpt, spec, kind)
     _arch(config, where)
     _check_rope(config, where)
@@ -587,8 +588,9 @@ def export_gguf(source: Path, gguf_out: Path | None, quant: str = "f16", lora_ou
             p.parent.mkdir(parents=True, exist_ok=True)
             _sweep(p)
 
+    from .export import checkpoint_step
     answer = {"gguf": None, "quant": quant if gguf_out else None, "bytes": 0, "modelfile": None, "lora": None,
-              "warnings": []}
+              "step": checkpoint_step(ckpt), "warnings": found}
     if lora_out is not None:
         tmp = _temporary(_tmp_name(lora_out))
         try:
@@ -691,8 +693,9 @@ def cmd_gguf(args) -> int:
         for w in answer["warnings"]:
             sys.stderr.write(f"warning: {w}\n")
         if answer["gguf"]:
-            print(f"GGUF ({answer['quant']}, {answer['bytes']:,} bytes) written to {answer['gguf']}")
+            print(f"GGUF ({answer['quant']}, {answer['bytes']:,} bytes, step {answer['step']}) written to "
+                  f"{answer['gguf']}")
             print(f"Ollama Modelfile written to {answer['modelfile']}")
         if answer["lora"]:
-            print(f"GGUF LoRA adapter written to {answer['lora']}")
+            print(f"GGUF LoRA adapter (step {answer['step']}) written to {answer['lora']}")
     return 0
