@@ -242,7 +242,26 @@ def test_k_quants_without_llama_cpp_say_how_to_get_them(runs, capsys):
     root, made = runs
     assert main(["export", str(made["llama"][0]), "--gguf", str(root / "k.gguf"), "--quant", "q4_k_m"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and K_QUANT_HINT in err[0] and "pip install 'modron[llama]'" in err[0]
+    assert len(err) == 1 and K_QUANT_HINT in err[0]
+
+
+def test_the_k_quant_hint_is_a_command_this_interpreter_runs(runs, capsys, monkeypatch):
+    """An installed app's user has no `modron` source tree and maybe no `pip` on PATH: the hint names this
+    Python and the package itself, and says what building it takes."""
+    import shlex
+    import subprocess
+    import sys
+    import training_core.gguf_export as ge
+    root, made = runs
+    monkeypatch.setattr(ge, "k_quants_available", lambda: False)
+    assert main(["export", str(made["llama"][0]), "--gguf", str(root / "k.gguf"), "--quant", "q6_k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "C compiler and cmake" in err[0], err
+    command = shlex.split(err[0].split("quantizer: ", 1)[1].split(" (builds", 1)[0])
+    assert command == [sys.executable, "-m", "pip", "install", "llama-cpp-python>=0.3"], command
+    assert subprocess.run(command[:3] + ["--version"], capture_output=True).returncode == 0
+    assert main(["export", str(made["llama"][0]), "--gguf-sizes"]) == 0
+    assert K_QUANT_HINT in capsys.readouterr().out
 
 
 # ---- LoRA runs ----------------------------------------------------------------------------------

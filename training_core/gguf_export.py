@@ -26,7 +26,19 @@ from .errors import CheckpointError, ConfigError, DiskError, ModelError, UserErr
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 PYTHON_QUANTS = ("f32", "f16", "bf16", "q8_0")
 K_QUANTS = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}   # llama.cpp's llama_ftype numbers
-K_QUANT_HINT = "k-quants need llama.cpp's quantizer: pip install 'modron[llama]' (llama-cpp-python)"
+
+
+def _k_quant_hint() -> str:
+    """How to get llama.cpp's quantizer, runnable as it stands: into this interpreter (an installed app's own
+    Python, which a bare `pip` would miss), with the requirement of pyproject's `llama` extra."""
+    import shlex
+    import subprocess
+    exe = subprocess.list2cmdline([sys.executable]) if os.name == "nt" else shlex.quote(sys.executable)
+    return (f"k-quants need llama.cpp's quantizer: {exe} -m pip install 'llama-cpp-python>=0.3' "
+            "(builds llama.cpp from source: needs a C compiler and cmake, several minutes)")
+
+
+K_QUANT_HINT = _k_quant_hint()
 # Bits per weight of each k-quant on rows llama.cpp can quantize that way (256-aligned), for estimates.
 K_QUANT_BITS = {"q4_k_m": 4.9, "q5_k_m": 5.7, "q6_k": 6.6}
 # HF model_type -> (GGUF architecture, whether q/k rows go into llama.cpp's rotary layout). llama.cpp runs
@@ -651,10 +663,12 @@ def cmd_gguf(args) -> int:
         else:
             from .preflight import format_bytes
             for q, n in sizes["sizes"].items():
-                note = "" if q in sizes["available"] else f"  ({K_QUANT_HINT})"
+                note = "" if q in sizes["available"] else "  (needs llama.cpp's quantizer, see below)"
                 print(f"{q:7} {format_bytes(n)}{note}")
             if sizes["lora"] is not None:
                 print(f"lora    {format_bytes(sizes['lora'])}")
+            if sizes["k_quants_hint"]:
+                print(sizes["k_quants_hint"])
         return 0
     if not args.gguf and not args.gguf_lora:
         raise UserError("export", "say what to write: --gguf OUT.gguf and/or --gguf-lora OUT.gguf")
