@@ -526,6 +526,50 @@ def test_a_disk_that_fills_up_is_one_line_naming_the_file(runs, small_disk, caps
         assert len(err.splitlines()) == 1 and "/proc/x.gguf: cannot be written there" in err, err
 
 
+def test_k_quants_on_narrow_models_say_they_fall_back(runs, capsys, monkeypatch):
+    """64-wide rows cannot take llama.cpp's 256-blocks: every matrix falls back (q4_k_m to q5_0 and q8_0,
+    q6_k to q8_0). --gguf-sizes estimates that, and the export's warnings say it."""
+    import training_core.gguf_export as ge
+    root, made = runs
+    run = made["llama"][0]
+    assert main(["export", str(run), "--gguf-sizes", "--json"]) == 0
+    from training_core.protocol import decode_answer
+    doc = decode_answer(capsys.readouterr().out)
+    sizes = doc["sizes"]
+    assert abs(sizes["q6_k"] - sizes["q8_0"]) < 0.01 * sizes["q8_0"]   # q8_0 throughout
+    assert sizes["q4_k_m"] < 0.92 * sizes["q8_0"] and sizes["q5_k_m"] < sizes["q8_0"]   # mostly q5_0 / q5_1
+    assert set(doc["fallbacks"]) == {"q4_k_m", "q5_k_m", "q6_k"}
+    assert "15 of 15 weight matrices" in doc["fallbacks"]["q6_k"] and "same as q8_0" in doc["fallbacks"]["q6_k"]
+    assert "q5_0/q8_0" in doc["fallbacks"]["q4_k_m"]
+    assert main(["export", str(run), "--gguf-sizes"]) == 0
+    assert "note: q6_k: 15 of 15" in capsys.readouterr().out
+
+    monkeypatch.setattr(ge, "k_quants_available", lambda: True)   # the quantizer itself: a copy of its input
+    monkeypatch.setattr(ge, "_k_quantize", lambda src, dst, quant, out: dst.write_bytes(src.read_bytes()))
+    assert main(["export", str(run), "--gguf", str(root / "fell.gguf"), "--quant", "q6_k", "--force"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("warning: q6_k: 15 of 15 weight matrices") == 1, err
+
+
+@pytest.mark.skipif(not k_quants_available(), reason="llama-cpp-python is not installed (pip install 'modron[llama]')")
+@pytest.mark.parametrize("quant", ["q4_k_m", "q5_k_m", "q6_k"])
+def test_llama_cpp_falls_back_as_the_estimate_says(runs, quant):
+    """The types llama.cpp's quantizer really gives each matrix, and the file's size, against the estimate."""
+    from training_core.gguf_export import _k_types, plan_tensors
+    root, made = runs
+    run = made["llama"][0]
+    answer = export_gguf(run, root / f"fb-{quant}.gguf", quant, force=True)
+    assert any(w.startswith(f"{quant}: 15 of 15 weight matrices") for w in answer["warnings"]), answer
+    written = {t.name: t.tensor_type.name.lower() for t in GGUFReader(answer["gguf"]).tensors if len(t.shape) > 1}
+    from transformers import AutoConfig
+    from training_core.gguf_export import _shapes
+    config = AutoConfig.from_pretrained(run / "checkpoints" / "ckpt-00000020" / "model")
+    planned = {p.name: got for p, _, got in _k_types(plan_tensors(config, _shapes(config), "f16"), quant)}
+    assert written == planned
+    size = estimate(run)["sizes"][quant]
+    assert abs(size - answer["bytes"]) < 0.05 * answer["bytes"], (size, answer["bytes"])
+
+
 @pytest.fixture(scope="module")
 def bytes_run(tmp_path_factory):
     """A scratch run trained with `--tokenizer bytes`: one token per byte, no merges at all."""

@@ -39,8 +39,12 @@ def _k_quant_hint() -> str:
 
 
 K_QUANT_HINT = _k_quant_hint()
-# Bits per weight of each k-quant on rows llama.cpp can quantize that way (256-aligned), for estimates.
-K_QUANT_BITS = {"q4_k_m": 4.9, "q5_k_m": 5.7, "q6_k": 6.6}
+# llama.cpp's k-quants work in blocks of 256 along a row; a matrix whose rows are not a multiple of that
+# wide gets another type (llama-quant.cpp): q4_K -> q5_0, q5_K -> q5_1, q6_K -> q8_0, f16 when even the
+# 32-blocks do not divide. Small models (Modron's scratch presets, 64-192 wide) fall back throughout.
+K_BLOCK = 256
+K_FALLBACK = {"q4_K": "q5_0", "q5_K": "q5_1", "q6_K": "q8_0"}
+TYPE_BITS = {"q4_K": 4.5, "q5_K": 5.5, "q6_K": 6.5625, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5, "f16": 16.0}
 # HF model_type -> (GGUF architecture, whether q/k rows go into llama.cpp's rotary layout). llama.cpp runs
 # HF Llama/Mistral weights with interleaved rotary pairs; Qwen2 uses the halves layout HF has.
 ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -484,19 +488,55 @@ def _write_lora(path: Path, ckpt: Path, config, spec, progress: Progress) -> Non
 
 
 # ---- sizes and the disk -----------------------------------------------------------------------------
+def _k_type(p: Planned, quant: str, layers: int, has_output: bool) -> str:
+    """The type llama.cpp's quantizer gives a matrix for `quant` (its llama_tensor_get_type, the parts
+    that matter here), before any fallback."""
+    if quant == "q6_k":
+        return "q6_K"
+    if p.name == "output.weight" or (p.name == "token_embd.weight" and not has_output):
+        return "q6_K"
+    leaf = p.name.split(".")[-2]
+    if leaf in ("attn_v", "ffn_down"):
+        i = int(p.name.split(".")[1])
+        if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2:   # its use_more_bits (C ints)
+            return "q6_K"
+    return "q4_K" if quant == "q4_k_m" else "q5_K"
+
+
+def _k_types(plan: list[Planned], quant: str) -> list[tuple[Planned, str, str]]:
+    """(matrix, intended k type, the type it gets) for each matrix of a k-quant file."""
+    layers = 1 + max((int(p.name.split(".")[1]) for p in plan if p.name.startswith("blk.")), default=0)
+    has_output = any(p.name == "output.weight" for p in plan)
+    out = []
+    for p in plan:
+        if len(p.shape) < 2:
+            continue
+        want = _k_type(p, quant, layers, has_output)
+        got = want if p.shape[-1] % K_BLOCK == 0 else K_FALLBACK[want] if p.shape[-1] % 32 == 0 else "f16"
+        out.append((p, want, got))
+    return out
+
+
+def k_fallbacks(plan: list[Planned], quant: str) -> str | None:
+    """A line saying how many matrices llama.cpp cannot give `quant`'s k-types, and what they get."""
+    types = _k_types(plan, quant)
+    fell = [(p, got) for p, want, got in types if got != want]
+    if not fell:
+        return None
+    widths = sorted({p.shape[-1] for p, _ in fell})
+    got = sorted({g for _, g in fell})
+    same = " (the file is the same as q8_0's)" if quant == "q6_k" and set(got) == {"q8_0"} and \
+        len(fell) == len(types) else ""
+    return (f"{quant}: {len(fell)} of {len(types)} weight matrices have rows {', '.join(map(str, widths))} wide, "
+            f"not a multiple of the {K_BLOCK} llama.cpp's k-quants need; they are {'/'.join(got)} instead{same}")
+
+
 def _expected_size(plan: list[Planned], quant: str, meta: int) -> int:
     """About how many bytes the `quant` file of `plan` (planned as f16 for a k-quant) takes."""
     if quant not in K_QUANTS:
         return sum(p.nbytes for p in plan) + meta
-    total = 0
-    for p in plan:
-        n = math.prod(p.shape)
-        if len(p.shape) == 1:
-            total += 4 * n
-        elif p.shape[-1] % 256 == 0:
-            total += int(n * K_QUANT_BITS[quant] / 8)
-        else:
-            total += int(n * 8.5 / 8) if p.shape[-1] % 32 == 0 else 2 * n   # llama.cpp's fallbacks
+    total = sum(4 * math.prod(p.shape) for p in plan if len(p.shape) < 2)
+    total += sum(int(math.prod(p.shape) * TYPE_BITS[got] / 8) for p, _, got in _k_types(plan, quant))
     return total + meta
 
 
@@ -557,8 +597,12 @@ def estimate(source: Path) -> dict:
     shapes = _shapes(config)
     meta = vocab_from_tokenizer(load_tokenizer(ckpt / "tokenizer"), config.vocab_size, ckpt / "tokenizer") \
         .metadata_bytes()
-    sizes = {quant: _expected_size(plan_tensors(config, shapes, "f16" if quant in K_QUANTS else quant), quant, meta)
-             for quant in QUANTS}
+    sizes, fallbacks = {}, {}
+    for quant in QUANTS:
+        plan = plan_tensors(config, shapes, "f16" if quant in K_QUANTS else quant)
+        sizes[quant] = _expected_size(plan, quant, meta)
+        if quant in K_QUANTS and k_fallbacks(plan, quant):
+            fallbacks[quant] = k_fallbacks(plan, quant)
     lora = None
     weights = ckpt / "adapter" / "adapter_model.safetensors"
     if kind == "lora" and weights.is_file():   # written as f32, whatever training stored
@@ -567,7 +611,7 @@ def estimate(source: Path) -> dict:
             lora = sum(4 * math.prod(fh.get_slice(k).get_shape()) for k in fh.keys()) + 4096
     k_ok = k_quants_available()
     return {"architecture": arch, "kind": kind, "checkpoint": str(ckpt), "sizes": sizes,
-            "available": [q for q in QUANTS if q in PYTHON_QUANTS or k_ok], "lora": lora,
+            "available": [q for q in QUANTS if q in PYTHON_QUANTS or k_ok], "lora": lora, "fallbacks": fallbacks,
             "k_quants_hint": None if k_ok else K_QUANT_HINT}
 
 
@@ -621,6 +665,8 @@ def export_gguf(source: Path, gguf_out: Path | None, quant: str = "f16", lora_ou
     plan = plan_tensors(config, _shapes(config), "f16" if quant in K_QUANTS else quant)
     meta = vocab.metadata_bytes()
     need = _expected_size(plan, quant, meta)
+    if quant in K_QUANTS and k_fallbacks(plan, quant):
+        answer["warnings"].append(k_fallbacks(plan, quant))
     if quant in K_QUANTS:   # the f16 file llama.cpp quantizes from sits beside it until the end
         need += _expected_size(plan, "f16", meta)
     _check_space(gguf_out, need, f"the {quant} file" + (" and its f16 intermediate" if quant in K_QUANTS else ""))
@@ -669,6 +715,8 @@ def cmd_gguf(args) -> int:
                 print(f"lora    {format_bytes(sizes['lora'])}")
             if sizes["k_quants_hint"]:
                 print(sizes["k_quants_hint"])
+            for line in sizes["fallbacks"].values():
+                print(f"note: {line}")
         return 0
     if not args.gguf and not args.gguf_lora:
         raise UserError("export", "say what to write: --gguf OUT.gguf and/or --gguf-lora OUT.gguf")
