@@ -50,6 +50,15 @@ def test_unknown_preset_and_bad_flags_are_one_line(tmp_path):
     assert_one_line_error(proc, "--steps")
 
 
+def test_export_bad_quant_and_no_target_are_one_line(tmp_path):
+    """An unknown --quant names the valid ones (not argparse's usage text); an export with nothing to write
+    names every kind of output, GGUF included."""
+    proc = cli("export", tmp_path, "--gguf", tmp_path / "x.gguf", "--quant", "q2_k")
+    assert_one_line_error(proc, "--quant", "q2_k", "f16", "q8_0", "q4_k_m", "q6_k")
+    proc = cli("export", tmp_path)
+    assert_one_line_error(proc, "--merged OUT", "--adapter OUT", "--gguf OUT.gguf", "--gguf-lora OUT.gguf")
+
+
 def test_hardware_json_falls_back_to_cpu():
     proc = cli("hardware", "--json")
     assert proc.returncode == 0, proc.stderr

@@ -110,12 +110,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .gguf_export import QUANTS
+    if args.quant not in QUANTS:   # checked here, not by argparse, for one line instead of its usage text
+        raise UserError("--quant", f"{args.quant!r} is not a GGUF type Modron writes; choose one of {', '.join(QUANTS)}")
     if args.gguf or args.gguf_lora or args.gguf_sizes:
         from .gguf_export import cmd_gguf
         return cmd_gguf(args)
     from .export import export_adapter, export_merged, leave_on_sigterm
     if not args.merged and not args.adapter:
-        raise UserError("export", "say what to write: --merged OUT and/or --adapter OUT")
+        raise UserError("export", "say what to write: --merged OUT, --adapter OUT, --gguf OUT.gguf "
+                                  "and/or --gguf-lora OUT.gguf")
     signal.signal(signal.SIGTERM, leave_on_sigterm)   # the app's Cancel: no temporary folder stays
     written: dict = {}
     info: dict = {"warnings": []}
@@ -237,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", metavar="OUT")
     e.add_argument("--gguf", metavar="OUT.gguf", help="one GGUF file for llama.cpp/Ollama (a LoRA run: merged), "
                                                      "with an Ollama Modelfile beside it")
-    e.add_argument("--quant", default="f16", choices=("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"),
+    from .gguf_export import QUANTS
+    e.add_argument("--quant", default="f16", metavar="{" + ",".join(QUANTS) + "}",
                    help="GGUF weight type (default: f16; the k-quants need llama-cpp-python)")
     e.add_argument("--gguf-lora", metavar="OUT.gguf", help="a LoRA run's adapter as a GGUF LoRA (llama.cpp --lora)")
     e.add_argument("--gguf-sizes", action="store_true", help="print the expected GGUF size per quant")
