@@ -271,3 +271,20 @@ def test_a_damaged_newest_checkpoint_is_passed_over_with_a_word(tmp_path, tokeni
     assert main(["export", str(run), "--gguf", str(tmp_path / "j.gguf"), "--json"]) == 0
     answer = decode_event(capsys.readouterr().out.splitlines()[-1])["answer"]
     assert answer["step"] == 75 and answer["warnings"][0].startswith(said)
+
+
+def test_exports_print_no_progress_bar_or_deprecation_warning(tmp_path, lora_run, capsys):
+    """transformers' 'Loading weights' bar and PEFT's read of the deprecated is_gradient_checkpointing said
+    nothing to an export's user on every run."""
+    import warnings as warnings_mod
+
+    from training_core.cli import main
+    run, _ = lora_run
+    capsys.readouterr()
+    with warnings_mod.catch_warnings(record=True) as caught:
+        warnings_mod.simplefilter("always")
+        assert main(["export", str(run), "--merged", str(tmp_path / "m")]) == 0
+        assert main(["export", str(run), "--gguf", str(tmp_path / "m.gguf")]) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err, err
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
