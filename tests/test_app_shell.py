@@ -451,16 +451,21 @@ def _run_main(monkeypatch, tmp_path, argv, tray_available, inspect):
         except BaseException as exc:   # re-raised after the loop ends
             seen["error"] = exc
         finally:
-            app_.quit()   # always: a failed look must fail the test, not hang it in the app's loop
+            app_.exit(0)   # always: a failed look must fail the test, not hang it in the app's loop
     QTimer.singleShot(300, check)
     try:
         code = app.main.main(argv + ["--data-dir", str(tmp_path / "data")])
+        # Closing the last window while quitOnLastWindowClosed holds (no tray: main() sets it) posts a quit,
+        # and the next test's first event loop (a qtbot.waitSignal) would end at once on it.
+        app_.setQuitOnLastWindowClosed(False)
+        if "window" in seen:
+            seen["window"].close()
+            seen["window"].deleteLater()
+        app_.processEvents()
     finally:
         app_.setQuitOnLastWindowClosed(quit_on_close)
     if "error" in seen:
         raise seen["error"]
-    seen["window"].close()
-    seen["window"].deleteLater()
     return code
 
 
