@@ -36,3 +36,17 @@ def store(tmp_path):
     s = Store(tmp_path / "modron.sqlite3")
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def built_windows_setup():
+    """The Windows installer built once per session (MODRON_FAST_BUILD: zlib, the release's solid LZMA only
+    makes it slower here); tests/test_installer_windows.py checks it, tests/test_installer_wine.py runs a copy."""
+    import os
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([str(root / "installer" / "build-windows.sh")], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, MODRON_FAST_BUILD="1"))
+    assert out.returncode == 0, out.stderr
+    return Path(out.stdout.strip().splitlines()[-1])

@@ -45,15 +45,10 @@ def _bmp(data: bytes) -> tuple[int, int, int, int]:
 
 
 @pytest.fixture(scope="module")
-def setup_exe():
+def setup_exe(built_windows_setup):
     _need("makensis", "nsis")
-    env = dict(os.environ, MODRON_FAST_BUILD="1")   # zlib: the release's solid LZMA only makes it slower here
-    out = subprocess.run([str(ROOT / "installer" / "build-windows.sh")], capture_output=True, text=True, timeout=300,
-                         env=env)
-    assert out.returncode == 0, out.stderr
-    path = Path(out.stdout.strip().splitlines()[-1])
-    assert path == ROOT / "dist" / "Modron-Setup-0.1.0.exe"
-    return path
+    assert built_windows_setup == ROOT / "dist" / "Modron-Setup-0.1.0.exe"
+    return built_windows_setup
 
 
 @pytest.mark.slow
