@@ -121,7 +121,32 @@ def _process(owner: QObject, command: tuple[str, list[str]]) -> QProcess:
     return proc
 
 
-class EngineCall(QObject):
+class _Cancellable:
+    """start/running/cancel of a one-shot engine command (EngineCall, EngineTask)."""
+    CANCEL_GRACE_MS = 5_000
+    _proc: QProcess
+    _cancelled: bool
+
+    def start(self) -> None:
+        self._proc.start()
+
+    def running(self) -> bool:
+        return self._proc.state() != QProcess.ProcessState.NotRunning
+
+    def cancel(self) -> None:
+        """Stop it (SIGTERM, on which an export removes its temporary files; killed if still there after
+        CANCEL_GRACE_MS); neither of its signals is emitted afterwards."""
+        self._cancelled = True
+        if self.running():
+            self._proc.terminate()
+            QTimer.singleShot(self.CANCEL_GRACE_MS, self._kill_if_running)
+
+    def _kill_if_running(self) -> None:
+        if self.running():
+            self._proc.kill()
+
+
+class EngineCall(_Cancellable, QObject):
     """One one-shot engine command: `EngineCall(["validate", "--data", f, "--json"], parent=view)`,
     connect `done`/`failed`, then `start()`."""
     done = Signal(object)   # the parsed JSON document (json=True) or the stdout text
@@ -137,25 +162,6 @@ class EngineCall(QObject):
         self._proc.finished.connect(self._on_finished)
         self._proc.errorOccurred.connect(self._on_error)
 
-    def start(self) -> None:
-        self._proc.start()
-
-    CANCEL_GRACE_MS = 5_000
-
-    def cancel(self) -> None:
-        """Stop it (SIGTERM, on which an export removes its temporary folder; killed if still there after
-        CANCEL_GRACE_MS); neither signal is emitted afterwards."""
-        self._cancelled = True
-        if self.running():
-            self._proc.terminate()
-            QTimer.singleShot(self.CANCEL_GRACE_MS, self._kill_if_running)
-
-    def _kill_if_running(self) -> None:
-        if self.running():
-            self._proc.kill()
-
-    def running(self) -> bool:
-        return self._proc.state() != QProcess.ProcessState.NotRunning
 
     def _on_finished(self, code: int, status: QProcess.ExitStatus) -> None:
         if self._cancelled or self._finished:
@@ -323,7 +329,7 @@ class EngineRun(_EventLines, QObject):
             self.exited.emit(-1, reason)
 
 
-class EngineTask(_EventLines, QObject):
+class EngineTask(_Cancellable, _EventLines, QObject):
     """A long one-shot command that speaks the protocol (`export RUN --gguf OUT --json`): `progress` events
     while it works, then `done` with the `result` event's answer, or `failed` with one plain line (its
     `failed` event, else the CLI's last line). `cancel()` sends SIGTERM, on which the engine removes its
@@ -331,7 +337,6 @@ class EngineTask(_EventLines, QObject):
     progress = Signal(dict)   # each `progress` event, decoded
     done = Signal(object)     # the answer
     failed = Signal(str)
-    CANCEL_GRACE_MS = 5_000
 
     def __init__(self, args, parent=None):
         super().__init__(parent)
@@ -347,21 +352,6 @@ class EngineTask(_EventLines, QObject):
         self._proc.finished.connect(self._on_finished)
         self._proc.errorOccurred.connect(self._on_error)
 
-    def start(self) -> None:
-        self._proc.start()
-
-    def running(self) -> bool:
-        return self._proc.state() != QProcess.ProcessState.NotRunning
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        if self.running():
-            self._proc.terminate()
-            QTimer.singleShot(self.CANCEL_GRACE_MS, self._kill_if_running)
-
-    def _kill_if_running(self) -> None:
-        if self.running():
-            self._proc.kill()
 
     def _on_stderr(self) -> None:
         self._err = (self._err + bytes(self._proc.readAllStandardError().data()))[-65536:]
