@@ -3,8 +3,8 @@
 All three train the same from-scratch Llama preset (built by training_core.models.load_base,
 so the same config and the same seeded initial weights) on the same packed blocks of a
 generated text file (tokenized once into a shared cache), with the same batch size, sequence
-length, fp32 on the CPU, thread count, AdamW (lr, betas, weight decay, non-fused as the engine
-uses on the CPU), gradient clipping at 1.0 and number of steps. Each runs in this process, one
+length, fp32 on the CPU, thread count, AdamW (lr, betas, weight decay, fused as the engine
+and Trainer's default use on the CPU), gradient clipping at 1.0 and number of steps. Each runs in this process, one
 after another, in rotated order, `--repeats` times; the first `--warmup` steps of every run
 are not timed. No eval, sample or checkpoint work falls inside a timed window.
 
@@ -207,7 +207,7 @@ def run_plain(setup: Setup, rep: int) -> Measurement:
     a = setup.args
     torch.set_num_threads(a.threads)
     model = build_model(setup)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=BETAS, weight_decay=a.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=BETAS, weight_decay=a.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, engine_schedule(a.warmup, a.steps))
     # Batches gathered up front: the baseline pays nothing for data.
     batches = [torch.from_numpy(setup.dataset.train_batch(idx)) for idx in batch_order(setup.dataset, a.steps,
@@ -253,7 +253,7 @@ def run_trainer(setup: Setup, rep: int) -> Measurement:
         output_dir=str(setup.tmp / f"trainer-{rep}"), per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=1, max_steps=a.steps, learning_rate=a.lr, weight_decay=a.weight_decay,
         adam_beta1=BETAS[0], adam_beta2=BETAS[1], max_grad_norm=MAX_GRAD_NORM,
-        optim=a.trainer_optim,   # default adamw_torch: the engine's non-fused AdamW (Trainer's own default is fused)
+        optim=a.trainer_optim,   # default adamw_torch_fused: Trainer's own default, and what the engine runs
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=a.warmup,
         logging_strategy="no", logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to=[],
         use_cpu=True, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True, seed=a.seed)
@@ -300,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--chars", type=int, default=400_000, help="size of the generated text file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trainer-optim", default="adamw_torch", choices=["adamw_torch", "adamw_torch_fused"],
-                   help="Trainer's optimizer; adamw_torch is what the engine runs on the CPU")
+    p.add_argument("--trainer-optim", default="adamw_torch_fused", choices=["adamw_torch", "adamw_torch_fused"],
+                   help="Trainer's optimizer; adamw_torch_fused (its default) is what the engine runs")
     p.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
                    help="before each run, wait up to this long for other processes to go quiet")
     p.add_argument("--only", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))

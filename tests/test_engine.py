@@ -65,6 +65,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     eng = Engine(part, lambda e: None)
     eng._setup()
     eng._t0, eng._paused_total = 0.0, 0.0
+    assert eng.optimizer.defaults["fused"] is True   # fused AdamW on the CPU too (issue 15)
     for _ in range(6):
         eng.train_step()
     eng.save_checkpoint("periodic", with_eval=False)

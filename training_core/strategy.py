@@ -34,7 +34,9 @@ class LocalStrategy:
 
     # ---- set-up ---------------------------------------------------------------------------
     def make_optimizer(self, engine: "Engine", params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        fused = engine.device.type == "cuda"
+        # torch's fused AdamW (one kernel over all parameters) runs on CUDA and, since torch 2.4, on the
+        # CPU, where it steps 2-4x faster than the default for-each version (bench/engine_throughput.py).
+        fused = engine.device.type in ("cuda", "cpu")
         return torch.optim.AdamW(params, lr=lr, weight_decay=engine.spec.weight_decay, betas=(0.9, 0.95),
                                  fused=fused)
 
