@@ -91,7 +91,9 @@ class JobSpec:
                                     help="prompts the model continues at each evaluation")
     sample_max_tokens: int = opt(40, minimum=1, label="Sample length", help="tokens per sample")
     device: str = opt("auto", label="Device", help="auto | cpu | cuda | cuda:N")
-    threads: int | None = opt(None, minimum=1, label="CPU threads", help="torch CPU threads (default: torch's)")
+    threads: int | None = opt(None, minimum=1, label="CPU threads",
+                              help="torch CPU threads (default on the CPU: the cores other programs leave free, "
+                                   "looked at as it runs)")
     on_divergence: str = opt("stop", choices=ON_DIVERGENCE, label="If training diverges",
                              help="if the loss stops being finite: stop (the last good checkpoint is kept), or "
                                   "go back to it with a third of the learning rate (at most 3 times)")

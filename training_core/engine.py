@@ -657,6 +657,14 @@ class Engine:
         self.controls.polling = False
         return True
 
+    def _thread_governor(self):
+        """A CPU run not given --threads trains on the cores other programs leave free, looked at every
+        few seconds (training_core/cpu_threads.py); a GPU run's CPU threads are mostly idle."""
+        if self.device.type != "cpu" or self.spec.threads:
+            return None
+        from .cpu_threads import ThreadGovernor
+        return ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
+
     def _run(self) -> RunResult:
         self._t0 = time.monotonic()
         self._paused_total, self._pause_began = 0.0, None
@@ -669,6 +677,7 @@ class Engine:
         last_emit_t, last_emit_step = self._training_clock(), self.step
         loss_acc = torch.zeros((), device=self.device)
         step_time_ema: float | None = None
+        threads = self._thread_governor()
         try:
             self.controls.polling = True   # from here a stop is obeyed between steps, after a checkpoint
             while self.step < self.total_steps:
@@ -678,6 +687,8 @@ class Engine:
                 loss_acc += self.train_step()
                 self.phase("training", "Training")
                 self.strategy.after_step(self)
+                if threads is not None:
+                    threads.tick()
                 due_ckpt = (self.step % spec.checkpoint_every == 0) if spec.checkpoint_every else \
                     (time.monotonic() - self.last_ckpt_time >= spec.checkpoint_minutes * 60)
                 last = self.step == self.total_steps
