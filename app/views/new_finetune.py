@@ -204,7 +204,7 @@ class NewFinetuneView(QWidget):
                                         "(auto does this too), or read plain bytes (no tokenizer to train, "
                                         "longer sequences)")
         self.threads_spin = optional_spin(1, 512, "auto")
-        self.threads_spin.setToolTip("CPU threads for training on the CPU; auto lets PyTorch choose")
+        self.threads_spin.setToolTip("CPU threads for training on the CPU; auto uses the cores other programs leave free, looked at as it runs")
         self.diverge_combo = _choice_combo("on_divergence", DIVERGE_TEXT)
         self.diverge_combo.setToolTip("When the loss stops being a finite number (the learning rate is too high). "
                                       "Going back retries at a third of the learning rate, at most 3 times.")
