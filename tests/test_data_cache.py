@@ -73,7 +73,8 @@ def test_second_build_does_no_tokenization(tmp_path, tok, monkeypatch):
     assert second.fingerprint == first.fingerprint
     assert np.array_equal(second.train_batch(range(second.num_train)), first.train_batch(range(first.num_train)))
     # The default cache lives under paths.cache_dir() / "tokens".
-    assert sorted(p.suffix for p in (paths.cache_dir() / "tokens").iterdir()) == [".bin", ".bin", ".json", ".json"]
+    assert sorted(p.suffix for p in (paths.cache_dir() / "tokens").iterdir()) == [".bin", ".bin", ".ends", ".ends",
+                                                                                ".json", ".json"]
     # validate() with the same tokenizer reuses the cache too.
     report = validate([d], tokenizer=tok)
     assert len(calls) == n and report.tokens == first.tokens_total
@@ -129,6 +130,13 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, tok):
         b.write_bytes(b.read_bytes()[:10])  # cut short, e.g. by a full disk
     ds = build_dataset([d], tok, seq_len=16, cache_dir=folder)
     assert all_tokens(ds) == want
+    want_positions = ds.train_positions(range(ds.num_train)).tolist()
+    del ds
+    for e in folder.glob("*.ends"):
+        e.unlink()   # as an entry of an older Modron would lack it
+    ds = build_dataset([d], tok, seq_len=16, cache_dir=folder)
+    assert all_tokens(ds) == want and ds.train_positions(range(ds.num_train)).tolist() == want_positions
+    assert len(list(folder.glob("*.ends"))) == 2
 
 
 def test_no_special_tokens_and_no_truncation(tmp_path):

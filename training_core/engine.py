@@ -393,17 +393,21 @@ class Engine:
             return torch.autocast(self.device.type, dtype=HALF[self.precision])
         return torch.autocast(self.device.type, enabled=False)
 
-    def _forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Forward and backward over the whole batch in micro-batches; returns the mean loss (a tensor)."""
+    def _forward_backward(self, batch: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward and backward over the whole batch in micro-batches; returns the mean loss (a tensor).
+        `positions`: the blocks' position ids, restarting at each document (None: no document starts
+        inside a block); with them attention stays within each document (data/packed.py)."""
+        from .data.packed import packed_inputs
         total = batch.shape[0]
         loss_sum = torch.zeros((), device=self.device)
         for start in range(0, total, self.micro_batch):
             chunk = batch[start:start + self.micro_batch]
+            pos = positions[start:start + self.micro_batch] if positions is not None else None
             if self.step in self.spec.test_oom_at_steps and self.step not in self._fake_oom_done:
                 self._fake_oom_done.add(self.step)
                 raise torch.OutOfMemoryError("CUDA out of memory (test hook)")
             with self._autocast():
-                loss = self.model(input_ids=chunk, labels=chunk).loss
+                loss = self.model(**packed_inputs(chunk, pos)).loss
             if self.step in self.spec.test_nan_at_steps and self.step not in self._fake_nan_done:
                 self._fake_nan_done.add(self.step)
                 loss = loss * float("nan")
@@ -427,14 +431,23 @@ class Engine:
                   grad_accum=accum, message=f"Out of GPU memory: micro-batch {old} -> {self.micro_batch}, "
                                             f"{accum} accumulation steps keep the batch at {self.spec.batch_size}")
 
+    def _positions_on_device(self, positions: np.ndarray) -> torch.Tensor | None:
+        """Position ids for the model, or None where no document starts inside a block (decided here, on
+        the host: no device sync)."""
+        from .data.packed import has_documents
+        if not has_documents(positions):
+            return None
+        return torch.from_numpy(positions).to(self.device, non_blocking=True)
+
     def train_step(self) -> torch.Tensor:
         idx = self.batch_indices(self.step)
         batch = torch.from_numpy(self.data.train_batch(idx))
         batch = batch.to(self.device, non_blocking=True)
+        positions = self._positions_on_device(self.data.train_positions(idx))
         t0 = time.monotonic()
         while True:
             try:
-                loss = self._forward_backward(batch)
+                loss = self._forward_backward(batch, positions)
                 break
             except _oom_errors() as exc:
                 # Recover outside the except block: its traceback pins the failed step's tensors.
@@ -455,13 +468,15 @@ class Engine:
         if n == 0:
             return {"eval_loss": None, "perplexity": None}
         self.phase("evaluating", f"Evaluating on {n} held-out blocks…")
+        from .data.packed import packed_inputs
         self.model.eval()
         total = 0.0
         for start in range(0, n, self.micro_batch):
             idx = list(range(start, min(n, start + self.micro_batch)))
-            batch = torch.from_numpy(np.stack([self.data.eval_block(i) for i in idx])).to(self.device)
+            batch = torch.from_numpy(self.data.eval_batch(idx)).to(self.device)
+            positions = self._positions_on_device(self.data.eval_positions(idx))
             with self._autocast():
-                total += self.model(input_ids=batch, labels=batch).loss.float().item() * len(idx)
+                total += self.model(**packed_inputs(batch, positions)).loss.float().item() * len(idx)
         self.model.train()
         loss = total / n
         result = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}

@@ -1,9 +1,10 @@
 """The token cache: each data file tokenized once into a flat binary array of token ids.
 
-An entry is `<key>.bin` (raw uint16/uint32 ids, memory-mapped when training) plus
-`<key>.json` (counts, format, warnings, preview). The key is a hash of the file's bytes,
+An entry is `<key>.bin` (raw uint16/uint32 ids, memory-mapped when training), `<key>.ends`
+(int64: where each record ends in the .bin, one past the eos appended to it; packing restarts
+position ids there, see packed.py) plus `<key>.json` (counts, format, warnings, preview). The key is a hash of the file's bytes,
 the tokenizer's fingerprint and PIPELINE_VERSION, so an edited file, another tokenizer or
-a change in how records are rendered each make a fresh entry. Both files are written under
+a change in how records are rendered each make a fresh entry. All files are written under
 temporary names and renamed into place, .json last: an entry without a valid .json is
 ignored, so a run killed while tokenizing never leaves a bad cache behind.
 """
@@ -23,7 +24,7 @@ from ..errors import ModelError
 from ..fsutil import atomic_write_text
 from .formats import FileStats, read_file
 
-PIPELINE_VERSION = 1     # bump when rendering or tokenization changes what ends up in a cache
+PIPELINE_VERSION = 2     # bump when rendering or tokenization changes what ends up in a cache (2: .ends)
 HASH_BYTES = 4 << 20
 BATCH_CHARS = 1 << 20    # text per tokenizer call: big enough to use every core, small for RAM
 BATCH_RECORDS = 4096
@@ -99,6 +100,15 @@ class Entry:
     def array(self) -> np.ndarray:
         return np.memmap(self.bin_path, dtype=np.dtype(self.meta["dtype"]), mode="r", shape=(self.tokens,))
 
+    def ends(self) -> np.ndarray:
+        """Where each record ends (exclusive, after its eos), ascending. The eos id alone cannot say this:
+        a chat template may put the tokenizer's eos inside a record (Qwen's <|im_end|> after every turn,
+        Mistral's </s> after every answer), and a conversation must not be cut there."""
+        n = int(self.meta["records_ended"])
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.memmap(self.bin_path.with_suffix(".ends"), dtype=np.int64, mode="r", shape=(n,))
+
 
 def _lookup(folder: Path, key: str, fingerprint: str) -> Entry | None:
     meta_path, bin_path = folder / f"{key}.json", folder / f"{key}.bin"
@@ -107,6 +117,8 @@ def _lookup(folder: Path, key: str, fingerprint: str) -> Entry | None:
         if meta.get("version") != PIPELINE_VERSION or meta.get("fingerprint") != fingerprint:
             return None
         if bin_path.stat().st_size != int(meta["tokens"]) * np.dtype(meta["dtype"]).itemsize:
+            return None
+        if folder.joinpath(f"{key}.ends").stat().st_size != int(meta["records_ended"]) * 8:
             return None
         return Entry(bin_path, meta)
     except (OSError, ValueError, KeyError, TypeError):
@@ -140,25 +152,30 @@ def cached_or_build(path: Path, tokenizer: Any, fingerprint: str, folder: Path,
     dtype, eos = token_dtype(tokenizer), eos_id(tokenizer)
     encode = make_encoder(tokenizer)
     stats = FileStats(path)
-    bin_path = folder / f"{key}.bin"
-    tmp = folder / f".{key}.bin.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    total = 0
+    bin_path, ends_path = folder / f"{key}.bin", folder / f"{key}.ends"
+    suffix = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp, tmp_ends = folder / f".{key}.bin.{suffix}", folder / f".{key}.ends.{suffix}"
+    total = ended = 0
     try:
-        with open(tmp, "wb") as out:
+        with open(tmp, "wb") as out, open(tmp_ends, "wb") as out_ends:
             batch: list[str] = []
             ends: list[bool] = []
             chars = 0
 
             def flush() -> None:
-                nonlocal chars, total
+                nonlocal chars, total, ended
                 flat: list[int] = []
+                record_ends: list[int] = []
                 for ids, end in zip(encode(batch), ends):
                     flat.extend(ids)
                     if end:
                         flat.append(eos)
+                        record_ends.append(total + len(flat))
                 arr = np.array(flat, dtype=dtype)
                 arr.tofile(out)
+                np.array(record_ends, dtype=np.int64).tofile(out_ends)
                 total += len(arr)
+                ended += len(record_ends)
                 batch.clear()
                 ends.clear()
                 chars = 0
@@ -173,15 +190,19 @@ def cached_or_build(path: Path, tokenizer: Any, fingerprint: str, folder: Path,
                     flush()
             if batch:
                 flush()
-            out.flush()
-            os.fsync(out.fileno())
+            for fh in (out, out_ends):
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp_ends, ends_path)
         os.replace(tmp, bin_path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for t in (tmp, tmp_ends):
+            if t.exists():
+                t.unlink()
     meta = {
         "version": PIPELINE_VERSION, "fingerprint": fingerprint, "source": str(path), "sha256": digest,
-        "dtype": dtype.name, "tokens": total, "records": stats.records, "empty": stats.empty,
+        "dtype": dtype.name, "tokens": total, "records": stats.records, "records_ended": ended,
+        "empty": stats.empty,
         "chars": stats.chars, "format": stats.format, "encoding": stats.encoding,
         "warnings": stats.warnings, "preview": stats.preview, "created": time.time(),
     }

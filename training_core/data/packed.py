@@ -1,4 +1,12 @@
-"""Packing: every file's cached tokens, virtually concatenated and cut into fixed-size blocks."""
+"""Packing: every file's cached tokens, virtually concatenated and cut into fixed-size blocks.
+
+A block holds the ends and starts of several records (documents). Each comes with position ids
+that restart at 0 where a record starts (after the eos the cache appended to the one before; a
+file's first token and a block's first token start at 0 too). Given those position ids and no
+attention mask, transformers' sdpa/eager attention builds a block-diagonal causal mask
+(masking_utils.find_packed_sequence_indices), so no token attends to another document, and
+`packed_labels` leaves out the one target that would cross a boundary.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +18,8 @@ import numpy as np
 from ..errors import DataError, raise_data_errors
 from .cache import PIPELINE_VERSION, Entry, cached_or_build, default_cache_dir, tokenizer_fingerprint
 from .discover import discover_files
+
+IGNORE_INDEX = -100   # transformers' loss leaves out labels with this value
 
 # The held-out split uses its own fixed seed: runs with different --seed values are then
 # evaluated on the same blocks and their eval losses compare.
@@ -29,8 +39,13 @@ class PackedDataset:
 
     def __init__(self, arrays: Sequence[np.ndarray], seq_len: int, eval_fraction: float = 0.02, seed: int = 0,
                  files: list[Path] | None = None, fingerprint: str = "", warnings: list[str] | None = None,
-                 where: str = "data"):
+                 where: str = "data", ends: Sequence[np.ndarray] | None = None):
+        """`ends`: per array, where each of its records ends (exclusive, ascending; Entry.ends()). Without
+        them no document boundary is known and position ids are 0..seq_len-1 in every block."""
         self.seq_len = int(seq_len)
+        self._ends = list(ends) if ends is not None else None
+        if self._ends is not None and len(self._ends) != len(arrays):
+            raise ValueError("one array of record ends per token array")
         self.seed = int(seed)
         self.files = list(files or [])
         self.warnings = list(warnings or [])
@@ -68,6 +83,36 @@ class PackedDataset:
             i += 1
         return out
 
+    def _positions(self, b: int) -> np.ndarray:
+        """Position ids of block `b`: 0 at the block's first token and at every record's first token,
+        counting up from there."""
+        positions = np.arange(self.seq_len, dtype=np.int64)
+        if self._ends is None:
+            return positions
+        start = b * self.seq_len
+        stop = start + self.seq_len
+        i = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        cuts = []
+        while True:
+            base = int(self._offsets[i])
+            lo, hi = start - base, min(stop - base, len(self._arrays[i]))
+            ends = self._ends[i]
+            # records ending strictly inside the block's part of this file: the next one starts there
+            first, last = np.searchsorted(ends, [max(lo, 0), hi], side="right")
+            cuts.append(np.asarray(ends[first:last], dtype=np.int64) + (base - start))
+            nxt = base + len(self._arrays[i])
+            if nxt >= stop:
+                break
+            cuts.append(np.array([nxt - start], dtype=np.int64))   # the next file starts a document
+            i += 1
+        cuts = np.concatenate(cuts)
+        cuts = cuts[(cuts > 0) & (cuts < self.seq_len)]
+        if len(cuts):
+            starts = np.zeros(self.seq_len, dtype=np.int64)
+            starts[cuts] = cuts
+            positions -= np.maximum.accumulate(starts)
+        return positions
+
     @staticmethod
     def _check(i: int, n: int, what: str) -> int:
         i = int(i)
@@ -97,9 +142,51 @@ class PackedDataset:
         return np.stack([self.eval_block(int(i)) for i in idx]) if len(idx) else \
             np.empty((0, self.seq_len), dtype=np.int64)
 
+    def train_positions(self, indices) -> np.ndarray:
+        """Position ids for `train_batch(indices)`, row for row."""
+        idx = np.asarray(indices).reshape(-1)
+        out = np.empty((len(idx), self.seq_len), dtype=np.int64)
+        for row, i in enumerate(idx):
+            out[row] = self._positions(int(self._train[self._check(int(i), self.num_train, "train")]))
+        return out
+
+    def eval_positions(self, indices) -> np.ndarray:
+        """Position ids for `eval_batch(indices)`, row for row."""
+        idx = np.asarray(indices).reshape(-1)
+        out = np.empty((len(idx), self.seq_len), dtype=np.int64)
+        for row, i in enumerate(idx):
+            out[row] = self._positions(int(self._eval[self._check(int(i), self.num_eval, "eval")]))
+        return out
+
     def __repr__(self) -> str:
         return (f"PackedDataset({len(self.files)} files, {self.tokens_total} tokens, seq_len={self.seq_len}, "
                 f"train={self.num_train}, eval={self.num_eval})")
+
+
+def packed_inputs(ids, positions) -> dict:
+    """The model's keyword arguments for packed blocks `ids` (a torch tensor) with `positions` (their
+    position ids, same shape, same device; or None). Where no row has a document starting after its first
+    token, position ids are left out: the model then runs exactly as it did before packing knew about
+    documents (the same causal mask, the same loss).
+
+    Labels: the first token of a document (position 0) is no target (IGNORE_INDEX). Its prediction would come
+    from the eos ending the previous, unrelated document, which under the block-diagonal mask sees only
+    that document: a guess at how some other text begins, trained as noise, and a target a document
+    trained alone never has. So the loss of a packed block is exactly the loss of its documents run one
+    by one (tests/test_data_packed.py checks it). The eos itself stays a target: the model must learn to stop.
+    A block's first token is never a target anyway (labels shift by one inside the model).
+    """
+    if positions is None:
+        return {"input_ids": ids, "labels": ids}
+    # use_cache=False: transformers reads packed documents from position ids only when no KV cache is made
+    # (a model in eval mode with use_cache on in its config would make one and attend across documents).
+    return {"input_ids": ids, "labels": ids.masked_fill(positions == 0, IGNORE_INDEX), "position_ids": positions,
+            "use_cache": False}
+
+
+def has_documents(positions: np.ndarray) -> bool:
+    """Whether a document starts inside any row (after its first token) of these position ids."""
+    return bool((positions[:, 1:] == 0).any())
 
 
 def _where(paths: list) -> str:
@@ -143,4 +230,5 @@ def build_dataset(paths, tokenizer: Any, seq_len: int, eval_fraction: float = 0.
     for entry in entries:
         key.update(entry.bin_path.name.encode())
     return PackedDataset([e.array() for e in entries], seq_len, eval_fraction=eval_fraction, seed=seed,
-                         files=files, fingerprint=key.hexdigest()[:16], warnings=warnings, where=_where(paths))
+                         files=files, fingerprint=key.hexdigest()[:16], warnings=warnings, where=_where(paths),
+                         ends=[e.ends() for e in entries])
