@@ -1,20 +1,28 @@
 """Live line charts that stay smooth with a day of points.
 
-Data lives in growable numpy buffers (capacity doubles, so appends are amortised O(1)) and
-pyqtgraph draws only what is visible, peak-downsampled to about one point per pixel. Appends
-only mark the chart dirty; one timer tick hands the new arrays to pyqtgraph, so a burst of
-events costs one redraw, not one per event.
+Data lives in growable numpy buffers (capacity doubles, so appends are amortised O(1)). What
+pyqtgraph gets is decimated here, per pixel column of the plot (`decimate`: the first, lowest,
+highest and last point of each column, so every spike and the newest point stay on screen), and
+clipped to the visible x range when the user has zoomed. Appends only mark the chart dirty; one
+timer tick hands the new arrays to pyqtgraph, so a burst of events costs one redraw, not one per
+event, and a series that did not change is not handed over again.
+
+pyqtgraph's own peak downsampling is not used: it drops the last `len % factor` points (up to a
+pixel's worth of the newest steps, spikes included) and bins by point count, not by pixel.
+The grid is drawn in opaque colours behind the curves: Qt's raster engine blends semi-transparent
+lines pixel by pixel, which made pyqtgraph's translucent grid most of a redraw's time.
 """
 from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer
+from PySide6.QtGui import QColor, QPen
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 X_MODES = ("step", "time")
 REDRAW_MS = 100            # at most ~10 redraws a second however fast events come
-DOWNSAMPLE_FACTOR = 1.0   # peak mode keeps a min and a max per bin: ~2 points per pixel column
+POINTS_PER_COLUMN = 4      # decimate only above this many points per pixel column (4 are kept)
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1")
 
 
@@ -29,11 +37,57 @@ def format_elapsed(seconds: float) -> str:
 
 
 class ElapsedAxis(pg.AxisItem):
-    """Bottom axis that shows seconds as durations when the chart's x is time."""
+    """Bottom axis that shows seconds as durations when the chart's x is time. Also the left axis:
+    both draw their grid lines opaque, pre-blended over the plot's `background`."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, background="w", **kwargs):
         super().__init__(*args, **kwargs)
         self.as_time = False
+        self._background = pg.mkColor(background)
+        self._opaque_pens: dict[tuple, QPen] = {}
+
+    def generateDrawSpecs(self, p):
+        specs = super().generateDrawSpecs(p)
+        if specs is None or self.grid is False:
+            return specs
+        axis_spec, tick_specs, text_specs = specs
+        opaque: dict[int, QPen] = {}      # pyqtgraph shares one pen per tick level
+        for pen, _p1, _p2 in tick_specs:
+            if id(pen) not in opaque:
+                opaque[id(pen)] = self._opaque(pen)
+        return axis_spec, [(opaque[id(pen)], p1, p2) for pen, p1, p2 in tick_specs], text_specs
+
+    def updateAutoSIPrefix(self):
+        # pyqtgraph re-sets the label's HTML and re-lays out the axis at every range change (each
+        # live redraw); only do that when the prefix really changes.
+        before = (getattr(self, "autoSIPrefixScale", None), getattr(self, "labelUnitPrefix", None))
+        label_update, self._updateLabel = self._updateLabel, lambda: None
+        try:
+            super().updateAutoSIPrefix()
+        finally:
+            del self._updateLabel
+        if (self.autoSIPrefixScale, self.labelUnitPrefix) != before:
+            label_update()
+        else:
+            self.picture = None
+            self.update()
+
+    def _opaque(self, pen: QPen) -> QPen:
+        """The same colour as `pen` drawn over the background, without alpha (blending is slow)."""
+        color = pen.color()
+        a = color.alphaF()
+        if a >= 1.0:
+            return pen
+        key = (color.rgba(), pen.widthF(), pen.isCosmetic())
+        out = self._opaque_pens.get(key)
+        if out is None:
+            bg = self._background
+            out = QPen(pen)
+            out.setColor(QColor.fromRgbF(bg.redF() + (color.redF() - bg.redF()) * a,
+                                         bg.greenF() + (color.greenF() - bg.greenF()) * a,
+                                         bg.blueF() + (color.blueF() - bg.blueF()) * a))
+            self._opaque_pens[key] = out
+        return out
 
     def tickStrings(self, values, scale, spacing):
         if not self.as_time:
@@ -41,6 +95,52 @@ class ElapsedAxis(pg.AxisItem):
         if spacing * scale < 1:   # a chart with little or no data yet: don't repeat "0s 0s 1s"
             return [f"{v * scale:.1f}s" for v in values]
         return [format_elapsed(v * scale) for v in values]
+
+
+def decimate(x: np.ndarray, y: np.ndarray, columns: int, x_range: tuple[float, float] | None = None,
+             x_sorted: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """What a line plot of (x, y) needs for `columns` pixel columns: per column its first, lowest,
+    highest and last point (in that order), so the drawn line covers the same pixels as the full
+    data's, spikes and the last point included. `x_range` (lo, hi): only that range is shown;
+    one point beyond each end is kept so the line runs to the edges. Data with at most
+    POINTS_PER_COLUMN points per column comes back as it is (views, not copies).
+
+    `x` must be sorted unless `x_sorted` is False; then columns are runs of equal point counts."""
+    columns = max(1, int(columns))
+    n = len(x)
+    if x_range is not None and n and x_sorted:
+        lo, hi = x_range
+        i0 = max(0, int(np.searchsorted(x, lo, side="left")) - 1)
+        i1 = min(n, int(np.searchsorted(x, hi, side="right")) + 1)
+        x, y, n = x[i0:i1], y[i0:i1], i1 - i0
+    else:
+        lo, hi = (float(x[0]), float(x[-1])) if n else (0.0, 1.0)
+    if n <= POINTS_PER_COLUMN * columns:
+        return x, y
+    if x_sorted and hi > lo:
+        edges = np.linspace(lo, hi, columns + 1)[1:-1]
+        starts = np.empty(columns, dtype=np.intp)
+        starts[0] = 0
+        starts[1:] = np.searchsorted(x, edges, side="left")
+        starts = np.unique(starts)            # columns with no point drop out
+        starts = starts[starts < n]
+    else:
+        starts = np.arange(0, n, -(-n // columns), dtype=np.intp)
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:]
+    ends[-1] = n
+    last = ends - 1
+    mid = (starts + last) // 2
+    out_x = np.empty((len(starts), 4), dtype=np.float64)
+    out_y = np.empty((len(starts), 4), dtype=np.float64)
+    out_x[:, 0] = x[starts]
+    out_x[:, 1] = out_x[:, 2] = x[mid]        # within the column: which x inside it does not show
+    out_x[:, 3] = x[last]
+    out_y[:, 0] = y[starts]
+    out_y[:, 1] = np.minimum.reduceat(y, starts)
+    out_y[:, 2] = np.maximum.reduceat(y, starts)
+    out_y[:, 3] = y[last]
+    return out_x.reshape(-1), out_y.reshape(-1)
 
 
 def _as_array(values) -> np.ndarray:
@@ -66,6 +166,7 @@ class SeriesBuffer:
     def __init__(self, capacity: int = 1024):
         self._data = np.empty((3, capacity), dtype=np.float64)
         self.n = 0
+        self.t_sorted = True     # x always is (extend keeps it strictly increasing); t usually
 
     def _reserve(self, extra: int) -> None:
         need = self.n + extra
@@ -97,6 +198,9 @@ class SeriesBuffer:
         if self.n and len(x) and x[0] <= self._data[0, self.n - 1]:
             # x went back (a resume repeats steps): drop our points at or after the new first x
             self.n = int(np.searchsorted(self.x, x[0], side="left"))
+        if self.t_sorted and len(t) and ((self.n and t[0] < self._data[1, self.n - 1])
+                                         or (len(t) > 1 and np.any(np.diff(t) < 0))):
+            self.t_sorted = False
         self._reserve(len(x))
         self._data[0, self.n:self.n + len(x)] = x
         self._data[1, self.n:self.n + len(x)] = t
@@ -105,6 +209,7 @@ class SeriesBuffer:
 
     def clear(self) -> None:
         self.n = 0
+        self.t_sorted = True
 
 
 def _html(text: str) -> str:
@@ -119,8 +224,11 @@ class TimeSeriesChart(QWidget):
 
     def __init__(self, title: str = "", y_label: str = "", parent=None, x_mode: str = "step"):
         super().__init__(parent)
+        self._redrawing = False
+        self._drawn_columns = 0
+        self._drawn_range: tuple[float, float] | None = None   # the x range the data was clipped to
         self._axis = ElapsedAxis("bottom")
-        self.plot_widget = pg.PlotWidget(axisItems={"bottom": self._axis})
+        self.plot_widget = pg.PlotWidget(axisItems={"bottom": self._axis, "left": ElapsedAxis("left")})
         self.plot_widget.setBackground("w")
         self.plot = self.plot_widget.getPlotItem()
         if title:
@@ -129,9 +237,13 @@ class TimeSeriesChart(QWidget):
             self.plot.setLabel("left", y_label)
         self.plot.showGrid(x=True, y=True, alpha=0.25)
         self.plot.getAxis("left").enableAutoSIPrefix(False)   # no "(x0.001)" beside the unit
-        # Both must be set before curves are added: they are defaults for new curves.
-        self.plot.setDownsampling(auto=True, mode="peak")
-        self.plot.setClipToView(True)
+        for side in ("left", "bottom", "top", "right"):
+            self.plot.getAxis(side).setZValue(-200)   # the (opaque) grid behind the curves (view box: -100)
+        self._view = self.plot.getViewBox()
+        # What redraw() hands pyqtgraph depends on the plot's width and, once zoomed, on its x range.
+        self._view.sigXRangeChanged.connect(self._view_changed)
+        self._view.sigStateChanged.connect(self._view_changed)    # also auto-range turned back on
+        self._view.sigResized.connect(self._resized)
         self.legend = QLabel()
         self.legend.setTextFormat(Qt.TextFormat.RichText)
         self.legend.setAlignment(Qt.AlignmentFlag.AlignRight)
@@ -162,8 +274,7 @@ class TimeSeriesChart(QWidget):
         kwargs = {"symbol": symbol, "symbolSize": 6, "symbolBrush": color, "symbolPen": None} if symbol else {}
         # skipFiniteCheck: non-finite values are dropped on append, so pyqtgraph need not scan for them
         curve = self.plot.plot(name=label or name, pen=pg.mkPen(color, width=1), skipFiniteCheck=True,
-                               autoDownsampleFactor=DOWNSAMPLE_FACTOR,
-                               **kwargs)
+                               connect="all", **kwargs)
         self.curves[name] = curve
         self._buffers[name] = SeriesBuffer()
         self._labels[name] = (label or name, color)
@@ -248,20 +359,56 @@ class TimeSeriesChart(QWidget):
         self.plot.setLabel("bottom", "elapsed time" if mode == "time" else "step")
         self._axis.picture = None      # re-render tick labels in the new format
         self._dirty.update(self.curves)
+        self.plot.enableAutoRange()    # first: the data is then decimated whole, not clipped to a zoom
         self.redraw()
-        self.plot.enableAutoRange()
 
     def _mark(self, name: str) -> None:
         self._dirty.add(name)
         if not self._timer.isActive():
             self._timer.start()
 
+    def _columns(self) -> int:
+        width = self._view.width()
+        return int(width * self.devicePixelRatioF()) if width >= 2 else 1000
+
+    def _clip_range(self) -> tuple[float, float] | None:
+        """The x range to clip to: None while x is auto-ranged (everything is shown)."""
+        return None if self._view.autoRangeEnabled()[0] else tuple(self._view.viewRange()[0])
+
+    def _view_changed(self, *_args) -> None:
+        # Range changes that auto-range makes follow the data, which is already decimated whole;
+        # a zoom or pan by the user shows another part, and auto-range turned back on all of it:
+        # decimate anew.
+        if not self._redrawing and self._clip_range() != self._drawn_range:
+            self._dirty.update(self.curves)
+            self.redraw()
+
+    def _resized(self, *_args) -> None:
+        if self._columns() != self._drawn_columns and not self._redrawing:
+            self._dirty.update(self.curves)
+            self.redraw()
+
+    def shown(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The (x, y) handed to pyqtgraph for a series: decimated per pixel column, clipped to the
+        visible x range when the user zoomed."""
+        x, y = self.data(name)
+        x_range = self._clip_range()
+        sorted_x = self.x_mode == "step" or self._buffers[name].t_sorted
+        return decimate(x, y, self._columns(), x_range, x_sorted=sorted_x)
+
     def redraw(self) -> None:
         """Push pending data to pyqtgraph now (the timer does this on its own)."""
         self._timer.stop()
-        for name in self._dirty:
-            x, y = self.data(name)
-            # Hand over views: the buffer only grows past n, so these stay valid until the
-            # next setData, and pyqtgraph copies nothing.
-            self.curves[name].setData(x, y)
-        self._dirty.clear()
+        if not self._dirty:
+            return
+        self._redrawing = True
+        try:
+            self._drawn_columns = self._columns()
+            self._drawn_range = self._clip_range()
+            for name in self._dirty:
+                # Few points come as views of the buffer: it only grows past n, so they stay valid
+                # until the next setData, and pyqtgraph copies nothing.
+                self.curves[name].setData(*self.shown(name))
+            self._dirty.clear()
+        finally:
+            self._redrawing = False

@@ -69,7 +69,16 @@ def wait_until(qapp, predicate, timeout_s: float, what: str) -> None:
 
 
 # ---- charts ----------------------------------------------------------------------------------
-def test_chart_holds_500k_points_downsampled_and_clipped(qtbot):
+def _column_extremes(x, y, lo, hi, columns):
+    """Independent reference: the lowest and highest y of each pixel column of [lo, hi]."""
+    col = np.clip(((x - lo) / (hi - lo) * columns).astype(int), 0, columns - 1)
+    lows, highs = np.full(columns, np.inf), np.full(columns, -np.inf)
+    np.minimum.at(lows, col, y)
+    np.maximum.at(highs, col, y)
+    return col, lows, highs
+
+
+def test_chart_holds_500k_points_decimated_per_pixel_column_and_clipped(qtbot):
     chart = TimeSeriesChart("Loss", "loss")
     qtbot.addWidget(chart)
     chart.resize(800, 300)
@@ -77,39 +86,106 @@ def test_chart_holds_500k_points_downsampled_and_clipped(qtbot):
     chart.add_series("loss")
     chart.add_series("eval_loss")
     chunk = 5_000
+    n = 500_000
     for i in range(100):
         xs = np.arange(i * chunk, (i + 1) * chunk, dtype=float)
-        chart.append("loss", xs, np.sin(xs / 5000.0) + 2.0, t=xs * 0.5)
+        ys = np.sin(xs / 5000.0) + 2.0
+        if i == 24:
+            ys[3457 - 2] = 50.0         # a spike at step 123_455...
+            ys[3457] = -10.0            # ...and a dip two steps later, in the same pixel column
+        if i == 99:
+            ys[-3] = 30.0               # a spike among the newest points (pyqtgraph's peak mode drops those)
+            ys[-1] = 7.0
+        chart.append("loss", xs, ys, t=xs * 0.5)
     chart.append("eval_loss", 10, 1.5)
     chart.append("eval_loss", [20, 30], [1.4, float("nan")])    # non-finite points are dropped
-    assert chart.count("loss") == 500_000
+    assert chart.count("loss") == n
     assert chart.count("eval_loss") == 2
     x, y = chart.data("loss")
-    assert x[0] == 0 and x[-1] == 499_999 and np.all(np.diff(x) == 1)
+    assert x[0] == 0 and x[-1] == n - 1 and np.all(np.diff(x) == 1)
     assert y[12_345] == pytest.approx(np.sin(12_345 / 5000.0) + 2.0)
     # amortised growth: capacity doubled, never resized per append
-    assert chart._buffers["loss"]._data.shape[1] < 2 * 500_000 + 1024
-
-    curve = chart.curves["loss"]
-    assert curve.opts["autoDownsample"] is True
-    assert curve.opts["downsampleMethod"] == "peak"
-    assert curve.opts["clipToView"] is True
+    assert chart._buffers["loss"]._data.shape[1] < 2 * n + 1024
 
     start = time.perf_counter()
     chart.redraw()
     qtbot.wait(10)
-    assert len(curve.xData) == 500_000                     # pyqtgraph holds every point...
-    assert len(curve.getData()[0]) < 20_000                # ...and draws about one bin per pixel
-    # zoomed in, only the visible range is drawn (clip to view)
+    curve = chart.curves["loss"]
+    assert curve.opts["autoDownsample"] is False and curve.opts["clipToView"] is False   # decimated here
+    columns = chart._columns()
+    assert 600 <= columns <= 800
+    sx, sy = curve.getData()                        # what pyqtgraph draws
+    assert len(sx) <= 4 * columns                   # about four points per pixel column, not 500 k
+    assert sx[0] == 0 and sx[-1] == n - 1 and sy[-1] == 7.0     # the first and the newest point
+    assert sy.max() == 50.0 and sy.min() == -10.0 and 30.0 in sy
+    assert np.all(np.diff(sx) >= 0)
+    # every pixel column shows exactly the lowest and highest value of the full data in it
+    col, lows, highs = _column_extremes(x, y, x[0], x[-1], columns)
+    scol = np.clip(((sx - x[0]) / (x[-1] - x[0]) * columns).astype(int), 0, columns - 1)
+    s_lows, s_highs = np.full(columns, np.inf), np.full(columns, -np.inf)
+    np.minimum.at(s_lows, scol, sy)
+    np.maximum.at(s_highs, scol, sy)
+    assert np.array_equal(s_lows, lows) and np.array_equal(s_highs, highs)
+    # the shown range holds all of it
+    (x0, x1), (y0, y1) = chart.plot.viewRange()
+    assert x0 <= 0 and x1 >= n - 1 and y0 <= -10 and y1 >= 50
+
+    # a live point past the end: drawn, and the range follows it
+    chart.append("loss", n, 60.0, t=n * 0.5)
+    chart.redraw()
+    qtbot.wait(10)
+    sx, sy = curve.getData()
+    assert sx[-1] == n and sy[-1] == 60.0
+    (x0, x1), (y0, y1) = chart.plot.viewRange()
+    assert x1 >= n and y1 >= 60
+
+    # zoomed in, only the visible range (and one point beyond each edge) is handed over, undecimated
     chart.plot.setXRange(1000, 2000, padding=0)
     qtbot.wait(10)
-    shown_x = curve.getData()[0]
-    assert shown_x.min() >= 900 and shown_x.max() <= 2100 and len(shown_x) <= 1200
+    sx, sy = curve.getData()
+    assert sx[0] == 999 and sx[-1] == 2001 and len(sx) == 1003
+    # zoomed on the spike: still there
+    chart.plot.setXRange(100_000, 200_000, padding=0)
+    qtbot.wait(10)
+    sx, sy = curve.getData()
+    assert len(sx) <= 4 * columns and sx[0] <= 100_000 and sx[-1] >= 200_000 and sx[-1] <= 200_001
+    assert sy.max() == 50.0 and sy.min() == -10.0
+    # back to auto-range: everything again
+    chart.plot.enableAutoRange()
+    qtbot.wait(10)
+    sx, sy = curve.getData()
+    assert sx[0] == 0 and sx[-1] == n and sy.max() == 60.0
+    assert chart.plot.viewRange()[0][1] >= n
     assert time.perf_counter() - start < 5
 
     chart.set_x_mode("time")
     tx, _ = chart.data("loss")
-    assert tx[-1] == pytest.approx(499_999 * 0.5)
+    assert tx[-1] == pytest.approx(n * 0.5)
+    sx, sy = curve.getData()
+    assert sx[-1] == pytest.approx(n * 0.5) and sy.max() == 60.0 and sy.min() == -10.0
+
+
+def test_decimate_keeps_each_columns_extremes_and_both_ends():
+    from app.charts import decimate
+    rng = np.random.default_rng(3)
+    x = np.sort(rng.uniform(0, 1000, 100_000))      # uneven spacing, as elapsed seconds are
+    y = rng.normal(0, 1, len(x))
+    y[[5, 50_000, len(x) - 2]] = [9.0, -9.0, 8.0]
+    dx, dy = decimate(x, y, 300)
+    assert len(dx) <= 4 * 300 and dx[0] == x[0] and dx[-1] == x[-1] and dy[-1] == y[-1]
+    _, lows, highs = _column_extremes(x, y, x[0], x[-1], 300)
+    _, d_lows, d_highs = _column_extremes(dx, dy, x[0], x[-1], 300)
+    assert np.array_equal(d_lows, lows) and np.array_equal(d_highs, highs)
+    # few points per column: handed back as they are (views)
+    small_x, small_y = decimate(x[:1000], y[:1000], 300)
+    assert small_x.base is not None and len(small_x) == 1000
+    # x that goes back somewhere (not sorted): equal runs of points, extremes and ends still kept
+    ux = x.copy()
+    ux[70_000:] -= 500
+    dx, dy = decimate(ux, y, 300, x_sorted=False)
+    assert len(dx) <= 4 * 300 and dx[-1] == ux[-1] and dy[-1] == y[-1]
+    assert dy.max() == 9.0 and dy.min() == -9.0 and 8.0 in dy
+    assert decimate(x[:0], y[:0], 300)[0].size == 0
 
 
 def test_chart_resumed_run_replaces_repeated_steps(qtbot):
