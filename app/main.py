@@ -177,6 +177,36 @@ def _quit_on_signals(app) -> Callable[[], None]:
     return restore
 
 
+def read_sources_uncached() -> bool:
+    """Stop PySide6 keeping the source of every module imported after it in memory.
+
+    For each newly imported module, PySide6's `__feature__` support asks `inspect.getsource` whether
+    the module mentions PySide6, and `linecache` keeps every file it read: ~180 k lines (~15 MB of
+    Python strings, never returned to the system) once the charts have imported pyqtgraph. This
+    does the same check reading the file itself. True when installed; False (nothing changed)
+    where PySide6's internals differ."""
+    feature = sys.modules.get("shibokensupport.feature")
+    original = getattr(feature, "_mod_uses_pyside", None)
+    if original is None or getattr(original, "_modron_uncached", False):
+        return original is not None
+
+    def mod_uses_pyside(module) -> bool:
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and path.endswith(".py"):
+            try:
+                with open(path, "rb") as f:
+                    return b"PySide6" in f.read()
+            except OSError:
+                pass
+        return original(module)   # no .py file: getsource fails without reading anything
+
+    mod_uses_pyside._modron_uncached = True
+    feature._mod_uses_pyside = mod_uses_pyside
+    import linecache
+    linecache.clearcache()   # what PySide6 read of the modules imported before it (~2 MB)
+    return True
+
+
 def watch_job(queue, store, job_id: int, on_end: Callable[[int], None]) -> None:
     """Call on_end(0) when the job finishes, on_end(1) when it fails or is cancelled."""
     def changed(jid: int) -> None:
@@ -203,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MODRON_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
 
     from PySide6.QtWidgets import QApplication, QSystemTrayIcon
+    read_sources_uncached()
 
     from training_core.errors import UserError
     app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "modron"])
