@@ -131,8 +131,8 @@ def decimate(x: np.ndarray, y: np.ndarray, columns: int, x_range: tuple[float, f
     ends[-1] = n
     last = ends - 1
     mid = (starts + last) // 2
-    out_x = np.empty((len(starts), 4), dtype=np.float64)
-    out_y = np.empty((len(starts), 4), dtype=np.float64)
+    out_x = np.empty((len(starts), 4), dtype=x.dtype)
+    out_y = np.empty((len(starts), 4), dtype=y.dtype)
     out_x[:, 0] = x[starts]
     out_x[:, 1] = out_x[:, 2] = x[mid]        # within the column: which x inside it does not show
     out_x[:, 3] = x[last]
@@ -160,11 +160,15 @@ def keep_last_per_x(xs: np.ndarray) -> np.ndarray:
     return keep
 
 
+BUFFER_DTYPE = np.float32   # what a chart shows needs no more: steps are exact below 2**24 (16.7 M),
+#                             elapsed seconds keep 1/128 s over a day, and a day of points takes half the memory
+
+
 class SeriesBuffer:
     """x (step), t (elapsed seconds) and y columns in one growable block."""
 
     def __init__(self, capacity: int = 1024):
-        self._data = np.empty((3, capacity), dtype=np.float64)
+        self._data = np.empty((3, capacity), dtype=BUFFER_DTYPE)
         self.n = 0
         self.t_sorted = True     # x always is (extend keeps it strictly increasing); t usually
 
@@ -175,7 +179,7 @@ class SeriesBuffer:
             return
         while cap < need:
             cap *= 2
-        grown = np.empty((3, cap), dtype=np.float64)
+        grown = np.empty((3, cap), dtype=BUFFER_DTYPE)
         grown[:, :self.n] = self._data[:, :self.n]
         self._data = grown
 
@@ -192,6 +196,8 @@ class SeriesBuffer:
         return self._data[2, :self.n]
 
     def extend(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> None:
+        # compared with what is stored as it is stored
+        x, t, y = (np.asarray(a, dtype=BUFFER_DTYPE) for a in (x, t, y))
         if len(x) > 1 and not np.all(np.diff(x) > 0):
             keep = keep_last_per_x(x)
             x, t, y = x[keep], t[keep], y[keep]

@@ -4,7 +4,7 @@ Times one live update of the Run view's chart: append a point, push it to pyqtgr
 widget, against the same data in a plain pyqtgraph PlotWidget without downsampling or clipping,
 in the same process. Each update moves the x range (the new step is past the end), so the axes
 are laid out anew every time, as in a live run. Also checks that what the chart hands pyqtgraph
-still ends at the newest point. Target: median <= 16 ms (one frame at 60 Hz).
+still ends at the newest point, and the memory the chart's buffers hold. Target: median <= 16 ms (one frame at 60 Hz).
 
     QT_QPA_PLATFORM=offscreen python bench/chart_redraw.py [--points 500000] [--repeats 40] [--quiet-wait 60]
 """
@@ -77,6 +77,7 @@ def main() -> None:
     ours = time_redraws(chart, update_chart, args.repeats, app)
     shown_x, _ = chart.curves["train"].getData()
     newest_shown = bool(shown_x[-1] == n + args.repeats)
+    buffers_mb = sum(b._data.nbytes for b in chart._buffers.values()) / 1e6
     others_ours = others.read()
 
     plain = pg.PlotWidget()
@@ -98,6 +99,7 @@ def main() -> None:
               "plain_pyqtgraph_median_ms": round(statistics.median(base), 2),
               "speedup_vs_plain": round(statistics.median(base) / statistics.median(ours), 1),
               "points_handed_to_pyqtgraph": len(shown_x), "newest_point_shown": newest_shown,
+              "chart_buffers_mb": round(buffers_mb, 1),
               "target_ms": 16, "meets_target": statistics.median(ours) <= 16,
               "other_processes_cpus": others_ours, "other_processes_cpus_whole_run": others.read()}
     print(json.dumps(result))

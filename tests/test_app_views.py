@@ -104,8 +104,9 @@ def test_chart_holds_500k_points_decimated_per_pixel_column_and_clipped(qtbot):
     x, y = chart.data("loss")
     assert x[0] == 0 and x[-1] == n - 1 and np.all(np.diff(x) == 1)
     assert y[12_345] == pytest.approx(np.sin(12_345 / 5000.0) + 2.0)
-    # amortised growth: capacity doubled, never resized per append
+    # amortised growth: capacity doubled, never resized per append; float32: 12 bytes a point
     assert chart._buffers["loss"]._data.shape[1] < 2 * n + 1024
+    assert chart._buffers["loss"]._data.dtype == np.float32
 
     start = time.perf_counter()
     chart.redraw()
