@@ -205,9 +205,23 @@ def add_job_args(parser: argparse.ArgumentParser, *, out_help: str | None = None
         parser.add_argument(flag(f.name), **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_run_parser(sub) -> None:
+    w = sub.add_parser("run", help="run a job spec as the app does: protocol events on stdout, controls "
+                                   "(pause, resume, stop, checkpoint) on stdin")
+    w.add_argument("--spec", required=True, metavar="FILE", help="the job spec (JSON)")
+    w.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    w.set_defaults(func=cmd_run)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; `command="run"`: the worker's alone (the parser main() uses for
+    `run`), without the other commands' modules (swarm, download, GGUF export, the Hub...), whose
+    imports cost a worker a few hundred milliseconds of its start-up."""
     p = argparse.ArgumentParser(prog=PROG, description="Modron's training engine, headless.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if command == "run":
+        add_run_parser(sub)
+        return p
 
     def add_json(sp):
         sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -256,11 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_json(v)
     v.set_defaults(func=cmd_validate)
 
-    w = sub.add_parser("run", help="run a job spec as the app does: protocol events on stdout, controls "
-                                   "(pause, resume, stop, checkpoint) on stdin")
-    w.add_argument("--spec", required=True, metavar="FILE", help="the job spec (JSON)")
-    w.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    w.set_defaults(func=cmd_run)
+    add_run_parser(sub)
 
     h = sub.add_parser("hardware", help="show GPUs, CPU and memory")
     add_json(h)
@@ -280,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .controls import StopRequested
     from .errors import DivergedError, user_error_from
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser("run" if argv[:1] == ["run"] else None).parse_args(argv)
     try:
         return args.func(args)
     except (KeyboardInterrupt, StopRequested):
