@@ -1,0 +1,63 @@
+"""What a spawned worker imports before it trains: only what its job needs (the start-up time itself is
+measured by bench/worker_startup.py, not here)."""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from training_core import cli
+from training_core.config import JobSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Modules a plain full finetune never needs: LoRA/QLoRA, swarms, Parquet, GGUF, and the other CLI commands.
+NOT_FOR_A_FULL_FINETUNE = (
+    "peft", "bitsandbytes", "hivemind", "pyarrow", "pandas", "gguf",
+    "training_core.swarm", "training_core.download", "training_core.hub_search", "training_core.generate",
+    "training_core.export", "training_core.gguf_export",
+)
+
+# The worker as the app starts it (`modron-train run --spec`), in-process in a fresh interpreter, so that
+# what it imported can be read afterwards. Its events go to stdout; the answer goes to a file.
+PROBE = """
+import gc, json, sys
+from training_core import cli
+code = cli.main(["run", "--spec", sys.argv[1]])
+with open(sys.argv[2], "w") as f:
+    json.dump({"code": code, "modules": sorted(sys.modules), "gc_enabled": gc.isenabled(),
+               "frozen": gc.get_freeze_count()}, f)
+"""
+
+
+def test_a_full_finetune_worker_imports_no_heavy_extras(tmp_path):
+    spec_path = tmp_path / "job-spec.json"
+    JobSpec(model="scratch:tiny", data=[str(ROOT / "resources" / "demo" / "stories")], out=str(tmp_path / "run"),
+            steps=1, batch_size=2, seq_len=32, tokenizer="bytes", device="cpu", threads=1,
+            sample_prompts=[]).save(spec_path)
+    answer = tmp_path / "answer.json"
+    out = subprocess.run([sys.executable, "-c", PROBE, str(spec_path), str(answer)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert '"type":"finished"' in out.stdout, out.stdout[-2000:]
+    got = json.loads(answer.read_text())
+    assert got["code"] == 0
+    loaded = set(got["modules"])
+    assert "torch" in loaded and "transformers" in loaded   # it did get as far as training
+    heavy = sorted(m for m in NOT_FOR_A_FULL_FINETUNE if m in loaded)
+    assert heavy == [], f"imported by a plain full finetune's worker: {heavy}"
+    # serve() turns the collector off for its imports and must turn it back on for the run (frozen heap).
+    assert got["gc_enabled"] and got["frozen"] > 100_000
+
+
+def _run_help(parser: argparse.ArgumentParser) -> str:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["run"].format_help()
+
+
+def test_the_workers_own_parser_is_the_full_ones_run_command():
+    """main() builds only the `run` command's parser for a worker; it reads the same as the full one's."""
+    small, full = cli.build_parser("run"), cli.build_parser()
+    assert _run_help(small) == _run_help(full)
+    for argv in (["run", "--spec", "j.json"], ["run", "--spec", "j.json", "--resume"]):
+        assert vars(small.parse_args(argv)) == vars(full.parse_args(argv))
