@@ -209,13 +209,19 @@ def run_plain(setup: Setup, rep: int) -> Measurement:
     model = build_model(setup)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=BETAS, weight_decay=a.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, engine_schedule(a.warmup, a.steps))
-    # Batches gathered up front: the baseline pays nothing for data.
-    batches = [torch.from_numpy(setup.dataset.train_batch(idx)) for idx in batch_order(setup.dataset, a.steps,
-                                                                                        a.batch_size)]
+    from training_core.data.packed import has_documents, packed_inputs
+    # Batches gathered up front: the baseline pays nothing for data. They get the engine's position ids
+    # (restarting at each document; none where no document starts inside a block, as on this one-document
+    # text file), so the losses still agree.
+    batches = []
+    for idx in batch_order(setup.dataset, a.steps, a.batch_size):
+        positions = setup.dataset.train_positions(idx)
+        batches.append(packed_inputs(torch.from_numpy(setup.dataset.train_batch(idx)),
+                                     torch.from_numpy(positions) if has_documents(positions) else None))
     marks: dict[int, float] = {}
     loss = None
-    for step, x in enumerate(batches, start=1):
-        loss = model(input_ids=x, labels=x).loss
+    for step, inputs in enumerate(batches, start=1):
+        loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         opt.step()
