@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import psutil
+import numpy as np
 import pytest
 
 from app.job_queue import JobQueue
@@ -128,6 +129,14 @@ def test_metrics_round_trip(store):
     assert len(m["time"]) == 6 and m["time"] == sorted(m["time"])
     assert store.metrics(other.id)["loss"] == [9.0]
     assert store.metric_count(job.id) == 7
+
+    # What the charts load: the same series as float arrays, NaN where a value is missing.
+    a = store.metric_arrays(job.id)
+    assert a.keys() == m.keys()
+    for key, values in m.items():
+        assert a[key].dtype == np.float64 and len(a[key]) == len(values), key
+        assert [None if np.isnan(x) else x for x in a[key].tolist()] == values, key
+    assert store.metric_arrays(other.id)["loss"].tolist() == [9.0]
 
     assert store.truncate_metrics(job.id, 3) == 4   # steps 4, 5, 6 and the eval at 5
     m = store.metrics(job.id)

@@ -158,7 +158,7 @@ class HistoryView(QWidget):
                 self.table.selectRow(row)
                 self.table.blockSignals(False)
         job = self.store.get_job(job_id)
-        self.charts.load(self.store.metrics(job_id), device=job.summary.get("device"))
+        self.charts.load(self.store.metric_arrays(job_id), device=job.summary.get("device"))
         lines = [f"<b>{_esc(job.name)}</b> · {job.state} · output: {_esc(job.run_dir)}"]
         if job.error:
             lines.append(f"<span style='color:#c62828'>{_esc(job.error)}</span>")

@@ -143,7 +143,7 @@ class RunCharts(QWidget):
         self._show_vram(False)
 
     def load(self, metrics: dict, device: str | None = None) -> None:
-        """Replace everything with a job's stored metrics (Store.metrics()); `device` as its summary says."""
+        """Replace everything with a job's stored metrics (Store.metric_arrays()); `device` as its summary says."""
         self.clear()
         vram = _floats(metrics.get("vram_used"))
         self._show_vram(bool(np.any(vram[np.isfinite(vram)] > 0)))
@@ -291,7 +291,7 @@ class RunView(QWidget):
             self._update_header()
             return
         self._summary = dict(job.summary)
-        self.charts.load(self.store.metrics(job_id), device=job.summary.get("device"))
+        self.charts.load(self.store.metric_arrays(job_id), device=job.summary.get("device"))
         lines = []
         for ev in self.store.events(job_id):
             if ev.get("type") == "sample":
