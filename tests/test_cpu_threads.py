@@ -57,6 +57,7 @@ def test_a_cpu_run_without_threads_follows_the_load_and_one_with_threads_keeps_t
     real_set = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real_set(n)))
     try:
+        real_set(2)   # as in a fresh 2-core worker (earlier tests in this process may have left 1)
         Engine(JobSpec(**engine_job(tmp_path, "free", steps=3, threads=None)), lambda e: None).run()
         assert 1 in seen                                    # the loop gave the core up
         seen.clear()
