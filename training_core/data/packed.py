@@ -142,21 +142,20 @@ class PackedDataset:
         return np.stack([self.eval_block(int(i)) for i in idx]) if len(idx) else \
             np.empty((0, self.seq_len), dtype=np.int64)
 
-    def train_positions(self, indices) -> np.ndarray:
-        """Position ids for `train_batch(indices)`, row for row."""
+    def _positions_of(self, indices, blocks: np.ndarray, what: str) -> np.ndarray:
         idx = np.asarray(indices).reshape(-1)
         out = np.empty((len(idx), self.seq_len), dtype=np.int64)
         for row, i in enumerate(idx):
-            out[row] = self._positions(int(self._train[self._check(int(i), self.num_train, "train")]))
+            out[row] = self._positions(int(blocks[self._check(int(i), len(blocks), what)]))
         return out
+
+    def train_positions(self, indices) -> np.ndarray:
+        """Position ids for `train_batch(indices)`, row for row."""
+        return self._positions_of(indices, self._train, "train")
 
     def eval_positions(self, indices) -> np.ndarray:
         """Position ids for `eval_batch(indices)`, row for row."""
-        idx = np.asarray(indices).reshape(-1)
-        out = np.empty((len(idx), self.seq_len), dtype=np.int64)
-        for row, i in enumerate(idx):
-            out[row] = self._positions(int(self._eval[self._check(int(i), self.num_eval, "eval")]))
-        return out
+        return self._positions_of(indices, self._eval, "eval")
 
     def __repr__(self) -> str:
         return (f"PackedDataset({len(self.files)} files, {self.tokens_total} tokens, seq_len={self.seq_len}, "
