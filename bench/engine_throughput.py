@@ -292,48 +292,37 @@ def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
     return Setup(args, tmp, data_file, choice, dataset, len(tokenizer))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="mini", help="scratch preset: tiny, mini, small ...")
-    p.add_argument("--tokenizer", default="bytes", choices=["bytes", "train"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run (also lr warmup)")
-    p.add_argument("--repeats", type=int, default=5)
+# ---- what this bench and bench/packing_throughput.py share ----------------------------------
+def add_run_args(p: argparse.ArgumentParser, steps: int, warmup: int, repeats: int) -> None:
+    """The options of a timed run: steps, warm-up, repeats, threads, optimizer, seed, quiet wait."""
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=warmup,
+                   help="untimed steps at the start of each run (also lr warmup)")
+    p.add_argument("--repeats", type=int, default=repeats)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--chars", type=int, default=400_000, help="size of the generated text file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trainer-optim", default="adamw_torch_fused", choices=["adamw_torch", "adamw_torch_fused"],
-                   help="Trainer's optimizer; adamw_torch_fused (its default) is what the engine runs")
     p.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
                    help="before each run, wait up to this long for other processes to go quiet")
-    p.add_argument("--only", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
-    args = p.parse_args(argv)
-    if not 1 <= args.warmup < args.steps:
-        p.error("--warmup must be at least 1 and below --steps")
 
+
+def bench_folder() -> tempfile.TemporaryDirectory:
+    """A throwaway folder for data, caches and runs; never a model hub."""
     tmp_ctx = tempfile.TemporaryDirectory(prefix="modron-bench-")
     tmp = Path(tmp_ctx.name)
-    # Our own data/cache folders, and never a model hub.
     os.environ.update(MODRON_DATA_DIR=str(tmp / "data"), MODRON_CACHE_DIR=str(tmp / "cache"),
                       HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp / "hf"),
                       TRANSFORMERS_VERBOSITY="error")
-    import torch
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    others = OtherCPU()
-    setup = prepare(args, tmp)
+    return tmp_ctx
 
-    names = list(args.only)
-    # One short untimed round first: lazy imports, allocator growth and the like land here
-    # rather than on whichever contender happens to run first in this process.
-    short = dataclasses.replace(setup, args=argparse.Namespace(**{**vars(args), "steps": args.warmup + 2}))
+
+def run_rounds(contenders: dict, names: list[str], setup, short, args, unit: str = "tok/s") -> dict[str, list]:
+    """One short untimed round (`short`: the setup with fewer steps) so that lazy imports, allocator growth
+    and the like do not land on whichever contender runs first; then `args.repeats` rounds in rotated
+    order, each run noting how busy other processes kept the CPUs."""
     for name in names:
-        CONTENDERS[name](short, -1)
-
+        contenders[name](short, -1)
     results: dict[str, list[Measurement]] = {name: [] for name in names}
     for rep in range(args.repeats):
         order = names[rep % len(names):] + names[:rep % len(names)]   # rotate: no one always goes first
@@ -341,19 +330,52 @@ def main(argv: list[str] | None = None) -> int:
             if args.quiet_wait:
                 wait_for_quiet(args.quiet_wait, threshold=BUSY_CPUS / 2)
             during = OtherCPU()
-            m = CONTENDERS[name](setup, rep)
+            m = contenders[name](setup, rep)
             m.other_cpus = during.read()
             results[name].append(m)
-            sys.stderr.write(f"  repeat {rep + 1}/{args.repeats} {name:8s} {m.tokens_per_s:9,.0f} tok/s "
+            sys.stderr.write(f"  repeat {rep + 1}/{args.repeats} {name:8s} {m.tokens_per_s:9,.0f} {unit} "
                              f"(loss {m.final_loss:.4f}, {m.threads} threads, other processes "
                              f"{m.other_cpus:.2f} CPUs)\n")
+    return results
 
-    tokens_per_step = args.batch_size * args.seq_len
-    # Runs during which other processes kept a good part of a CPU busy are reported but left out of
-    # the medians (unless that leaves none): they measure the other processes, not ours.
+
+def medians(results: dict[str, list], tokens_per_step: float) -> tuple[dict, dict, dict]:
+    """(runs used, median tokens/s, robust tokens/s from the median time per step). Runs during which
+    other processes kept a good part of a CPU busy are left out of the medians (unless that leaves
+    none): they measure the other processes, not ours."""
     used = {n: [m for m in ms if m.other_cpus <= BUSY_CPUS] or ms for n, ms in results.items()}
     med = {n: statistics.median(m.tokens_per_s for m in ms) for n, ms in used.items()}
     robust = {n: tokens_per_step / statistics.median(t for m in ms for t in m.step_times) for n, ms in used.items()}
+    return used, med, robust
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="mini", help="scratch preset: tiny, mini, small ...")
+    p.add_argument("--tokenizer", default="bytes", choices=["bytes", "train"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    add_run_args(p, steps=20, warmup=5, repeats=5)
+    p.add_argument("--chars", type=int, default=400_000, help="size of the generated text file")
+    p.add_argument("--trainer-optim", default="adamw_torch_fused", choices=["adamw_torch", "adamw_torch_fused"],
+                   help="Trainer's optimizer; adamw_torch_fused (its default) is what the engine runs")
+    p.add_argument("--only", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
+    args = p.parse_args(argv)
+    if not 1 <= args.warmup < args.steps:
+        p.error("--warmup must be at least 1 and below --steps")
+
+    tmp_ctx = bench_folder()
+    tmp = Path(tmp_ctx.name)
+    import torch
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    others = OtherCPU()
+    setup = prepare(args, tmp)
+
+    names = list(args.only)
+    short = dataclasses.replace(setup, args=argparse.Namespace(**{**vars(args), "steps": args.warmup + 2}))
+    results = run_rounds(CONTENDERS, names, setup, short, args)
+    used, med, robust = medians(results, args.batch_size * args.seq_len)
     targets = {"engine_vs_plain": TARGET_VS_PLAIN, "engine_vs_trainer": TARGET_VS_TRAINER}
     ratios, robust_ratios = {}, {}
     for key, other in (("engine_vs_plain", "plain"), ("engine_vs_trainer", "trainer")):

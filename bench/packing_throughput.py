@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -172,24 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=1000)
     p.add_argument("--median-tokens", type=float, default=150.0)
     p.add_argument("--sigma", type=float, default=0.9, help="lognormal sigma of the record lengths")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each run (also lr warmup)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
-                   help="before each run, wait up to this long for other processes to go quiet")
+    et.add_run_args(p, steps=10, warmup=3, repeats=3)
     args = p.parse_args(argv)
     if not 1 <= args.warmup < args.steps:
         p.error("--warmup must be at least 1 and below --steps")
 
-    tmp_ctx = tempfile.TemporaryDirectory(prefix="modron-bench-")
+    tmp_ctx = et.bench_folder()
     tmp = Path(tmp_ctx.name)
-    os.environ.update(MODRON_DATA_DIR=str(tmp / "data"), MODRON_CACHE_DIR=str(tmp / "cache"),
-                      HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp / "hf"),
-                      TRANSFORMERS_VERBOSITY="error")
     import torch
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -201,26 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     short = dataclasses.replace(setup, args=argparse.Namespace(**{**vars(args), "steps": args.warmup + 2}))
     for attr in ("trainer_tokenizer", "records", "lengths", "trainer_optim"):
         setattr(short, attr, getattr(setup, attr))
-    for name in names:   # one short untimed round: lazy imports and allocator growth land here
-        CONTENDERS[name](short, -1)
-
-    results: dict[str, list[et.Measurement]] = {n: [] for n in names}
-    for rep in range(args.repeats):
-        order = names[rep % len(names):] + names[:rep % len(names)]
-        for name in order:
-            if args.quiet_wait:
-                et.wait_for_quiet(args.quiet_wait, threshold=et.BUSY_CPUS / 2)
-            during = et.OtherCPU()
-            m = CONTENDERS[name](setup, rep)
-            m.other_cpus = during.read()
-            results[name].append(m)
-            sys.stderr.write(f"  repeat {rep + 1}/{args.repeats} {name:8s} {m.tokens_per_s:9,.0f} useful tok/s "
-                             f"(loss {m.final_loss:.4f}, {m.threads} threads, other processes "
-                             f"{m.other_cpus:.2f} CPUs)\n")
-
-    used = {n: [m for m in ms if m.other_cpus <= et.BUSY_CPUS] or ms for n, ms in results.items()}
-    med = {n: statistics.median(m.tokens_per_s for m in ms) for n, ms in used.items()}
-    robust = {n: 1.0 / statistics.median(t for m in ms for t in m.step_times) for n, ms in used.items()}
+    results = et.run_rounds(CONTENDERS, names, setup, short, args, unit="useful tok/s")
+    used, med, robust = et.medians(results, 1.0)   # step_times here: seconds per useful token
     ratio = med["engine"] / med["trainer"]
     robust_ratio = robust["engine"] / robust["trainer"]
     lengths = np.array(setup.lengths)
