@@ -126,3 +126,24 @@ def test_the_loop_trains_with_the_threads_asked_for_though_set_up_ran_in_its_own
         assert result.status == "finished" and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_plain_cli_output_tells_set_up_then_only_steps(run_events):
+    """`modron-train finetune` without --json (TextProgress): set-up's phases are lines of their own
+    until the first step, so a slow load never looks hung; after it, no phase line comes."""
+    import io
+
+    from training_core.textout import TextProgress
+    out = io.StringIO()
+    show = TextProgress(out)
+    for ev in run_events:
+        show(ev)
+    lines = out.getvalue().splitlines()
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step "))
+    set_up = [e["message"] for e in phases(run_events[:next(i for i, e in enumerate(run_events)
+                                                              if e["type"] == "step")])
+              if e["phase"] != "training"]
+    shown = [line for line in lines[:first_step] if line in set_up]
+    assert shown and shown == list(dict.fromkeys(set_up)), (shown, set_up)
+    later = {e["message"] for e in phases(run_events)} - set(shown)
+    assert not any(line in later for line in lines[first_step:]), lines[first_step:]

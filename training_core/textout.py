@@ -19,10 +19,13 @@ class TextProgress:
         self.tty = self.stream.isatty()
         self.last_line_step = -1
         self.total = 0
+        self.stepped = False
+        self.last_phase = None
 
     def __call__(self, ev: dict) -> None:
         t = ev["type"]
         if t == "step":
+            self.stepped = True
             self.total = ev["total_steps"]
             from .preflight import format_duration
             eta = format_duration(ev["eta_s"]) if ev.get("eta_s") is not None else "?"
@@ -40,7 +43,13 @@ class TextProgress:
             return
         if self.tty:
             self.stream.write("\r")
-        if t == "started":
+        if t == "phase":
+            # Until the first step, say what set-up is doing: loading a model or tokenizing a dataset can
+            # take minutes, and a terminal that shows nothing looks hung. Then the step lines say it.
+            if not self.stepped and ev["phase"] != "training" and ev.get("message") != self.last_phase:
+                self.last_phase = ev.get("message")
+                self._say(str(ev.get("message") or ev["phase"]))
+        elif t == "started":
             resumed = f", resumed at step {ev['resumed_from']}" if ev.get("resumed_from") is not None else ""
             self._say(f"Training {ev['model']} ({ev['method']}, {ev['params_total']:,} parameters, "
                       f"{ev['params_trainable']:,} trainable) on {ev['device']} in {ev['precision']}, "
