@@ -42,12 +42,15 @@ import torch
 GRADIENT_ATTACKS = ("noise", "x-100", "1e30", "inf", "wrong-shape")
 RECORD_ATTACKS = ("epoch-1key", "epoch-2keys", "samples", "metrics")
 ATTACKS = GRADIENT_ATTACKS + RECORD_ATTACKS + ("wrong-token",)
-# The forgers each record attack starts (one signer each). "records" is three of them at once, one
-# per kind: the suite runs it instead of epoch-1key, samples and metrics apart (two runs less, ~40 s);
-# the bench still runs each alone.
+# The forgers each record attack starts (one signer each). "records" is epoch-2keys, samples and
+# metrics at once (four signers): the suite runs it instead of the four forged-record attacks apart
+# (three runs less, ~65 s; epoch-1key is the weaker half of epoch-2keys); the bench runs each alone.
 FORGERS = {"epoch-1key": ("epoch",), "epoch-2keys": ("epoch", "epoch"), "samples": ("samples",),
-           "metrics": ("metrics",), "records": ("epoch", "samples", "metrics")}
-SUITE_ATTACKS = GRADIENT_ATTACKS + ("epoch-2keys", "records", "wrong-token")
+           "metrics": ("metrics",), "records": ("epoch", "epoch", "samples", "metrics")}
+# 1e30 is left out of the suite: under its float16 compression the attacker's codec clamps 1e30 and inf
+# alike to 65504, so the two runs send the same bytes (the bench runs both, and `--compression none`;
+# tests/test_swarm_robust.py sends 1e30 itself to the reducer).
+SUITE_ATTACKS = tuple(a for a in GRADIENT_ATTACKS if a != "1e30") + ("records", "wrong-token")
 FORGED_EPOCH = 10 ** 6
 FORGED_SAMPLES = 10 ** 9
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]      # never any other address
