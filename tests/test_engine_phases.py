@@ -129,21 +129,26 @@ def test_the_loop_trains_with_the_threads_asked_for_though_set_up_ran_in_its_own
 
 
 def test_plain_cli_output_tells_set_up_then_only_steps(run_events):
-    """`modron-train finetune` without --json (TextProgress): set-up's phases are lines of their own
-    until the first step, so a slow load never looks hung; after it, no phase line comes."""
+    """`modron-train finetune` without --json (TextProgress): on a terminal, set-up's phases are lines of
+    their own until the first step, so a slow load never looks hung; after it, no phase line comes. In a
+    log or a pipe, none (bad input stays one line of stderr)."""
     import io
 
     from training_core.textout import TextProgress
-    out = io.StringIO()
-    show = TextProgress(out)
-    for ev in run_events:
-        show(ev)
-    lines = out.getvalue().splitlines()
-    first_step = next(i for i, line in enumerate(lines) if line.startswith("step "))
-    set_up = [e["message"] for e in phases(run_events[:next(i for i, e in enumerate(run_events)
-                                                              if e["type"] == "step")])
-              if e["phase"] != "training"]
-    shown = [line for line in lines[:first_step] if line in set_up]
-    assert shown and shown == list(dict.fromkeys(set_up)), (shown, set_up)
-    later = {e["message"] for e in phases(run_events)} - set(shown)
-    assert not any(line in later for line in lines[first_step:]), lines[first_step:]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    first_step = next(i for i, e in enumerate(run_events) if e["type"] == "step")
+    set_up = list(dict.fromkeys(e["message"] for e in phases(run_events[:first_step]) if e["phase"] != "training"))
+    later = {e["message"] for e in phases(run_events)} - set(set_up)
+    for stream, shown_before in ((Terminal(), set_up), (io.StringIO(), [])):
+        show = TextProgress(stream)
+        for ev in run_events:
+            show(ev)
+        text = stream.getvalue()
+        before, _, after = text.partition("step 1/")
+        assert after, text
+        lines = [line.strip("\r") for line in before.splitlines()]
+        assert [line for line in lines if line in set_up] == shown_before, (lines, set_up)
+        assert not any(message in after for message in later | set(set_up)), after

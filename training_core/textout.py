@@ -44,9 +44,11 @@ class TextProgress:
         if self.tty:
             self.stream.write("\r")
         if t == "phase":
-            # Until the first step, say what set-up is doing: loading a model or tokenizing a dataset can
-            # take minutes, and a terminal that shows nothing looks hung. Then the step lines say it.
-            if not self.stepped and ev["phase"] != "training" and ev.get("message") != self.last_phase:
+            # Until the first step, say what set-up is doing on a terminal: loading a model or tokenizing a
+            # dataset can take minutes, and a terminal that shows nothing looks hung. Then the step lines
+            # say it. Not in a log or a pipe, where bad input stays one line of stderr.
+            if (self.tty and not self.stepped and ev["phase"] != "training"
+                    and ev.get("message") != self.last_phase):
                 self.last_phase = ev.get("message")
                 self._say(str(ev.get("message") or ev["phase"]))
         elif t == "started":
