@@ -20,9 +20,11 @@ def _finish(run: Path, ckpt: Path, spec: dict, kind: str, step: int) -> Path:
     return run
 
 
-def full_run(folder: Path, tokenizer=None, step: int = 12) -> Path:
+def full_run(folder: Path, tokenizer=None, step: int = 12, endless: bool = False) -> Path:
     """A from-scratch run whose checkpoint is a random tiny Llama over a one-token-per-byte tokenizer:
-    left to itself it picks stray bytes of multi-byte characters all the time."""
+    left to itself it picks stray bytes of multi-byte characters all the time. `endless`: it never
+    samples its eos (its generation config suppresses it), so a generation runs until stopped or its
+    length: with a random seed, eos (~1 in 260 tokens) could otherwise end it before a stop landed."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -33,6 +35,8 @@ def full_run(folder: Path, tokenizer=None, step: int = 12) -> Path:
                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
+    if endless:
+        model.generation_config.suppress_tokens = [tok.eos_token_id]
     ckpt = folder / "checkpoints" / f"ckpt-{step:08d}"
     model.save_pretrained(ckpt / "model", safe_serialization=True)
     tok.save_pretrained(ckpt / "tokenizer")

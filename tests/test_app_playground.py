@@ -18,7 +18,8 @@ from app.views.playground import PlaygroundView, parse_stops  # noqa: E402
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("play")
-    return {"full": full_run(base / "full"), "lora": lora_run(base / "lora")}
+    # endless: the stop tests need a generation still running when their stop lands
+    return {"full": full_run(base / "full", endless=True), "lora": lora_run(base / "lora")}
 
 
 def add_finished(store, name: str, run_dir, model: str, state: str = "finished") -> int:
