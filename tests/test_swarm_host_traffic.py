@@ -39,3 +39,22 @@ def test_a_download_schedules_the_next_one_by_the_swarms_traffic(monkeypatch):
     d.maybe_start(10, asked=False)
     rate = 2 * round_bytes(1_000_000, 2, "float16") * 10 / 1000.0
     assert d.synced_once and abs(d.next_at - (1000.0 + 8_000_000 / (host.HOST_SHARE * rate))) < 1e-6
+
+
+def test_remembering_peers_gives_up_on_a_dht_call_that_never_answers(tmp_path, monkeypatch):
+    """A coroutine that dies in the DHT's process leaves its future unanswered: the host's loop must go on
+    (it hung there for good in CI while its peers trained on)."""
+    import concurrent.futures
+    import time
+
+    from training_core.swarm import host
+
+    class Silent:
+        def run_coroutine(self, coro, return_future=False):
+            assert return_future, "a plain run_coroutine() blocks without a timeout"
+            return concurrent.futures.Future()     # never resolved
+    monkeypatch.setattr(host, "REMEMBER_TIMEOUT_S", 0.2)
+    t0 = time.monotonic()
+    host._remember_peers(Silent(), tmp_path)
+    assert time.monotonic() - t0 < 2.0
+    assert not (tmp_path / "known_peers.json").exists()

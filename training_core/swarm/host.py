@@ -515,11 +515,17 @@ async def _connected_peers(_dht, node) -> list[str]:
     return [f"{a}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for a in info.addrs]
 
 
+REMEMBER_TIMEOUT_S = 5.0   # a DHT call that never answers must not hold the host's loop
+
+
 def _remember_peers(dht, out: Path) -> None:
-    """The addresses of the peers connected now, for a restart (the file is ours, written atomically)."""
+    """The addresses of the peers connected now, for a restart (the file is ours, written atomically).
+    With a timeout: a coroutine that dies in the DHT's process (hivemind logs a GeneratorExit) leaves its
+    future unanswered, and a plain run_coroutine() then blocked the host for good (seen in CI: the host
+    went silent while its peers went on)."""
     try:
-        addrs = dht.run_coroutine(_connected_peers)
-    except Exception:
+        addrs = dht.run_coroutine(_connected_peers, return_future=True).result(timeout=REMEMBER_TIMEOUT_S)
+    except Exception:      # a timeout included: the file keeps the last list
         return
     addrs = [a for a in addrs if "/p2p-circuit" not in a][:MAX_KNOWN_PEERS]
     if addrs:
