@@ -233,7 +233,7 @@ def run_plain(setup: Setup, rep: int) -> Measurement:
 
 def run_trainer(setup: Setup, rep: int) -> Measurement:
     import torch
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, Trainer
     a = setup.args
     torch.set_num_threads(a.threads)
     model = build_model(setup)
@@ -247,23 +247,10 @@ def run_trainer(setup: Setup, rep: int) -> Measurement:
             ids = torch.from_numpy(ds.train_block(i))
             return {"input_ids": ids, "labels": ids}
 
-    marks: dict[int, float] = {}
-    info: dict = {}
-
-    class Marks(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            marks[state.global_step] = time.perf_counter()
-            info["threads"] = torch.get_num_threads()
-
-    targs = TrainingArguments(
-        output_dir=str(setup.tmp / f"trainer-{rep}"), per_device_train_batch_size=a.batch_size,
-        gradient_accumulation_steps=1, max_steps=a.steps, learning_rate=a.lr, weight_decay=a.weight_decay,
-        adam_beta1=BETAS[0], adam_beta2=BETAS[1], max_grad_norm=MAX_GRAD_NORM,
-        optim=a.trainer_optim,   # default adamw_torch_fused: Trainer's own default, and what the engine runs
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=a.warmup,
-        logging_strategy="no", logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to=[],
-        use_cpu=True, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True, seed=a.seed)
-    trainer = Trainer(model=model, args=targs, train_dataset=Blocks(), callbacks=[Marks()])
+    marks, info, callback = step_marks()
+    # optim: default adamw_torch_fused, Trainer's own default and what the engine runs
+    targs = trainer_args(setup, rep, a.trainer_optim)
+    trainer = Trainer(model=model, args=targs, train_dataset=Blocks(), callbacks=[callback])
     trainer.remove_callback(PrinterCallback)   # it prints the end-of-run metrics to stdout
     out = trainer.train()
     return measure(marks, a.warmup, a.steps, a.batch_size * a.seq_len, float(out.training_loss), info["threads"])
@@ -293,6 +280,36 @@ def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
 
 
 # ---- what this bench and bench/packing_throughput.py share ----------------------------------
+def step_marks():
+    """(marks, info, callback): a Trainer callback that notes when each step ended (marks: step -> time)
+    and torch's thread count (info["threads"])."""
+    import torch
+    from transformers import TrainerCallback
+    marks: dict[int, float] = {}
+    info: dict = {}
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks[state.global_step] = time.perf_counter()
+            info["threads"] = torch.get_num_threads()
+    return marks, info, Marks()
+
+
+def trainer_args(setup, rep: int, optim: str, **extra):
+    """Trainer's arguments matching the engine's run: same optimizer settings, schedule, steps and seed,
+    on the CPU, with no logging, eval or saving inside the run."""
+    from transformers import TrainingArguments
+    a = setup.args
+    return TrainingArguments(
+        output_dir=str(setup.tmp / f"trainer-{rep}"), per_device_train_batch_size=a.batch_size,
+        gradient_accumulation_steps=1, max_steps=a.steps, learning_rate=a.lr, weight_decay=a.weight_decay,
+        adam_beta1=BETAS[0], adam_beta2=BETAS[1], max_grad_norm=MAX_GRAD_NORM, optim=optim,
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=a.warmup,
+        logging_strategy="no", logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to=[],
+        use_cpu=True, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True, seed=a.seed,
+        **extra)
+
+
 def add_run_args(p: argparse.ArgumentParser, steps: int, warmup: int, repeats: int) -> None:
     """The options of a timed run: steps, warm-up, repeats, threads, optimizer, seed, quiet wait."""
     p.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")

@@ -95,8 +95,7 @@ def run_engine(setup: et.Setup, rep: int) -> et.Measurement:
 
 def run_trainer(setup: et.Setup, rep: int) -> et.Measurement:
     import torch
-    from transformers import (DataCollatorForLanguageModeling, PrinterCallback, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import DataCollatorForLanguageModeling, PrinterCallback, Trainer
     a = setup.args
     torch.set_num_threads(a.threads)
     model = et.build_model(setup)
@@ -110,23 +109,10 @@ def run_trainer(setup: et.Setup, rep: int) -> et.Measurement:
         useful.append(int(batch["attention_mask"].sum()))
         return batch
 
-    marks: dict[int, float] = {}
-    info: dict = {}
-
-    class Marks(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            marks[state.global_step] = time.perf_counter()
-            info["threads"] = torch.get_num_threads()
-
-    targs = TrainingArguments(
-        output_dir=str(setup.tmp / f"trainer-{rep}"), per_device_train_batch_size=a.batch_size,
-        gradient_accumulation_steps=1, max_steps=a.steps, learning_rate=a.lr, weight_decay=a.weight_decay,
-        adam_beta1=et.BETAS[0], adam_beta2=et.BETAS[1], max_grad_norm=et.MAX_GRAD_NORM,
-        optim=setup.trainer_optim, train_sampling_strategy="random",   # the default; not grouped by length
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=a.warmup,
-        logging_strategy="no", logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to=[],
-        use_cpu=True, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True, seed=a.seed)
-    trainer = Trainer(model=model, args=targs, train_dataset=records, data_collator=collate, callbacks=[Marks()])
+    marks, info, callback = et.step_marks()
+    targs = et.trainer_args(setup, rep, setup.trainer_optim,
+                            train_sampling_strategy="random")   # the default; not grouped by length
+    trainer = Trainer(model=model, args=targs, train_dataset=records, data_collator=collate, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)
     out = trainer.train()
     tokens_by_step = {s: useful[s - 1] for s in range(1, a.steps + 1)}
