@@ -61,3 +61,62 @@ def test_the_workers_own_parser_is_the_full_ones_run_command():
     assert _run_help(small) == _run_help(full)
     for argv in (["run", "--spec", "j.json"], ["run", "--spec", "j.json", "--resume"]):
         assert vars(small.parse_args(argv)) == vars(full.parse_args(argv))
+
+
+def _spare(tmp_path, env_home: Path):
+    env = {**__import__("os").environ, "MODRON_DATA_DIR": str(env_home / "data"),
+           "MODRON_CACHE_DIR": str(env_home / "cache"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "training_core.cli", "run", "--spare"], cwd=ROOT, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_spare_worker_imports_first_then_runs_the_job_its_first_line_names(tmp_path):
+    """`run --spare` (app/spare_worker.py): imports done before any job, `ready`, then the `job` control's
+    spec runs as `run --spec` would; a second `job` is refused with a warning, not obeyed."""
+    from training_core.protocol import decode_event, encode, make_control
+    spec_path = tmp_path / "job-spec.json"
+    JobSpec(model="scratch:tiny", data=[str(ROOT / "resources" / "demo" / "stories")], out=str(tmp_path / "run"),
+            steps=3, batch_size=2, seq_len=32, tokenizer="bytes", device="cpu", threads=1,
+            sample_prompts=[]).save(spec_path)
+    proc = _spare(tmp_path, tmp_path)
+    try:
+        first = decode_event(proc.stdout.readline())
+        assert first["type"] == "ready" and first["pid"] == proc.pid
+        assert not (tmp_path / "run").exists()   # no job yet: nothing of one is touched
+        proc.stdin.write(encode(make_control("job", spec=str(spec_path), resume=False)))
+        proc.stdin.write(encode(make_control("job", spec="/elsewhere.json", resume=False)))
+        proc.stdin.flush()
+        types, warnings = [], []
+        for line in proc.stdout:
+            ev = decode_event(line)
+            types.append(ev["type"])
+            if ev["type"] == "warning":
+                warnings.append(ev["code"])
+            if ev["type"] in ("finished", "failed"):
+                break
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
+    finally:
+        proc.kill()
+    assert types[-1] == "finished", types
+    assert "started" in types and "step" in types
+    assert "bad_control" in warnings
+    assert json.loads((tmp_path / "run" / "job.json").read_text())["job_id"] == JobSpec.load(spec_path).job_id
+
+
+def test_a_spare_worker_that_gets_no_job_leaves_quietly_and_a_bad_first_line_is_refused(tmp_path):
+    from training_core.protocol import decode_event
+    cases = (("", 0), ('{"v":1,"type":"stop"}\n', 0), ('{"v":1,"type":"job","spec":5,"resume":false}\n', 2),
+             ("not json\n", 2))
+    procs = [_spare(tmp_path, tmp_path) for _ in cases]   # side by side: each spends seconds importing
+    try:
+        for proc, (first_line, code) in zip(procs, cases):
+            assert decode_event(proc.stdout.readline())["type"] == "ready"
+            out, err = proc.communicate(first_line, timeout=60)
+            assert proc.returncode == code, (first_line, err[-1000:])
+            assert out == ""   # nothing after `ready`: no job ran
+            if code == 2:
+                assert err.strip().startswith("spare worker:") and len(err.strip().splitlines()) == 1, err
+    finally:
+        for proc in procs:
+            proc.kill()

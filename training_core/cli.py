@@ -105,7 +105,13 @@ def cmd_resume(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .worker import serve
+    from .worker import serve, serve_spare
+    if args.spare:
+        if args.spec or args.resume:
+            raise UserError("run", "--spare takes its job from stdin: give it neither --spec nor --resume")
+        return serve_spare()
+    if not args.spec:
+        raise UserError("run", "say which job: --spec FILE (or --spare, as the app starts one ahead of its job)")
     return serve(args.spec, resume=args.resume)
 
 
@@ -208,8 +214,10 @@ def add_job_args(parser: argparse.ArgumentParser, *, out_help: str | None = None
 def add_run_parser(sub) -> None:
     w = sub.add_parser("run", help="run a job spec as the app does: protocol events on stdout, controls "
                                    "(pause, resume, stop, checkpoint) on stdin")
-    w.add_argument("--spec", required=True, metavar="FILE", help="the job spec (JSON)")
+    w.add_argument("--spec", metavar="FILE", help="the job spec (JSON)")
     w.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    w.add_argument("--spare", action="store_true",
+                   help="import the engine now, say `ready`, then run the job a `job` control on stdin names")
     w.set_defaults(func=cmd_run)
 
 

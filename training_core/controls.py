@@ -138,6 +138,9 @@ def read_controls(lines: Iterable[str], controls: Controls, emit: Callable[[dict
         except ProtocolError as exc:
             emit(make_event("warning", code="bad_control", message=str(exc)))
             continue
+        if msg["type"] == "job":   # only ever a spare worker's first line (worker.serve_spare)
+            emit(make_event("warning", code="bad_control", message="this worker has its job already"))
+            continue
         controls.put(msg["type"])
         if on_control is not None:
             on_control(msg["type"])

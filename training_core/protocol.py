@@ -54,6 +54,8 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "result": ("task", "answer"),
     # Generation (the Playground): text as it is produced, whole characters only; `stream` names the model.
     "token": ("stream", "text"),
+    # A spare worker (`run --spare`) has imported the engine and waits for its `job` control.
+    "ready": ("pid",),
 }
 
 # The phases a `phase` event names, in the order a run goes through them.
@@ -65,6 +67,7 @@ CONTROLS: dict[str, tuple[str, ...]] = {
     "resume": (),
     "stop": (),         # checkpoint, send `stopped`, exit 0
     "checkpoint": (),   # write a checkpoint now and go on
+    "job": ("spec", "resume"),   # a spare worker's first line only: run this job spec (cli.py `run --spare`)
 }
 
 

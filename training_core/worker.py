@@ -16,7 +16,7 @@ import sys
 import threading
 import traceback
 
-from .protocol import encode, make_event
+from .protocol import ProtocolError, decode_control, encode, make_event
 
 
 def _event_stream():
@@ -30,7 +30,42 @@ def _event_stream():
 def serve(spec_path: str, resume: bool = False) -> int:
     """Run the job in `spec_path` (from its last checkpoint if `resume`), speaking the protocol; the exit status."""
     gc.disable()   # until the imports are done (_import_engine)
+    return _serve(_event_stream(), spec_path, resume)
+
+
+def serve_spare() -> int:
+    """A spare worker (`run --spare`): import the engine before there is a job, say `ready`, then run the
+    job the first line on stdin names (a `job` control) exactly as `serve` would; the exit status.
+
+    Why: a worker's imports (torch, transformers' model code) take 3-4 s on two cores before its first step,
+    and nothing about them depends on the job. The app starts a spare while the user fills in a new
+    finetune (app/spare_worker.py), so "Add to queue" reaches the first step in well under a second
+    instead. Until its job comes it holds no run folder and no accelerator memory; stdin closing (the
+    app quit or died) or any other first line ends it with status 0."""
+    gc.disable()   # until the imports are done (_import_engine)
     out = _event_stream()
+    Engine = _import_engine()
+    out.write(encode(make_event("ready", pid=os.getpid())))
+    out.flush()
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0   # no job came: the app let this spare go
+    try:
+        msg = decode_control(line)
+    except ProtocolError as exc:
+        sys.stderr.write(f"spare worker: {exc}\n")
+        return 2
+    if msg["type"] != "job":
+        return 0   # `stop` (or anything else) before a job: nothing to stop but ourselves
+    spec, resume = msg.get("spec"), msg.get("resume", False)
+    if not isinstance(spec, str) or not spec or not isinstance(resume, bool):
+        sys.stderr.write(f"spare worker: a job control needs a spec path and a true/false resume: {line[:300]!r}\n")
+        return 2
+    return _serve(out, spec, resume, Engine)
+
+
+def _serve(out, spec_path: str, resume: bool, Engine=None) -> int:
+    """serve's body, events to `out`; `Engine`: the engine class when a spare imported it already."""
     lock = threading.Lock()
 
     def emit(event: dict) -> None:
@@ -57,7 +92,8 @@ def serve(spec_path: str, resume: bool = False) -> int:
         threading.Thread(target=read_controls, args=(sys.stdin, controls, emit, on_control), daemon=True).start()
         from .config import JobSpec
         spec = JobSpec.load(spec_path)
-        Engine = controls.run_setup(_import_engine)   # seconds of imports a stop need not wait for
+        if Engine is None:
+            Engine = controls.run_setup(_import_engine)   # seconds of imports a stop need not wait for
         engine = Engine(spec, emit, controls, resume=resume)
         engine.run()
         return _exit_now(out, 0) if controls.abandoned is not None else 0
