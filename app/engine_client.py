@@ -220,8 +220,11 @@ class EngineRun(_EventLines, QObject):
         super().__init__(parent)
         self.args = [str(a) for a in args]
         self.command = command if command is not None else engine_command(self.args)
-        self.run_dir = Path(run_dir)
-        self.log_path = self.run_dir / "worker.log"
+        self.run_dir = Path(run_dir) if run_dir is not None else None   # None: a spare, until assign()
+        self.log_path = self.run_dir / "worker.log" if self.run_dir is not None else None
+        self._early_log = b""                # a spare's stderr before it has a run folder to log to
+        self.started_at: float | None = None
+        self.ready_at: float | None = None   # a spare's `ready` (its imports done), monotonic seconds
         self.last_failed: dict | None = None
         self.last_event: dict | None = None
         self._buf = b""
@@ -233,11 +236,39 @@ class EngineRun(_EventLines, QObject):
         self._proc.finished.connect(self._on_finished)
         self._proc.errorOccurred.connect(self._on_error)
 
+    @classmethod
+    def spare(cls, parent=None) -> "EngineRun":
+        """A job's worker started before the job exists (`run --spare`, training_core/worker.py): it spends
+        the seconds of imports now; `assign()` hands it its job later. Until then it has no run folder and
+        emits nothing (its `ready` only sets `ready_at`); its stdin closing ends it."""
+        return cls(["run", "--spare"], None, parent)
+
     # ---- control --------------------------------------------------------------------------
     def start(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._log(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(self.args)}\n".encode())
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._log(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(self.args)}\n".encode())
+        self.started_at = time.monotonic()
         self._proc.start()
+
+    def assign(self, spec_path, resume: bool, run_dir) -> None:
+        """Give a spare its job: from here on it is the job's worker, as if started with job_args()."""
+        assert self.run_dir is None, "assign() is for a spare that has no job yet"
+        self.args = ["run", "--spec", str(spec_path), *(["--resume"] if resume else [])]
+        self.run_dir = Path(run_dir)
+        self.log_path = self.run_dir / "worker.log"
+        waited = time.monotonic() - (self.started_at or time.monotonic())
+        state = "ready" if self.ready_at is not None else "still importing"
+        early, self._early_log = self._early_log, b""
+        self._log(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(self.args)} (a spare worker, "
+                  f"pid {self.pid}, started {waited:.1f} s ago, {state})\n".encode() + early)
+        if self.running():
+            self._proc.write(encode(make_control("job", spec=str(spec_path), resume=bool(resume))).encode("utf-8"))
+
+    def let_go(self) -> None:
+        """A spare no job came for: close its stdin, on which it exits by itself (status 0)."""
+        if self.running():
+            self._proc.closeWriteChannel()
 
     def send(self, kind: str) -> None:
         if self.running():
@@ -273,6 +304,9 @@ class EngineRun(_EventLines, QObject):
 
     # ---- process output -------------------------------------------------------------------
     def _log(self, data: bytes) -> None:
+        if self.log_path is None:   # a spare without its job yet: kept (the tail) until assign()
+            self._early_log = (self._early_log + data)[-65536:]
+            return
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "ab") as fh:
@@ -292,6 +326,9 @@ class EngineRun(_EventLines, QObject):
         except ProtocolError as exc:
             # Only protocol lines should arrive here; keep anything else for the log, never crash on it.
             self._log(f"[app] ignored a stdout line ({exc}): {line[:500]!r}\n".encode())
+            return
+        if ev["type"] == "ready" and self.run_dir is None:
+            self.ready_at = time.monotonic()
             return
         self.last_event = ev
         if ev["type"] == "failed":

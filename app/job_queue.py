@@ -5,6 +5,7 @@ shows can be rebuilt from the database after a restart (or a SIGKILL).
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from training_core.preflight import format_bytes, format_duration
 
 from . import settings
 from .engine_client import EngineRun, job_args
+from .spare_worker import SpareWorker
 from .store import Job, Store
 
 SPEC_FILE = "queue-spec.json"   # the spec the queue hands its worker, inside the run folder
@@ -91,8 +93,10 @@ def _kill_orphan(pid: int, spec_path: Path) -> bool:
     try:
         proc = psutil.Process(int(pid))
         cmd = proc.cmdline()
-        if ENTRY_MODULE not in cmd or "run" not in cmd or str(spec_path) not in cmd:
+        if ENTRY_MODULE not in cmd or "run" not in cmd:
             return False
+        if str(spec_path) not in cmd and not ("--spare" in cmd and _holds(proc, spec_path.parent / ".lock")):
+            return False   # a spare worker names its job on stdin: it is this job's if it holds its run folder
         proc.kill()
     except Exception:   # gone already, not ours, or not allowed: nothing to do
         return False
@@ -106,6 +110,12 @@ def _kill_orphan(pid: int, spec_path: Path) -> bool:
             break
         time.sleep(0.05)
     return True
+
+
+def _holds(proc: psutil.Process, path: Path) -> bool:
+    """`proc` has `path` open (the engine keeps RUN_DIR/.lock open while it works in the folder)."""
+    target = os.path.realpath(path)
+    return any(os.path.realpath(f.path) == target for f in proc.open_files())
 
 
 class JobQueue(QObject):
@@ -134,6 +144,7 @@ class JobQueue(QObject):
         # Consulted before a job's worker starts; False holds the queue until reconsider() (the swarm
         # contribution uses it to hand the GPU over first, or to keep it while the swarm has priority).
         self.gate: Callable[[Job], bool] | None = None
+        self.spare = SpareWorker(self)      # a worker that imports the engine before its job (expect_job)
         if autostart:
             # recover() is the start-up entry point; run it even if the caller forgets.
             QTimer.singleShot(0, self.recover)
@@ -280,6 +291,15 @@ class JobQueue(QObject):
         self.queue_changed.emit()
         self._schedule()
 
+    def expect_job(self) -> None:
+        """The user is about to queue a job (New finetune is open): start a worker's imports now, so that
+        the job, if it starts at once, trains within a second of "Add to queue" (app/spare_worker.py).
+        Not while a job's worker runs or everything is paused (the new job would wait anyway), nor when
+        Settings say not to (it holds some 0.4 GB of RAM for up to 5 minutes)."""
+        if (self._worker is None and not self._shutting_down and not self.paused_all
+                and settings.PREPARE_WORKER.get(self.store)):
+            self.spare.expect()
+
     def start_next(self) -> None:
         """Start the next queued job now if nothing runs (also when autostart is off)."""
         self._maybe_start_next(force=True)
@@ -309,6 +329,7 @@ class JobQueue(QObject):
         """Quit: the running worker checkpoints and stops (killed after timeout_ms); the job resumes next start.
         Blocks, on purpose: the app is going away."""
         self._shutting_down = True
+        self.spare.shutdown()
         w = self._worker
         if w is None:
             return
@@ -371,7 +392,8 @@ class JobQueue(QObject):
             old.deleteLater()
         self._retired = []
         self._serial += 1
-        w = EngineRun(job_args(spec_path, resume), job.run_dir, parent=self)
+        spare = self.spare.take(self)
+        w = spare or EngineRun(job_args(spec_path, resume), job.run_dir, parent=self)
         # The slots name the worker by a number, not by the object (see app/contribution.py).
         w.event.connect(lambda ev, jid=job.id, n=self._serial: self._on_event(jid, n, ev))
         w.exited.connect(lambda code, reason, jid=job.id, n=self._serial: self._on_exit(jid, n, code, reason))
@@ -380,7 +402,10 @@ class JobQueue(QObject):
         self._resuming = resume
         self.store.update_job(job.id, state="running", attempts=job.attempts + 1, started=job.started or time.time(),
                               finished=None, error=None)
-        w.start()
+        if spare is not None:
+            w.assign(spec_path, resume, job.run_dir)   # the spare has imported the engine already
+        else:
+            w.start()
         self._set(job.id, summary={"worker_pid": w.pid, **NO_PHASE})
         self.queue_changed.emit()
         self.gpu_job_started.emit(job.id)

@@ -34,6 +34,10 @@ def store(tmp_path):
     """The app's SQLite store in a fresh folder (imported here, so tests without the app need not)."""
     from app.store import Store
     s = Store(tmp_path / "modron.sqlite3")
+    # No spare worker (app/spare_worker.py) each time a test shows New finetune: seconds of CPU for nothing.
+    # tests/test_app_spare_worker.py turns it back on.
+    from app import settings
+    settings.PREPARE_WORKER.set(s, False)
     yield s
     s.close()
 

@@ -17,6 +17,7 @@ import pytest
 from PySide6.QtCore import QObject, QTimer, Signal
 from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
+from app import settings
 from app.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,9 @@ class FakePoller(QObject):
 @pytest.fixture
 def store():
     # Not closed here: views are torn down after this fixture and may still read it meanwhile.
-    return Store.open_default()
+    s = Store.open_default()
+    settings.PREPARE_WORKER.set(s, False)   # no spare worker each time New finetune shows (conftest's store)
+    return s
 
 
 @pytest.fixture

@@ -65,6 +65,11 @@ class NewFinetuneView(QWidget):
         self._on_model_kind()
         self._invalidate()
 
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if self.queue is not None:
+            self.queue.expect_job()   # the worker's seconds of imports, while the user fills in the form
+
     # ---- layout -------------------------------------------------------------------------
     def _build(self) -> None:
         self.dataset = DatasetPanel(store=self.store)

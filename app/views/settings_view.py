@@ -66,6 +66,12 @@ class SettingsView(QWidget):
         train_form.addRow("Save a checkpoint every", self.checkpoint_spin)
         train_form.addRow(note("Used by new jobs. A checkpoint is what a paused, stopped or crashed job "
                                 "continues from; more often costs a little speed and disk writes."))
+        self.prepare_box = QCheckBox("Start the training engine while I fill in a new finetune")
+        self.prepare_box.setToolTip("The job then trains within a second of Add to queue instead of after "
+                                    "several seconds of loading; it holds about 0.4 GB of memory meanwhile, "
+                                    "for at most 5 minutes")
+        self.prepare_box.toggled.connect(lambda on: settings.PREPARE_WORKER.set(self.store, bool(on)))
+        train_form.addRow(self.prepare_box)
 
         self.autostart_box = QCheckBox("Start Modron when I log in (in the tray)")
         self.autostart_box.setEnabled(autostart.supported())
@@ -126,10 +132,11 @@ class SettingsView(QWidget):
     def reload(self) -> None:
         """Show what is stored now (the tray may have changed a shared setting)."""
         from app.main import home_data_dir
-        widgets = (self.checkpoint_spin, self.autostart_box, self.contribute_box)
+        widgets = (self.checkpoint_spin, self.prepare_box, self.autostart_box, self.contribute_box)
         for w in widgets:
             w.blockSignals(True)
         self.checkpoint_spin.setValue(int(settings.CHECKPOINT_MINUTES.get(self.store)))
+        self.prepare_box.setChecked(settings.PREPARE_WORKER.get(self.store))
         self.autostart_box.setChecked(autostart.supported() and autostart.is_enabled())
         self.contribute_box.setChecked(settings.CONTRIBUTE.get(self.store))
         for w in widgets:

@@ -1,0 +1,97 @@
+"""The spare worker (app/spare_worker.py): New finetune starts a worker's imports before the job exists, and
+the queue hands that very process the job on "Add to queue". Real workers (scratch:tiny, one thread)."""
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import subprocess
+import sys
+
+import psutil
+
+from app import settings
+from app.job_queue import JobQueue, _kill_orphan
+from app.spare_worker import SpareWorker
+from app.views.new_finetune import NewFinetuneView
+from helpers import engine_job, tiny_job
+from training_core.config import JobSpec
+from training_core.protocol import decode_event, encode, make_control
+
+WAIT = 90_000   # ms: imports take seconds on a busy 2-core machine
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_new_finetune_prepares_a_spare_that_the_queued_job_runs_in(qtbot, tmp_path, store, queues):
+    settings.PREPARE_WORKER.set(store, True)
+    q = JobQueue(store)
+    queues.append(q)
+    view = NewFinetuneView(store, q)
+    qtbot.addWidget(view)
+    view.show()                                    # the user opens New finetune
+    spare_pid = q.spare.pid()
+    assert spare_pid and psutil.pid_exists(spare_pid)
+    view.hide(); view.show()                       # shown again: still the one spare
+    assert q.spare.pid() == spare_pid
+    qtbot.waitUntil(lambda: q.spare._spare.ready_at is not None, timeout=WAIT)   # its imports are done
+
+    job = q.submit(tiny_job(tmp_path, steps=4), "from the spare")
+    qtbot.waitUntil(lambda: store.get_job(job).state == "running", timeout=5000)
+    assert q.worker_pid() == spare_pid and q.spare.pid() is None   # the very process, taken
+    assert store.get_job(job).summary["worker_pid"] == spare_pid
+    q.expect_job()                                 # a job runs: no second spare beside it
+    assert q.spare.pid() is None
+    qtbot.waitUntil(lambda: store.get_job(job).state == "finished", timeout=WAIT)
+    with open(os.path.join(store.get_job(job).run_dir, "worker.log"), encoding="utf-8") as fh:
+        log = fh.read()
+    assert "a spare worker" in log and f"pid {spare_pid}" in log and "ready" in log
+    assert "run --spec" in log                     # the job it was handed, as a cold start names it
+
+
+def test_a_spare_no_job_takes_is_let_go_and_none_starts_when_settings_say_no(qtbot, tmp_path, store, queues):
+    keeper = SpareWorker()
+    keeper._ttl.setInterval(300)                   # TTL_MS, shortened
+    keeper.expect()
+    pid = keeper.pid()
+    assert pid
+    qtbot.waitUntil(lambda: _gone(pid), timeout=WAIT)   # its stdin closed after the TTL: it left by itself
+    assert keeper.pid() is None
+    keeper.expect()                                # a new one for the next visit; quitting ends it
+    pid = keeper.pid()
+    keeper.shutdown(timeout_ms=WAIT)
+    assert _gone(pid)
+
+    settings.PREPARE_WORKER.set(store, False)      # Settings: "Start the training engine while I fill in..."
+    q = JobQueue(store, autostart=False)
+    queues.append(q)
+    q.expect_job()
+    assert q.spare.pid() is None
+
+
+def test_recovery_kills_an_orphaned_spare_only_when_it_holds_that_jobs_run_folder(qtbot, tmp_path):
+    """A dead app's worker that came from a spare has no --spec on its command line; recovery knows it by
+    the run folder's lock it holds (pids get reused: anything else is left alone)."""
+    spec_path = tmp_path / "job-spec.json"
+    JobSpec.from_dict(engine_job(tmp_path, steps=100_000, checkpoint_every=100_000)).save(spec_path)
+    run_dir = tmp_path / "run"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "training_core.cli", "run", "--spare"], cwd=root,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert decode_event(proc.stdout.readline())["type"] == "ready"
+        assert not _kill_orphan(proc.pid, spec_path)              # no job yet: not this job's worker
+        proc.stdin.write(encode(make_control("job", spec=str(spec_path), resume=False)))
+        proc.stdin.flush()
+        while decode_event(proc.stdout.readline())["type"] != "step":
+            pass
+        assert not _kill_orphan(proc.pid, tmp_path / "other" / "job-spec.json")   # another job's folder
+        assert proc.poll() is None
+        assert _kill_orphan(proc.pid, run_dir / "job-spec.json")   # the queue's spec sits in the run folder
+        assert proc.wait(timeout=30) != 0
+    finally:
+        proc.kill()
