@@ -3,7 +3,8 @@
 Spawns `python -m training_core.cli run --spec JOB.json` as the app does (stdin/stdout pipes,
 protocol lines on stdout) for scratch:tiny with the bytes tokenizer and with a tokenizer trained
 at start-up, `--repeats` times each (interleaved), and sends `stop` once the first step event
-arrives. Every spawn gets fresh data and cache folders, so it pays for tokenizing the data, as a
+arrives. Then the same with a spare worker (`run --spare`, app/spare_worker.py, started while the
+user fills in New finetune): spawn -> `ready`, and the job handed -> first step. Every spawn gets fresh data and cache folders, so it pays for tokenizing the data, as a
 first run on a new dataset does (`--cache warm` reuses a primed cache instead). Baselines, each in
 a fresh interpreter: `python -c pass`, `import torch`, and `import training_core.engine`.
 
@@ -51,11 +52,14 @@ def time_import(code: str, env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def spawn_once(spec: JobSpec, home: Path) -> dict[str, float]:
-    """Seconds from Popen to each first-of-its-type event, until the first step; then stop the worker."""
+def spawn_once(spec: JobSpec, home: Path, spare: bool = False) -> dict[str, float]:
+    """Seconds from Popen to each first-of-its-type event, until the first step; then stop the worker.
+    `spare`: start `run --spare` instead, wait for its `ready` (seen["ready"], from Popen), then hand it the
+    job; the other figures count from that moment (the app's "Add to queue" once the spare is ready)."""
     spec_path = home / "job-spec.json"
     spec.save(spec_path)
-    cmd = [sys.executable, "-m", "training_core.cli", "run", "--spec", str(spec_path)]
+    cmd = [sys.executable, "-m", "training_core.cli", "run",
+           *(["--spare"] if spare else ["--spec", str(spec_path)])]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, encoding="utf-8")
@@ -71,6 +75,14 @@ def spawn_once(spec: JobSpec, home: Path) -> dict[str, float]:
 
     seen: dict[str, float] = {}
     try:
+        if spare:
+            t, line = lines.get(timeout=EXIT_TIMEOUT_S)
+            if line is None or decode_event(line)["type"] != "ready":
+                raise RuntimeError(f"the spare's first line was not `ready`: {line!r} {''.join(err_lines)[-2000:]}")
+            seen["ready"] = t - t0
+            t0 = time.perf_counter()
+            proc.stdin.write(encode(make_control("job", spec=str(spec_path), resume=False)))
+            proc.stdin.flush()
         while "step" not in seen:
             t, line = lines.get(timeout=EXIT_TIMEOUT_S)
             if line is None:
@@ -134,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                "import training_core.engine": "import training_core.engine"}
     import_times: dict[str, list[float]] = {k: [] for k in imports}
     spawn_times: dict[str, list[dict[str, float]]] = {tok: [] for tok in TOKENIZERS}
+    spare_times: dict[str, list[dict[str, float]]] = {tok: [] for tok in TOKENIZERS}
     for rep in range(args.repeats):
         for name, code in imports.items():
             wait_for_quiet(args.quiet_wait)
@@ -145,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
             spawn_times[tok].append(seen)
             sys.stderr.write(f"  repeat {rep + 1}/{args.repeats} {tok:5s}: started {seen['started']:.2f} s, "
                              f"first step {seen['step']:.2f} s\n")
+            wait_for_quiet(args.quiet_wait)
+            seen = timed(spawn_once, spec_for(tok, tmp / f"spare-{tok}-{rep}"), home_for(f"spare-{tok}-{rep}"), True)
+            spare_times[tok].append(seen)
+            sys.stderr.write(f"  repeat {rep + 1}/{args.repeats} {tok:5s}, spare: ready {seen['ready']:.2f} s, "
+                             f"then job -> first step {seen['step']:.2f} s\n")
 
     med = statistics.median
     result = {
@@ -154,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         "spawn_to_started_s": {tok: med(s["started"] for s in v) for tok, v in spawn_times.items()},
         "spawn_to_first_step_s": {tok: med(s["step"] for s in v) for tok, v in spawn_times.items()},
         "spawn_to_preflight_s": {tok: med(s["preflight"] for s in v) for tok, v in spawn_times.items()},
+        "spare_ready_s": {tok: med(s["ready"] for s in v) for tok, v in spare_times.items()},
+        "spare_job_to_first_step_s": {tok: med(s["step"] for s in v) for tok, v in spare_times.items()},
         "runs": spawn_times,
+        "spare_runs": spare_times,
         "quiet_wait_s": args.quiet_wait,
         "other_processes_cpus": round(busy["cpu_s"] / max(1e-9, busy["wall_s"]), 2),
         "wall_s": round(time.perf_counter() - t_start, 1),
@@ -168,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         label = "bytes tokenizer" if tok == "bytes" else "trained tokenizer"
         print(f"  {label:18s} spawn -> started {result['spawn_to_started_s'][tok]:6.2f}   "
               f"spawn -> first step {result['spawn_to_first_step_s'][tok]:6.2f}")
+    for tok in TOKENIZERS:
+        label = "bytes tokenizer" if tok == "bytes" else "trained tokenizer"
+        print(f"  {label:18s} spare: spawn -> ready {result['spare_ready_s'][tok]:6.2f}   "
+              f"job handed -> first step {result['spare_job_to_first_step_s'][tok]:6.2f}")
     print(f"  other processes kept {result['other_processes_cpus']:.2f} of {os.cpu_count()} CPUs busy on average "
           "while it timed")
     tmp_ctx.cleanup()
