@@ -41,20 +41,41 @@ def test_a_download_schedules_the_next_one_by_the_swarms_traffic(monkeypatch):
     assert d.synced_once and abs(d.next_at - (1000.0 + 8_000_000 / (host.HOST_SHARE * rate))) < 1e-6
 
 
+class SilentDHT:
+    """A DHT whose process never answers: a coroutine that died there (hivemind logs a GeneratorExit)."""
+    def run_coroutine(self, coro, return_future=False):
+        import concurrent.futures
+        assert return_future, "a plain run_coroutine() blocks without a timeout"
+        return concurrent.futures.Future()     # never resolved
+
+
 def test_remembering_peers_gives_up_on_a_dht_call_that_never_answers(tmp_path, monkeypatch):
     """A coroutine that dies in the DHT's process leaves its future unanswered: the host's loop must go on
     (it hung there for good in CI while its peers trained on)."""
-    import concurrent.futures
     import time
 
     from training_core.swarm import host
-
-    class Silent:
-        def run_coroutine(self, coro, return_future=False):
-            assert return_future, "a plain run_coroutine() blocks without a timeout"
-            return concurrent.futures.Future()     # never resolved
+    Silent = SilentDHT
     monkeypatch.setattr(host, "REMEMBER_TIMEOUT_S", 0.2)
     t0 = time.monotonic()
     host._remember_peers(Silent(), tmp_path)
     assert time.monotonic() - t0 < 2.0
     assert not (tmp_path / "known_peers.json").exists()
+
+
+def test_every_call_into_the_dht_process_has_a_deadline(monkeypatch):
+    """network.dht_call: the refused-peers poll of every report loop and admission's start-up give up on a
+    silent DHT instead of blocking for good."""
+    import time
+
+    import pytest
+
+    from training_core.swarm import admission, network
+    with pytest.raises(TimeoutError, match="did not answer within 0.1 s"):
+        network.dht_call(SilentDHT(), lambda *_: None, 0.1)
+    dht = SilentDHT()
+    dht.modron_admission = object()          # a private swarm's DHT
+    monkeypatch.setattr(admission, "REFUSED_TIMEOUT_S", 0.2)
+    t0 = time.monotonic()
+    assert admission.refused_peers(dht) == {}
+    assert time.monotonic() - t0 < 2.0

@@ -456,13 +456,17 @@ async def _refused(_dht, node) -> dict:
     return dict(getattr(node.protocol.authorizer, "refused", None) or {})
 
 
+REFUSED_TIMEOUT_S = 5.0   # asked every few seconds by a peer's or host's report loop, which must go on
+
+
 def refused_peers(dht) -> dict[str, str]:
     """Peer id -> why, for the peers this DHT refused (a private swarm's; {} for a public one)."""
     if getattr(dht, "modron_admission", None) is None:
         return {}
+    from .network import dht_call
     try:
-        return dht.run_coroutine(_refused)
-    except Exception:
+        return dht_call(dht, _refused, REFUSED_TIMEOUT_S)
+    except Exception:   # a DHT that does not answer (network.dht_call) names nobody this time
         return {}
 
 
@@ -515,7 +519,9 @@ def attach(dht, auth: Admission | None, period: float = MAINTAIN_S) -> None:
     dht.modron_admission = auth
     if auth is not None:
         import functools
-        dht.run_coroutine(functools.partial(_maintain, period=period))
+
+        from .network import dht_call
+        dht_call(dht, functools.partial(_maintain, period=period))   # it starts a task and returns
 
 
 # ---- building it from the manifest ------------------------------------------------------------

@@ -31,7 +31,7 @@ from ..protocol import make_event
 from . import metrics
 from .guards import ProgressRecords, RecordLimits, Sifted
 from .manifest import SwarmManifest, make_invite
-from .network import compression_for, quiet_hivemind, reap_children, start_dht, visible_maddrs
+from .network import compression_for, dht_call, quiet_hivemind, reap_children, start_dht, visible_maddrs
 from .peer import METRICS_INTERVAL_S, PeerOptions, optimizer_factories, swarm_spec
 
 REPORT_INTERVAL_S = 2.0
@@ -524,7 +524,7 @@ def _remember_peers(dht, out: Path) -> None:
     future unanswered, and a plain run_coroutine() then blocked the host for good (seen in CI: the host
     went silent while its peers went on)."""
     try:
-        addrs = dht.run_coroutine(_connected_peers, return_future=True).result(timeout=REMEMBER_TIMEOUT_S)
+        addrs = dht_call(dht, _connected_peers, REMEMBER_TIMEOUT_S)
     except Exception:      # a timeout included: the file keeps the last list
         return
     addrs = [a for a in addrs if "/p2p-circuit" not in a][:MAX_KNOWN_PEERS]

@@ -1,6 +1,7 @@
 """Joining the swarm's DHT: identity, addresses, the reachability check, traffic estimates."""
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import os
@@ -12,6 +13,19 @@ from .manifest import SwarmManifest
 
 DEFAULT_HOST_PORT = 31337
 PROBE_TIMEOUT_S = 5.0
+DHT_CALL_TIMEOUT_S = 10.0   # a call into the DHT's process that has no deadline of its own
+
+
+def dht_call(dht, coro_fn, timeout: float = DHT_CALL_TIMEOUT_S):
+    """`dht.run_coroutine(coro_fn)`'s answer, waiting at most `timeout` seconds (TimeoutError after).
+
+    Never the plain call: a coroutine that dies in the DHT's process (hivemind logs a GeneratorExit)
+    leaves its future unanswered, and run_coroutine() then waits forever (seen in CI: a host's loop
+    blocked for good while its peers trained on)."""
+    try:
+        return dht.run_coroutine(coro_fn, return_future=True).result(timeout=timeout)
+    except (TimeoutError, concurrent.futures.TimeoutError):   # one class from Python 3.11 on
+        raise TimeoutError(f"the swarm's DHT process did not answer within {timeout:g} s") from None
 
 
 def quiet_hivemind() -> None:
@@ -147,7 +161,10 @@ def start_dht(manifest: SwarmManifest, *, identity_path: Path | None, client_mod
                 from .admission import attach
                 attach(dht, authorizer)
             if not client:
-                dht.run_coroutine(serve_observed_addr)
+                try:   # only helps others tell whether they are behind a NAT: not worth failing the join for
+                    dht_call(dht, serve_observed_addr)
+                except Exception as exc:
+                    logging.getLogger(__name__).warning("not answering observed-address requests: %s", exc)
             return dht
         except Exception as exc:   # unreachable bootstrap, port taken, identity in use
             where = "initial_peers" if initial else "--port"
@@ -166,9 +183,17 @@ def start_dht(manifest: SwarmManifest, *, identity_path: Path | None, client_mod
             peer_ids.append(PeerID.from_base58(addr.rsplit("/p2p/", 1)[1]))
         except Exception:
             continue
-    observed = dht.run_coroutine(functools.partial(_ask_observed, peer_ids))
+    # Each asks the initial peers in turn, PROBE_TIMEOUT_S each; a DHT that stops answering counts as none.
+    probe_s = PROBE_TIMEOUT_S * len(peer_ids) + DHT_CALL_TIMEOUT_S
+    try:
+        observed = dht_call(dht, functools.partial(_ask_observed, peer_ids), probe_s)
+    except Exception:
+        observed = None
     nat = behind_nat(observed or [], local_ips())
-    reachable = False if nat else dht.run_coroutine(functools.partial(_probe_reachable, peer_ids))
+    try:
+        reachable = False if nat else dht_call(dht, functools.partial(_probe_reachable, peer_ids), probe_s)
+    except Exception:
+        reachable = None
     if reachable:
         return DHTHandle(dht, False, "initial peers can reach this peer directly")
     dht.shutdown()
