@@ -102,6 +102,7 @@ FULL = dict(
     s5=dict(preset="base", batch=512, seq=1024, steps=3),
     s6=dict(preset="small", steps=40, batch=16, seq=1024, records=6000),
     s7=dict(preset="base", steps=20),
+    s8=dict(preset="base", steps=100, batch=32, seq=1024),
 )
 SMOKE = dict(
     corpus_mb=0.3, vocab=1000, tok_chars=300_000, threads=2, sample_tokens=4,
@@ -113,6 +114,7 @@ SMOKE = dict(
     s5=dict(preset="tiny", batch=8, seq=64, steps=3),
     s6=dict(preset="tiny", steps=4, batch=4, seq=128, records=150),
     s7=dict(preset="tiny", steps=7),
+    s8=dict(preset="tiny", steps=6, batch=4, seq=64),
 )
 NOT_CUDA = "no CUDA device (smoke run on the CPU)"
 
@@ -785,10 +787,41 @@ def s7_fused_adamw(ctx: Ctx) -> dict[str, Any]:
                 targets={"fused": "the engine's AdamW is fused and no slower than for-each"})
 
 
+def s8_compile(ctx: Ctx) -> dict[str, Any]:
+    """JobSpec.compile (training_core/compiling.py) against the same run eager: tokens/s after warm-up, MFU,
+    peak memory, and the seconds the compile adds to the first step."""
+    c = ctx.cfg["s8"]
+    figs: dict[str, Any] = {"preset": c["preset"]}
+    runs = {}
+    for mode in ("eager", "compiled"):
+        runs[mode] = run = Run(ctx, ctx.spec(f"compile-{mode}", model=f"scratch:{c['preset']}", steps=c["steps"],
+                                             batch_size=c["batch"], seq_len=c["seq"], lr=6e-4, precision="bf16",
+                                             compile=mode == "compiled"), keep_engine=True)
+        first = run.steps[0]["_t"] - run.one("started")["_t"] if run.steps else None
+        figs[mode] = run.basics() | run.memory_figures() | {"first_step_s": round(first, 1) if first else None,
+                                                            "compiled": bool(getattr(run.engine, "compiled", False))}
+        run.engine = None
+        free_memory()
+    eager, comp = figs["eager"], figs["compiled"]
+    speedup = (comp["tokens_per_s"] / eager["tokens_per_s"]) if comp["tokens_per_s"] and eager["tokens_per_s"] else None
+    peak, name = peak_flops()
+    if ctx.cuda and peak and comp["tokens_per_s"]:
+        fpt = flops_per_token(runs["compiled"].config, comp["params_total"], c["seq"])
+        figs["compiled_mfu"] = round(fpt * comp["tokens_per_s"] / peak, 4)
+    figs["speedup"] = round(speedup, 3) if speedup else None
+    warnings = [e["message"] for e in runs["compiled"].events if e["type"] == "warning" and e.get("code") == "compile"]
+    figs["compile_warnings"] = warnings
+    checks = {"compiled": comp["compiled"] and not warnings,
+              "finite_loss": runs["compiled"].finite(),
+              "faster_than_eager": speedup >= 1.05 if (ctx.cuda and speedup) else None}
+    return dict(figures=figs, checks=checks, null={} if ctx.cuda else {"faster_than_eager": NOT_CUDA},
+                targets={"speedup": ">= 1.05 on a GPU (else compile is not worth its first-step wait)"})
+
+
 SECTIONS: dict[int, tuple[str, Callable[[Ctx], dict[str, Any]]]] = {
     1: ("base_bf16", s1_base_bf16), 2: ("precisions", s2_precisions), 3: ("lora_1b", s3_lora_1b),
     4: ("pause_handback", s4_pause_handback), 5: ("real_oom", s5_real_oom), 6: ("packed_sdpa", s6_packed_sdpa),
-    7: ("fused_adamw", s7_fused_adamw),
+    7: ("fused_adamw", s7_fused_adamw), 8: ("compile", s8_compile),
 }
 
 
@@ -832,7 +865,7 @@ def hardware_line(ctx: Ctx) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny presets, a handful of steps: checks the logic")
-    ap.add_argument("--sections", default="1,2,3,4,5,6,7", help="comma-separated section numbers (default all)")
+    ap.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="comma-separated section numbers (default all)")
     ap.add_argument("--steps", type=int, default=None, help="section 1's steps (default 300; smoke 6)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip the sections left once this many seconds have passed (default 480; none in smoke)")

@@ -78,6 +78,11 @@ class JobSpec:
     gradient_checkpointing: bool | None = opt(None, label="Gradient checkpointing",
                                               help="recompute activations to save memory (default: on when the "
                                                    "estimate says it is needed)")
+    compile: bool = opt(False, label="Compile (torch.compile)",
+                        help="compile each transformer layer with torch.compile: faster steps on an NVIDIA GPU "
+                             "of 2017 or newer, after a compile of up to a few minutes at the first step; where "
+                             "it cannot compile (an older GPU, no C++ compiler for the CPU) the run goes on "
+                             "uncompiled, with a warning. Little gain on the CPU")
     lora_r: int = opt(16, minimum=1, label="LoRA rank", help="rank of the LoRA adapters")
     lora_alpha: int = opt(32, minimum=1, label="LoRA alpha", help="LoRA scaling (alpha / rank)")
     lora_dropout: float = opt(0.05, label="LoRA dropout", help="dropout on the LoRA adapters' input")

@@ -73,6 +73,7 @@ class Engine:
         self.paused = False
         self._pause_began: float | None = None   # monotonic time the pause in progress began
         self.compute_s = 0.0           # seconds in forward, backward and optimizer steps, this session
+        self.compiled = False          # the layers run through torch.compile (JobSpec.compile)
         self._fake_oom_done: set[int] = set()
         self._fake_nan_done: set[int] = set()
         self._lr_retries = 0
@@ -328,6 +329,23 @@ class Engine:
         model.train()
         self.model = model
         self.params_total, self.params_trainable = count_trainable(model)
+        if self.spec.compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """JobSpec.compile: each transformer layer through torch.compile (training_core/compiling.py)."""
+        from . import compiling
+        why = compiling.unsupported_reason(self.device)
+        if why is None:
+            self.phase("placing", "Checking that torch.compile works here…")
+            failed = compiling.probe(self.device)
+            why = f"torch.compile does not work here ({failed})" if failed else None
+        if why is None and compiling.compile_layers(self.model) == 0:
+            why = "this model has no transformer layers torch.compile knows how to find"
+        if why is not None:
+            self.warn("compile", f"not compiled: {why}; training goes on uncompiled")
+            return
+        self.compiled = True
 
     def _make_optimizer(self, state: dict[str, Any] | None) -> None:
         """Optimizer, schedule and loss scaler from the strategy; their state when resuming."""
@@ -484,7 +502,21 @@ class Engine:
         return result
 
     @torch.no_grad()
+    def _check_compiled(self) -> None:
+        from . import compiling
+        if compiling.compiled_graphs() == 0:   # every frame fell back to eager (compiling.compile_layers)
+            self.compiled = False
+            self.warn("compile", "torch.compile could not compile this model here (the reason is in worker.log); "
+                                 "training goes on uncompiled")
+
     def samples(self) -> list[dict[str, str]]:
+        if self.compiled:   # generation grows its input a token at a time: a recompile for each length
+            from .compiling import eager
+            with eager():
+                return self._samples()
+        return self._samples()
+
+    def _samples(self) -> list[dict[str, str]]:
         out = []
         self.model.eval()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -698,8 +730,11 @@ class Engine:
             while self.step < self.total_steps:
                 self.handle_controls()
                 if self.step == first_step:
-                    self.phase("first_step", "First step (slow: allocating memory, warming up kernels)…")
+                    self.phase("first_step", "First step (compiling the model: up to a few minutes)…" if self.compiled
+                               else "First step (slow: allocating memory, warming up kernels)…")
                 loss_acc += self.train_step()
+                if self.step == first_step + 1 and self.compiled:
+                    self._check_compiled()
                 self.phase("training", "Training")
                 self.strategy.after_step(self)
                 if threads is not None:
