@@ -327,8 +327,8 @@ class EngineRun(_EventLines, QObject):
             # Only protocol lines should arrive here; keep anything else for the log, never crash on it.
             self._log(f"[app] ignored a stdout line ({exc}): {line[:500]!r}\n".encode())
             return
-        if ev["type"] == "ready" and self.run_dir is None:
-            self.ready_at = time.monotonic()
+        if ev["type"] == "ready":   # a spare's, about itself (it may come after assign(): not the job's)
+            self.ready_at = self.ready_at or time.monotonic()
             return
         self.last_event = ev
         if ev["type"] == "failed":

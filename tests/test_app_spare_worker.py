@@ -53,6 +53,23 @@ def test_new_finetune_prepares_a_spare_that_the_queued_job_runs_in(qtbot, tmp_pa
     assert "run --spec" in log                     # the job it was handed, as a cold start names it
 
 
+def test_a_job_queued_before_the_spare_is_ready_waits_for_its_imports_in_that_same_process(qtbot, tmp_path, store,
+                                                                                          queues):
+    settings.PREPARE_WORKER.set(store, True)
+    q = JobQueue(store)
+    queues.append(q)
+    q.expect_job()
+    spare_pid = q.spare.pid()
+    job = q.submit(tiny_job(tmp_path, steps=2), "quick user")   # at once: the spare is still importing
+    qtbot.waitUntil(lambda: store.get_job(job).state == "finished", timeout=WAIT)
+    assert store.get_job(job).summary.get("worker_pid") in (None, spare_pid)
+    types = [e["type"] for e in store.events(job)]
+    assert "started" in types and "ready" not in types          # the spare's own `ready` is not the job's
+    with open(os.path.join(store.get_job(job).run_dir, "worker.log"), encoding="utf-8") as fh:
+        log = fh.read()
+    assert f"pid {spare_pid}" in log and "still importing" in log
+
+
 def test_a_spare_no_job_takes_is_let_go_and_none_starts_when_settings_say_no(qtbot, tmp_path, store, queues):
     keeper = SpareWorker()
     keeper._ttl.setInterval(300)                   # TTL_MS, shortened
