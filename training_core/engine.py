@@ -501,7 +501,6 @@ class Engine:
         self.emit("eval", step=self.step, **result)
         return result
 
-    @torch.no_grad()
     def _check_compiled(self) -> None:
         from . import compiling
         if compiling.compiled_graphs() == 0:   # every frame fell back to eager (compiling.compile_layers)
@@ -516,6 +515,7 @@ class Engine:
                 return self._samples()
         return self._samples()
 
+    @torch.no_grad()
     def _samples(self) -> list[dict[str, str]]:
         out = []
         self.model.eval()
