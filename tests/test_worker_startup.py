@@ -120,3 +120,11 @@ def test_a_spare_worker_that_gets_no_job_leaves_quietly_and_a_bad_first_line_is_
     finally:
         for proc in procs:
             proc.kill()
+
+
+def test_run_needs_exactly_one_of_spec_and_spare(capsys):
+    for argv, words in ((["run"], "--spec FILE"), (["run", "--spare", "--spec", "j.json"], "neither --spec"),
+                        (["run", "--spare", "--resume"], "neither --spec nor --resume")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("modron-train: error:") and words in err, err
