@@ -192,6 +192,22 @@ def test_sigterm_anywhere_in_set_up_ends_it_within_seconds(tmp_path):
         assert "StopRequested" not in w.stderr(), where   # never thrown where a library could swallow it
 
 
+def test_a_resumed_run_stopped_while_it_imports_names_its_newest_checkpoint(tmp_path):
+    """docs/protocol.md: a stop during set-up says the run's newest checkpoint and its folder; it once said
+    step 0 and no checkpoint when the stop came before the engine's imports were done."""
+    spec = write_spec(tmp_path, "held", steps=3, seq_len=32, checkpoint_every=2)
+    Engine(JobSpec.load(spec), lambda e: None).run()            # checkpoints at steps 2 and 3
+    newest = ckpt_io.latest(tmp_path / "held")
+    w = Worker(spec, resume=True)
+    w.wait_for(lambda e: e["type"] == "phase")                   # its first line, before importing torch
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.finish(timeout=30) == 0, w.stderr()
+    stopped = w.all[-1]
+    assert stopped["type"] == "stopped", w.all[-3:]
+    assert stopped["checkpoint"] == str(newest) and stopped["step"] == 3, stopped
+    assert stopped["run_dir"] == str(tmp_path / "held")
+
+
 def test_a_stop_signalled_inside_a_finaliser_is_not_lost():
     """The flake's cause, made certain: the handler runs inside a library's __del__ (here ours). A stop
     raised there would be 'ignored' by Python; the flag it sets is seen by set-up's next check."""

@@ -109,7 +109,11 @@ def test_a_spare_worker_that_gets_no_job_leaves_quietly_and_a_bad_first_line_is_
     cases = (("", 0), ('{"v":1,"type":"stop"}\n', 0), ('{"v":1,"type":"job","spec":5,"resume":false}\n', 2),
              ("not json\n", 2))
     procs = [_spare(tmp_path, tmp_path) for _ in cases]   # side by side: each spends seconds importing
+    term = _spare(tmp_path, tmp_path)                      # and one SIGTERMed while it waits: as `stop`, exit 0
     try:
+        assert decode_event(term.stdout.readline())["type"] == "ready"
+        term.terminate()
+        assert term.wait(timeout=60) == 0 and term.stdout.read() == ""
         for proc, (first_line, code) in zip(procs, cases):
             assert decode_event(proc.stdout.readline())["type"] == "ready"
             out, err = proc.communicate(first_line, timeout=60)
@@ -118,7 +122,7 @@ def test_a_spare_worker_that_gets_no_job_leaves_quietly_and_a_bad_first_line_is_
             if code == 2:
                 assert err.strip().startswith("spare worker:") and len(err.strip().splitlines()) == 1, err
     finally:
-        for proc in procs:
+        for proc in [*procs, term]:
             proc.kill()
 
 

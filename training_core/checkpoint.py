@@ -30,28 +30,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checkpoint_files import PREFIX, checkpoints_dir, list_checkpoints, step_of  # noqa: F401  (re-exported)
 from .errors import CheckpointError, DiskError, user_error_from
 from .fsutil import fsync_dir
 
 FORMAT = "modron-checkpoint"
 VERSION = 1
-PREFIX = "ckpt-"
 TMP_PREFIX = ".tmp-"       # a checkpoint being written
 TRASH_PREFIX = ".trash-"   # a checkpoint being deleted
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith(PREFIX) and (p / "modron_checkpoint.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
 def latest(run_dir: Path) -> Path | None:

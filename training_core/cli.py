@@ -107,7 +107,7 @@ def cmd_resume(args) -> int:
 def cmd_run(args) -> int:
     from .worker import serve, serve_spare
     if args.spare:
-        if args.spec or args.resume:
+        if args.spec is not None or args.resume:
             raise UserError("run", "--spare takes its job from stdin: give it neither --spec nor --resume")
         return serve_spare()
     if not args.spec:

@@ -8,6 +8,7 @@ recovery and events are this same code for both.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -480,8 +481,12 @@ class Engine:
         return loss
 
     # ---- eval, samples, checkpoints -------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
+        with self._eager():
+            return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, Any]:
         n = min(self.data.num_eval, MAX_EVAL_BLOCKS)
         if n == 0:
             return {"eval_loss": None, "perplexity": None}
@@ -509,11 +514,17 @@ class Engine:
                                  "training goes on uncompiled")
 
     def samples(self) -> list[dict[str, str]]:
-        if self.compiled:   # generation grows its input a token at a time: a recompile for each length
-            from .compiling import eager
-            with eager():
-                return self._samples()
-        return self._samples()
+        with self._eager():   # generation grows its input a token at a time: a recompile for each length
+            return self._samples()
+
+    def _eager(self):
+        """Compiled layers run their eager code in here: evaluation and sampling, a small share of a run's
+        time, are not worth a compile each (eval's graph differs from training's; a first one took 6 s
+        on the CPU, counted in the next step event's speed)."""
+        if not self.compiled:
+            return contextlib.nullcontext()
+        from .compiling import eager
+        return eager()
 
     @torch.no_grad()
     def _samples(self) -> list[dict[str, str]]:
@@ -671,7 +682,8 @@ class Engine:
         except StopRequested:
             # A stop before the loop read its controls (SIGTERM while a model loads): nothing new to save.
             kept = ckpt_io.latest(self.run_dir) if self.run_dir.is_dir() else None
-            self.emit("stopped", step=self.step, checkpoint=str(kept) if kept else None, run_dir=str(self.run_dir))
+            step = max(self.step, ckpt_io.step_of(kept)) if kept else self.step   # where a resume goes on from
+            self.emit("stopped", step=step, checkpoint=str(kept) if kept else None, run_dir=str(self.run_dir))
             return RunResult("stopped", self.step, None, self.last_loss, self.last_eval.get("eval_loss"))
         finally:
             self.strategy.close(self)   # a swarm leaves its network even when set-up failed

@@ -43,11 +43,15 @@ def serve_spare() -> int:
     instead. Until its job comes it holds no run folder and no accelerator memory; stdin closing (the
     app quit or died) or any other first line ends it with status 0."""
     gc.disable()   # until the imports are done (_import_engine)
+    # SIGTERM acts as `stop` at every phase: without a job there is nothing to save or say, so leave now.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     out = _event_stream()
     Engine = _import_engine()
     out.write(encode(make_event("ready", pid=os.getpid())))
     out.flush()
     line = sys.stdin.readline()
+    term: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # a job now: _serve obeys it as `stop`
     if not line.strip():
         return 0   # no job came: the app let this spare go
     try:
@@ -61,11 +65,12 @@ def serve_spare() -> int:
     if not isinstance(spec, str) or not spec or not isinstance(resume, bool):
         sys.stderr.write(f"spare worker: a job control needs a spec path and a true/false resume: {line[:300]!r}\n")
         return 2
-    return _serve(out, spec, resume, Engine)
+    return _serve(out, spec, resume, Engine, stop_first=bool(term))
 
 
-def _serve(out, spec_path: str, resume: bool, Engine=None) -> int:
-    """serve's body, events to `out`; `Engine`: the engine class when a spare imported it already."""
+def _serve(out, spec_path: str, resume: bool, Engine=None, stop_first: bool = False) -> int:
+    """serve's body, events to `out`; `Engine`: the engine class when a spare imported it already;
+    `stop_first`: a SIGTERM came before this could take it (a spare's, as its job arrived)."""
     lock = threading.Lock()
 
     def emit(event: dict) -> None:
@@ -80,6 +85,8 @@ def _serve(out, spec_path: str, resume: bool, Engine=None) -> int:
     # The handler only sets a flag (Controls.stop): an exception thrown from it would land in whatever
     # library code runs at that moment, which may swallow it (a finaliser did).
     signal.signal(signal.SIGTERM, lambda *_: controls.stop())
+    if stop_first:
+        controls.stop()
     # The first second: say so before the heavy imports (torch, transformers) take several.
     emit(make_event("phase", phase="loading_model", message="Starting the training engine…"))
 
@@ -87,7 +94,7 @@ def _serve(out, spec_path: str, resume: bool, Engine=None) -> int:
         if kind == "stop" and not controls.polling:
             controls.stop()   # set-up ends at once (the loop reads the queued `stop` itself)
 
-    engine = None
+    engine = spec = None
     try:
         threading.Thread(target=read_controls, args=(sys.stdin, controls, emit, on_control), daemon=True).start()
         from .config import JobSpec
@@ -97,8 +104,12 @@ def _serve(out, spec_path: str, resume: bool, Engine=None) -> int:
         engine = Engine(spec, emit, controls, resume=resume)
         engine.run()
         return _exit_now(out, 0) if controls.abandoned is not None else 0
-    except StopRequested:   # before the engine could take it (still importing)
-        emit(make_event("stopped", step=engine.step if engine else 0, checkpoint=None))
+    except StopRequested:   # before the engine could take it (still importing): as Engine.run says it
+        from .checkpoint_files import list_checkpoints, step_of
+        kept = list_checkpoints(spec.out)[-1:] if spec is not None else []
+        emit(make_event("stopped", step=max([engine.step if engine else 0, *map(step_of, kept)]),
+                        checkpoint=str(kept[0]) if kept else None,
+                        **({"run_dir": os.path.abspath(spec.out)} if spec is not None else {})))
         return _exit_now(out, 0)
     except Exception as exc:
         err = user_error_from(exc)   # bad input, or the user's disk (full, read-only, a symlink loop...)
