@@ -238,7 +238,7 @@ def test_training_samples_are_whole_characters_too(full_model):
         fake = SimpleNamespace(model=model, tokenizer=tok, device=torch.device("cpu"), step=7,
                                spec=SimpleNamespace(seed=seed, sample_prompts=["Once"], sample_max_tokens=40),
                                _autocast=nullcontext, emit=lambda type_, **ev: sent.append(ev))
-        Engine.samples(fake)
+        Engine._samples(fake)   # samples() is this, eagerly for a compiled run
     assert len(sent) == 4 and all("\ufffd" not in ev["text"] for ev in sent)
     assert any(ord(ch) > 127 for ev in sent for ch in ev["text"])   # multi-byte characters did come
 
