@@ -106,8 +106,8 @@ def test_a_spare_worker_imports_first_then_runs_the_job_its_first_line_names(tmp
 
 def test_a_spare_worker_that_gets_no_job_leaves_quietly_and_a_bad_first_line_is_refused(tmp_path):
     from training_core.protocol import decode_event
-    cases = (("", 0), ('{"v":1,"type":"stop"}\n', 0), ('{"v":1,"type":"job","spec":5,"resume":false}\n', 2),
-             ("not json\n", 2))
+    # (A closed stdin, the app letting a spare go, is test_app_spare_worker's TTL case.)
+    cases = (('{"v":1,"type":"stop"}\n', 0), ('{"v":1,"type":"job","spec":5,"resume":false}\n', 2), ("not json\n", 2))
     procs = [_spare(tmp_path, tmp_path) for _ in cases]   # side by side: each spends seconds importing
     term = _spare(tmp_path, tmp_path)                      # and one SIGTERMed while it waits: as `stop`, exit 0
     try:
