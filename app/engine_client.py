@@ -254,7 +254,7 @@ class EngineRun(_EventLines, QObject):
     def assign(self, spec_path, resume: bool, run_dir) -> None:
         """Give a spare its job: from here on it is the job's worker, as if started with job_args()."""
         assert self.run_dir is None, "assign() is for a spare that has no job yet"
-        self.args = ["run", "--spec", str(spec_path), *(["--resume"] if resume else [])]
+        self.args = job_args(spec_path, resume)
         self.run_dir = Path(run_dir)
         self.log_path = self.run_dir / "worker.log"
         waited = time.monotonic() - (self.started_at or time.monotonic())

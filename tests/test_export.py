@@ -10,6 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from helpers import make_tokenizer
+from training_core import checkpoint as ckpt_io
 from training_core.config import JobSpec
 from training_core.errors import CheckpointError, UserError
 from training_core.export import export_adapter, export_merged, latest_checkpoint
@@ -143,7 +144,11 @@ def test_full_export_uses_the_latest_checkpoint(tmp_path, tokenizer):
     tmp_ckpt.mkdir()
     (tmp_ckpt / "modron_checkpoint.json").write_text("{}", encoding="utf-8")
     (run / "checkpoints" / "ckpt-00000050").mkdir()
+    odd = run / "checkpoints" / "ckpt-old"            # a folder a user renamed: not a step, not counted
+    odd.mkdir()
+    (odd / "modron_checkpoint.json").write_text("{}", encoding="utf-8")
     assert latest_checkpoint(run) == run / "checkpoints" / "ckpt-00000030"
+    assert [p.name for p in ckpt_io.list_checkpoints(run)] == ["ckpt-00000010", "ckpt-00000020", "ckpt-00000030"]
     assert latest_checkpoint(tmp_path / "nothing here") is None
 
     out = export_merged(run, tmp_path / "out")

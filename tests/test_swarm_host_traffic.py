@@ -55,10 +55,9 @@ def test_remembering_peers_gives_up_on_a_dht_call_that_never_answers(tmp_path, m
     import time
 
     from training_core.swarm import host
-    Silent = SilentDHT
     monkeypatch.setattr(host, "REMEMBER_TIMEOUT_S", 0.2)
     t0 = time.monotonic()
-    host._remember_peers(Silent(), tmp_path)
+    host._remember_peers(SilentDHT(), tmp_path)
     assert time.monotonic() - t0 < 2.0
     assert not (tmp_path / "known_peers.json").exists()
 

@@ -18,8 +18,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith(PREFIX) and (p / "modron_checkpoint.json").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and p.name[len(PREFIX):].isdigit() and (p / "modron_checkpoint.json").is_file()]
     return sorted(found, key=step_of)
 
 

@@ -15,12 +15,12 @@ import warnings
 from pathlib import Path
 
 from .checkpoint import latest_good, problem, read_manifest
+from .checkpoint_files import PREFIX, list_checkpoints
 from .config import JobSpec
 from .errors import CheckpointError, UserError
 from .fsutil import fsync_dir
 from .modelcard import model_card
 
-PREFIX = "ckpt-"
 LICENCE_FILES = ("LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "COPYING*")
 CARD_SETTINGS = ("steps", "epochs", "batch_size", "micro_batch_size", "seq_len", "lr", "warmup_steps",
                  "weight_decay", "max_grad_norm", "precision", "seed", "gradient_checkpointing")
@@ -29,19 +29,8 @@ LORA_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The highest-step complete checkpoint of a run; folders being written (".tmp-…") never count."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for p in root.iterdir():
-        digits = p.name[len(PREFIX):]
-        if not (p.name.startswith(PREFIX) and digits.isdigit() and p.is_dir()):
-            continue
-        if not (p / "modron_checkpoint.json").is_file():
-            continue
-        if best is None or int(digits) > best[0]:
-            best = (int(digits), p)
-    return best[1] if best else None
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def _resolve(source: Path, warnings: list[str] | None = None) -> Path:
