@@ -167,3 +167,27 @@ def test_a_pause_is_left_out_of_speed_and_eta(tmp_path, monkeypatch):
     assert after["tokens_per_s"] > slowest_before / 5, (after, slowest_before)
     assert after["eta_s"] < 60 and after["eta_s"] <= 5 * max(before[-1]["eta_s"], 0.1), (after, before[-1])
     assert after["elapsed_s"] - before[-1]["elapsed_s"] < 60
+
+
+@pytest.mark.parametrize("controls_sent", [("stop",), ("pause", "stop")])
+def test_a_stop_or_pause_during_a_periodic_checkpoint_does_not_write_it_again(tmp_path, controls_sent):
+    """Nothing trains between a periodic checkpoint and a stop or pause that came while it was written:
+    the stop (or pause) names that checkpoint instead of writing the same step a second time."""
+    from training_core.controls import Controls
+    controls = Controls()
+    events = []
+
+    def emit(ev):
+        events.append(ev)
+        if ev["type"] == "checkpoint" and ev["reason"] == "periodic":
+            for msg in controls_sent:
+                controls.put(msg)
+
+    result = Engine(tiny_spec(tmp_path, steps=50, checkpoint_every=4), emit, controls).run()
+    assert result.status == "stopped" and result.step == 4
+    writes = [e for e in events if e["type"] == "checkpoint"]
+    assert [(e["step"], e["reason"]) for e in writes] == [(4, "periodic")]
+    told = [e for e in events if e["type"] in ("paused", "stopped")]
+    assert [e["type"] for e in told] == [("paused" if m == "pause" else "stopped") for m in controls_sent]
+    assert all(e["checkpoint"] == writes[0]["path"] for e in told), told
+    assert ckpt_io.latest(tmp_path / "run") == Path(writes[0]["path"])

@@ -79,6 +79,7 @@ class Engine:
         self._fake_nan_done: set[int] = set()
         self._lr_retries = 0
         self._run_dir_lock = None
+        self._saved: tuple[int, Path] | None = None   # (step, folder) of the checkpoint this session wrote last
         self._phase: tuple[str, str] | None = None   # the (phase, message) last sent
         self._phase_done: int | None = None           # and its progress
         self._phase_sent = 0.0                        # when (monotonic), for progress at most 4 a second
@@ -580,6 +581,10 @@ class Engine:
                              step=self.step, lr=lr, suggested_lr=suggested, checkpoint=str(kept) if kept else None)
 
     def save_checkpoint(self, reason: str, with_eval: bool = True) -> Path:
+        if reason in ("stop", "pause") and self._saved and self._saved[0] == self.step and self._saved[1].is_dir():
+            # Nothing trained since this session's last checkpoint (a stop or pause that came during a
+            # periodic one): that folder is what a resume needs; writing it again costs GBs for a 1 B model.
+            return self._saved[1]
         if self.strategy.name == "local" and not self.weights_finite():
             raise self.diverged(None)   # a checkpoint to resume from must never hold NaN weights
         eval_result = self.evaluate() if with_eval else self.last_eval
@@ -593,6 +598,7 @@ class Engine:
                             licence=self.licence.to_dict(), eval_result=eval_result, samples=samples,
                             keep=self.spec.keep_checkpoints, test_sleep=self.spec.test_sleep_in_checkpoint)
         self.last_ckpt_time = time.monotonic()
+        self._saved = (self.step, Path(path))
         self.emit("checkpoint", step=self.step, path=str(path), reason=reason)
         return path
 
@@ -713,6 +719,7 @@ class Engine:
             torch.cuda.empty_cache()
         self.resume, self.step, self.tokens_seen, self.elapsed_before = True, 0, 0, 0.0
         self.last_loss, self.last_eval = None, {}
+        self._saved = None
         self.controls.polling = False
         return True
 
