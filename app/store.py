@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from training_core.checkpoint_files import list_checkpoints
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -613,12 +615,11 @@ def _read_json(path: Path) -> Any:
 
 def _newest_checkpoint(run_dir: Path) -> tuple[Path | None, dict]:
     """The newest complete checkpoint folder of a run and its trainer state (JSON only: no torch here)."""
-    root = run_dir / "checkpoints"
     try:
-        found = [p for p in root.iterdir() if p.name.startswith("ckpt-") and (p / "modron_checkpoint.json").is_file()]
+        found = list_checkpoints(run_dir)
     except OSError:
         return None, {}
-    for ckpt in sorted(found, key=lambda p: p.name, reverse=True):
+    for ckpt in reversed(found):
         state = _read_json(ckpt / "trainer_state.json")
         if isinstance(state, dict):
             return ckpt, state
