@@ -23,6 +23,11 @@ and the others still run), each with its elapsed seconds, its figures, and pass/
                    logits inside a packed block against the same document run alone (fp32 and bf16).
  7. fused_adamw    the engine's optimizer is torch's fused AdamW on the device; its step time against the
                    for-each AdamW on the `base` model's parameters.
+ 8. compile        section 1's run eager and with `compile` on (target >= 1.05x).
+ 9. liger          section 1's run and the 1 B LoRA finetune without and with `fused_kernels` (Liger):
+                   tokens/s, peak VRAM (target: LoRA peak <= 0.6x), the same losses. It imports liger_kernel
+                   from the image or from a carried wheel (bench/wheels/); Liger patches transformers for the
+                   rest of the process, so it runs last.
 
 On a lent GPU (no venv there: the image's python3 has torch, transformers, peft; ~4-6 min on an H200):
 
@@ -103,6 +108,7 @@ FULL = dict(
     s6=dict(preset="small", steps=40, batch=16, seq=1024, records=6000),
     s7=dict(preset="base", steps=20),
     s8=dict(preset="base", steps=100, batch=32, seq=1024),
+    s9=dict(preset="base", steps=100, batch=32, seq=1024, lora_steps=30, lora_batch=8),
 )
 SMOKE = dict(
     corpus_mb=0.3, vocab=1000, tok_chars=300_000, threads=2, sample_tokens=4,
@@ -115,6 +121,7 @@ SMOKE = dict(
     s6=dict(preset="tiny", steps=4, batch=4, seq=128, records=150),
     s7=dict(preset="tiny", steps=7),
     s8=dict(preset="tiny", steps=6, batch=4, seq=64),
+    s9=dict(preset="tiny", steps=4, batch=4, seq=64, lora_steps=3, lora_batch=4),
 )
 NOT_CUDA = "no CUDA device (smoke run on the CPU)"
 
@@ -818,10 +825,85 @@ def s8_compile(ctx: Ctx) -> dict[str, Any]:
                 targets={"speedup": ">= 1.05 on a GPU (else compile is not worth its first-step wait)"})
 
 
+LIGER_WHEELS = ROOT / "bench" / "wheels"   # carried to the device machine (it reaches no package index)
+LORA_VRAM_TARGET = 0.60                     # issue 15: LoRA peak at least 40 % below today's engine
+
+
+def liger_importable() -> str | None:
+    """liger_kernel's version, importing it from a carried wheel (bench/wheels/liger_kernel-*.whl,
+    unpacked into the scratch folder) when the image has none; None when neither is there."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        wheels = sorted(LIGER_WHEELS.glob("liger_kernel-*.whl"))
+        if not wheels:
+            return None
+        import zipfile
+        target = _HOME / "liger"
+        with zipfile.ZipFile(wheels[-1]) as whl:
+            whl.extractall(target)
+        sys.path.insert(0, str(target))
+        importlib.invalidate_caches()
+    from importlib import metadata
+    try:
+        return metadata.version("liger-kernel")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def s9_liger(ctx: Ctx) -> dict[str, Any]:
+    """JobSpec.fused_kernels (Liger; training_core/fused_kernels.py): section 1's run and the 1 B LoRA
+    finetune, each without and then with the kernels (plain first: Liger patches transformers' modules for
+    the rest of this process, so this section runs last). Tokens/s, peak VRAM, losses alike."""
+    c = ctx.cfg["s9"]
+    version = liger_importable()
+    figs: dict[str, Any] = {"preset": c["preset"], "liger_kernel": version}
+    runs: dict[str, Run] = {}
+    folder = ctx.big_model()
+    plans = [("base", dict(model=f"scratch:{c['preset']}", steps=c["steps"], batch_size=c["batch"], lr=6e-4)),
+             ("lora", dict(model=str(folder), method="lora", steps=c["lora_steps"], batch_size=c["lora_batch"],
+                           lr=2e-4, tokenizer="auto"))]
+    for fused in (False, True):
+        for what, kw in plans:
+            key = f"{what}_{'fused' if fused else 'plain'}"
+            runs[key] = run = Run(ctx, ctx.spec(f"liger-{key}", seq_len=c["seq"], precision="bf16",
+                                                fused_kernels=fused, **kw), keep_engine=True)
+            figs[key] = run.basics() | run.memory_figures() | {
+                "first_step_loss": run.steps[0]["loss"] if run.steps else None,
+                "final_eval_loss": run.result.final_eval_loss,
+                "fused": bool(getattr(run.engine, "fused", False)),
+                "warnings": [e["message"] for e in run.events if e["type"] == "warning"
+                             and e.get("code") == "fused_kernels"]}
+            run.engine = None
+            free_memory()
+    checks: dict[str, bool | None] = {}
+    for what, _ in plans:
+        plain, fused = figs[f"{what}_plain"], figs[f"{what}_fused"]
+        checks[f"{what}_fused_used"] = fused["fused"] if ctx.cuda else None
+        checks[f"{what}_finite_loss"] = runs[f"{what}_fused"].finite()
+        if ctx.cuda and plain["tokens_per_s"] and fused["tokens_per_s"]:
+            figs[f"{what}_speedup"] = round(fused["tokens_per_s"] / plain["tokens_per_s"], 3)
+            figs[f"{what}_peak_ratio"] = round(fused["measured_peak_gb"] / plain["measured_peak_gb"], 3)
+        # Same seed and data: the first step's loss (the same forward) and the final eval loss (the same
+        # training) within 2 % (bf16 kernels round differently). Not the last step event's loss: that is a
+        # mean since the event before, and events fall on other steps when the speeds differ.
+        for loss in ("first_step_loss", "final_eval_loss"):
+            if plain[loss] is not None and fused[loss] is not None:
+                checks[f"{what}_same_{loss}"] = abs(fused[loss] - plain[loss]) <= 0.02 * plain[loss]
+    if ctx.cuda and "lora_peak_ratio" in figs:
+        checks["lora_peak_40pct_lower"] = figs["lora_peak_ratio"] <= LORA_VRAM_TARGET
+        checks["base_faster"] = figs["base_speedup"] >= 1.0
+    null = {} if ctx.cuda else {"fused": NOT_CUDA + ": the kernels need an NVIDIA GPU"}
+    if ctx.cuda and version is None:
+        null["liger_kernel"] = f"not installed on this image and no wheel in {LIGER_WHEELS}"
+    return dict(figures=figs, checks=checks, null=null,
+                targets={"lora_peak_ratio": f"<= {LORA_VRAM_TARGET} (issue 15: LoRA VRAM -40 %)",
+                         "base_speedup": ">= 1.0",
+                         "same_first_step_loss, same_final_eval_loss": "within 2 %"})
+
+
 SECTIONS: dict[int, tuple[str, Callable[[Ctx], dict[str, Any]]]] = {
     1: ("base_bf16", s1_base_bf16), 2: ("precisions", s2_precisions), 3: ("lora_1b", s3_lora_1b),
     4: ("pause_handback", s4_pause_handback), 5: ("real_oom", s5_real_oom), 6: ("packed_sdpa", s6_packed_sdpa),
-    7: ("fused_adamw", s7_fused_adamw), 8: ("compile", s8_compile),
+    7: ("fused_adamw", s7_fused_adamw), 8: ("compile", s8_compile), 9: ("liger", s9_liger),
 }
 
 
@@ -865,7 +947,7 @@ def hardware_line(ctx: Ctx) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny presets, a handful of steps: checks the logic")
-    ap.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="comma-separated section numbers (default all)")
+    ap.add_argument("--sections", default="1,2,3,4,5,6,7,8,9", help="comma-separated section numbers (default all)")
     ap.add_argument("--steps", type=int, default=None, help="section 1's steps (default 300; smoke 6)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip the sections left once this many seconds have passed (default 480; none in smoke)")

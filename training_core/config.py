@@ -83,6 +83,11 @@ class JobSpec:
                              "of 2017 or newer, after a compile of up to a few minutes at the first step; where "
                              "it cannot compile (an older GPU, no C++ compiler for the CPU) the run goes on "
                              "uncompiled, with a warning. Little gain on the CPU")
+    fused_kernels: bool = opt(False, label="Fused kernels (Liger)",
+                              help="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, and a cross-entropy that "
+                                   "never holds the whole batch's logits): less GPU memory and faster steps on an "
+                                   "NVIDIA GPU of 2017 or newer with the liger-kernel package; checked on a one-layer "
+                                   "copy first; elsewhere the run trains without them, with a warning")
     lora_r: int = opt(16, minimum=1, label="LoRA rank", help="rank of the LoRA adapters")
     lora_alpha: int = opt(32, minimum=1, label="LoRA alpha", help="LoRA scaling (alpha / rank)")
     lora_dropout: float = opt(0.05, label="LoRA dropout", help="dropout on the LoRA adapters' input")

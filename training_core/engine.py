@@ -75,6 +75,7 @@ class Engine:
         self._pause_began: float | None = None   # monotonic time the pause in progress began
         self.compute_s = 0.0           # seconds in forward, backward and optimizer steps, this session
         self.compiled = False          # the layers run through torch.compile (JobSpec.compile)
+        self.fused = False             # Liger's kernels are in the model (JobSpec.fused_kernels)
         self._fake_oom_done: set[int] = set()
         self._fake_nan_done: set[int] = set()
         self._lr_retries = 0
@@ -331,8 +332,24 @@ class Engine:
         model.train()
         self.model = model
         self.params_total, self.params_trainable = count_trainable(model)
+        if self.spec.fused_kernels:
+            self._fuse_kernels()
         if self.spec.compile:
             self._compile()
+
+    def _fuse_kernels(self) -> None:
+        """JobSpec.fused_kernels: Liger's kernels, once a one-layer probe agrees (training_core/fused_kernels.py)."""
+        from . import fused_kernels
+        why = fused_kernels.unsupported_reason(self.device, self.model)
+        if why is None:
+            self.phase("placing", "Checking Liger's fused kernels on a one-layer model…")
+            failed = fused_kernels.probe(self.model, self.device)
+            why = f"its one-layer check failed ({failed})" if failed else None
+        if why is not None:
+            self.warn("fused_kernels", f"Liger's fused kernels are not used: {why}; training goes on without them")
+            return
+        fused_kernels.apply(self.model)
+        self.fused = True
 
     def _compile(self) -> None:
         """JobSpec.compile: each transformer layer through torch.compile (training_core/compiling.py)."""
