@@ -47,7 +47,8 @@ DATA_DIR_NEXT = _setting("data_dir_next", None, (str,),
                          "the data folder from the next start (kept in the default folder's store)")
 UNSEEN_FAILURES = _setting("unseen_failures", [], (list,), "ids of failed jobs the user has not seen yet (tray)")
 PREPARE_WORKER = _setting("prepare_worker", True, (bool,),
-                          "start a job's worker (its imports) while New finetune is open (app/spare_worker.py)")
+                          "start a job's worker (its imports) while New finetune is open, and before a queued job's "
+                          "turn (app/spare_worker.py)")
 LAST_DIR = _setting("last_dir", None, (str,), "the folder of the last file dialog, of any kind")
 
 # Swarm contribution

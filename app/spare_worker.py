@@ -2,7 +2,8 @@
 
 A worker spends 3-4 s on two cores importing torch and transformers' model code before it can train
 (bench/worker_startup.py), and none of it depends on the job. The New finetune view says a job is
-likely soon (`JobQueue.expect_job`); this keeper then starts one spare worker (`run --spare`,
+likely soon (`JobQueue.expect_job`), and so does the queue when the running job is due to end with another
+queued behind it; this keeper then starts one spare worker (`run --spare`,
 training_core/worker.py) that does those imports while the user fills in the form, and the queue hands
 it the next job it starts (`EngineRun.assign`). Bought with memory: a spare holds ~0.3-0.5 GB of RAM
 (no accelerator memory) for at most TTL_MS after the last sign of a coming job, then it is let go.

@@ -83,7 +83,7 @@ def test_a_spare_no_job_takes_is_let_go_and_none_starts_when_settings_say_no(qtb
     keeper.shutdown(timeout_ms=WAIT)
     assert _gone(pid)
 
-    settings.PREPARE_WORKER.set(store, False)      # Settings: "Start the training engine while I fill in..."
+    settings.PREPARE_WORKER.set(store, False)      # Settings: "Load the training engine before the next job starts"
     q = JobQueue(store, autostart=False)
     queues.append(q)
     q.expect_job()
@@ -112,3 +112,32 @@ def test_recovery_kills_an_orphaned_spare_only_when_it_holds_that_jobs_run_folde
         assert proc.wait(timeout=30) != 0
     finally:
         proc.kill()
+
+
+def test_the_next_queued_job_gets_a_spare_started_before_the_running_one_ends(qtbot, tmp_path, store, queues):
+    """Queued jobs that follow another start warm too: once the running job is due to end within
+    FOLLOWER_LEAD_S, the next one's worker imports beside it, and the queue hands it the next job."""
+    settings.PREPARE_WORKER.set(store, True)
+    q = JobQueue(store, autostart=False)
+    queues.append(q)
+    first = q.submit(tiny_job(tmp_path, steps=6), "first")
+    q.start_next()
+    qtbot.waitUntil(lambda: store.get_job(first).state == "finished", timeout=WAIT)
+    assert q.spare.pid() is None                   # nothing queued behind it: no spare
+
+    second = q.submit(tiny_job(tmp_path, steps=6), "second")
+    third = q.submit(tiny_job(tmp_path, steps=2), "third")
+    spares, pids = [], {}
+
+    def seen(jid, ev):
+        if jid == second and ev["type"] == "step":
+            spares.append(q.spare.pid())
+        if ev["type"] == "started":
+            pids[jid] = ev["pid"]
+    q.job_event.connect(seen)
+    q.autostart = True
+    q.start_next()
+    qtbot.waitUntil(lambda: store.get_job(third).state == "finished", timeout=WAIT)
+    spare_pid = next(p for p in spares if p)        # started while the second job trained...
+    assert pids[second] != spare_pid and pids[third] == spare_pid   # ...and the third ran in it
+    assert q.spare.pid() is None                    # nothing behind the third: none left waiting

@@ -66,10 +66,11 @@ class SettingsView(QWidget):
         train_form.addRow("Save a checkpoint every", self.checkpoint_spin)
         train_form.addRow(note("Used by new jobs. A checkpoint is what a paused, stopped or crashed job "
                                 "continues from; more often costs a little speed and disk writes."))
-        self.prepare_box = QCheckBox("Start the training engine while I fill in a new finetune")
-        self.prepare_box.setToolTip("The job then trains within a second of Add to queue instead of after "
-                                    "several seconds of loading; it holds about 0.4 GB of memory meanwhile, "
-                                    "for at most 5 minutes")
+        self.prepare_box = QCheckBox("Load the training engine before the next job starts")
+        self.prepare_box.setToolTip("While you fill in a new finetune, and in the last 30 seconds of a job "
+                                    "with another queued behind it: the next job then trains within a second "
+                                    "instead of after several seconds of loading. It holds about 0.4 GB of "
+                                    "memory meanwhile, for at most 5 minutes")
         self.prepare_box.toggled.connect(lambda on: settings.PREPARE_WORKER.set(self.store, bool(on)))
         train_form.addRow(self.prepare_box)
 
