@@ -4,6 +4,7 @@ is ever left, and the run finishes with the very weights of a run that was never
 import random
 import signal
 import time
+from collections import deque
 
 import torch
 from safetensors.torch import load_file
@@ -17,6 +18,7 @@ from training_core.engine import Engine
 KILLS = 20
 EVERY = 3          # checkpoint interval (steps)
 STEPS = 200
+SPARES = 2       # workers importing ahead of the session that runs
 
 
 def _debris(run_dir):
@@ -37,6 +39,34 @@ def _wait_for_folder(w, run_dir, prefix, timeout=5.0):
     return False
 
 
+def _kill_once(w, kill, rng, run_dir):
+    """One session: started, then SIGKILL at this kill's kind of moment; checks what it left behind and
+    returns (moment, steps lost, debris found)."""
+    w.wait_for(lambda e: e["type"] == "started", timeout=180)
+    moment = ("random", "write", "prune")[kill % 3]
+    if moment == "write":
+        _wait_for_folder(w, run_dir, ckpt_io.TMP_PREFIX)
+        time.sleep(rng.uniform(0, 0.1))
+    elif moment == "prune":
+        _wait_for_folder(w, run_dir, ckpt_io.TRASH_PREFIX)
+    else:
+        time.sleep(rng.uniform(0.0, 1.0))
+    assert w.proc.poll() is None, f"the run ended before kill {kill + 1}: {w.all[-1:]}"
+    w.proc.send_signal(signal.SIGKILL)
+    w.finish()
+
+    seen = [e["step"] for e in w.all if e["type"] in ("step", "checkpoint")]
+    reported = [e["step"] for e in w.all if e["type"] == "checkpoint"]
+    for ckpt in ckpt_io.list_checkpoints(run_dir):   # nothing named ckpt-* is ever damaged
+        assert ckpt_io.problem(ckpt) is None, (kill, ckpt, ckpt_io.problem(ckpt))
+    latest = ckpt_io.latest(run_dir)
+    kept = ckpt_io.read_manifest(latest)["step"] if latest else 0
+    assert kept >= max(reported, default=0)          # a checkpoint once reported is never lost
+    lost = max(seen, default=kept) - kept
+    assert lost <= EVERY, (kill, seen[-3:], kept)     # at most one interval lost per kill
+    return moment, lost, _debris(run_dir)
+
+
 def test_sigkill_at_random_moments_loses_at_most_one_interval_per_kill(tmp_path):
     rng = random.Random(11)
     base = engine_job(tmp_path, "chaos", steps=STEPS, batch_size=4, seq_len=32, checkpoint_every=EVERY,
@@ -47,36 +77,24 @@ def test_sigkill_at_random_moments_loses_at_most_one_interval_per_kill(tmp_path)
 
     t0 = time.monotonic()
     report = []   # (moment, steps lost, debris found)
-    for kill in range(KILLS):
-        w = Worker(spec_path, resume=kill > 0)
-        w.wait_for(lambda e: e["type"] == "started", timeout=180)
-        moment = ("random", "write", "prune")[kill % 3]
-        if moment == "write":
-            _wait_for_folder(w, run_dir, ckpt_io.TMP_PREFIX)
-            time.sleep(rng.uniform(0, 0.1))
-        elif moment == "prune":
-            _wait_for_folder(w, run_dir, ckpt_io.TRASH_PREFIX)
-        else:
-            time.sleep(rng.uniform(0.0, 1.0))
-        assert w.proc.poll() is None, f"the run ended before kill {kill + 1}: {w.all[-1:]}"
-        w.proc.send_signal(signal.SIGKILL)
-        w.finish()
-
-        seen = [e["step"] for e in w.all if e["type"] in ("step", "checkpoint")]
-        reported = [e["step"] for e in w.all if e["type"] == "checkpoint"]
-        for ckpt in ckpt_io.list_checkpoints(run_dir):   # nothing named ckpt-* is ever damaged
-            assert ckpt_io.problem(ckpt) is None, (kill, ckpt, ckpt_io.problem(ckpt))
-        latest = ckpt_io.latest(run_dir)
-        kept = ckpt_io.read_manifest(latest)["step"] if latest else 0
-        assert kept >= max(reported, default=0)          # a checkpoint once reported is never lost
-        lost = max(seen, default=kept) - kept
-        assert lost <= EVERY, (kill, seen[-3:], kept)     # at most one interval lost per kill
-        report.append((moment, lost, _debris(run_dir)))
-
-    # The last session runs undisturbed to the end (no test sleeps, so it is quick).
-    JobSpec(**{**base, "checkpoint_every": 1000}).save(spec_path)
-    w = Worker(spec_path, resume=True)
-    assert w.finish(timeout=300) == 0, w.stderr()[-2000:]
+    # Each session runs in a spare worker that imported the engine while the sessions before it ran, as
+    # the app's queue hands jobs to spares: the kills are the same, the imports no longer queue up.
+    spares = deque(Worker(None) for _ in range(SPARES))
+    try:
+        for kill in range(KILLS):
+            w = spares.popleft()
+            spares.append(Worker(None))
+            w.assign(spec_path, resume=kill > 0)
+            report.append(_kill_once(w, kill, rng, run_dir))
+        # The last session runs undisturbed to the end (no test sleeps, so it is quick).
+        JobSpec(**{**base, "checkpoint_every": 1000}).save(spec_path)
+        w = spares.popleft()
+        w.assign(spec_path, resume=True)
+        assert w.finish(timeout=300) == 0, w.stderr()[-2000:]
+    finally:
+        for spare in spares:
+            spare.proc.kill()
+            spare.proc.wait()
     assert w.all[-1]["type"] == "finished" and w.all[-1]["step"] == STEPS
     warnings = [e for e in w.all if e["type"] == "warning" and e["code"] == "debris"]
     elapsed = time.monotonic() - t0

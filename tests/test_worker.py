@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 class Worker:
     """A real worker process, spawned like the app spawns it."""
 
-    def __init__(self, spec_path: Path, resume: bool = False):
-        cmd = [sys.executable, "-m", "training_core.cli", "run", "--spec", str(spec_path)] + (["--resume"] if resume else [])
+    def __init__(self, spec_path: Path | None, resume: bool = False):
+        """spec_path None: a spare worker (`run --spare`), which imports the engine and waits for assign()."""
+        job = ["--spec", str(spec_path)] + (["--resume"] if resume else []) if spec_path is not None else ["--spare"]
+        cmd = [sys.executable, "-m", "training_core.cli", "run"] + job
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, encoding="utf-8")
         self.events: "queue.Queue[dict]" = queue.Queue()
@@ -34,6 +36,11 @@ class Worker:
             ev = decode_event(line)  # every stdout line must be a protocol event
             self.all.append(ev)
             self.events.put(ev)
+
+    def assign(self, spec_path: Path, resume: bool = False):
+        """A spare's job, as the app hands it over (its `job` control)."""
+        self.proc.stdin.write(encode(make_control("job", spec=str(spec_path), resume=resume)))
+        self.proc.stdin.flush()
 
     def send(self, kind):
         self.proc.stdin.write(encode(make_control(kind)))
