@@ -30,11 +30,12 @@ attacker goes by (its peer id, or its signer name for records).
 """
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -508,3 +509,38 @@ def run_attack(attack: str | None, cfg: Config = Config(), workdir: Path | None 
         nodes.close()
         if tmp is not None:
             tmp.cleanup()
+
+
+# ---- one run in its own process (the suite runs several at once: they mostly wait on rounds) ---------
+def result_to_json(r: Result) -> str:
+    return json.dumps(asdict(r))
+
+
+def result_from_json(text: str) -> Result:
+    from training_core.swarm.metrics import SwarmSummary
+    d = json.loads(text)
+    d["warnings"] = [tuple(w) for w in d["warnings"]]
+    d["summary"] = SwarmSummary(**d["summary"]) if d["summary"] is not None else None
+    return Result(**d)
+
+
+def run_attack_in_process(name: str, workdir: Path, timeout: float = 300) -> Result:
+    """run_attack(name; "clean" for None) in a child Python, its Result back as JSON (never pickled)."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    out = workdir / "result.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    proc = subprocess.run([sys.executable, __file__, name, str(workdir), str(out)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"the {name} run failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
+    return result_from_json(out.read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":   # python tests/attack_helpers.py ATTACK|clean WORKDIR OUT.json
+    import sys
+    _name, _work, _out = sys.argv[1:4]
+    _result = run_attack(None if _name == "clean" else _name, workdir=Path(_work))
+    Path(_out).write_text(result_to_json(_result), encoding="utf-8")

@@ -3,7 +3,8 @@
 For each attack (tests/attack_helpers.py says what each attacker does): the honest peers stay finite,
 their final eval loss is at most 10 % above a clean swarm's over the same samples, the attacker is
 named in a warning the honest side emits (by peer id, or by signer name for forged records), and no
-honest peer is named. The clean run is made once for the module; each attack is one run (~20 s). The
+honest peer is named. The clean run and each attack are one run (~20 s, mostly waiting on rounds), made
+once for the module, PARALLEL at a time, each in its own process (its result comes back as JSON). The
 forged-record attacks run together as "records": two signers forging epoch records (epoch-2keys, of
 which epoch-1key is the weaker half), one forging samples and one forging metrics, in one swarm;
 bench/swarm_attacks.py runs each alone. 1e30 is not run here: under float16 it sends the very bytes inf
@@ -14,17 +15,42 @@ rounds can do that) has lost nothing. bench/swarm_attacks.py prints the same run
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from attack_helpers import FORGED_EPOCH, FORGERS, GRADIENT_ATTACKS, SUITE_ATTACKS, run_attack
+from attack_helpers import FORGED_EPOCH, FORGERS, GRADIENT_ATTACKS, SUITE_ATTACKS, run_attack_in_process
 
 LOSS_BOUND = 1.10
+PARALLEL = 3      # runs at once: on 2 cores the honest peers' paced steps still keep their pace
 
 
 @pytest.fixture(scope="module")
-def clean():
-    r = run_attack(None)
+def runs(tmp_path_factory):
+    """Every run's Result (or the error that ended it), the slowest (wrong-shape) first."""
+    names = sorted(("clean",) + SUITE_ATTACKS, key=lambda n: n != "wrong-shape")
+    base = tmp_path_factory.mktemp("attacks")
+
+    def one(name):
+        (base / name).mkdir()
+        try:
+            return name, run_attack_in_process(name, base / name)
+        except Exception as exc:
+            return name, exc
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        return dict(pool.map(one, names))
+
+
+def _result(runs, name):
+    r = runs[name]
+    if isinstance(r, Exception):
+        pytest.fail(str(r))
+    return r
+
+
+@pytest.fixture(scope="module")
+def clean(runs):
+    r = _result(runs, "clean")
     assert r.finite and r.accusations() == [], r.warnings
     assert r.loss < 0.8 * math.log(4), r.eval_loss      # it learned something (chance is ln 4)
     assert min(r.rounds) >= 10, r.rounds                  # ...as a swarm: rounds went through
@@ -32,8 +58,8 @@ def clean():
 
 
 @pytest.mark.parametrize("attack", SUITE_ATTACKS)
-def test_honest_peers_hold_and_name_the_attacker(attack, clean, tmp_path):
-    r = run_attack(attack, workdir=tmp_path)
+def test_honest_peers_hold_and_name_the_attacker(attack, clean, runs):
+    r = _result(runs, attack)
     context = f"{attack}: loss {r.eval_loss} vs clean {clean.eval_loss}, rounds {r.rounds}, warnings {r.warnings}"
     assert r.finite, context
     assert r.loss <= LOSS_BOUND * clean.loss, context
