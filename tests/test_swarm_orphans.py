@@ -159,3 +159,35 @@ def test_identity_path_per_device(tmp_path):
     assert len({identity_path_for(tmp_path, f"cuda:{i}") for i in range(4)}) == 4
     with pytest.raises(ConfigError):
         identity_path_for(tmp_path, "cuda:../x")
+
+
+REAP_SCRIPT = """
+import subprocess, sys, time
+from training_core.proc_guard import own_children
+from training_core.swarm.network import reap_children
+own_children()
+quick = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+stuck = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"]) if sys.argv[1] == "stuck" else None
+t = time.monotonic()
+reap_children(grace_s=2.0)
+print(round(time.monotonic() - t, 2), quick.poll() is not None, stuck is None or stuck.poll() is not None)
+"""
+
+
+@pytest.mark.parametrize("case", ["done", "stuck"])
+def test_reaping_at_exit_waits_for_helpers_only(case):
+    """At exit a swarm process waits (up to a grace) for the helpers hivemind forked, and kills those
+    still there after it; never for its own sentinel, which leaves with it (waiting for it made every
+    swarm process spend the whole grace before exiting)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", REAP_SCRIPT, case], cwd=root, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    waited, quick_gone, stuck_gone = out.stdout.split()
+    assert quick_gone == "True" and stuck_gone == "True", out.stdout
+    if case == "done":
+        assert float(waited) < 1.5, waited          # the quick child's 0.3 s, not the 2 s grace
+    else:
+        assert 2.0 <= float(waited) < 4.0, waited   # the grace, then a kill

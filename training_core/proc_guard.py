@@ -58,6 +58,11 @@ def _join_sentinel_group() -> None:
             pass
 
 
+def sentinel_pid() -> int | None:
+    """The sentinel's pid, once own_children() started it."""
+    return _sentinel.pid if _sentinel is not None else None
+
+
 def own_children() -> int | None:
     """Make every process this one forks from now on die with it. Call it early, before any child is
     started (children already running are not covered). Returns the sentinel's pid (None on Windows)."""

@@ -202,6 +202,16 @@ def start_dht(manifest: SwarmManifest, *, identity_path: Path | None, client_mod
     return DHTHandle(start(True), True, why + "; joining as a client through relays")
 
 
+SHM_MANAGER = "torch_shm_manager"
+
+
+def _name(proc) -> str | None:
+    try:
+        return proc.name()
+    except Exception:   # gone meanwhile
+        return None
+
+
 def reap_children(grace_s: float = 3.0) -> None:
     """End the helper processes hivemind forked (DHT, averagers, p2pd) that outlived shutdown.
 
@@ -210,7 +220,11 @@ def reap_children(grace_s: float = 3.0) -> None:
     called by the swarm commands, takes the children down.)
     """
     import psutil
-    children = psutil.Process().children(recursive=True)
+
+    from ..proc_guard import sentinel_pid
+    # Not the sentinel (it leaves when we do) nor torch_shm_manager (2 s after its last client): waiting
+    # for them cost every swarm process the whole grace at exit.
+    children = [c for c in psutil.Process().children(recursive=True) if c.pid != sentinel_pid() and _name(c) != SHM_MANAGER]
     _, alive = psutil.wait_procs(children, timeout=grace_s)
     for child in alive:
         try:
