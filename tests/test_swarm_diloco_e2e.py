@@ -19,6 +19,9 @@ from swarm_helpers import Member, distance, free_port, latest_checkpoint, load_p
 pytestmark = pytest.mark.slow
 
 JOIN = ["swarm", "join", "--json", "--threads", "1", "--listen-ip", "127.0.0.1"]
+# The peers train in paced steps: unpaced, two of them fill both cores, and the late joiner and the
+# restarted host, which need a core for their imports, took 15-20 s each to start instead of ~5.
+PACE = {"MODRON_TEST_SLEEP_PER_STEP": "0.04"}
 
 
 def _round(member: Member) -> int:
@@ -74,7 +77,7 @@ def scenario(tmp_path_factory):
     facts: dict = {"base": base, "init": init}
 
     def start(name, args, **env):
-        m = Member(name, args, base / name, MODRON_DILOCO_TRACE="1", **env)
+        m = Member(name, args, base / name, MODRON_DILOCO_TRACE="1", **PACE, **env)
         members.append(m)
         return m
     try:

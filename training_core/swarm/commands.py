@@ -143,6 +143,14 @@ def _fail(out: Output | None, exc: UserError, step: int = 0) -> int:
     return 2
 
 
+def _test_sleep_per_step() -> float:
+    """MODRON_TEST_SLEEP_PER_STEP (tests only): seconds of sleep after each step, 0 to 1."""
+    try:
+        return min(1.0, max(0.0, float(os.environ.get("MODRON_TEST_SLEEP_PER_STEP") or 0.0)))
+    except ValueError:
+        return 0.0
+
+
 def cmd_join(args) -> int:
     own_children()      # before hivemind forks anything: its DHT, averagers and p2pd die with us
     out = Output(args.json)
@@ -163,6 +171,7 @@ def cmd_join(args) -> int:
                            data_dir=args.data_dir, client_mode=args.client_mode, token=args.token,
                            host_maddrs=[f"/ip4/{args.listen_ip}/tcp/{args.port}"],
                            test_send_nan=os.environ.get("MODRON_TEST_SEND_NAN") == "1",
+                           test_sleep_per_step=_test_sleep_per_step(),
                            vram_fraction=args.vram_fraction)
         if args.vram_fraction:
             import torch

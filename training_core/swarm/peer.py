@@ -52,6 +52,7 @@ class PeerOptions:
     run_dir: Path | None = None          # default <data_dir>/swarm/<run_id>/ (per device: peer_run_dir)
     host_maddrs: list[str] | None = None
     test_send_nan: bool = False          # test hook: send NaN gradients, our own guard disabled
+    test_sleep_per_step: float = 0.0     # test hook: pace the steps (a loopback swarm on 2 cores leaves CPU to the rest)
     vram_fraction: float | None = None   # the share of the GPU this peer may use (--vram-fraction)
     model_source: str | None = None      # where the model is read here: an invite's hub model, downloaded
     tokenizer_source: str | None = None  # likewise an invite's hub tokenizer (default: from the manifest)
@@ -114,7 +115,7 @@ def swarm_spec(manifest: SwarmManifest, opts: PeerOptions, out: Path) -> JobSpec
                    checkpoint_minutes=1e9, keep_checkpoints=2, eval_fraction=0.02, seed=0,  # seed 0: same init
                    precision=precision, tokenizer=opts.tokenizer_source or peer_tokenizer(manifest),
                    device=device, threads=opts.threads,
-                   job_id=manifest.run_id, sample_max_tokens=20)
+                   job_id=manifest.run_id, sample_max_tokens=20, test_sleep_per_step=opts.test_sleep_per_step)
 
 
 def device_memory(opts: PeerOptions) -> tuple[int, str, str, str] | None:
