@@ -58,6 +58,9 @@ class FakeQueue(QObject):
     def shutdown(self, timeout_ms=30000):
         self.calls.append("shutdown")
 
+    def expect_job(self):
+        self.calls.append("expect_job")
+
     def submit(self, spec, name):
         self.calls.append(("submit", name))
         return self.store.add_job(spec, name).id
@@ -254,10 +257,12 @@ FAKE_HARDWARE = {
 def test_dashboard_renders_gpu_cpu_and_ram_cards(qtbot, store):
     from app.views.dashboard import DashboardView
     poller = FakePoller()
-    view = DashboardView(store, FakeQueue(store), poller=poller)
+    queue = FakeQueue(store)
+    view = DashboardView(store, queue, poller=poller)
     qtbot.addWidget(view)
     view.show()
     assert poller.active                        # polls only while on screen
+    assert queue.calls == ["expect_job"]        # first run: a spare worker for "Try the demo"
     poller.updated.emit(FAKE_HARDWARE)
 
     assert len(view.gpu_cards) == 2
@@ -588,3 +593,13 @@ def test_quitting_ends_a_playground_generation(qapp, tmp_path, monkeypatch):
     monkeypatch.setattr(PlaygroundView, "shutdown", lambda self: ended.append(self))
     assert _run_main(monkeypatch, tmp_path, [], False, lambda window: window.views["playground"]) == 0
     assert len(ended) == 1
+
+
+def test_the_dashboard_prepares_a_worker_for_the_demo_on_a_first_run_only(qtbot, store):
+    from app.views.dashboard import DashboardView
+    store.add_job({"model": "scratch:tiny"}, "earlier")
+    queue = FakeQueue(store)
+    view = DashboardView(store, queue, poller=FakePoller())
+    qtbot.addWidget(view)
+    view.show()
+    assert not view.welcome.isVisible() and queue.calls == []

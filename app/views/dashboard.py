@@ -209,6 +209,8 @@ class DashboardView(QWidget):
     def showEvent(self, event) -> None:
         super().showEvent(event)
         self.poller.start()
+        if self._first_run:
+            self.queue.expect_job()   # a new user's first click is likely "Try the demo": import meanwhile
 
     def hideEvent(self, event) -> None:
         self.poller.stop()

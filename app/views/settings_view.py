@@ -67,7 +67,8 @@ class SettingsView(QWidget):
         train_form.addRow(note("Used by new jobs. A checkpoint is what a paused, stopped or crashed job "
                                 "continues from; more often costs a little speed and disk writes."))
         self.prepare_box = QCheckBox("Load the training engine before the next job starts")
-        self.prepare_box.setToolTip("While you fill in a new finetune, and in the last 30 seconds of a job "
+        self.prepare_box.setToolTip("While you fill in a new finetune, on a first run's Dashboard (for Try the demo), "
+                                    "and in the last 30 seconds of a job "
                                     "with another queued behind it: the next job then trains within a second "
                                     "instead of after several seconds of loading. It holds about 0.4 GB of "
                                     "memory meanwhile, for at most 5 minutes")
