@@ -35,8 +35,11 @@ def test_the_probe_passes_kernels_that_agree_and_refuses_ones_that_differ_or_fai
     model, cpu = _llama(), torch.device("cpu")
     applied = []
     monkeypatch.setattr(fused_kernels, "apply", lambda m: applied.append(m))   # kernels equal to the plain code
+    state = torch.random.get_rng_state()
     assert fused_kernels.probe(model, cpu) is None
+    assert torch.equal(torch.random.get_rng_state(), state)        # the run's random stream is untouched
     (small,) = applied
+    assert fused_kernels.probe(model, cpu, torch.bfloat16) is None  # and a step under the run's autocast
     assert small is not model and small.config.num_hidden_layers == 1 and small.config.num_key_value_heads == 2
 
     def off_by_a_little(m):   # a head kernel that computes wrong: the loss moves more than the probe allows
@@ -74,8 +77,54 @@ def test_the_engine_applies_what_the_probe_passed_through_a_lora_wrapper(tmp_pat
     assert any(e["type"] == "phase" and "Liger" in e["message"] for e in events)
 
 
+@pytest.mark.parametrize("targets", [None, ["q_proj", "lm_head"]])
+def test_a_lora_adapter_on_the_output_layer_keeps_the_plain_loss(tmp_path, monkeypatch, targets):
+    applied = []
+    monkeypatch.setattr(fused_kernels, "unsupported_reason", lambda device, model: None)
+    monkeypatch.setattr(fused_kernels, "probe", lambda model, device, dtype=None: None)
+    monkeypatch.setattr(fused_kernels, "apply", lambda m: applied.append(fused_kernels.adapted_output_layer(m)))
+    events = []
+    extra = {"lora_targets": targets} if targets else {}
+    spec = engine_job(tmp_path, steps=1, fused_kernels=True, sample_prompts=[], method="lora",
+                      model=str(make_local_model(tmp_path / "model")), tokenizer="auto", **extra)
+    engine = Engine(JobSpec.from_dict(spec), events.append)
+    assert engine.run().status == "finished"
+    warned = [e["message"] for e in events if e["type"] == "warning" and e["code"] == "fused_kernels"]
+    assert applied == [bool(targets)] and engine.fused
+    assert (len(warned) == 1 and "output layer" in warned[0]) if targets else not warned, warned
+
+
 @pytest.mark.parametrize("kv", [6, 2])
 def test_the_one_layer_model_keeps_the_attention_kind(kv):
     cfg = fused_kernels._one_layer_config(_llama(num_key_value_heads=kv).config)
     assert cfg.num_hidden_layers == 1 and cfg.hidden_size == 64 and cfg.vocab_size == 300
     assert (cfg.num_key_value_heads < cfg.num_attention_heads) == (kv < 6)
+
+
+def test_the_one_layer_model_builds_when_the_pad_id_lies_past_its_vocabulary():
+    """Qwen2.5's pad id is 151643: the small vocabulary (1024) must not keep it."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    big = Qwen2Config(vocab_size=5000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=4999)
+    cfg = fused_kernels._one_layer_config(big)
+    assert cfg.vocab_size == 1024 and cfg.model_type == "qwen2"
+    AutoModelForCausalLM.from_config(cfg)
+
+
+def test_gpu_reasons_other_model_types_and_a_liger_that_does_not_load(monkeypatch):
+    """On a (pretend) Volta-or-newer GPU with liger-kernel (pretend) installed: a model type Modron does
+    not train is refused by name, and a package that fails to import (here: it is not really there) is
+    a reason, not a crash."""
+    import importlib.util
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (5, 2))
+    assert "5.2" in fused_kernels.unsupported_reason(cuda, _llama())          # a Tesla M40
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "liger_kernel" else real_find_spec(name, *a))
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    assert "this one is gpt2" in fused_kernels.unsupported_reason(cuda, gpt2)
+    why = fused_kernels.unsupported_reason(cuda, _llama())
+    assert why.startswith("liger-kernel does not load here (ModuleNotFoundError"), why

@@ -343,13 +343,20 @@ class Engine:
         why = fused_kernels.unsupported_reason(self.device, self.model)
         if why is None:
             self.phase("placing", "Checking Liger's fused kernels on a one-layer model…")
-            failed = fused_kernels.probe(self.model, self.device)
+            failed = fused_kernels.probe(self.model, self.device, HALF.get(self.precision))
             why = f"its one-layer check failed ({failed})" if failed else None
+        if why is None:
+            try:
+                fused_kernels.apply(self.model)
+            except Exception as exc:   # the probe passed on the same code: not expected, but never fatal
+                why = f"applying them failed ({fused_kernels._one_line(exc)})"
         if why is not None:
             self.warn("fused_kernels", f"Liger's fused kernels are not used: {why}; training goes on without them")
             return
-        fused_kernels.apply(self.model)
         self.fused = True
+        if fused_kernels.adapted_output_layer(self.model):
+            self.warn("fused_kernels", "the output layer has a LoRA adapter, which Liger's fused cross-entropy "
+                                       "would leave untrained: the loss is computed the plain way")
 
     def _compile(self) -> None:
         """JobSpec.compile: each transformer layer through torch.compile (training_core/compiling.py)."""

@@ -10,12 +10,20 @@ run's first step. On any "no" the run gives one `fused_kernels` warning and trai
 
 Liger patches the transformers modeling module of the model's type (its RMSNorm, MLP and rotary
 function, for models built later in this process too) and the instance's modules and forward. A worker
-runs one job, so that is fine; a failed probe puts the module's names back as they were.
+runs one job, so that is fine; a failed probe puts the module's names (and torch's cross-entropy) back
+as they were. Only the model types Modron trains are let through (MODEL_TYPES): Liger's functions for
+others change more than that module (granite swaps torch's cross-entropy, multimodal types patch
+several modules).
+
+The fused cross-entropy reads the output layer's weight itself: a LoRA adapter on `lm_head` (possible
+with the user's own `lora_targets`) would get no gradient, so such a run keeps the plain loss and
+fuses the rest.
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import sys
 
 import torch
@@ -23,6 +31,7 @@ import torch
 TRITON_MIN_CAPABILITY = (7, 0)   # Triton's oldest GPUs (Volta); a Tesla M40 (5.2) cannot run the kernels
 LOSS_RTOL = 1e-3                 # fp32 fused vs unfused loss on the probe (Liger's own tests: ~1e-5)
 GRAD_RTOL = 2e-2                 # largest gradient difference, relative to the largest gradient
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")   # what Modron trains (the scratch presets are llama)
 
 
 def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -41,17 +50,34 @@ def unsupported_reason(device: torch.device, model: torch.nn.Module) -> str | No
                 f"({TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]} or newer)")
     if importlib.util.find_spec("liger_kernel") is None:
         return "the liger-kernel package is not installed (pip install liger-kernel)"
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     model_type = getattr(getattr(_hf_model(model), "config", None), "model_type", None)
+    if model_type not in MODEL_TYPES:
+        return f"they are used for {', '.join(MODEL_TYPES)} models only, and this one is {model_type}"
+    try:   # Liger refuses an older transformers at import; a Triton that does not match torch fails there too
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception as exc:
+        return f"liger-kernel does not load here ({_one_line(exc)})"
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        return f"Liger has no kernels for this model type ({model_type})"
+        return f"this liger-kernel release has no kernels for {model_type} models"
     return None
 
 
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def adapted_output_layer(model: torch.nn.Module) -> bool:
+    """A LoRA adapter sits on the output layer (peft's wrapper keeps the frozen one as `base_layer`)."""
+    get = getattr(_hf_model(model), "get_output_embeddings", None)
+    return hasattr(get() if callable(get) else None, "base_layer")
+
+
 def apply(model: torch.nn.Module) -> None:
-    """Liger's kernels into `model` (and its modeling module), in place."""
+    """Liger's kernels into `model` (and its modeling module), in place; the plain loss where the
+    output layer carries an adapter (see the module doc)."""
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-    _apply_liger_kernel_to_instance(model=_hf_model(model))
+    _apply_liger_kernel_to_instance(model=_hf_model(model), fused_linear_cross_entropy=not adapted_output_layer(model))
 
 
 def _one_layer_config(config):
@@ -64,6 +90,7 @@ def _one_layer_config(config):
     for name, value in small.items():
         if hasattr(cfg, name):
             setattr(cfg, name, value)
+    cfg.pad_token_id = None   # the model's may lie past the small vocabulary (Qwen2.5: 151643)
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = list(cfg.layer_types)[:1]
     return cfg
@@ -75,34 +102,45 @@ def _step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, dict[str, t
     return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def probe(model: torch.nn.Module, device: torch.device) -> str | None:
-    """One training step of a one-layer model of `model`'s architecture, unfused then fused (fp32);
-    why the fused one failed or differs, in one line (None: the kernels work and agree)."""
+def probe(model: torch.nn.Module, device: torch.device, autocast_dtype: torch.dtype | None = None) -> str | None:
+    """One training step of a one-layer model of `model`'s architecture, unfused then fused (fp32), then
+    a fused one under the run's autocast (`autocast_dtype`, None: fp32 only); why the fused one failed,
+    differs or went non-finite, in one line (None: the kernels work and agree). The global RNG is left
+    as it was."""
     from transformers import AutoModelForCausalLM
     hf = _hf_model(model)
     modeling = sys.modules.get(type(hf).__module__)
     saved = dict(vars(modeling)) if modeling is not None else {}
+    cross_entropy = torch.nn.functional.cross_entropy
+    devices = [device] if device.type == "cuda" else []
     try:
-        cfg = _one_layer_config(hf.config)
-        torch.manual_seed(0)
-        plain = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=torch.float32)
-        fused = copy.deepcopy(plain)
-        ids = torch.randint(0, cfg.vocab_size, (2, 32), device=device)
-        want, want_grads = _step(plain, ids)
-        apply(fused)
-        got, got_grads = _step(fused, ids)
-        if abs(got - want) > LOSS_RTOL * abs(want):
-            raise ValueError(f"the fused loss {got:.6g} differs from the plain {want:.6g}")
-        if set(got_grads) != set(want_grads):
-            raise ValueError("the fused model trains other parameters than the plain one")
-        scale = max(g.abs().max().item() for g in want_grads.values())
-        worst = max((got_grads[n] - g).abs().max().item() for n, g in want_grads.items())
-        if not worst <= GRAD_RTOL * scale:
-            raise ValueError(f"fused gradients differ by {worst:.3g} (largest gradient {scale:.3g})")
+        with torch.random.fork_rng(devices=devices):
+            cfg = _one_layer_config(hf.config)
+            torch.manual_seed(0)
+            plain = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=torch.float32)
+            fused = copy.deepcopy(plain)
+            ids = torch.randint(0, cfg.vocab_size, (2, 32), device=device)
+            want, want_grads = _step(plain, ids)
+            apply(fused)
+            got, got_grads = _step(fused, ids)
+            if abs(got - want) > LOSS_RTOL * abs(want):
+                raise ValueError(f"the fused loss {got:.6g} differs from the plain {want:.6g}")
+            if set(got_grads) != set(want_grads):
+                raise ValueError("the fused model trains other parameters than the plain one")
+            scale = max(g.abs().max().item() for g in want_grads.values())
+            worst = max((got_grads[n] - g).abs().max().item() for n, g in want_grads.items())
+            if not worst <= GRAD_RTOL * scale:
+                raise ValueError(f"fused gradients differ by {worst:.3g} (largest gradient {scale:.3g})")
+            if autocast_dtype is not None:   # the run's precision takes other branches (AMP casts in the loss)
+                fused.zero_grad()
+                with torch.autocast(device.type, dtype=autocast_dtype):
+                    half, half_grads = _step(fused, ids)
+                if not (math.isfinite(half) and all(bool(g.isfinite().all()) for g in half_grads.values())):
+                    raise ValueError(f"under {autocast_dtype} the fused step is not finite (loss {half})")
     except Exception as exc:
         for name, value in saved.items():   # Liger replaced names in the modeling module: put them back
             if getattr(modeling, name, None) is not value:
                 setattr(modeling, name, value)
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+        torch.nn.functional.cross_entropy = cross_entropy
+        return _one_line(exc)
     return None
