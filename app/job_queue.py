@@ -307,7 +307,7 @@ class JobQueue(QObject):
         instead of after a cold start. The spare takes no GPU memory; on a CPU its imports share the cores
         with the last seconds of this job."""
         if (isinstance(eta_s, (int, float)) and eta_s <= FOLLOWER_LEAD_S and self.autostart
-                and not self._shutting_down and not self.paused_all and self.spare.pid() is None
+                and not self._shutting_down and not self.paused_all
                 and settings.PREPARE_WORKER.get(self.store) and self.store.next_queued() is not None):
             self.spare.expect()
 

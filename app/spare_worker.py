@@ -30,6 +30,7 @@ class SpareWorker(QObject):
         self._reap()
         if self._spare is not None and not self._spare.running():
             self._forget(self._spare)   # it ended by itself (killed, or its imports failed): start anew
+            self._spare = None
         if self._spare is None:
             self._spare = EngineRun.spare(parent=self)
             self._spare.start()

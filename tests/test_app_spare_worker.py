@@ -141,3 +141,27 @@ def test_the_next_queued_job_gets_a_spare_started_before_the_running_one_ends(qt
     spare_pid = next(p for p in spares if p)        # started while the second job trained...
     assert pids[second] != spare_pid and pids[third] == spare_pid   # ...and the third ran in it
     assert q.spare.pid() is None                    # nothing behind the third: none left waiting
+
+
+def test_a_spare_that_died_while_waiting_is_replaced_and_never_handed_a_job(qtbot, tmp_path):
+    """kill -9 of a waiting spare (or the OOM killer, or failed imports): the next expect() starts a new
+    one, and take() never hands over a dead one (once, a deleted dead spare broke the whole queue)."""
+    import signal
+    keeper = SpareWorker()
+    keeper.expect()
+    first = keeper.pid()
+    qtbot.waitUntil(lambda: keeper._spare.ready_at is not None, timeout=WAIT)
+    os.kill(first, signal.SIGKILL)
+    qtbot.waitUntil(lambda: not keeper._spare.running(), timeout=WAIT)
+    keeper.expect()
+    second = keeper.pid()
+    assert second and second != first and psutil.pid_exists(second) and not _gone(second)
+    qtbot.wait(200)                       # the dead one's deletion runs from the event loop
+    os.kill(second, signal.SIGKILL)
+    qtbot.waitUntil(lambda: not keeper._spare.running(), timeout=WAIT)
+    assert keeper.take(keeper) is None    # dead: the caller starts a worker the usual way
+    keeper.expect()
+    third = keeper.pid()
+    assert third not in (first, second)
+    keeper.shutdown(timeout_ms=WAIT)
+    assert _gone(third)
