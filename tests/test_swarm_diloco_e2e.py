@@ -114,10 +114,9 @@ def scenario(tmp_path_factory):
         # kill -9 of a peer: nothing of it may stay; the other goes on alone.
         facts["peer_survivors"] = _survivors(_kill_main(b))
 
-        for m in (a,):
-            m.send("stop")
-            m.wait_for(lambda e: e["type"] == "stopped", timeout=60)
-            facts[f"{m.name}_rc"] = m.finish(60)
+        a.proc.send_signal(signal.SIGINT)    # Ctrl-C, as in a terminal (training_core/swarm/sigint.py)
+        a.wait_for(lambda e: e["type"] == "stopped", timeout=60)
+        facts["a_rc"] = a.finish(60)
         host2.send("checkpoint")
         host2.send("stop")
         host2.wait_for(lambda e: e["type"] == "stopped", timeout=60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -119,12 +120,14 @@ def scenario(tmp_path_factory):
         for m in (a, b):
             m.wait_for(lambda e: e["type"] == "checkpoint" and e["reason"] == "requested", timeout=60,
                        since=asked[m.name])
-        for m in (a, b):
-            m.send("stop")
+        # A stops on its `stop` control; B and the host on Ctrl-C (SIGINT), as in a terminal: hivemind's
+        # averagers once left the process ignoring it (training_core/swarm/sigint.py).
+        a.send("stop")
+        b.proc.send_signal(signal.SIGINT)
         for m in (a, b):
             m.wait_for(lambda e: e["type"] == "stopped", timeout=60)
             facts[f"{m.name}_rc"] = m.finish(60)
-        host.send("stop")
+        host.proc.send_signal(signal.SIGINT)
         host.wait_for(lambda e: e["type"] == "stopped", timeout=60)
         facts["host_rc"] = host.finish(60)
         facts.update(host=host, a=a, b=b, x=x, late=late, base=base)

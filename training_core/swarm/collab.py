@@ -31,6 +31,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from .admission import AdmissionMixin
+from .sigint import KeepsSigint
 from .guards import MAX_EPOCH_LEAD, EpochClaim, all_finite, filter_epoch_claims, tensors_match
 from .guards import (Admitted, LruDict, Problem, ProgressRecords, RecordLimits,  # FilteredProgressTracker
                      everyone, signer_name)
@@ -211,11 +212,11 @@ class _CheckedStateLoad(CancellableDownload, RobustAveraging):
         return loaded
 
 
-class GuardedStateAverager(AdmissionMixin, TrainingStateAverager, _CheckedStateLoad):
+class GuardedStateAverager(KeepsSigint, AdmissionMixin, TrainingStateAverager, _CheckedStateLoad):
     pass
 
 
-class LocalGradsKeptAverager(AdmissionMixin, GradientAverager, CancellableDownload, RobustAveraging):
+class LocalGradsKeptAverager(KeepsSigint, AdmissionMixin, GradientAverager, CancellableDownload, RobustAveraging):
     """hivemind's GradientAverager, except that starting a round leaves the local gradient
     accumulators as they are. hivemind zeroes them there, and its Optimizer falls back on them
     ("local gradients") when the round fails, as ours does when the averaged gradients are

@@ -53,6 +53,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout, as_aiter, attach_event_on_finished, azip, enter_asynchronously
 
 from .admission import AdmissionMixin
+from .sigint import KeepsSigint
 from .collab import FilteredProgressTracker, CancellableDownload
 from .compression import compression_for, decompress
 from .guards import MAX_EPOCH_LEAD, all_finite
@@ -221,7 +222,7 @@ class ExactAllReduceRunner(RobustRunnerMixin, AllReduceRunner):
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
-class DiLoCoAverager(AdmissionMixin, CancellableDownload, RobustAveraging):
+class DiLoCoAverager(KeepsSigint, AdmissionMixin, CancellableDownload, RobustAveraging):
     """Averages pseudo-gradients with ExactAllReduceRunner and *copies* the result into its tensors;
     a step's result is a report dict (failure, bytes, chosen lineage, clip verdicts). Serves
     `state_source()`."""
