@@ -170,3 +170,28 @@ def test_a_refusal_from_the_plan_names_the_field_as_the_form_does(qtbot, store):
     view._task = task = object()   # as if a check were running
     view._plan_failed(task, "--method: QLoRA needs an NVIDIA GPU and this job would train on the CPU; choose LoRA")
     assert view.plan_status.text().startswith("Method: QLoRA needs an NVIDIA GPU")
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("trust_remote_code", "false", "trust_remote_code must be true or false, not \"false\""),   # truthy text
+    ("steps", "10", "steps must be a whole number or null"),
+    ("keep_checkpoints", 2.5, "keep_checkpoints must be a whole number, not 2.5"),
+    ("data", "stories.txt", "data must be a list of texts"),
+    ("lora_targets", ["q_proj", 3], "lora_targets must be a text or a list of texts"),
+])
+def test_a_job_file_with_a_wrong_type_is_one_line_naming_the_file_and_field(tmp_path, capfd, field, value, words):
+    import json
+    spec = dict(model="scratch:tiny", data=[str(tmp_path / "stories.txt")], out=str(tmp_path / "o"))
+    spec[field] = value
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    code = cli.main(["finetune", "--spec", str(path)])
+    err = capfd.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(path) in err and words in err, err
+    code = cli.main(["run", "--spec", str(path)])          # the app's worker: the same words as a `failed` event
+    out = capfd.readouterr()
+    event = [json.loads(line) for line in out.out.splitlines()][-1]
+    assert code == 2 and event["type"] == "failed" and event["code"] == "bad_config", out
+    assert str(path) in event["message"] and words in event["message"], event
+    assert not (tmp_path / "o").exists()

@@ -14,6 +14,8 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+import types
+import typing
 from typing import Any
 
 from .errors import ConfigError
@@ -167,6 +169,10 @@ class JobSpec:
         missing = [k for k in ("model", "data", "out") if k not in data]
         if missing:
             raise ConfigError(where, f"missing field(s) {', '.join(missing)}")
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            if not _fits(value, hints[key]):   # "false" for a bool is truthy: trust_remote_code must not be on by it
+                raise ConfigError(where, f"{key} must be {_kind(hints[key])}, not {json.dumps(value)[:60]}")
         try:
             return cls(**data)
         except TypeError as exc:
@@ -186,6 +192,37 @@ class JobSpec:
     def save(self, path: str | Path) -> None:
         from .fsutil import atomic_write_text
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a JSON value is of a JobSpec field's type (bool is no number here, an int is a float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    return True
+
+
+def _kind(tp: Any) -> str:
+    """A field's type in words, for the one-line error."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_kind(a) for a in args)
+    if origin is list:
+        return f"a list of {_kind(args[0]).split(' ', 1)[-1]}s"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a text",
+            type(None): "null"}.get(tp, str(tp))
 
 
 def flag(name: str) -> str:
