@@ -370,11 +370,13 @@ def test_new_finetune_plan_display_and_confirmations(qtbot, tmp_path, store, mon
             "disk": {"needed": 2**30, "free": 100 * 2**30, "verdict": "fits"},
             "licence": {"klass": "non-commercial", "name": "CC-BY-NC-4.0", "summary": "Not for sale.",
                         "warning": "You may not sell what you make with this model."},
-            "tokens": 600, "tokens_exact": False, "steps": 3, "eta_s": 7200, "eta_note": "rough", "dataset": {}}
+            "tokens": 600, "tokens_exact": False, "steps": 3, "eta_s": 7200, "eta_note": "rough", "dataset": {},
+            "speed_notes": ["Fused kernels (Liger): not used here: the liger-kernel package is not installed"]}
     view.show_plan(plan)
     assert view.verdict_label.text().startswith("<b>Won't fit")
     assert "use QLoRA" in view.verdict_label.text() and "c62828" in view.verdict_label.styleSheet()
     assert "2 h" in view.details_label.text()
+    assert view.details_label.text().endswith("Fused kernels (Liger): not used here: the liger-kernel package is not installed")
     assert "You may not sell" in view.licence_label.text()
     reason = view.needs_confirmation()
     assert "won't fit" in reason and "lower the sequence length" in reason and "may not sell" in reason

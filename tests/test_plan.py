@@ -47,3 +47,15 @@ def test_plan_cli_json_and_bad_model_folder(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "training_core.cli", "plan", "--model", str(tmp_path / "nomodel"),
                           "--data", str(data)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nomodel" in bad.stderr
+
+
+def test_plan_says_what_becomes_of_the_speed_options_here(tmp_path):
+    data = tmp_path / "d.txt"
+    write_text_dataset(data)
+    base = dict(model="scratch:tiny", data=[str(data)], out=str(tmp_path / "o"), steps=5, tokenizer="bytes")
+    assert plan_job(JobSpec(**base))["speed_notes"] == []
+    plan = plan_job(JobSpec(**base, compile=True, fused_kernels=True))
+    compile_note, fused_note = plan["speed_notes"]
+    assert compile_note.startswith("Compile: tried on a tiny function first")          # the CPU can compile
+    assert fused_note.startswith("Fused kernels (Liger): not used here") and "NVIDIA" in fused_note
+    assert fused_note in format_plan(plan)

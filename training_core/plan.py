@@ -104,6 +104,7 @@ def plan_job(spec: JobSpec) -> dict[str, Any]:
     disk_free = shutil.disk_usage(out_parent).free
     licence = scratch_licence(spec.model.split(":", 1)[1]) if spec.is_scratch else read_licence(folder, spec.model)
     return {
+        "speed_notes": _speed_notes(spec, config, device),
         "model": spec.model, "method": method, "precision": precision, "device": device,
         "gpu": gpu.name if gpu else None, "params_total": params_total, "params_trainable": trainable,
         "memory": mem.to_dict(), "verdict": mem.verdict, "advice": mem.advice, "gradient_checkpointing": gc_on,
@@ -112,6 +113,26 @@ def plan_job(spec: JobSpec) -> dict[str, Any]:
         "eta_s": eta, "eta_note": "a rough estimate from the hardware's speed; the real ETA shows after the first steps",
         "dataset": report.to_dict(),
     }
+
+
+def _speed_notes(spec: JobSpec, config: Any, device: str) -> list[str]:
+    """What becomes of the speed options asked for (compile, fused kernels) on this device: the run's own
+    reasons, known before it starts (the run still probes what may work)."""
+    import types
+
+    import torch
+    notes = []
+    if spec.compile:
+        from .compiling import unsupported_reason
+        why = unsupported_reason(torch.device(device))
+        notes.append(f"Compile: not used here: {why}" if why else "Compile: tried on a tiny function first, "
+                     "then each layer (the first step takes up to a few minutes longer)")
+    if spec.fused_kernels:
+        from .fused_kernels import unsupported_reason
+        why = unsupported_reason(torch.device(device), types.SimpleNamespace(config=config))
+        notes.append(f"Fused kernels (Liger): not used here: {why}" if why
+                     else "Fused kernels (Liger): checked on a one-layer model of this one when the run starts")
+    return notes
 
 
 def format_plan(plan: dict[str, Any]) -> str:
@@ -132,4 +153,5 @@ def format_plan(plan: dict[str, Any]) -> str:
     ]
     if lic.get("warning"):
         lines.append(f"  warning: {lic['warning']}")
+    lines += plan.get("speed_notes") or []
     return "\n".join(lines)

@@ -454,6 +454,7 @@ class NewFinetuneView(QWidget):
                    + (f" ({plan['eta_note']})" if plan.get("eta_note") else ""),
                    f"Disk: needs {format_bytes(disk.get('needed', 0))}, {format_bytes(disk.get('free', 0))} free"
                    + (" (not enough)" if disk.get("verdict") == "wont_fit" else "")]
+        details += plan.get("speed_notes") or []   # what becomes of Compile and Fused kernels on this device
         self.details_label.setText("\n".join(d for d in details if d))
 
         lic = plan.get("licence") or {}
