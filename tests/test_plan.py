@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import make_local_model, write_text_dataset
 from training_core.config import JobSpec
 from training_core.plan import format_plan, plan_job
@@ -59,3 +61,16 @@ def test_plan_says_what_becomes_of_the_speed_options_here(tmp_path):
     assert compile_note.startswith("Compile: tried on a tiny function first")          # the CPU can compile
     assert fused_note.startswith("Fused kernels (Liger): not used here") and "NVIDIA" in fused_note
     assert fused_note in format_plan(plan)
+
+
+@pytest.mark.parametrize("targets", [None, ["q_proj", "lm_head"], ["q_proj", "v_proj", "down_proj"]])
+def test_plan_counts_the_lora_parameters_the_run_trains(tmp_path, targets):
+    """Check's trainable parameters are the run's, for the LoRA targets asked (it once counted all-linear)."""
+    from training_core.models import apply_method, load_base
+    data = tmp_path / "d.txt"
+    write_text_dataset(data)
+    spec = JobSpec(model=str(make_local_model(tmp_path / "m")), data=[str(data)], out=str(tmp_path / "o"),
+                   method="lora", steps=5, **({"lora_targets": targets} if targets else {}))
+    model = apply_method(load_base(spec).model, spec, "lora", False)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert plan_job(spec)["params_trainable"] == trained

@@ -116,18 +116,28 @@ def _verdict(total: int, available: int | None) -> str:
     return "tight" if total <= available else "wont_fit"
 
 
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def lora_params(*, num_layers: int, hidden_size: int, r: int = 16, intermediate_size: int | None = None,
-                kv_size: int | None = None, q_size: int | None = None, experts: int = 1) -> int:
-    """Trainable parameters of rank-r LoRA adapters on every linear layer of a Llama-style block, the
-    head excluded: r·(in + out) for each of q, k, v, o and the MLP's gate, up and down. The only LoRA
-    formula: Check, the engine's pre-flight and the memory advice all use it."""
+                kv_size: int | None = None, q_size: int | None = None, experts: int = 1,
+                targets: str | list[str] = "all-linear", vocab_size: int | None = None) -> int:
+    """Trainable parameters of rank-r LoRA adapters on a Llama-style model: r·(in + out) for each adapted
+    linear layer. `targets` as JobSpec.lora_targets: all-linear is q, k, v, o and the MLP's gate, up and
+    down of every block, the head excluded (as peft's all-linear); a list names the layers (`lm_head`:
+    the head, once; a name this formula does not know counts as all-linear). The only LoRA formula:
+    Check, the engine's pre-flight and the memory advice all use it."""
     h = hidden_size
     q = q_size or h
     kv = kv_size or h
     ffn = intermediate_size or 4 * h
-    attention = (h + q) + 2 * (h + kv) + (q + h)
-    mlp = (2 * (h + ffn) + (ffn + h)) * experts
-    return r * num_layers * (attention + mlp)
+    sizes = {"q_proj": h + q, "k_proj": h + kv, "v_proj": h + kv, "o_proj": q + h,
+             "gate_proj": (h + ffn) * experts, "up_proj": (h + ffn) * experts, "down_proj": (ffn + h) * experts}
+    names = [targets] if isinstance(targets, str) else list(targets)
+    if any(n not in sizes and n != "lm_head" for n in names):
+        names = list(LLAMA_LINEAR)
+    head = (h + vocab_size) if "lm_head" in names and vocab_size else 0
+    return r * (num_layers * sum(sizes[n] for n in set(names) if n in sizes) + head)
 
 
 def _config_int(config: Any, *names: str) -> int | None:
@@ -139,7 +149,7 @@ def _config_int(config: Any, *names: str) -> int | None:
     return None
 
 
-def lora_params_from_config(config: Any, r: int) -> int:
+def lora_params_from_config(config: Any, r: int, targets: str | list[str] = "all-linear") -> int:
     """`lora_params` for a model config (a transformers config or a dict)."""
     num = functools.partial(_config_int, config)
     hidden = num("hidden_size", "n_embd", "d_model") or 0
@@ -148,7 +158,8 @@ def lora_params_from_config(config: Any, r: int) -> int:
     return lora_params(num_layers=num("num_hidden_layers", "n_layer") or 0, hidden_size=hidden, r=r,
                        intermediate_size=num("intermediate_size", "n_inner", "ffn_dim"),
                        kv_size=(num("num_key_value_heads") or heads) * head_dim, q_size=heads * head_dim,
-                       experts=num("num_local_experts", "num_experts") or 1)
+                       experts=num("num_local_experts", "num_experts") or 1, targets=targets,
+                       vocab_size=num("vocab_size"))
 
 
 def _advice(kw: dict[str, Any], total: int, available: int, lora_trainable: int | None = None) -> list[str]:
@@ -256,7 +267,7 @@ def figures(spec: Any, config: Any, *, params_total: int, method: str, precision
     (turning gradient checkpointing on when needed) and disk. Check (training_core/plan.py) and the
     engine's pre-flight both call this, so the figures Check shows are the ones the run reports."""
     get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k))
-    lora = min(lora_params_from_config(config, spec.lora_r), params_total)
+    lora = min(lora_params_from_config(config, spec.lora_r, spec.lora_targets), params_total)
     trainable = params_total if method == "full" else lora
     gc_on, mem = plan_gradient_checkpointing(
         spec.gradient_checkpointing, params_total=params_total, params_trainable=trainable,
