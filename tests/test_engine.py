@@ -169,25 +169,30 @@ def test_a_pause_is_left_out_of_speed_and_eta(tmp_path, monkeypatch):
     assert after["elapsed_s"] - before[-1]["elapsed_s"] < 60
 
 
-@pytest.mark.parametrize("controls_sent", [("stop",), ("pause", "stop")])
-def test_a_stop_or_pause_during_a_periodic_checkpoint_does_not_write_it_again(tmp_path, controls_sent):
-    """Nothing trains between a periodic checkpoint and a stop or pause that came while it was written:
-    the stop (or pause) names that checkpoint instead of writing the same step a second time."""
+@pytest.mark.parametrize("controls_sent", [("stop",), ("pause", "stop"), ("checkpoint", "stop")])
+def test_a_stop_pause_or_request_during_a_periodic_checkpoint_does_not_write_it_again(tmp_path, controls_sent):
+    """Nothing trains between a periodic checkpoint and a stop, pause or checkpoint request that came
+    while it was written: they name that checkpoint instead of writing the same step a second time."""
+    import os
     from training_core.controls import Controls
     controls = Controls()
-    events = []
+    events, inode = [], []
 
     def emit(ev):
         events.append(ev)
         if ev["type"] == "checkpoint" and ev["reason"] == "periodic":
+            inode.append(os.stat(ev["path"]).st_ino)
             for msg in controls_sent:
                 controls.put(msg)
 
     result = Engine(tiny_spec(tmp_path, steps=50, checkpoint_every=4), emit, controls).run()
     assert result.status == "stopped" and result.step == 4
     writes = [e for e in events if e["type"] == "checkpoint"]
-    assert [(e["step"], e["reason"]) for e in writes] == [(4, "periodic")]
+    requested = [(4, "requested")] if "checkpoint" in controls_sent else []
+    assert [(e["step"], e["reason"]) for e in writes] == [(4, "periodic")] + requested
+    assert len({e["path"] for e in writes}) == 1 and os.stat(writes[0]["path"]).st_ino == inode[0]   # not rewritten
     told = [e for e in events if e["type"] in ("paused", "stopped")]
-    assert [e["type"] for e in told] == [("paused" if m == "pause" else "stopped") for m in controls_sent]
+    assert [e["type"] for e in told] == [("paused" if m == "pause" else "stopped") for m in controls_sent
+                                         if m != "checkpoint"]
     assert all(e["checkpoint"] == writes[0]["path"] for e in told), told
     assert ckpt_io.latest(tmp_path / "run") == Path(writes[0]["path"])

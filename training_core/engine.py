@@ -605,9 +605,13 @@ class Engine:
                              step=self.step, lr=lr, suggested_lr=suggested, checkpoint=str(kept) if kept else None)
 
     def save_checkpoint(self, reason: str, with_eval: bool = True) -> Path:
-        if reason in ("stop", "pause") and self._saved and self._saved[0] == self.step and self._saved[1].is_dir():
-            # Nothing trained since this session's last checkpoint (a stop or pause that came during a
-            # periodic one): that folder is what a resume needs; writing it again costs GBs for a 1 B model.
+        again = reason in ("stop", "pause") or (reason == "requested" and self.strategy.name == "local")
+        if again and self._saved and self._saved[0] == self.step and self._saved[1].is_dir():
+            # Nothing trained since this session's last checkpoint (a stop, pause or request that came during
+            # a periodic one): that folder is what a resume needs; writing it again costs GBs for a 1 B model.
+            # (Not for a swarm's request: a peer's weights can change between steps, when a state download lands.)
+            if reason == "requested":
+                self.emit("checkpoint", step=self.step, path=str(self._saved[1]), reason=reason)
             return self._saved[1]
         if self.strategy.name == "local" and not self.weights_finite():
             raise self.diverged(None)   # a checkpoint to resume from must never hold NaN weights
