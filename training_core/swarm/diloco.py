@@ -381,6 +381,10 @@ class DiLoCoRounds:
         opts.update(tracker_opts or {})
         self.tracker = FilteredProgressTracker(dht=dht, prefix=prefix, target_batch_size=self._target(1),
                                                client_mode=client_mode, start=True, on_warning=self.on_warning, **opts)
+        # A follower (the host) trains no epoch of its own: its epoch is no voice against peers far ahead.
+        # Counted, a host restarted from an older checkpoint stood with a stale record against the two
+        # peers it must catch up with, and refused their state until that record expired (~40 s).
+        self.tracker.records.own_counts = not follower
         try:
             # shutdown_timeout: half for groups still averaging, then the DHT drain (DiLoCoAverager._shutdown)
             self.averager = self.averager_class(
