@@ -18,6 +18,8 @@ import contextlib
 
 import torch
 
+from .errors import exception_line
+
 TRITON_MIN_CAPABILITY = (7, 0)   # Triton (Inductor's GPU code) needs Volta or newer
 
 
@@ -48,8 +50,7 @@ def probe(device: torch.device) -> str | None:
     try:
         torch.compile(tiny, fullgraph=True)(torch.randn(4, 8, device=device, requires_grad=True)).backward()
     except Exception as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+        return exception_line(exc)
     finally:
         torch._dynamo.reset()
     return None

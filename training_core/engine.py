@@ -27,7 +27,7 @@ from . import checkpoint as ckpt_io
 from . import hardware, preflight
 from .config import JobSpec, validate
 from .controls import Controls, StopRequested
-from .errors import ConfigError, DiskError, DivergedError, WontFitError, user_error_from
+from .errors import ConfigError, DiskError, DivergedError, WontFitError, exception_line, user_error_from
 from .protocol import make_event
 from .strategy import LocalStrategy
 
@@ -349,7 +349,7 @@ class Engine:
             try:
                 fused_kernels.apply(self.model)
             except Exception as exc:   # the probe passed on the same code: not expected, but never fatal
-                why = f"applying them failed ({fused_kernels._one_line(exc)})"
+                why = f"applying them failed ({exception_line(exc)})"
         if why is not None:
             self.warn("fused_kernels", f"Liger's fused kernels are not used: {why}; training goes on without them")
             return

@@ -111,3 +111,10 @@ def user_error_from(exc: BaseException) -> UserError | None:
     if any(w in text for w in _DISK_FULL_WORDS):
         return DiskError(None, _OS_ADVICE["ENOSPC"])
     return None
+
+
+def exception_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a warning: its type and the first non-empty line of its message
+    (compilers and Triton write pages; the first line says what went wrong)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:limit]

@@ -28,6 +28,8 @@ import sys
 
 import torch
 
+from .errors import exception_line
+
 TRITON_MIN_CAPABILITY = (7, 0)   # Triton's oldest GPUs (Volta); a Tesla M40 (5.2) cannot run the kernels
 LOSS_RTOL = 1e-3                 # fp32 fused vs unfused loss on the probe (Liger's own tests: ~1e-5)
 GRAD_RTOL = 2e-2                 # largest gradient difference, relative to the largest gradient
@@ -56,15 +58,10 @@ def unsupported_reason(device: torch.device, model: torch.nn.Module) -> str | No
     try:   # Liger refuses an older transformers at import; a Triton that does not match torch fails there too
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except Exception as exc:
-        return f"liger-kernel does not load here ({_one_line(exc)})"
+        return f"liger-kernel does not load here ({exception_line(exc)})"
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return f"this liger-kernel release has no kernels for {model_type} models"
     return None
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def adapted_output_layer(model: torch.nn.Module) -> bool:
@@ -142,5 +139,5 @@ def probe(model: torch.nn.Module, device: torch.device, autocast_dtype: torch.dt
             if getattr(modeling, name, None) is not value:
                 setattr(modeling, name, value)
         torch.nn.functional.cross_entropy = cross_entropy
-        return _one_line(exc)
+        return exception_line(exc)
     return None
