@@ -115,6 +115,13 @@ def scenario(tmp_path_factory):
         facts["late_rc"] = late.finish()
         facts["late_epochs"] = _epochs(late)
 
+        # test_the_swarm_loss_falls compares A's first and last five step losses: let A train until it has
+        # 20, however the swarm's epochs split between A and B (A's steps may each wait ~2 s for an
+        # all-reduce: in one CI run A made 13 steps while B made 79, and had 8 step events at this point).
+        deadline = time.monotonic() + 120
+        while len([e for e in a.of("step") if e["loss"] is not None]) < 20 and time.monotonic() < deadline:
+            time.sleep(0.5)
+
         # A and B checkpoint at the same moment, then stop.
         asked = {m.name: m.send("checkpoint") for m in (a, b)}
         for m in (a, b):
@@ -136,6 +143,8 @@ def scenario(tmp_path_factory):
     finally:
         for m in members:
             m.kill()
+            with open(base / f"{m.name}.events.jsonl", "w", encoding="utf-8") as fh:   # for a failure's post-mortem
+                fh.writelines(m.lines)
 
 
 def test_peers_average_their_parameters(scenario):
