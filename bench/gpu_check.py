@@ -867,14 +867,13 @@ def s9_liger(ctx: Ctx) -> dict[str, Any]:
     patches transformers' llama module for the rest of the process: the section puts its names (and
     torch's cross-entropy) back at its end, so the sections after it train unfused."""
     from transformers.models.llama import modeling_llama
-    saved, cross_entropy = dict(vars(modeling_llama)), torch.nn.functional.cross_entropy
+
+    from training_core.fused_kernels import patch_undoer
+    undo = patch_undoer(modeling_llama)
     try:
         return _s9_liger(ctx)
     finally:
-        for name, value in saved.items():
-            if getattr(modeling_llama, name, None) is not value:
-                setattr(modeling_llama, name, value)
-        torch.nn.functional.cross_entropy = cross_entropy
+        undo()
 
 
 def _s9_liger(ctx: Ctx) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import copy
 import importlib.util
 import math
 import sys
+from typing import Callable
 
 import torch
 
@@ -77,6 +78,20 @@ def apply(model: torch.nn.Module) -> None:
     _apply_liger_kernel_to_instance(model=_hf_model(model), fused_linear_cross_entropy=not adapted_output_layer(model))
 
 
+def patch_undoer(modeling) -> Callable[[], None]:
+    """What Liger may replace, noted now: the names in a transformers modeling module (None: none) and
+    torch's cross-entropy. Calling the result puts them back."""
+    saved = dict(vars(modeling)) if modeling is not None else {}
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def undo() -> None:
+        for name, value in saved.items():
+            if getattr(modeling, name, None) is not value:
+                setattr(modeling, name, value)
+        torch.nn.functional.cross_entropy = cross_entropy
+    return undo
+
+
 def _one_layer_config(config):
     """The model's configuration at one small layer: same model type and code paths, seconds to run."""
     cfg = copy.deepcopy(config)
@@ -106,9 +121,7 @@ def probe(model: torch.nn.Module, device: torch.device, autocast_dtype: torch.dt
     as it was."""
     from transformers import AutoModelForCausalLM
     hf = _hf_model(model)
-    modeling = sys.modules.get(type(hf).__module__)
-    saved = dict(vars(modeling)) if modeling is not None else {}
-    cross_entropy = torch.nn.functional.cross_entropy
+    undo = patch_undoer(sys.modules.get(type(hf).__module__))
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
@@ -135,9 +148,6 @@ def probe(model: torch.nn.Module, device: torch.device, autocast_dtype: torch.dt
                 if not (math.isfinite(half) and all(bool(g.isfinite().all()) for g in half_grads.values())):
                     raise ValueError(f"under {autocast_dtype} the fused step is not finite (loss {half})")
     except Exception as exc:
-        for name, value in saved.items():   # Liger replaced names in the modeling module: put them back
-            if getattr(modeling, name, None) is not value:
-                setattr(modeling, name, value)
-        torch.nn.functional.cross_entropy = cross_entropy
+        undo()   # Liger replaced names in the modeling module: put them back
         return exception_line(exc)
     return None

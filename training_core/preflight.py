@@ -116,9 +116,6 @@ def _verdict(total: int, available: int | None) -> str:
     return "tight" if total <= available else "wont_fit"
 
 
-LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def lora_params(*, num_layers: int, hidden_size: int, r: int = 16, intermediate_size: int | None = None,
                 kv_size: int | None = None, q_size: int | None = None, experts: int = 1,
                 targets: str | list[str] = "all-linear", vocab_size: int | None = None) -> int:
@@ -135,7 +132,7 @@ def lora_params(*, num_layers: int, hidden_size: int, r: int = 16, intermediate_
              "gate_proj": (h + ffn) * experts, "up_proj": (h + ffn) * experts, "down_proj": (ffn + h) * experts}
     names = [targets] if isinstance(targets, str) else list(targets)
     if any(n not in sizes and n != "lm_head" for n in names):
-        names = list(LLAMA_LINEAR)
+        names = list(sizes)
     head = (h + vocab_size) if "lm_head" in names and vocab_size else 0
     return r * (num_layers * sum(sizes[n] for n in set(names) if n in sizes) + head)
 
