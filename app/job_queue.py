@@ -146,6 +146,7 @@ class JobQueue(QObject):
         # contribution uses it to hand the GPU over first, or to keep it while the swarm has priority).
         self.gate: Callable[[Job], bool] | None = None
         self.spare = SpareWorker(self)      # a worker that imports the engine before its job (expect_job)
+        self._spare_for_follower = False    # started by _prepare_follower, for a job already queued
         if autostart:
             # recover() is the start-up entry point; run it even if the caller forgets.
             QTimer.singleShot(0, self.recover)
@@ -254,6 +255,7 @@ class JobQueue(QObject):
             self.job_changed.emit(job_id)     # saving takes seconds: views show "cancelling…" now
         elif job.state in ("queued", "paused", "failed"):
             self._set(job_id, state="cancelled", finished=time.time())
+            self._release_follower()
             self.queue_changed.emit()
 
     def retry(self, job_id: int) -> None:
@@ -282,6 +284,7 @@ class JobQueue(QObject):
             if job.state == "running":
                 self.store.update_job(job.id, summary={"paused_by_all": True})
                 self._worker.send("pause")
+        self._release_follower()
         self.queue_changed.emit()
 
     def resume_all(self) -> None:
@@ -299,6 +302,7 @@ class JobQueue(QObject):
         Settings say not to (it holds some 0.4 GB of RAM for up to 5 minutes)."""
         if (self._worker is None and not self._shutting_down and not self.paused_all
                 and settings.PREPARE_WORKER.get(self.store)):
+            self._spare_for_follower = False   # New finetune's now: kept for its TTL, not for a queued job
             self.spare.expect()
 
     def _prepare_follower(self, eta_s) -> None:
@@ -309,7 +313,16 @@ class JobQueue(QObject):
         if (isinstance(eta_s, (int, float)) and eta_s <= FOLLOWER_LEAD_S and self.autostart
                 and not self._shutting_down and not self.paused_all
                 and settings.PREPARE_WORKER.get(self.store) and self.store.next_queued() is not None):
+            if self.spare.pid() is None:
+                self._spare_for_follower = True
             self.spare.expect()
+
+    def _release_follower(self) -> None:
+        """A spare started for a queued follower whose job is gone (cancelled, or everything paused) is let go
+        now rather than holding its ~0.4 GB of RAM for the rest of its TTL; one New finetune asked for stays."""
+        if self._spare_for_follower and (self.paused_all or self.store.next_queued() is None):
+            self._spare_for_follower = False
+            self.spare.drop()
 
     def start_next(self) -> None:
         """Start the next queued job now if nothing runs (also when autostart is off)."""
@@ -378,6 +391,7 @@ class JobQueue(QObject):
         job = self.store.next_queued()
         if job is None:
             self._set_gate_held(False)
+            self._release_follower()
         elif self.gate is None or self.gate(job):
             self._set_gate_held(False)
             self._start(job)
@@ -404,6 +418,7 @@ class JobQueue(QObject):
         self._retired = []
         self._serial += 1
         spare = self.spare.take(self)
+        self._spare_for_follower = False
         w = spare or EngineRun(job_args(spec_path, resume), job.run_dir, parent=self)
         # The slots name the worker by a number, not by the object (see app/contribution.py).
         w.event.connect(lambda ev, jid=job.id, n=self._serial: self._on_event(jid, n, ev))

@@ -143,6 +143,43 @@ def test_the_next_queued_job_gets_a_spare_started_before_the_running_one_ends(qt
     assert q.spare.pid() is None                    # nothing behind the third: none left waiting
 
 
+def test_a_spare_started_for_a_queued_job_is_let_go_when_that_job_is_cancelled_or_all_paused(qtbot, tmp_path,
+                                                                                             store, queues):
+    """The follower's spare holds ~0.4 GB of RAM: once no queued job is left for it (cancelled, or Pause all),
+    it goes at once instead of after its 5-minute TTL. One New finetune asked for stays for the user's job."""
+    settings.PREPARE_WORKER.set(store, True)
+    q = JobQueue(store, autostart=False)
+    queues.append(q)
+    follower = q.submit(tiny_job(tmp_path, steps=2), "queued behind a running job")
+    q.autostart = True              # as if a job ran: its step events report an ETA under FOLLOWER_LEAD_S
+    q._prepare_follower(10.0)
+    pid = q.spare.pid()
+    assert pid
+    q.cancel(follower)
+    assert q.spare.pid() is None
+    qtbot.waitUntil(lambda: _gone(pid), timeout=WAIT)
+
+    q.autostart = False             # (submit's scheduling must not start the job: no job runs here)
+    again = q.submit(tiny_job(tmp_path, steps=2), "another")
+    q.autostart = True
+    q._prepare_follower(10.0)
+    assert q.spare.pid()
+    q.pause_all()
+    assert q.spare.pid() is None
+    settings.PAUSED_ALL.set(store, False)
+
+    q.autostart = False
+    q.expect_job()                  # New finetune is open: the user is about to queue a job
+    mine = q.spare.pid()
+    q.autostart = True
+    q._prepare_follower(10.0)
+    q.autostart = False
+    q.cancel(again)                 # the queued one goes; the spare stays for the form's job
+    assert q.spare.pid() == mine
+    q.spare.drop()
+    qtbot.waitUntil(lambda: _gone(mine), timeout=WAIT)
+
+
 def test_a_spare_that_died_while_waiting_is_replaced_and_never_handed_a_job(qtbot, tmp_path):
     """kill -9 of a waiting spare (or the OOM killer, or failed imports): the next expect() starts a new
     one, and take() never hands over a dead one (once, a deleted dead spare broke the whole queue)."""
