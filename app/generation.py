@@ -6,6 +6,7 @@ runs, and a job that starts during a generation stops it.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from PySide6.QtCore import QObject, QTimer, Signal
@@ -21,8 +22,9 @@ GPU_TAKEN = "A training job started and takes the GPU: generation stopped."
 
 def generate_args(source: str, prompt_file: Path, *, mode: str = "story", temperature: float = 0.8,
                   top_p: float = 0.95, top_k: int = 40, repetition_penalty: float = 1.1,
-                  max_new_tokens: int = 200, stops=(), compare_base: bool = False) -> list[str]:
-    """The engine command of one generation."""
+                  max_new_tokens: int = 200, stops=(), compare_base: bool = False,
+                  history_file: Path | None = None) -> list[str]:
+    """The engine command of one generation (`history_file`: a chat's earlier messages, see `Generation.start`)."""
     args = ["generate", str(source), "--json", "--prompt-file", str(prompt_file), "--mode", mode,
             "--temperature", f"{temperature:g}", "--top-p", f"{top_p:g}", "--top-k", str(top_k),
             "--repetition-penalty", f"{repetition_penalty:g}", "--max-new-tokens", str(max_new_tokens)]
@@ -30,6 +32,8 @@ def generate_args(source: str, prompt_file: Path, *, mode: str = "story", temper
         args += ["--stop", escape(stop)]
     if compare_base:
         args.append("--compare-base")
+    if history_file is not None:
+        args += ["--history", str(history_file)]
     return args
 
 
@@ -69,9 +73,10 @@ class Generation(QObject):
                     "or pause it in the Queue.")
         return None
 
-    def start(self, source: str, prompt: str, **settings) -> str | None:
+    def start(self, source: str, prompt: str, history: list[dict] | None = None, **settings) -> str | None:
         """Start one; returns why it cannot (a plain line), or None when it started.
-        `settings` are generate_args' keywords."""
+        `history`: a chat's earlier messages ({"role", "content"}, user first, taking turns); `settings` are
+        generate_args' keywords."""
         if self._run is not None:
             return "A generation is already running."
         busy = self.busy_reason()
@@ -84,10 +89,14 @@ class Generation(QObject):
             log.unlink()
         prompt_file = folder / "prompt.txt"   # a file, not argv: prompts can be long (Windows caps argv)
         prompt_file.write_text(prompt, encoding="utf-8")
+        history_file = None
+        if history:
+            history_file = folder / "history.json"
+            history_file.write_text(json.dumps(history, ensure_ascii=False), encoding="utf-8")
         while self._retired:
             self._retired.pop().deleteLater()
         self._stopping, self.answer = False, None
-        run = EngineRun(generate_args(source, prompt_file, **settings), folder, parent=self)
+        run = EngineRun(generate_args(source, prompt_file, history_file=history_file, **settings), folder, parent=self)
         run.event.connect(self._on_event)
         run.exited.connect(self._on_exit)
         self._run = run

@@ -145,3 +145,51 @@ def test_a_training_job_that_starts_stops_a_generation(view, qtbot):
     assert said == [GPU_TAKEN] and view.status.text() == GPU_TAKEN
     qtbot.waitUntil(lambda: not view.generating(), timeout=5_000)
     assert view.generation.answer["stopped"] is True and view.generate_btn.isEnabled()
+
+
+def test_chat_mode_is_a_conversation_until_new_chat(view, qtbot, runs):
+    """Each message goes to the engine with the exchanges before it: the second reply is what the model
+    says after the first exchange (greedy, checked in-process), not what it says to the message alone."""
+    import torch
+
+    from training_core.generate import Request, load_trained, resolve, run_one
+    pick(view, "lora chat")
+    view.mode.setCurrentIndex(view.mode.findData("chat"))
+    assert view.new_chat_btn.isVisible() and not view.new_chat_btn.isEnabled()
+    view.temperature.setValue(0)
+    view.max_tokens.setValue(8)
+    view.repetition.setValue(1.0)
+    replies = []
+    for message in ("hello there", "and then?"):
+        view.prompt.setPlainText(message)
+        assert view.generate()
+        qtbot.waitUntil(lambda: not view.generating(), timeout=90_000)
+        assert view.status.text().startswith("Done"), view.status.text()
+        replies.append(view.generation.answer["streams"]["trained"]["text"])
+        assert view.prompt.toPlainText() == ""                       # the box is free for the next message
+    assert view.conversation == [{"role": "user", "content": "hello there"},
+                                 {"role": "assistant", "content": replies[0]},
+                                 {"role": "user", "content": "and then?"},
+                                 {"role": "assistant", "content": replies[1]}]
+    assert view.panes["trained"].toPlainText() == (f"You: hello there\n\nModel: {replies[0]}\n\n"
+                                                   f"You: and then?\n\nModel: {replies[1]}")
+
+    model, tok = load_trained(resolve(runs["lora"]), torch.float32)
+    settings = dict(mode="chat", temperature=0, max_new_tokens=8, repetition_penalty=1.0, seed=0)
+    with_history = run_one(model, tok, Request(prompt="and then?", history=(("hello there", replies[0]),),
+                                               **settings), lambda *_: None, lambda: False, torch.device("cpu"))
+    alone = run_one(model, tok, Request(prompt="and then?", **settings), lambda *_: None, lambda: False,
+                    torch.device("cpu"))
+    assert replies[1] == with_history["text"] and with_history["text"] != alone["text"]
+
+    view.queue.queue_changed.emit()                    # the list of runs refreshed: the same model, same chat
+    assert len(view.conversation) == 4 and view.new_chat_btn.isEnabled()
+    view.new_chat_btn.click()
+    assert view.conversation == [] and view.panes["trained"].toPlainText() == ""
+    assert not view.new_chat_btn.isEnabled()
+    view.conversation = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    pick(view, "scratch story")                        # another model: a new conversation
+    assert view.conversation == []
+    view.conversation = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    view.mode.setCurrentIndex(view.mode.findData("story"))
+    assert view.conversation == [] and not view.new_chat_btn.isVisible()

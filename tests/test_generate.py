@@ -1,6 +1,7 @@
 """`modron-train generate` and whole-character decoding, on tiny runs written in the checkpoint format."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -130,15 +131,72 @@ def test_a_stop_ends_generation_between_tokens(full_model):
 def test_chat_mode_uses_the_chat_template_or_a_plain_fallback(runs):
     from training_core.models.tokenizer import load_tokenizer
     tok = load_tokenizer(resolve(runs["lora"]).ckpt / "tokenizer")
-    ids, stops = prompt_ids(tok, Request(prompt="hi there", mode="chat", system="be kind"))
+    ids, stops, _ = prompt_ids(tok, Request(prompt="hi there", mode="chat", system="be kind"))
     text = tok.decode(ids)
     assert "<|system|>be kind" in text and "<|user|>hi there" in text and text.endswith("<|assistant|>")
     assert stops == ()
     plain = bytes_tokenizer()
-    ids, stops = prompt_ids(plain, Request(prompt="hi there", mode="chat", stop=("END",)))
+    ids, stops, _ = prompt_ids(plain, Request(prompt="hi there", mode="chat", stop=("END",)))
     assert plain.decode(ids).endswith("User: hi there\nAssistant:") and stops == ("END", "\nUser:")
-    story, _ = prompt_ids(plain, Request(prompt="hi there"))
+    story, _, _ = prompt_ids(plain, Request(prompt="hi there"))
     assert plain.decode(story) == "hi there"
+
+
+def test_a_chat_goes_on_from_its_history_and_drops_the_oldest_exchanges_that_no_longer_fit(runs):
+    from training_core.models.tokenizer import load_tokenizer
+    tok = load_tokenizer(resolve(runs["lora"]).ckpt / "tokenizer")
+    history = (("hello", "hi, how can I help?"), ("tell me a story", "Once upon a time..."))
+    req = Request(prompt="another one", mode="chat", system="be kind", history=history, max_new_tokens=10)
+    ids, _, dropped = prompt_ids(tok, req)
+    text = tok.decode(ids)
+    order = ["<|system|>be kind", "<|user|>hello", "<|assistant|>hi, how can I help?", "<|user|>tell me a story",
+             "<|assistant|>Once upon a time...", "<|user|>another one"]
+    assert [text.index(part) for part in order] == sorted(text.index(part) for part in order) and dropped == 0
+    newest_only, _, _ = prompt_ids(tok, dataclasses.replace(req, history=()))
+    one_kept, _, _ = prompt_ids(tok, dataclasses.replace(req, history=history[1:]))
+    ids, _, dropped = prompt_ids(tok, req, context=len(one_kept) + 10)      # room for the newest exchange only
+    assert dropped == 1 and ids == one_kept
+    ids, _, dropped = prompt_ids(tok, req, context=len(newest_only) + 9)    # not even that: the message alone
+    assert dropped == 2 and ids == newest_only
+    plain = bytes_tokenizer()
+    ids, stops, _ = prompt_ids(plain, dataclasses.replace(req, system=""))
+    assert plain.decode(ids) == ("User: hello\nAssistant: hi, how can I help?\nUser: tell me a story\n"
+                                 "Assistant: Once upon a time...\nUser: another one\nAssistant:")
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("[{\"role\": \"user\", \"content\": \"hi\"}]", "must end with the assistant's reply"),
+    ("[{\"role\": \"assistant\", \"content\": \"hi\"}]", "message 1 must be"),
+    ("[{\"role\": \"user\", \"content\": 3}, {\"role\": \"assistant\", \"content\": \"x\"}]",
+     "message 1 must be"),
+    ("{\"role\": \"user\"}", "must be a JSON list"),
+    ("[" * 100_000 + "]" * 100_000, "cannot be read as a JSON chat history"),
+    ("[{\"role\": \"user\", \"content\": \"" + "x" * 2_000_001 + "\"}, {\"role\": \"assistant\", "
+     "\"content\": \"\"}]", "more than 2,000,000 characters"),
+    ("not json", "cannot be read as a JSON chat history"),
+])
+def test_a_bad_history_file_is_one_plain_line_exit_2(runs, tmp_path, capsys, content, problem):
+    path = tmp_path / "history.json"
+    path.write_text(content, encoding="utf-8")
+    assert cli.main(["generate", str(runs["full"]), "--mode", "chat", "--prompt", "x", "--history", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0] and str(path) in err[0], err
+
+
+def test_a_history_answers_in_json_what_it_left_out(runs, tmp_path, capsys):
+    """As the Playground runs it: the model's 512 positions hold the newest exchange but not the 500-byte one."""
+    path = tmp_path / "history.json"
+    path.write_text(json.dumps([{"role": "user", "content": "a" * 500}, {"role": "assistant", "content": "ok"},
+                                {"role": "user", "content": "hello"}, {"role": "assistant", "content": "hey"}]))
+    assert cli.main(["generate", str(runs["full"]), "--prompt", "x", "--history", str(path)]) == 2
+    assert "--history: is for chat mode" in capsys.readouterr().err
+    out = subprocess.run([sys.executable, "-m", "training_core.cli", "generate", str(runs["full"]), "--json",
+                          "--mode", "chat", "--prompt", "and now?", "--history", str(path), "--temperature", "0",
+                          "--max-new-tokens", "4"], cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = [json.loads(line) for line in out.stdout.splitlines() if '"result"' in line][-1]
+    assert result["answer"]["streams"]["trained"]["history_dropped"] == 1
 
 
 def test_a_lora_checkpoint_loads_base_plus_adapter(runs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
 import signal
 import sys
@@ -24,6 +25,8 @@ from .escapes import unescape
 
 TASK = "generate"
 CHAT_FALLBACK_STOP = "\nUser:"
+HISTORY_MAX_MESSAGES = 1000           # a --history file's bounds: the Playground's conversations stay far below
+HISTORY_MAX_CHARS = 2_000_000
 PROGRESS_EVERY_S = 0.5
 
 
@@ -39,6 +42,7 @@ class Request:
     max_new_tokens: int = 200
     stop: tuple[str, ...] = ()
     seed: int = 0
+    history: tuple[tuple[str, str], ...] = ()   # chat: the earlier exchanges, (user message, model's reply)
 
 
 @dataclasses.dataclass
@@ -142,22 +146,61 @@ def load_base_model(source: Source, base: str | None, dtype, trust_remote_code: 
 
 
 # ---- one generation ------------------------------------------------------------------------
-def prompt_ids(tokenizer, req: Request) -> tuple[list[int], tuple[str, ...]]:
-    """The prompt's token ids and the stop sequences (chat without a template stops at the next turn)."""
+def prompt_ids(tokenizer, req: Request, context: int | None = None) -> tuple[list[int], tuple[str, ...], int]:
+    """The prompt's token ids, the stop sequences (chat without a template stops at the next turn), and how
+    many of the oldest exchanges of a chat's history were left out so that the prompt and `max_new_tokens`
+    fit the model's `context` (its position limit; None: no limit). The newest message always stays."""
     stops = tuple(s for s in req.stop if s)
     if req.mode == "chat":
-        if getattr(tokenizer, "chat_template", None):
-            messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
-                       [{"role": "user", "content": req.prompt}]
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return tokenizer(text, add_special_tokens=False)["input_ids"], stops
-        text = (f"{req.system}\n\n" if req.system else "") + f"User: {req.prompt}\nAssistant:"
-        return tokenizer(text)["input_ids"], stops + (CHAT_FALLBACK_STOP,)
+        for dropped in range(len(req.history) + 1):
+            ids, chat_stops = _chat_ids(tokenizer, req, req.history[dropped:])
+            if context is None or len(ids) + req.max_new_tokens <= context:
+                break
+        return ids, stops + chat_stops, dropped
     ids = tokenizer(req.prompt)["input_ids"] if req.prompt else []
     if not ids:   # an empty story prompt starts from the beginning-of-text token
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = [start]
-    return ids, stops
+    return ids, stops, 0
+
+
+def _chat_ids(tokenizer, req: Request, history) -> tuple[list[int], tuple[str, ...]]:
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": req.system}] if req.system else []
+        for user, reply in history:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        messages.append({"role": "user", "content": req.prompt})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"], ()
+    turns = "".join(f"User: {user}\nAssistant: {reply}\n" for user, reply in history)
+    text = (f"{req.system}\n\n" if req.system else "") + turns + f"User: {req.prompt}\nAssistant:"
+    return tokenizer(text)["input_ids"], (CHAT_FALLBACK_STOP,)
+
+
+def read_history(path: str) -> tuple[tuple[str, str], ...]:
+    """A chat's earlier exchanges from a --history file: a JSON list of {"role": "user" | "assistant",
+    "content": text} messages, user first, taking turns, ending with the model's reply. Bounded (the file may
+    come from anywhere); any other shape is one plain line naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read(HISTORY_MAX_CHARS * 2 + 1)
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:   # (JSONDecodeError is a ValueError)
+        raise UserError(path, f"cannot be read as a JSON chat history ({_first_line(exc)})") from None
+    if len(text) > HISTORY_MAX_CHARS * 2 or not isinstance(data, list) or len(data) > HISTORY_MAX_MESSAGES:
+        raise UserError(path, f"must be a JSON list of at most {HISTORY_MAX_MESSAGES} messages")
+    chars = 0
+    for i, msg in enumerate(data):
+        role = "user" if i % 2 == 0 else "assistant"
+        if not (isinstance(msg, dict) and msg.get("role") == role and isinstance(msg.get("content"), str)):
+            raise UserError(path, f"message {i + 1} must be {{\"role\": \"{role}\", \"content\": text}} "
+                                  "(user and assistant take turns, the user first)")
+        chars += len(msg["content"])
+    if len(data) % 2:
+        raise UserError(path, "must end with the assistant's reply (the new message is --prompt)")
+    if chars > HISTORY_MAX_CHARS:
+        raise UserError(path, f"holds more than {HISTORY_MAX_CHARS:,} characters")
+    return tuple((data[i]["content"], data[i + 1]["content"]) for i in range(0, len(data), 2))
 
 
 class _Streamer:
@@ -217,7 +260,7 @@ def run_one(model, tokenizer, req: Request, on_text: Callable[[str, int], None],
 
     from .whole_chars import WholeChars
 
-    ids, stops = prompt_ids(tokenizer, req)
+    ids, stops, dropped = prompt_ids(tokenizer, req, _context(model))
     streamer = _Streamer(tokenizer, stops, on_text)
     stopped = []
 
@@ -249,7 +292,14 @@ def run_one(model, tokenizer, req: Request, on_text: Callable[[str, int], None],
     reason = ("stopped" if stopped else "stop_sequence" if streamer.hit_stop
               else "eos" if streamer.last_id in eos_ids else "length")
     return {"text": streamer.text, "tokens": streamer.tokens, "reason": reason, "seconds": round(seconds, 3),
-            "tokens_per_s": round(streamer.tokens / seconds, 2) if seconds > 0 else None}
+            "tokens_per_s": round(streamer.tokens / seconds, 2) if seconds > 0 else None,
+            "history_dropped": dropped}
+
+
+def _context(model) -> int | None:
+    """How many positions the model can attend over (a chat's history is cut to fit), if its config says."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 # ---- the command ---------------------------------------------------------------------------
@@ -283,10 +333,13 @@ def request_from(args) -> Request:
             raise UserError(flag, problem)
     if args.mode == "chat" and not prompt.strip():
         raise UserError("--prompt", "chat mode needs a message")
+    if args.history and args.mode != "chat":
+        raise UserError("--history", "is for chat mode (--mode chat)")
+    history = read_history(args.history) if args.history else ()
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     return Request(prompt=prompt, mode=args.mode, system=args.system or "", temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                   max_new_tokens=args.max_new_tokens, seed=seed,
+                   max_new_tokens=args.max_new_tokens, seed=seed, history=history,
                    stop=tuple(unescape(s) for s in args.stop or ()))   # as the Playground reads them
 
 
@@ -437,6 +490,9 @@ def add_parser(sub) -> None:
     g.add_argument("--mode", choices=("story", "chat"), default="story",
                    help="story: continue the text; chat: the tokenizer's chat template (default: story)")
     g.add_argument("--system", help="chat mode: a system message")
+    g.add_argument("--history", metavar="FILE",
+                   help='chat mode: the conversation so far, a JSON list of {"role": "user" | "assistant", '
+                        '"content": text}; the oldest exchanges are left out when it outgrows the model\'s context')
     g.add_argument("--temperature", type=float, default=0.8, help="randomness; 0 always picks the likeliest "
                                                                   "token (default: 0.8)")
     g.add_argument("--top-p", type=float, default=0.95, help="sample from the smallest set of tokens this likely "

@@ -1,5 +1,7 @@
 """Playground: try a finished run (or a checkpoint or exported folder) on your own prompt, side by side with
-its base model if you like.
+its base model if you like. In chat mode it is a conversation: each message goes with the exchanges before it
+(the engine leaves out the oldest when they outgrow the model's context) until New chat, another model or
+story mode starts over.
 
 Generation is `modron-train generate --json` in its own process, run by the service app/generation.py (the
 app never loads a model): text streams in as it comes; Stop asks the engine to stop between two tokens. A
@@ -67,6 +69,9 @@ class PlaygroundView(QWidget):
         super().__init__(parent)
         self.store, self.queue = store, queue
         self.folder: str | None = None          # a checkpoint or exported folder picked by hand
+        self.conversation: list[dict] = []      # chat mode: the messages so far ({"role", "content"})
+        self._asked: str | None = None          # the message of the chat generation under way
+        self._chat_source = None                # the source the conversation was had with
         # The generation itself (its process, Stop, the GPU rule) is the service's; this view shows it.
         self.generation = Generation(queue, parent=self)
         self.generation.started.connect(self._on_started)
@@ -96,7 +101,9 @@ class PlaygroundView(QWidget):
         self.mode.addItem("Story (continue the text)", "story")
         self.mode.addItem("Chat (the model's chat template)", "chat")
         self.mode.setToolTip("Story continues your text as it is; chat wraps it as a message in the model's "
-                             "chat template (a plain User/Assistant layout when it has none)")
+                             "chat template (a plain User/Assistant layout when it has none), after the "
+                             "conversation so far")
+        self.mode.currentIndexChanged.connect(lambda: self.new_chat())
         self.temperature = _spin(QDoubleSpinBox, 0.0, 2.0, 0.8, 0.05,
                                  "Randomness: 0 always picks the likeliest token; higher is wilder")
         self.top_p = _spin(QDoubleSpinBox, 0.05, 1.0, 0.95, 0.05,
@@ -124,11 +131,15 @@ class PlaygroundView(QWidget):
 
         self.generate_btn = QPushButton("Generate")
         self.stop_btn = QPushButton("Stop")
+        self.new_chat_btn = QPushButton("New chat")
+        self.new_chat_btn.setToolTip("Forget the conversation so far: the next message starts a new one")
         self.generate_btn.clicked.connect(lambda: self.generate())
         self.stop_btn.clicked.connect(lambda: self.stop())
+        self.new_chat_btn.clicked.connect(lambda: self.new_chat())
         buttons = QHBoxLayout()
         buttons.addWidget(self.generate_btn)
         buttons.addWidget(self.stop_btn)
+        buttons.addWidget(self.new_chat_btn)
         buttons.addStretch(1)
         self.status = QLabel("")
         self.status.setWordWrap(True)
@@ -209,6 +220,9 @@ class PlaygroundView(QWidget):
         return job.run_dir, not str(job.spec.get("model", "")).startswith("scratch:")
 
     def _on_source(self) -> None:
+        if self.source.currentData() != self._chat_source:   # another model: its conversation starts over
+            self._chat_source = self.source.currentData()
+            self.new_chat()
         _path, can_compare = self._source_path()
         self.compare.setEnabled(can_compare)
         self.compare.setToolTip("Also generate from the model the run started from, with the same settings and "
@@ -242,11 +256,31 @@ class PlaygroundView(QWidget):
         if path is None:
             self._say("Pick a finished run or a folder first.", error=True)
             return False
-        why = self.generation.start(path, self.prompt.toPlainText(), **self.settings())
+        settings = self.settings()
+        message = self.prompt.toPlainText()
+        chat = settings["mode"] == "chat"
+        why = self.generation.start(path, message, history=list(self.conversation) if chat else None, **settings)
         if why:
             self._say(why, error=True)
             return False
+        self._asked = message if chat else None
+        if chat:   # started: its panes show the conversation, with the message (_on_started cleared them)
+            self.panes["trained"].setPlainText(self._transcript() + f"You: {message}\n\nModel: ")
+            self.panes["base"].setPlainText(f"You: {message}\n\nBase model: ")
         return True
+
+    def new_chat(self) -> None:
+        """Forget the conversation (New chat; another model or mode does it too)."""
+        if self.generation.running():
+            return
+        self.conversation, self._asked = [], None
+        for pane in self.panes.values():
+            pane.clear()
+        self._update_buttons()
+
+    def _transcript(self) -> str:
+        names = {"user": "You", "assistant": "Model"}
+        return "".join(f"{names[m['role']]}: {m['content']}\n\n" for m in self.conversation)
 
     def stop(self) -> None:
         self.generation.stop()
@@ -269,14 +303,28 @@ class PlaygroundView(QWidget):
         self._say(f"Generating ({stream}): {done} of {total} tokens")
 
     def _on_done(self, answer: dict) -> None:
-        self._say(self._summary(answer))
+        trained = (answer.get("streams") or {}).get("trained")
+        summary = self._summary(answer)
+        if self._asked is not None and trained is not None:
+            # The reply joins the conversation (a stopped one too, as far as it got); the box is free for the next.
+            self.conversation += [{"role": "user", "content": self._asked},
+                                  {"role": "assistant", "content": str(trained.get("text", ""))}]
+            self.prompt.clear()
+            dropped = trained.get("history_dropped") or 0
+            if dropped:
+                summary += (f" The oldest {dropped} exchange{'s' if dropped > 1 else ''} no longer fit the model's "
+                            "context and were left out.")
+        self._asked = None
+        self._say(summary)
         self._update_buttons()
 
     def _on_stopped(self) -> None:
+        self._asked = None
         self._say("Stopped.")
         self._update_buttons()
 
     def _on_failed(self, reason: str) -> None:
+        self._asked = None
         self._say(reason, error=True)
         self._update_buttons()
 
@@ -300,6 +348,9 @@ class PlaygroundView(QWidget):
         busy = self.generation.running()
         self.generate_btn.setEnabled(not busy and self.source.currentData() is not None)
         self.stop_btn.setEnabled(busy)
+        self.new_chat_btn.setVisible(self.mode.currentData() == "chat")
+        self.new_chat_btn.setEnabled(not busy and bool(self.conversation))
+        self.mode.setEnabled(not busy)
         self.source.setEnabled(not busy)
         self.folder_btn.setEnabled(not busy)
 
