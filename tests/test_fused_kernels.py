@@ -91,6 +91,15 @@ def test_a_lora_adapter_on_the_output_layer_keeps_the_plain_loss(tmp_path, monke
     assert engine.run().status == "finished"
     warned = [e["message"] for e in events if e["type"] == "warning" and e["code"] == "fused_kernels"]
     assert applied == [bool(targets)] and engine.fused
+    # The pre-flight estimate counts the logits exactly where the plain loss stays (an adapter on lm_head).
+    from training_core import preflight
+    pre = next(e for e in events if e["type"] == "preflight")
+
+    def activations(fused_loss: bool) -> int:
+        return preflight.figures(engine.spec, engine.model.get_base_model().config, params_total=pre["params_total"],
+                                 method="lora", precision=pre["precision"], device="cpu", available=None,
+                                 micro_batch=engine.micro_batch, fused_loss=fused_loss)["memory"].activations
+    assert pre["memory"]["activations"] == activations(not targets) and activations(True) < activations(False)
     assert (len(warned) == 1 and "output layer" in warned[0]) if targets else not warned, warned
 
 

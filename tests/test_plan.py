@@ -61,6 +61,25 @@ def test_plan_says_what_becomes_of_the_speed_options_here(tmp_path):
     assert compile_note.startswith("Compile: tried on a tiny function first")          # the CPU can compile
     assert fused_note.startswith("Fused kernels (Liger): not used here") and "NVIDIA" in fused_note
     assert fused_note in format_plan(plan)
+    assert plan["memory"] == plan_job(JobSpec(**base))["memory"]    # unfused here: the same estimate
+
+
+def test_check_counts_no_logits_where_the_fused_loss_will_run(tmp_path, monkeypatch):
+    """Liger's fused cross-entropy never holds batch x sequence x vocabulary logits: where it can run,
+    Check's estimate has a tokens x hidden term instead (a stand-in says it can run on this CPU)."""
+    from training_core import fused_kernels, preflight
+    monkeypatch.setattr(fused_kernels, "unsupported_reason", lambda device, model: None)
+    data = tmp_path / "d.txt"
+    write_text_dataset(data)
+    base = dict(model="scratch:tiny", data=[str(data)], out=str(tmp_path / "o"), steps=5, tokenizer="bytes",
+                batch_size=4, seq_len=128)
+    plain, fused = plan_job(JobSpec(**base)), plan_job(JobSpec(**base, fused_kernels=True))
+    from training_core.models.loading import scratch_tokenizer_and_config
+    _, cfg = scratch_tokenizer_and_config(JobSpec(**base), lambda: iter([]))
+    tokens = 4 * 128                               # fp32 on the CPU: logits 12 bytes a vocabulary entry
+    saved = tokens * (cfg.vocab_size * 12 - cfg.hidden_size * preflight.FUSED_LOSS_ELEMENTS * 4)
+    assert plain["memory"]["activations"] - fused["memory"]["activations"] == saved > 0
+    assert fused["memory"]["total"] < plain["memory"]["total"]
 
 
 @pytest.mark.parametrize("targets", [None, ["q_proj", "lm_head"], ["q_proj", "v_proj", "down_proj"]])

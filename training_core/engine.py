@@ -300,10 +300,14 @@ class Engine:
             available = torch.cuda.mem_get_info(self.device)[0]
         else:
             available = psutil.virtual_memory().available + psutil.Process().memory_info().rss
+        fused_loss = False
+        if spec.fused_kernels:
+            from .fused_kernels import fused_loss_expected
+            fused_loss = fused_loss_expected(spec, self.method, self.device, self.model)
         # The very figures Check showed (training_core/plan.py calls the same function).
         fig = preflight.figures(spec, self.model.config, params_total=sum(p.numel() for p in self.model.parameters()),
                                 method=self.method, precision=self.precision, device=str(self.device),
-                                available=available, micro_batch=self.micro_batch)
+                                available=available, micro_batch=self.micro_batch, fused_loss=fused_loss)
         gc_on, mem, disk_need = fig["gradient_checkpointing"], fig["memory"], fig["disk_needed"]
         disk_free = shutil.disk_usage(self.run_dir).free
         self.emit("preflight", memory=mem.to_dict(), verdict=mem.verdict, advice=mem.advice,

@@ -65,6 +65,16 @@ def unsupported_reason(device: torch.device, model: torch.nn.Module) -> str | No
     return None
 
 
+def fused_loss_expected(spec, method: str, device: torch.device, model) -> bool:
+    """Whether the run's loss will be Liger's fused one, as far as is known before its probe (the memory
+    estimate counts no logits then): asked for, possible here, and no LoRA adapter on the output layer.
+    `model`: the model, or anything with its `config` (Check has no model)."""
+    if not spec.fused_kernels or unsupported_reason(device, model) is not None:
+        return False
+    targets = spec.lora_targets
+    return not (method in ("lora", "qlora") and not isinstance(targets, str) and "lm_head" in targets)
+
+
 def adapted_output_layer(model: torch.nn.Module) -> bool:
     """A LoRA adapter sits on the output layer (peft's wrapper keeps the frozen one as `base_layer`)."""
     get = getattr(_hf_model(model), "get_output_embeddings", None)

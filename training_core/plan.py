@@ -87,8 +87,16 @@ def plan_job(spec: JobSpec) -> dict[str, Any]:
 
     params_total = count_params(config)
     available = gpu.vram_free if gpu else hw.ram_available
+    fused_loss = False
+    if spec.fused_kernels:
+        import types
+
+        import torch
+
+        from .fused_kernels import fused_loss_expected
+        fused_loss = fused_loss_expected(spec, method, torch.device(device), types.SimpleNamespace(config=config))
     fig = preflight.figures(spec, config, params_total=params_total, method=method, precision=precision,
-                            device=device, available=available)
+                            device=device, available=available, fused_loss=fused_loss)
     mem, gc_on, trainable, disk_need = fig["memory"], fig["gradient_checkpointing"], fig["params_trainable"], \
         fig["disk_needed"]
 

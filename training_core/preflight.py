@@ -27,6 +27,7 @@ QLORA_BYTES = 0.5 * 1.03                 # 4-bit NF4 plus its quantisation const
 ACT_BYTES_PER_TOKEN_HIDDEN = 44
 LORA_DROPOUT_BYTES = 8                   # LoRA dropout's copies and masks: measured ~8 more per s·b·h
 CUDA_ALLOCATOR_SLACK = 256 * 1024 ** 2   # PyTorch's caching allocator reserved 0.3-0.9 GB above its peak there
+FUSED_LOSS_ELEMENTS = 4                  # per token x hidden, with Liger's fused loss (see _activation_bytes)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def _weight_bytes(params_total: int, params_trainable: int, vocab_size: int, hid
 
 def _activation_bytes(num_layers: int, hidden_size: int, num_heads: int, vocab_size: int,
                       seq_len: int, micro_batch: int, precision: str, checkpointing: bool,
-                      method: str = "full") -> float:
+                      method: str = "full", fused_loss: bool = False) -> float:
     # One layer keeps s·b·h·(44 + 5·a·s/h) bytes at 16 bit (see ACT_BYTES_PER_TOKEN_HIDDEN); the
     # 5·a·s/h term is the attention matrix, which fused (SDPA/flash) attention never stores.
     half = precision in ("fp16", "bf16")
@@ -79,6 +80,12 @@ def _activation_bytes(num_layers: int, hidden_size: int, num_heads: int, vocab_s
         layers = num_layers * 2 * sbh * scale + per_layer
     else:
         layers = num_layers * per_layer
+    if fused_loss:
+        # Liger's fused linear cross-entropy (fused_kernels.py) never holds the logits: it works through
+        # the tokens in chunks sized to keep a chunk's logits near tokens x hidden elements (rounded up to a
+        # power of two: up to twice that), and keeps the input's gradient (tokens x hidden) from forward
+        # to backward. So ~4 x tokens x hidden elements at the run's precision, whatever the vocabulary.
+        return layers + micro_batch * seq_len * hidden_size * FUSED_LOSS_ELEMENTS * (2 if half else 4)
     # Logits (a 16-bit copy when training in half), their fp32 upcast, log-softmax and gradient.
     logits = micro_batch * seq_len * vocab_size * (14 if half else 12)
     return layers + logits
@@ -93,12 +100,12 @@ def _check(method: str, precision: str) -> None:
 
 def _totals(*, params_total: int, params_trainable: int, num_layers: int, hidden_size: int,
             num_heads: int, vocab_size: int, seq_len: int, micro_batch: int, precision: str,
-            method: str, gradient_checkpointing: bool, device: str) -> dict[str, int]:
+            method: str, gradient_checkpointing: bool, device: str, fused_loss: bool = False) -> dict[str, int]:
     weights = _weight_bytes(params_total, params_trainable, vocab_size, hidden_size, precision, method)
     grads = params_trainable * TRAINABLE_BYTES
     optimizer = params_trainable * ADAMW_BYTES
     activations = _activation_bytes(num_layers, hidden_size, num_heads, vocab_size, seq_len,
-                                    micro_batch, precision, gradient_checkpointing, method)
+                                    micro_batch, precision, gradient_checkpointing, method, fused_loss)
     base = weights + grads + optimizer + activations
     overhead = base * OVERHEAD_FRACTION
     if device.startswith("cuda"):
@@ -229,13 +236,14 @@ def _advice(kw: dict[str, Any], total: int, available: int, lora_trainable: int 
 def estimate_memory(*, params_total: int, params_trainable: int, num_layers: int, hidden_size: int,
                     num_heads: int, vocab_size: int, seq_len: int, micro_batch: int, precision: str,
                     method: str, gradient_checkpointing: bool, available: int | None,
-                    device: str, lora_trainable: int | None = None) -> MemoryEstimate:
-    """Peak training memory on `device` (bytes), compared with `available` free bytes there."""
+                    device: str, lora_trainable: int | None = None, fused_loss: bool = False) -> MemoryEstimate:
+    """Peak training memory on `device` (bytes), compared with `available` free bytes there. `fused_loss`:
+    the loss is Liger's fused linear cross-entropy (no logits held; JobSpec.fused_kernels)."""
     _check(method, precision)
     kw = dict(params_total=params_total, params_trainable=params_trainable, num_layers=num_layers,
               hidden_size=hidden_size, num_heads=num_heads, vocab_size=vocab_size, seq_len=seq_len,
               micro_batch=micro_batch, precision=precision, method=method,
-              gradient_checkpointing=gradient_checkpointing, device=device)
+              gradient_checkpointing=gradient_checkpointing, device=device, fused_loss=fused_loss)
     parts = _totals(**kw)
     verdict = _verdict(parts["total"], available)
     if available is None:
@@ -259,10 +267,11 @@ def plan_gradient_checkpointing(requested: bool | None, **kwargs: Any) -> tuple[
 
 
 def figures(spec: Any, config: Any, *, params_total: int, method: str, precision: str, device: str,
-            available: int | None, micro_batch: int | None = None) -> dict[str, Any]:
+            available: int | None, micro_batch: int | None = None, fused_loss: bool = False) -> dict[str, Any]:
     """The pre-flight figures of job `spec` (a JobSpec) on a model `config`: trainable parameters, memory
     (turning gradient checkpointing on when needed) and disk. Check (training_core/plan.py) and the
-    engine's pre-flight both call this, so the figures Check shows are the ones the run reports."""
+    engine's pre-flight both call this, so the figures Check shows are the ones the run reports.
+    `fused_loss`: fused_kernels.fused_loss_expected's answer for this run."""
     get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k))
     lora = min(lora_params_from_config(config, spec.lora_r, spec.lora_targets), params_total)
     trainable = params_total if method == "full" else lora
@@ -271,7 +280,7 @@ def figures(spec: Any, config: Any, *, params_total: int, method: str, precision
         num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"), num_heads=get("num_attention_heads"),
         vocab_size=get("vocab_size"), seq_len=spec.seq_len, micro_batch=micro_batch or spec.micro_batch_size
         or spec.batch_size, precision=precision, method=method, available=available, device=device,
-        lora_trainable=lora)
+        lora_trainable=lora, fused_loss=fused_loss)
     disk = estimate_disk(params_total=params_total, params_trainable=trainable, method=method,
                          keep=spec.keep_checkpoints)
     return {"params_total": params_total, "params_trainable": trainable, "memory": mem, "verdict": mem.verdict,
