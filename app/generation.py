@@ -23,7 +23,7 @@ GPU_TAKEN = "A training job started and takes the GPU: generation stopped."
 def generate_args(source: str, prompt_file: Path, *, mode: str = "story", temperature: float = 0.8,
                   top_p: float = 0.95, top_k: int = 40, repetition_penalty: float = 1.1,
                   max_new_tokens: int = 200, stops=(), compare_base: bool = False,
-                  history_file: Path | None = None) -> list[str]:
+                  history_file: Path | None = None, trust_remote_code: bool = False) -> list[str]:
     """The engine command of one generation (`history_file`: a chat's earlier messages, see `Generation.start`)."""
     args = ["generate", str(source), "--json", "--prompt-file", str(prompt_file), "--mode", mode,
             "--temperature", f"{temperature:g}", "--top-p", f"{top_p:g}", "--top-k", str(top_k),
@@ -34,6 +34,8 @@ def generate_args(source: str, prompt_file: Path, *, mode: str = "story", temper
         args.append("--compare-base")
     if history_file is not None:
         args += ["--history", str(history_file)]
+    if trust_remote_code:   # the user turned it on for this job; generate never reads it from the run folder
+        args.append("--trust-remote-code")
     return args
 
 

@@ -140,8 +140,20 @@ def test_history_opens_the_dialog_for_the_selected_run(qtbot, tmp_path, store, f
     dialog = view.open_export_dialog()
     assert isinstance(dialog, ExportDialog) and dialog.isVisible() and dialog.kind == "lora"
     qtbot.waitUntil(lambda: not dialog.busy(), timeout=TIMEOUT_MS)
+    dialog.choose("merged")
+    assert "--trust-remote-code" not in dialog.command()
     dialog.reject()
-    first, dialog = dialog, view.open_export_dialog()
+    # A job the user started with remote code on: its merged export says so (the engine never reads it from
+    # the run folder, which may have come from anyone).
+    store.update_job(job.id, spec={**job.spec, "trust_remote_code": True})
+    trusted = view.open_export_dialog()
+    qtbot.waitUntil(lambda: not trusted.busy(), timeout=TIMEOUT_MS)
+    trusted.choose("merged")
+    assert trusted.command()[-1] == "--trust-remote-code"
+    trusted.choose("adapter")
+    assert "--trust-remote-code" not in trusted.command()
+    trusted.reject()
+    first, dialog = trusted, view.open_export_dialog()
     assert dialog is not first and view._dialogs == [dialog]   # the closed one, its processes gone, is deleted
     qtbot.waitUntil(lambda: not dialog.busy(), timeout=TIMEOUT_MS)
     # While it exports (the stand-in never finishes), no second export can start from History.

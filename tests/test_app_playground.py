@@ -193,3 +193,18 @@ def test_chat_mode_is_a_conversation_until_new_chat(view, qtbot, runs):
     view.conversation = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     view.mode.setCurrentIndex(view.mode.findData("story"))
     assert view.conversation == [] and not view.new_chat_btn.isVisible()
+
+
+def test_remote_code_is_passed_only_for_a_job_the_user_started_with_it(view):
+    """generate never takes trust_remote_code from a run folder (tests/test_checkpoint_trust.py): the
+    Playground says it for the user's own job that has it on, never for a folder picked by hand."""
+    from app.generation import generate_args
+    pick(view, "lora chat")
+    assert not view._trusts_remote_code()
+    job = next(j for j in view.store.list_jobs() if j.name == "lora chat")
+    view.store.update_job(job.id, spec={**job.spec, "trust_remote_code": True})
+    assert view._trusts_remote_code()
+    view.select_folder(str(job.run_dir))
+    assert not view._trusts_remote_code()
+    assert generate_args("run", "p.txt", trust_remote_code=True)[-1] == "--trust-remote-code"
+    assert "--trust-remote-code" not in generate_args("run", "p.txt")

@@ -89,6 +89,10 @@ def cmd_resume(args) -> int:
     if not (run_dir / "job.json").is_file():
         raise UserError(run_dir, "is not a Modron run folder (no job.json)")
     spec = JobSpec.load(run_dir / "job.json")
+    if spec.trust_remote_code and not args.trust_remote_code:
+        # A run folder may have come from anywhere: its job.json alone never runs a model's own code.
+        raise UserError(run_dir / "job.json", "lets the model run its own code (trust_remote_code); if you "
+                                              "trust its author, resume with --trust-remote-code")
     typed = Path(spec.out)
     if not typed.is_absolute():
         # Written by an older Modron, relative to the folder it was started from: that folder is the run
@@ -137,7 +141,7 @@ def cmd_export(args) -> int:
                 sys.stderr.write(f"warning: {w}\n")
             said.add(w)
     if args.merged:
-        written["merged"] = str(export_merged(Path(args.source), Path(args.merged), info))
+        written["merged"] = str(export_merged(Path(args.source), Path(args.merged), info, args.trust_remote_code))
         warn()
         if not args.json:
             print(f"merged model (step {info['step']}) written to {written['merged']}")
@@ -254,6 +258,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     r = sub.add_parser("resume", help="continue a run from its last checkpoint")
     r.add_argument("run_dir")
     r.add_argument("--lr", type=float, help="a new peak learning rate from here on (e.g. lower after divergence)")
+    r.add_argument("--trust-remote-code", action="store_true",
+                   help="agree again that the model's own code may run, for a run started with it on")
     add_json(r)
     r.set_defaults(func=cmd_resume)
 
@@ -269,6 +275,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--gguf-lora", metavar="OUT.gguf", help="a LoRA run's adapter as a GGUF LoRA (llama.cpp --lora)")
     e.add_argument("--gguf-sizes", action="store_true", help="print the expected GGUF size per quant")
     e.add_argument("--force", action="store_true", help="replace GGUF files that already exist")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="--merged: the model's own code may run (a run's job.json never turns this on)")
     add_json(e)
     e.set_defaults(func=cmd_export)
 

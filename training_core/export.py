@@ -69,10 +69,12 @@ def checkpoint_step(ckpt: Path):
     return step if step is not None else (int(digits) if digits.isdigit() else None)
 
 
-def _job(ckpt: Path) -> JobSpec:
+def _job(ckpt: Path, trust_remote_code: bool = False) -> JobSpec:
+    """The job that wrote `ckpt`. Its `trust_remote_code` is the caller's (the user's --trust-remote-code),
+    never the file's: a checkpoint may come from anywhere, and its job.json must not turn remote code on."""
     for path in (ckpt / "job.json", ckpt.parent.parent / "job.json"):
         if path.is_file():
-            return JobSpec.load(path)
+            return dataclasses.replace(JobSpec.load(path), trust_remote_code=trust_remote_code)
     raise CheckpointError(ckpt, "has no job.json; cannot tell which base model it belongs to")
 
 
@@ -237,16 +239,17 @@ def _tell(info: dict | None, ckpt: Path, warnings: list[str]) -> None:
         info.setdefault("warnings", []).extend(w for w in warnings if w not in info["warnings"])
 
 
-def export_merged(source: Path, out: Path, info: dict | None = None) -> Path:
+def export_merged(source: Path, out: Path, info: dict | None = None, trust_remote_code: bool = False) -> Path:
     """A standalone model folder (safetensors, tokenizer, README.md card) from a run or checkpoint.
-    `info` (if given) gets the checkpoint, its step and warnings (a damaged newest checkpoint passed over)."""
+    `info` (if given) gets the checkpoint, its step and warnings (a damaged newest checkpoint passed over).
+    `trust_remote_code`: the user's word that the model's own code may run (a run of such a model needs it)."""
     from .models.tokenizer import load_tokenizer
 
     warnings_: list[str] = []
     ckpt = _resolve(source, warnings_)
     _tell(info, ckpt, warnings_)
     manifest = read_manifest(ckpt)
-    spec = _job(ckpt)
+    spec = _job(ckpt, trust_remote_code)
     kind = manifest.get("kind", "full")
     out = Path(out)
     tmp = _start_output(out)

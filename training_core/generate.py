@@ -55,7 +55,8 @@ class Source:
 
 
 # ---- finding and loading the model -------------------------------------------------------
-def resolve(path: Path) -> Source:
+def resolve(path: Path, trust_remote_code: bool = False) -> Source:
+    """What `path` names; `trust_remote_code` is the user's --trust-remote-code (never a job.json's)."""
     from .checkpoint import latest_good, problem, read_manifest
     from .export import _job
     path = Path(path)
@@ -78,7 +79,7 @@ def resolve(path: Path) -> Source:
     kind = read_manifest(ckpt).get("kind", "full")
     if kind not in ("full", "lora"):
         raise CheckpointError(ckpt, f"has unknown kind {kind!r}")
-    return Source(path, ckpt=ckpt, spec=_job(ckpt), kind=kind)
+    return Source(path, ckpt=ckpt, spec=_job(ckpt, trust_remote_code), kind=kind)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -428,13 +429,13 @@ def cmd_generate(args) -> int:
 
 def _generate(args, session: _Session) -> int:
     req = request_from(args)
-    source = resolve(Path(args.source))
+    source = resolve(Path(args.source), args.trust_remote_code)
     if args.compare_base and not args.base:
         if source.kind == "model":
             raise UserError(source.path, "is an exported model; name its base model with --base FOLDER to compare")
         if source.spec.is_scratch:
             raise UserError(source.path, "was trained from scratch: there is no base model to compare with")
-    trust = args.trust_remote_code or bool(source.spec and source.spec.trust_remote_code)
+    trust = args.trust_remote_code   # only the user's word: a checkpoint's job.json may come from anywhere
     device, dtype = _pick_device(args.device)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()   # its "Loading weights" bar on every call is noise on stderr
@@ -508,7 +509,7 @@ def add_parser(sub) -> None:
     g.add_argument("--base", metavar="FOLDER", help="the base model to compare with (default: the run's)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     g.add_argument("--trust-remote-code", action="store_true",
-                   help="an exported model's own code may run (a run's setting comes from its job)")
+                   help="the model's own code may run (a run's job.json never turns this on)")
     g.add_argument("--json", action="store_true", help="speak the worker protocol: events on stdout, controls "
                                                        "on stdin")
     g.set_defaults(func=cmd_generate)

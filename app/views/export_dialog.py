@@ -95,10 +95,11 @@ class ExportDialog(QDialog):
     exported = Signal(dict)   # the engine's answer when an export finished
     running = Signal(bool)    # an export started (True) or ended, however it ended (False)
 
-    def __init__(self, job_name: str, run_dir: str, store=None, parent=None):
+    def __init__(self, job_name: str, run_dir: str, store=None, parent=None, trust_remote_code: bool = False):
         super().__init__(parent)
         self.setWindowTitle(f"Export {job_name}")
         self.job_name, self.run_dir, self.store = job_name, str(run_dir), store
+        self.trust_remote_code = trust_remote_code   # the job's own setting: export never reads it from the folder
         self.kind = checkpoint_kind(run_dir)
         self.sizes: dict | None = None
         self.task: EngineTask | EngineCall | None = None
@@ -273,7 +274,8 @@ class ExportDialog(QDialog):
         target, fmt = self.target_edit.text().strip(), self.format()
         flag = {"gguf": "--gguf", "gguf_lora": "--gguf-lora", "merged": "--merged", "adapter": "--adapter"}[fmt]
         args = ["export", self.run_dir, flag, target, "--json"]
-        return args + (["--quant", self.quant()] if fmt == "gguf" else []) + (["--force"] if replace else [])
+        return (args + (["--quant", self.quant()] if fmt == "gguf" else []) + (["--force"] if replace else [])
+                + (["--trust-remote-code"] if self.trust_remote_code and fmt == "merged" else []))
 
     def _ask_replace(self, target: str) -> bool | None:
         """For a file export: False when nothing is in the way, True when the user agreed to replace what is,

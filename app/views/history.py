@@ -208,7 +208,8 @@ class HistoryView(QWidget):
         for old in [d for d in self._dialogs if not d.isVisible() and not d.busy()]:
             self._dialogs.remove(old)
             old.deleteLater()
-        dialog = ExportDialog(job.name, job.run_dir, self.store, parent=self)
+        dialog = ExportDialog(job.name, job.run_dir, self.store, parent=self,
+                              trust_remote_code=job.spec.get("trust_remote_code") is True)
         dialog.running.connect(lambda _running: self._update_buttons())
         dialog.exported.connect(lambda _answer, d=dialog, job_id=job.id: self._exported(job_id, d.status.text()))
         self._dialogs.append(dialog)

@@ -259,7 +259,8 @@ class PlaygroundView(QWidget):
         settings = self.settings()
         message = self.prompt.toPlainText()
         chat = settings["mode"] == "chat"
-        why = self.generation.start(path, message, history=list(self.conversation) if chat else None, **settings)
+        why = self.generation.start(path, message, history=list(self.conversation) if chat else None,
+                                    trust_remote_code=self._trusts_remote_code(), **settings)
         if why:
             self._say(why, error=True)
             return False
@@ -268,6 +269,16 @@ class PlaygroundView(QWidget):
             self.panes["trained"].setPlainText(self._transcript() + f"You: {message}\n\nModel: ")
             self.panes["base"].setPlainText(f"You: {message}\n\nBase model: ")
         return True
+
+    def _trusts_remote_code(self) -> bool:
+        """The user turned remote code on for this job (a folder picked by hand never gets it)."""
+        data = self.source.currentData()
+        if not data or data[0] != "job":
+            return False
+        try:
+            return self.store.get_job(data[1]).spec.get("trust_remote_code") is True
+        except KeyError:
+            return False
 
     def new_chat(self) -> None:
         """Forget the conversation (New chat; another model or mode does it too)."""
