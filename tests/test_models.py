@@ -248,6 +248,25 @@ def test_sharded_safetensors_need_all_shards(tmp_path):
     _one_line_model_error(spec_for(folder), "missing weight file model-00002-of-00002")
 
 
+@pytest.mark.parametrize("shard", ["OUTSIDE", "../outside.safetensors", "sub/../../outside.safetensors"])
+def test_an_index_never_names_weights_outside_its_folder(tmp_path, shard):
+    """A downloaded index must not make the run load another file of this computer (e.g. a private model)."""
+    folder = make_model_folder(tmp_path / "sharded")
+    outside = tmp_path / "outside.safetensors"
+    (folder / "model.safetensors").rename(outside)
+    shard = str(outside) if shard == "OUTSIDE" else shard
+    index = {"metadata": {"total_size": 0}, "weight_map": {"a": shard}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index), encoding="utf-8")
+    _one_line_model_error(spec_for(folder), "names a weight file outside its folder")
+
+
+def test_a_model_type_that_is_not_a_name_is_one_line(tmp_path):
+    folder = make_model_folder(tmp_path / "odd")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": ["llama"]}), encoding="utf-8")
+    _one_line_model_error(spec_for(folder), "model_type that is not a name")
+
+
 def test_remote_code_needs_trust(tmp_path):
     folder = make_model_folder(tmp_path / "custom")
     cfg = json.loads((folder / "config.json").read_text())

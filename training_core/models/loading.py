@@ -97,6 +97,16 @@ def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             raise ModelError(index, "is damaged (no readable weight_map)") from None
+        if not all(isinstance(shard, str) for shard in shards):
+            raise ModelError(index, "is damaged (a weight_map entry is not a file name)")
+        for shard in sorted(shards):
+            # A downloaded index names its shards; one outside the folder (an absolute path, `..`) would load
+            # some other file of this computer as the model's weights. (Links are not followed here: the hub
+            # cache's snapshot folders are links into its blob store.)
+            if not shard or Path(shard).is_absolute() or "\\" in shard or ".." in Path(shard).parts \
+                    or Path(shard).name != shard:
+                raise ModelError(index, f"names a weight file outside its folder ({shard[:200]!r}); "
+                                        "a model's shards sit beside its index")
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
             raise ModelError(folder, f"is missing weight file {missing[0]} (of {len(shards)} shards)")
@@ -118,6 +128,8 @@ def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
 
     from transformers import CONFIG_MAPPING
     model_type = config.get("model_type")
+    if not isinstance(model_type, (str, type(None))):
+        raise ModelError(cfg_path, f"has a model_type that is not a name ({type(model_type).__name__})")
     if config.get("auto_map") and not trust_remote_code and model_type not in CONFIG_MAPPING:
         raise ModelError(folder, "needs the custom code it ships with (auto_map in config.json); "
                                  "if you trust its author, turn on --trust-remote-code")
