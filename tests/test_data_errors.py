@@ -97,6 +97,25 @@ def test_chat_messages_not_a_list(tmp_path):
     err_of(p, p, "line 1", "not a list")
 
 
+@pytest.mark.parametrize("template, problem", [
+    ("{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}", "did not finish within"),
+    ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "SecurityError"),
+    ("{% for m in messages %}", "TemplateSyntaxError"),
+])
+def test_a_chat_template_that_hangs_or_fails_is_one_line(tmp_path, monkeypatch, template, problem):
+    """A downloaded chat template is the model author's program: a loop of hours is given up on (here after
+    0.3 s), and whatever it raises is one line naming the record, never a traceback."""
+    from training_core import chat_template
+    monkeypatch.setattr(chat_template, "TEMPLATE_SECONDS", 0.3)
+    tok = make_tokenizer()
+    tok.chat_template = template
+    p = tmp_path / "chat.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+                 + "\n")
+    err_of(p, p, "line 1", problem, tokenizer=tok)
+
+
 def test_alpaca_without_output(tmp_path):
     p = tmp_path / "a.jsonl"
     p.write_text(json.dumps({"instruction": "do it", "input": ""}) + "\n")

@@ -137,7 +137,8 @@ def test_chat_mode_uses_the_chat_template_or_a_plain_fallback(runs):
     assert stops == ()
     plain = bytes_tokenizer()
     ids, stops, _ = prompt_ids(plain, Request(prompt="hi there", mode="chat", stop=("END",)))
-    assert plain.decode(ids).endswith("User: hi there\nAssistant:") and stops == ("END", "\nUser:")
+    assert plain.decode(ids).endswith("### User:\nhi there\n\n### Assistant:\n")   # as training renders chats
+    assert stops == ("END", "\n\n### User:")
     story, _, _ = prompt_ids(plain, Request(prompt="hi there"))
     assert plain.decode(story) == "hi there"
 
@@ -160,8 +161,9 @@ def test_a_chat_goes_on_from_its_history_and_drops_the_oldest_exchanges_that_no_
     assert dropped == 2 and ids == newest_only
     plain = bytes_tokenizer()
     ids, stops, _ = prompt_ids(plain, dataclasses.replace(req, system=""))
-    assert plain.decode(ids) == ("User: hello\nAssistant: hi, how can I help?\nUser: tell me a story\n"
-                                 "Assistant: Once upon a time...\nUser: another one\nAssistant:")
+    assert plain.decode(ids) == ("### User:\nhello\n\n### Assistant:\nhi, how can I help?\n\n### User:\ntell me a "
+                                 "story\n\n### Assistant:\nOnce upon a time...\n\n### User:\nanother one\n\n"
+                                 "### Assistant:\n")
 
 
 @pytest.mark.parametrize("content, problem", [
@@ -197,6 +199,15 @@ def test_a_history_answers_in_json_what_it_left_out(runs, tmp_path, capsys):
     assert out.returncode == 0, out.stderr
     result = [json.loads(line) for line in out.stdout.splitlines() if '"result"' in line][-1]
     assert result["answer"]["streams"]["trained"]["history_dropped"] == 1
+
+
+def test_a_chat_template_that_fails_is_one_plain_line_exit_2(tmp_path, capsys):
+    tok = bytes_tokenizer()
+    tok.chat_template = "{{ raise_exception('this template says no') }}"
+    run = full_run(tmp_path / "run", tokenizer=tok)
+    assert cli.main(["generate", str(run), "--mode", "chat", "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "this template says no" in err[0] and "--mode chat" in err[0], err
 
 
 def test_a_lora_checkpoint_loads_base_plus_adapter(runs):

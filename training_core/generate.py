@@ -24,7 +24,6 @@ from .errors import CheckpointError, ModelError, UserError
 from .escapes import unescape
 
 TASK = "generate"
-CHAT_FALLBACK_STOP = "\nUser:"
 HISTORY_MAX_MESSAGES = 1000           # a --history file's bounds: the Playground's conversations stay far below
 HISTORY_MAX_CHARS = 2_000_000
 PROGRESS_EVERY_S = 0.5
@@ -166,16 +165,20 @@ def prompt_ids(tokenizer, req: Request, context: int | None = None) -> tuple[lis
 
 
 def _chat_ids(tokenizer, req: Request, history) -> tuple[list[int], tuple[str, ...]]:
+    from .data.records import PLAIN_CHAT_STOP, plain_chat
+    messages = [{"role": "system", "content": req.system}] if req.system else []
+    for user, reply in history:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    messages.append({"role": "user", "content": req.prompt})
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": req.system}] if req.system else []
-        for user, reply in history:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-        messages.append({"role": "user", "content": req.prompt})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        from .chat_template import TemplateProblem, render
+        try:
+            text = render(tokenizer, messages, add_generation_prompt=True)
+        except TemplateProblem as exc:   # the model's own Jinja program: a bad one is one line, not a traceback
+            raise UserError("--mode chat", str(exc)) from None
         return tokenizer(text, add_special_tokens=False)["input_ids"], ()
-    turns = "".join(f"User: {user}\nAssistant: {reply}\n" for user, reply in history)
-    text = (f"{req.system}\n\n" if req.system else "") + turns + f"User: {req.prompt}\nAssistant:"
-    return tokenizer(text)["input_ids"], (CHAT_FALLBACK_STOP,)
+    # No template: the very layout the run trained its chat records in (data/records.py).
+    return tokenizer(plain_chat(messages, add_generation_prompt=True))["input_ids"], (PLAIN_CHAT_STOP,)
 
 
 def read_history(path: str) -> tuple[tuple[str, str], ...]:

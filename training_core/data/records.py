@@ -121,15 +121,25 @@ def _chat_messages(value: Any, field: str, where: str, path: Path) -> list[dict[
     return messages
 
 
+# A chat's layout where the tokenizer has no chat template (a from-scratch run's never has one): training
+# renders records with it, and `generate --mode chat` prompts with it, stopping where the next user turn begins.
+PLAIN_CHAT_STOP = "\n\n### User:"
+
+
+def plain_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    text = "\n\n".join(f"### {m['role'].capitalize()}:\n{m['content']}" for m in messages)
+    return text + "\n\n### Assistant:\n" if add_generation_prompt else text
+
+
 def render_chat(messages: list[dict[str, str]], tokenizer: Any, where: str, path: Path) -> str:
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if template:
+        from ..chat_template import TemplateProblem, render
         try:
-            return tokenizer.apply_chat_template(messages, tokenize=False)
-        except Exception as exc:  # jinja raises its own errors, e.g. "roles must alternate"
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DataError(path, f"{where}: the tokenizer's chat template rejected these messages ({first})") from None
-    return "\n\n".join(f"### {m['role'].capitalize()}:\n{m['content']}" for m in messages)
+            return render(tokenizer, messages)
+        except TemplateProblem as exc:  # jinja raises its own errors, e.g. "roles must alternate"
+            raise DataError(path, f"{where}: {exc}") from None
+    return plain_chat(messages)
 
 
 def render_record(record: Any, schema: tuple[str, dict[str, str]] | None, tokenizer: Any,
