@@ -342,3 +342,34 @@ def test_stop_reads_the_playgrounds_escapes(runs, capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     assert r"\n is a new line" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_with_a_word(tmp_path, capsys):
+    """As export does: generating from an older checkpoint than the newest is said (a stderr line in text,
+    a `warning` event with --json), else its text passes for the newest model's."""
+    run = full_run(tmp_path / "run", step=12)
+    full_run(tmp_path / "run", step=20)
+    newest = run / "checkpoints" / "ckpt-00000020"
+    (newest / "modron_checkpoint.json").write_text(json.dumps(
+        {"format": "modron-checkpoint", "version": 1, "step": 20, "kind": "full",
+         "files": ["model/model.safetensors"]}), encoding="utf-8")
+    weights = newest / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])   # cut short, as by a crash mid-write
+    said = "the newest checkpoint ckpt-00000020 is damaged ("
+    instead = "generating from ckpt-00000012 (step 12) instead"
+    assert resolve(run).warnings[0].startswith(said)
+    settings = ["--prompt", "Once", "--temperature", "0", "--max-new-tokens", "3", "--device", "cpu"]
+    capsys.readouterr()
+    assert cli.main(["generate", str(run), *settings]) == 0
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: " + said) and instead in warnings[0], err
+    assert "warning" not in out   # stdout is the generated text alone
+    proc = subprocess.run([sys.executable, "-m", "training_core.cli", "generate", str(run), "--json", *settings],
+                          cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    warned = [e for e in events if e["type"] == "warning"]
+    assert len(warned) == 1 and warned[0]["code"] == "damaged_checkpoint", events
+    assert warned[0]["message"].startswith(said) and instead in warned[0]["message"]
+    assert events[-1]["type"] == "result" and events[-1]["answer"]["checkpoint"].endswith("ckpt-00000012")

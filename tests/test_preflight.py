@@ -258,3 +258,43 @@ def test_estimate_matches_a_real_cpu_training_step(tmp_path):
                             method="full", gradient_checkpointing=ckpt == "1", available=None, device="cpu")
         ratio = m["used"] / e.total
         assert 0.4 < ratio < 1.15, (ckpt, m, e.total, ratio)
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: t.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                            head_dim=16, num_key_value_heads=2, vocab_size=300),        # head_dim x heads > hidden
+    lambda t: t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=4096, vocab_size=300),  # learned positions
+    lambda t: t.Qwen2MoeConfig(hidden_size=64, intermediate_size=512, moe_intermediate_size=32, num_experts=8,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                               shared_expert_intermediate_size=32),                     # experts at their own width
+])
+def test_the_lower_bound_is_one_and_is_close(make):
+    """min_params_from_config never exceeds the model's real count (a legal model must not be refused),
+    and counts what a hostile config could hide weights in: heads wider than the hidden size, learned
+    position tables (2e9 positions passed it once), experts."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from training_core.preflight import min_params_from_config
+    config = make(transformers)
+    with torch.device("meta"):
+        real = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    low = min_params_from_config(config)
+    assert 0.5 * real <= low <= real, (low, real)
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("hidden_size", -64, "hidden_size -64; sizes must be positive"),
+    ("num_hidden_layers", "12", "num_hidden_layers 12; sizes must be positive"),
+    ("vocab_size", 3.5, "vocab_size 3.5"),
+    ("hidden_size", 10 ** 400, "about 10^"),
+    ("n_positions", 2_000_000_000, "parameters"),
+])
+def test_absurd_sizes_are_one_line_before_anything_is_built(field, value, problem):
+    from training_core.preflight import cannot_fit, weights_problem
+    config = {"model_type": "gpt2" if field == "n_positions" else "llama", "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "vocab_size": 300, field: value}
+    said = cannot_fit(config, method="lora", precision="bf16", limit=8 * 1024 ** 3, where_memory="RAM")
+    assert said and problem in said and "\n" not in said, said
+    assert problem in weights_problem(config, bytes_per_param=2)

@@ -241,6 +241,10 @@ class Engine:
         if self.resume_ckpt is not None and self.method == "full":
             from transformers import AutoModelForCausalLM
             self.phase("loading_model", f"Loading the model from checkpoint {self.resume_ckpt.name}…")
+            from .models.loading import check_loadable
+            check_loadable(self.resume_ckpt / "model")
+            self._refuse_if_cannot_fit(ckpt_io.read_json(self.resume_ckpt / "model", "config.json"),
+                                       self.resume_ckpt / "model" / "config.json")
             self.model = AutoModelForCausalLM.from_pretrained(self.resume_ckpt / "model", use_safetensors=True,
                                                               dtype=torch.float32)
             self.tokenizer = load_tokenizer(self.resume_ckpt / "tokenizer")

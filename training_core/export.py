@@ -49,10 +49,7 @@ def _resolve(source: Path, warnings: list[str] | None = None) -> Path:
         if good is not None:   # a damaged newest one gives way to the one before it, with a word
             ckpt = good
             if skipped and warnings is not None:
-                (newest, trouble), more = skipped[0], len(skipped) - 1
-                also = f" (and {more} more after {ckpt.name})" if more else ""
-                warnings.append(f"the newest checkpoint {newest.name} is damaged ({trouble}){also}; exported "
-                                f"{ckpt.name} (step {checkpoint_step(ckpt)}) instead")
+                warnings.append(passed_over(skipped, ckpt, "exported"))
     trouble = problem(ckpt)
     if trouble:
         raise CheckpointError(ckpt, f"is damaged ({trouble}); export an earlier checkpoint of the run")
@@ -206,6 +203,8 @@ def _merged_model(ckpt: Path, spec: JobSpec, kind: str):
     hf_logging.disable_progress_bar()   # a "Loading weights" bar on every export says nothing to its user
 
     if kind == "full":
+        from .models.loading import check_loadable
+        check_loadable(ckpt / "model")
         try:
             model = AutoModelForCausalLM.from_pretrained(str(ckpt / "model"), use_safetensors=True,
                                                          trust_remote_code=spec.trust_remote_code)
@@ -231,6 +230,15 @@ def _merged_model(ckpt: Path, spec: JobSpec, kind: str):
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(adapter, f"does not fit the base model ({str(exc).strip().splitlines()[0]})") from None
     return peft_model.merge_and_unload(), loaded.model_dir
+
+
+def passed_over(skipped: list, used: Path, did: str) -> str:
+    """The word that damaged newest checkpoints (`skipped`, newest first: (folder, trouble)) gave way to `used`:
+    else an older model's output passes for the newest one's. `did`: what was done with `used`."""
+    (newest, trouble), more = skipped[0], len(skipped) - 1
+    also = f" (and {more} more after {used.name})" if more else ""
+    return (f"the newest checkpoint {newest.name} is damaged ({trouble}){also}; {did} {used.name} "
+            f"(step {checkpoint_step(used)}) instead")
 
 
 def _tell(info: dict | None, ckpt: Path, warnings: list[str]) -> None:

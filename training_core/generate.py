@@ -51,22 +51,26 @@ class Source:
     ckpt: Path | None = None
     spec: Any = None          # the run's JobSpec
     kind: str = "full"        # full | lora (checkpoints); model (a plain folder)
+    warnings: list[str] = dataclasses.field(default_factory=list)   # e.g. a damaged newest checkpoint passed over
 
 
 # ---- finding and loading the model -------------------------------------------------------
 def resolve(path: Path, trust_remote_code: bool = False) -> Source:
     """What `path` names; `trust_remote_code` is the user's --trust-remote-code (never a job.json's)."""
     from .checkpoint import latest_good, problem, read_manifest
-    from .export import _job
+    from .export import _job, passed_over
     path = Path(path)
+    warnings: list[str] = []
     if not path.is_dir():
         raise CheckpointError(path, "no such run, checkpoint or model folder")
     if (path / "modron_checkpoint.json").is_file():
         ckpt = path
     elif (path / "job.json").is_file() or (path / "checkpoints").is_dir():
-        ckpt, _damaged = latest_good(path)
+        ckpt, skipped = latest_good(path)
         if ckpt is None:
             raise CheckpointError(path, "has no usable checkpoint yet; generate from a finished run")
+        if skipped:
+            warnings.append(passed_over(skipped, ckpt, "generating from"))
     elif (path / "config.json").is_file():
         return Source(path, kind="model")
     else:
@@ -78,7 +82,7 @@ def resolve(path: Path, trust_remote_code: bool = False) -> Source:
     kind = read_manifest(ckpt).get("kind", "full")
     if kind not in ("full", "lora"):
         raise CheckpointError(ckpt, f"has unknown kind {kind!r}")
-    return Source(path, ckpt=ckpt, spec=_job(ckpt, trust_remote_code), kind=kind)
+    return Source(path, ckpt=ckpt, spec=_job(ckpt, trust_remote_code), kind=kind, warnings=warnings)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -90,9 +94,10 @@ def _load_folder(folder: Path, dtype, trust_remote_code: bool):
     """A plain transformers folder (safetensors only): (model, tokenizer)."""
     from transformers import AutoModelForCausalLM
 
-    from .models.loading import check_model_folder
+    from .models.loading import check_loadable, check_model_folder
     from .models.tokenizer import load_tokenizer
     check_model_folder(folder, trust_remote_code)
+    check_loadable(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, dtype=dtype,
                                                      trust_remote_code=trust_remote_code)
@@ -112,6 +117,8 @@ def load_trained(source: Source, dtype, trust_remote_code: bool = False):
     ckpt, spec = source.ckpt, source.spec
     tokenizer = load_tokenizer(ckpt / "tokenizer")
     if source.kind == "full":
+        from .models.loading import check_loadable
+        check_loadable(ckpt / "model")
         try:
             model = AutoModelForCausalLM.from_pretrained(str(ckpt / "model"), use_safetensors=True, dtype=dtype,
                                                          trust_remote_code=spec.trust_remote_code)
@@ -371,6 +378,14 @@ class _Session:
             self.out.write(encode(make_event(type_, **fields)))
             self.out.flush()
 
+    def warn(self, code: str, message: str) -> None:
+        """A `warning` event (--json), else a line on stderr: stdout holds the generated text alone."""
+        if self.json:
+            self.emit("warning", code=code, message=message)
+        else:
+            sys.stderr.write(f"warning: {message}\n")
+            sys.stderr.flush()
+
     def emit_raw(self, event: dict) -> None:   # read_controls' warnings
         from .protocol import encode
         with self._lock:
@@ -433,6 +448,8 @@ def cmd_generate(args) -> int:
 def _generate(args, session: _Session) -> int:
     req = request_from(args)
     source = resolve(Path(args.source), args.trust_remote_code)
+    for warning in source.warnings:
+        session.warn("damaged_checkpoint", warning)
     if args.compare_base and not args.base:
         if source.kind == "model":
             raise UserError(source.path, "is an exported model; name its base model with --base FOLDER to compare")

@@ -27,6 +27,12 @@ QLORA_BYTES = 0.5 * 1.03                 # 4-bit NF4 plus its quantisation const
 ACT_BYTES_PER_TOKEN_HIDDEN = 44
 LORA_DROPOUT_BYTES = 8                   # LoRA dropout's copies and masks: measured ~8 more per s·b·h
 CUDA_ALLOCATOR_SLACK = 256 * 1024 ** 2   # PyTorch's caching allocator reserved 0.3-0.9 GB above its peak there
+MAX_LAYERS = 1000                        # the deepest open models have ~130
+# Model types whose position embeddings are weights (n_positions x hidden); rotary and ALiBi ones have none.
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "biogpt")
+SIZE_FIELDS = ("hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer", "vocab_size", "num_attention_heads",
+               "n_head", "num_key_value_heads", "head_dim", "intermediate_size", "n_inner", "moe_intermediate_size",
+               "n_positions", "max_position_embeddings")
 FUSED_LOSS_ELEMENTS = 4                  # per token x hidden, with Liger's fused loss (see _activation_bytes)
 
 
@@ -291,8 +297,9 @@ def min_params_from_config(config: Any) -> int | None:
     """A lower bound on the parameters of the decoder-only model `config` describes, from its numbers
     alone (no model is built, so an absurd config costs nothing). None when the numbers are missing.
 
-    Per layer at least the query and output projections (2·h²), keys and values (2·h·kv) and a
-    two-matrix MLP (2·h·ffn, times the experts of a mixture-of-experts); plus one embedding matrix."""
+    Per layer at least the query and output projections (2·h·heads·head_dim), keys and values (2·h·kv) and
+    a two-matrix MLP (2·h·ffn, times the experts of a mixture-of-experts, at their own width); plus one
+    embedding matrix, and the position embeddings of the model types that learn them."""
     num = functools.partial(_config_int, config)
     hidden, layers, vocab = num("hidden_size", "n_embd", "d_model"), num("num_hidden_layers", "n_layer"), \
         num("vocab_size")
@@ -301,9 +308,51 @@ def min_params_from_config(config: Any) -> int | None:
     heads = num("num_attention_heads", "n_head") or 1
     head_dim = num("head_dim") or max(1, hidden // heads)
     kv = (num("num_key_value_heads") or heads) * head_dim
-    ffn = num("intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
     experts = num("num_local_experts", "num_experts", "n_routed_experts") or 1
-    return layers * (2 * hidden * hidden + 2 * hidden * kv + 2 * hidden * ffn * experts) + vocab * hidden
+    ffn = (num("moe_intermediate_size") if experts > 1 else None) or num("intermediate_size", "n_inner", "ffn_dim") \
+        or 4 * hidden
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    positions = num("n_positions", "max_position_embeddings") if get("model_type") in LEARNED_POSITIONS else None
+    return (layers * (2 * hidden * heads * head_dim + 2 * hidden * kv + 2 * hidden * ffn * experts)
+            + vocab * hidden + (positions or 0) * hidden)
+
+
+def size_problem(config: Any) -> str | None:
+    """A size in `config` that is not a positive whole number (a model cannot be built from it), or None."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    for name in SIZE_FIELDS:
+        value = get(name)   # (lists, as some models give per-layer sizes, are left to transformers)
+        if isinstance(value, (bool, str, float)) or (isinstance(value, int) and value <= 0):
+            return f"has {name} {str(value)[:40]}; sizes must be positive whole numbers"
+    layers = _config_int(config, "num_hidden_layers", "n_layer")
+    if layers and layers > MAX_LAYERS:
+        # Building each layer is Python work: a million thin layers fit in memory yet take hours to build.
+        return f"has {layers:,} layers; Modron builds models of at most {MAX_LAYERS:,}"
+    return None
+
+
+def weights_problem(config: Any, bytes_per_param: float) -> str | None:
+    """Why the weights `config` describes cannot even be loaded into this computer's memory (RAM and swap)
+    at `bytes_per_param`, or None. For folders whose config was not checked by a run's pre-flight: a
+    checkpoint to resume, generate from or export, which may have come from anyone."""
+    problem = size_problem(config)
+    if problem:
+        return problem
+    params = min_params_from_config(config)
+    if params is None:
+        return None
+    limit, where_memory = memory_limit()
+    need = int(params * bytes_per_param)
+    if need <= limit:
+        return None
+    need_text = format_bytes(need) if need < 1000 * 1024 ** 5 else f"{_count(need)} bytes"
+    return (f"describes a model of at least {_count(params)} parameters, whose weights alone need at least "
+            f"{need_text}, more than all of {where_memory} ({format_bytes(limit)})")
+
+
+def _count(n: int) -> str:
+    """A parameter or byte count in words, however big (a float conversion overflows past ~1e308)."""
+    return f"{n:,.3g}" if n < 10 ** 15 else f"about 10^{len(str(n)) - 1}"
 
 
 def min_training_bytes(params: int, method: str, precision: str) -> int:
@@ -331,6 +380,9 @@ def cannot_fit(config: Any, *, method: str, precision: str, limit: int, where_me
                gpu: bool = False) -> str | None:
     """Why a model cannot train here at all (its weights alone exceed `limit`, all the memory there is),
     in plain words with what to change; None when it might fit (the full estimate decides then)."""
+    problem = size_problem(config)
+    if problem:
+        return problem
     params = min_params_from_config(config)
     if params is None:
         return None
@@ -340,8 +392,8 @@ def cannot_fit(config: Any, *, method: str, precision: str, limit: int, where_me
     get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k, None))
     shape = ", ".join(f"{k} {get(k):,}" for k in ("hidden_size", "intermediate_size", "num_hidden_layers")
                       if isinstance(get(k), int))
-    need_text = format_bytes(need) if need < 1000 * 1024 ** 5 else f"{need:.2g} bytes"
-    text = (f"a model of at least {params:,.3g} parameters ({shape}) needs at least {need_text} "
+    need_text = format_bytes(need) if need < 1000 * 1024 ** 5 else f"{_count(need)} bytes"
+    text = (f"a model of at least {_count(params)} parameters ({shape}) needs at least {need_text} "
             f"for {method} training, more than all of {where_memory} ({format_bytes(limit)})")
     lighter = [m for m in {"full": ["lora", "qlora"], "lora": ["qlora"]}.get(method, [])
                if (m != "qlora" or gpu) and min_training_bytes(params, m, "bf16") <= limit]

@@ -75,6 +75,24 @@ def _load_scratch(spec: JobSpec, texts: Callable[[], Iterable[str]] | None, dtyp
     return LoadedModel(model, tokenizer, "scratch", None, is_scratch=True, preset=name)
 
 
+def check_loadable(folder: Path) -> None:
+    """Before from_pretrained of a saved model (a checkpoint's `model/`, an exported folder), which loads its
+    weights into RAM at 16 or 32 bit: refuse in one line sizes that are no sizes, or that no memory here
+    holds. The folder may have come from anyone; an absurd config.json would otherwise be built (and its
+    missing weights initialised) for minutes before failing."""
+    from .. import preflight
+    cfg_path = folder / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(cfg_path, f"cannot be read ({_first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise ModelError(cfg_path, "is not a JSON object")
+    problem = preflight.weights_problem(config, bytes_per_param=2)
+    if problem:
+        raise ModelError(cfg_path, problem)
+
+
 def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
     """Refuse folders we cannot or will not load, with one plain line each. Returns config.json."""
     if not folder.exists():
@@ -127,6 +145,10 @@ def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
         raise ModelError(folder, "has no tokenizer files (tokenizer.json or tokenizer.model)")
 
     from transformers import CONFIG_MAPPING
+    from ..preflight import size_problem
+    problem = size_problem(config)
+    if problem:
+        raise ModelError(cfg_path, problem)
     model_type = config.get("model_type")
     if not isinstance(model_type, (str, type(None))):
         raise ModelError(cfg_path, f"has a model_type that is not a name ({type(model_type).__name__})")

@@ -1,9 +1,11 @@
-"""A run folder or checkpoint may come from anyone: its job.json never turns `trust_remote_code` on.
+"""A run folder or checkpoint may come from anyone. Its job.json never turns `trust_remote_code` on:
 `generate`, `export --merged` and `resume` run a model's own code only when the user says so on the command
-line (the app says so for the jobs the user started with it on)."""
+line (the app says so for the jobs the user started with it on). Its model's config.json is checked before
+anything is built from it."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -52,3 +54,16 @@ def test_resume_asks_the_user_again(hostile_run, capsys):
     assert len(err) == 1 and str(run / "job.json") in err[0] and "--trust-remote-code" in err[0], err
     cli.main(["resume", str(run), "--trust-remote-code"])       # goes on (to fail later: no data here)
     assert "trust_remote_code" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change", [{"num_hidden_layers": 10 ** 6}, {"hidden_size": -64}, {"hidden_size": 10 ** 400}])
+def test_an_absurd_checkpoint_config_is_one_line_before_anything_is_built(tmp_path, capsys, change):
+    run = full_run(tmp_path / "run")
+    config_file = run / "checkpoints" / "ckpt-00000012" / "model" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
+    for args in (["generate", str(run), "--prompt", "hi", "--max-new-tokens", "2"],
+                 ["export", str(run), "--merged", str(tmp_path / "merged")]):
+        start = time.monotonic()
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(config_file) in err[0] and time.monotonic() - start < 10, err
