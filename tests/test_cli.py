@@ -135,3 +135,79 @@ def test_resume_of_a_finished_run_is_harmless_and_finetune_refuses_to_overwrite(
     assert again.returncode == 0, again.stderr
     assert [decode_event(l) for l in again.stdout.splitlines()][-1]["type"] == "finished"
     assert_one_line_error(cli("resume", tmp_path / "not-a-run"), "not-a-run")
+
+
+# ---- a --spec file and the command line ---------------------------------------------------------
+def _spec_file(path, **fields):
+    path.write_text(json.dumps({"model": "scratch:tiny", "data": ["d.txt"], "steps": 3, **fields}), encoding="utf-8")
+    return path
+
+
+def _job_spec(*argv):
+    from training_core import cli as cli_mod
+    return cli_mod.job_spec(cli_mod.build_parser().parse_args([str(a) for a in argv]))
+
+
+def test_a_spec_file_without_out_plans_and_takes_out_from_the_command_line(tmp_path, capsys):
+    """`out` may come from --out (finetune) or be left out (plan: here); only a job with none at all is refused,
+    in one line naming the file; and plan's default never overrides the file's own `out`."""
+    from training_core import cli as cli_mod
+    good = _spec_file(tmp_path / "good.json")
+    assert _job_spec("plan", "--spec", good).out == "."
+    assert _job_spec("finetune", "--spec", good, "--out", tmp_path / "x").out == str(tmp_path / "x")
+    assert _job_spec("plan", "--spec", _spec_file(tmp_path / "o.json", out="there")).out == "there"
+    assert _job_spec("plan", "--spec", _spec_file(tmp_path / "o2.json", out="there"), "--out", "here").out == "here"
+    assert cli_mod.main(["finetune", "--spec", str(good)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(good) in err[0] and "out" in err[0] and "--out" in err[0], err
+    # A type error in the file is still one line naming the file, whatever the command line adds.
+    bad = _spec_file(tmp_path / "bad.json", seq_len="long")
+    assert cli_mod.main(["finetune", "--spec", str(bad), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}: seq_len must be a whole number" in err[0], err
+    listed = tmp_path / "list.json"
+    listed.write_text("[1]", encoding="utf-8")
+    assert cli_mod.main(["plan", "--spec", str(listed)]) == 2
+    assert f"{listed}: is not a JSON object" in capsys.readouterr().err
+
+
+def test_plan_of_a_spec_file_without_out_runs(tmp_path):
+    data = tmp_path / "d.txt"
+    write_text_dataset(data)
+    spec = _spec_file(tmp_path / "good.json", data=[str(data)], tokenizer="bytes")
+    proc = cli("plan", "--spec", spec, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["steps"] == 3
+
+
+def test_a_bad_value_in_a_spec_file_names_the_file_and_its_field(tmp_path, capsys):
+    """The file's value is named by the file and field; the same value typed on the command line by its flag."""
+    from training_core import cli as cli_mod
+    neg = _spec_file(tmp_path / "c_neg.json", steps=-5)
+    for argv, said in ((["--spec", neg], f"{neg}: steps must be at least 1"),
+                       (["--spec", neg, "--steps", "-1"], "--steps: must be at least 1"),
+                       (["--spec", _spec_file(tmp_path / "b.json", epochs=2)], "b.json: steps: give steps or epochs"),
+                       (["--spec", _spec_file(tmp_path / "m.json", method="lora")], "m.json: method: a from-scratch")):
+        assert cli_mod.main(["plan", *map(str, argv)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], (said, err)
+    assert _job_spec("plan", "--spec", neg, "--steps", 2).steps == 2   # the command line's value wins
+
+
+def test_the_runs_preflight_line_says_wont_fit_and_the_disk(tmp_path):
+    """README: the pre-flight shows "won't fit" (not "wont fit") and the disk the checkpoints need."""
+    import io
+
+    from training_core.textout import TextProgress
+    stream = io.StringIO()
+    ev = {"type": "preflight", "memory": {"total": 3 * 1024 ** 3}, "verdict": "wont_fit", "advice": [],
+          "disk": {"needed": 2 * 1024 ** 3, "free": 1024 ** 3, "verdict": "wont_fit"},
+          "licence": {"klass": "permissive", "name": None, "summary": "fine"}}
+    TextProgress(stream)(ev)
+    text = stream.getvalue()
+    assert "memory 3.0 GB estimated, won't fit" in text, text
+    disk = next(line for line in text.splitlines() if line.startswith("Disk: "))
+    assert "for checkpoints" in disk and "free" in disk and disk.endswith(": won't fit"), disk
+    stream = io.StringIO()
+    TextProgress(stream)({**ev, "verdict": "fits", "disk": {**ev["disk"], "free": 4 * 1024 ** 3, "verdict": "fits"}})
+    assert "estimated, fits" in stream.getvalue() and "won't" not in stream.getvalue()

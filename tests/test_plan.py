@@ -61,7 +61,7 @@ def test_plan_says_what_becomes_of_the_speed_options_here(tmp_path):
     assert compile_note.startswith("Compile: tried on a tiny function first")          # the CPU can compile
     assert fused_note.startswith("Fused kernels (Liger): not used here") and "NVIDIA" in fused_note
     assert fused_note in format_plan(plan)
-    assert plan["memory"] == plan_job(JobSpec(**base))["memory"]    # unfused here: the same estimate
+    assert plan["memory"]["total"] == plan_job(JobSpec(**base))["memory"]["total"]   # unfused here: the same
 
 
 def test_check_counts_no_logits_where_the_fused_loss_will_run(tmp_path, monkeypatch):
@@ -93,3 +93,37 @@ def test_plan_counts_the_lora_parameters_the_run_trains(tmp_path, targets):
     model = apply_method(load_base(spec).model, spec, "lora", False)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert plan_job(spec)["params_trainable"] == trained
+
+
+@pytest.mark.parametrize("model", ["./nonexistent_folder", "../gone/model", "~/no-such-model-here",
+                                   "models\\llama", "a/b/c", "C:\\models\\x"])
+def test_plan_takes_a_path_like_model_for_a_folder_not_a_hub_id(tmp_path, monkeypatch, model):
+    """As finetune does: "no such model folder", never the hub's complaint about a repo id (and no download)."""
+    import huggingface_hub
+
+    from training_core.errors import ModelError
+    from training_core.plan import looks_like_path
+
+    def no_download(*a, **k):
+        raise AssertionError("a path-like --model must not go to the hub")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    monkeypatch.chdir(tmp_path)
+    assert looks_like_path(model)
+    with pytest.raises(ModelError, match="no such model folder"):
+        plan_job(JobSpec(model=model, data=["d.txt"], out=str(tmp_path)))
+
+
+def test_plan_still_takes_org_name_for_a_hub_id():
+    from training_core.plan import looks_like_path
+    assert not looks_like_path("HuggingFaceTB/SmolLM2-135M")
+
+
+def test_the_plans_text_says_wont_fit_as_the_readme_does():
+    plan = {"model": "m", "params_total": 10, "params_trainable": 10, "method": "full", "precision": "fp32",
+            "gpu": None, "device": "cpu", "dataset": {"records": 1}, "tokens_exact": True, "tokens": 5, "steps": 1,
+            "memory": {"total": 2 * 1024 ** 3, "available": 1024 ** 3}, "verdict": "wont_fit", "advice": [],
+            "disk": {"needed": 2048, "free": 1024, "verdict": "wont_fit"}, "eta_s": 1, "eta_note": "rough",
+            "licence": {"klass": "permissive", "summary": "fine"}}
+    text = format_plan(plan)
+    assert "free: won't fit" in text and "wont fit" not in text, text
+    assert "Disk: 2.0 KB for checkpoints and the export (1.0 KB free): won't fit" in text, text

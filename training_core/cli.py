@@ -45,15 +45,55 @@ def job_spec(args):
     """The JobSpec of a `finetune`/`plan` command line: the --spec file's fields (if any), then each option
     given; JobSpec's own defaults for the rest (options left out are absent from `args`)."""
     from .config import CLI_ONLY, JOB, JobSpec, flag, options
-    values = JobSpec.load(args.spec).to_dict() if getattr(args, "spec", None) else {}
+    from .errors import ConfigError
+    spec_file = getattr(args, "spec", None)
+    # The file's own fields, not yet a JobSpec: a field it lacks (e.g. `out`) may come from the command line,
+    # so the required-field check waits until both are merged.
+    from_file = _read_spec_file(spec_file) if spec_file else {}
+    values = dict(from_file)
     given = {f.name: getattr(args, f.name) for f in options(JOB, CLI_ONLY) if hasattr(args, f.name)}
     if given.keys() & {"steps", "epochs"}:   # a length on the command line replaces the file's
         values.pop("steps", None), values.pop("epochs", None)
     values.update(given)
-    for name in ("model", "data", "out"):
-        if name not in values:
-            raise UserError(flag(name), "is required (or give --spec FILE, a job spec in JSON)")
-    return JobSpec.from_dict(values, where=args.spec or "the command line")
+    for name, value in getattr(args, "spec_fallbacks", {}).items():   # plan's --out: "." unless given
+        values.setdefault(name, value)
+    missing = [name for name in ("model", "data", "out") if name not in values]
+    if missing and spec_file:
+        raise ConfigError(spec_file, f"missing field(s) {', '.join(missing)} (add them to the file or give "
+                                     f"{', '.join(flag(m) for m in missing)})")
+    if missing:
+        raise UserError(flag(missing[0]), "is required (or give --spec FILE, a job spec in JSON)")
+    try:
+        return JobSpec.from_dict(values, where=spec_file or "the command line")
+    except ConfigError as err:
+        # validate() names the flag; a value that came from the file names the file and its field instead.
+        names = {flag(f.name): f.name for f in options(JOB, CLI_ONLY)}
+        name = names.get(err.where or "")
+        if not spec_file or name not in from_file or name in given:
+            raise
+        problem = err.problem
+        for other in from_file.keys() - given.keys():   # "give --steps or --epochs" -> the file's words
+            problem = problem.replace(flag(other), other)
+        sep = " " if problem.startswith("must") else ": "
+        raise ConfigError(spec_file, f"{name}{sep}{problem}") from None
+
+
+def _read_spec_file(path: str) -> dict:
+    """A --spec file's JSON object, or one line naming the file."""
+    import json
+
+    from .errors import ConfigError
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "is a folder, not a job spec file") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, f"is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, "is not a JSON object")
+    return data
 
 
 def cmd_finetune(args) -> int:
@@ -251,7 +291,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="check a job before training: memory, disk, time, licence, data")
     add_job_args(pl, out_help="where the run would go (for the free disk space; default: here)")
-    pl.set_defaults(out=".")
+    pl.set_defaults(spec_fallbacks={"out": "."})   # not out=".": that would override the --spec file's out
     add_json(pl)
     pl.set_defaults(func=cmd_plan)
 

@@ -36,7 +36,7 @@ def _model_config(spec: JobSpec) -> tuple[Any, Path | None, Any]:
         tok, config = scratch_tokenizer_and_config(spec, lambda: iter_texts(spec.data))
         return config, None, None if spec.tokenizer == "bytes" else tok   # bytes: counted as characters
     folder = Path(spec.model).expanduser()
-    if folder.exists() or "/" not in spec.model or spec.model.count("/") > 1:
+    if folder.exists() or "/" not in spec.model or looks_like_path(spec.model):
         from .models.loading import check_model_folder
         check_model_folder(folder, spec.trust_remote_code)
     else:  # a hub id: fetch only the small files
@@ -50,6 +50,14 @@ def _model_config(spec: JobSpec) -> tuple[Any, Path | None, Any]:
     except Exception as exc:
         raise ModelError(folder, f"has a config transformers cannot read: {str(exc).splitlines()[0]}") from None
     return config, folder, load_tokenizer(folder)
+
+
+def looks_like_path(model: str) -> bool:
+    """Whether --model is meant as a folder even though none is there: "./x", "../x", "/x", "~/x", a
+    backslash or a drive (Windows), or more than one "/" (a hub id is exactly "org/name"). Such a name
+    gets "no such model folder", not a hub download's complaint about the id."""
+    return (model.startswith(("./", "../", "/", "~")) or "\\" in model or model.count("/") > 1
+            or model[1:2] == ":")
 
 
 def _peak_flops(gpu: hardware.GpuInfo | None, logical_cores: int) -> float:
@@ -144,6 +152,7 @@ def _speed_notes(spec: JobSpec, config: Any, device: str) -> list[str]:
 
 
 def format_plan(plan: dict[str, Any]) -> str:
+    from .textout import disk_line, verdict_words
     fb, fd = preflight.format_bytes, preflight.format_duration
     mem, lic = plan["memory"], plan["licence"]
     lines = [
@@ -153,9 +162,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{plan['steps']:,} steps",
         f"Memory: {fb(mem['total'])} estimated"
         + (f" of {fb(mem['available'])} free" if mem.get("available") else "")
-        + f": {plan['verdict'].replace('_', ' ')}",
+        + f": {verdict_words(plan['verdict'])}",
         *[f"  - {a}" for a in plan["advice"]],
-        f"Disk: {fb(plan['disk']['needed'])} for checkpoints and the export ({fb(plan['disk']['free'])} free)",
+        disk_line(plan["disk"]),
         f"Time: about {fd(plan['eta_s'])} ({plan['eta_note']})",
         f"Licence: {lic['klass']}" + (f" ({lic['name']})" if lic.get("name") else "") + f": {lic['summary']}",
     ]

@@ -59,8 +59,10 @@ class TextProgress:
         elif t == "preflight":
             from .preflight import format_bytes
             mem = ev["memory"]
-            self._say(f"Pre-flight: memory {format_bytes(mem['total'])} estimated, {ev['verdict'].replace('_', ' ')}"
+            self._say(f"Pre-flight: memory {format_bytes(mem['total'])} estimated, {verdict_words(ev['verdict'])}"
                       + ("; " + "; ".join(ev["advice"]) if ev["advice"] else ""))
+            if ev.get("disk"):
+                self._say(disk_line(ev["disk"]))
             lic = ev["licence"]
             self._say(f"Licence: {lic['klass']}" + (f" ({lic['name']})" if lic.get("name") else "")
                       + f": {lic['summary']}")
@@ -90,6 +92,19 @@ class TextProgress:
     def _say(self, text: str) -> None:
         self.stream.write(text + "\n")
         self.stream.flush()
+
+
+def verdict_words(verdict: str) -> str:
+    """A memory or disk verdict as the README words it: `wont_fit` -> "won't fit"."""
+    return {"wont_fit": "won't fit"}.get(verdict, verdict.replace("_", " "))
+
+
+def disk_line(disk: dict) -> str:
+    """The disk a run needs, one line for the run's pre-flight and `plan` alike."""
+    from .preflight import format_bytes
+    verdict = "" if disk.get("verdict") == "fits" else f": {verdict_words(disk['verdict'])}"
+    return (f"Disk: {format_bytes(disk['needed'])} for checkpoints and the export "
+            f"({format_bytes(disk['free'])} free){verdict}")
 
 
 def _num(value, fmt: str) -> str:
