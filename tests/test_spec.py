@@ -195,3 +195,44 @@ def test_a_job_file_with_a_wrong_type_is_one_line_naming_the_file_and_field(tmp_
     assert code == 2 and event["type"] == "failed" and event["code"] == "bad_config", out
     assert str(path) in event["message"] and words in event["message"], event
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("batch_size", 10 ** 12, "--batch-size: must be at most 1,048,576"),
+    ("steps", 10 ** 30, "--steps: must be at most"),
+    ("epochs", 1e9, "--epochs: must be more than 0 and at most"),
+    ("max_grad_norm", -1.0, "--max-grad-norm: must be a finite number more than 0"),
+    ("weight_decay", -1.0, "--weight-decay: must be at least 0"),
+    ("weight_decay", float("nan"), "--weight-decay: must be a finite number"),
+    ("checkpoint_minutes", -1.0, "--checkpoint-minutes: must be a finite number more than 0"),
+    ("threads", 10 ** 6, "--threads: must be at most 1,024"),
+    ("lr", 5.0, "--lr: must be more than 0 and at most 1"),
+    ("lora_dropout", 1.0, "--lora-dropout: must be at least 0 and below 1"),
+])
+def test_numbers_far_past_any_real_job_are_one_line(field, value, words):
+    """A typo or a spec file from anywhere: refused before any estimate (a batch of 10^12 made plan's
+    advice list every smaller micro-batch: a MemoryError)."""
+    with pytest.raises(config.ConfigError) as err:
+        config.JobSpec(model="scratch:tiny", data=["x.txt"], out="o", **{field: value})
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_advice_for_the_largest_batch_comes_at_once():
+    import time
+
+    from training_core.preflight import estimate_memory
+    start = time.monotonic()
+    e = estimate_memory(params_total=10 ** 6, params_trainable=10 ** 6, num_layers=4, hidden_size=128, num_heads=4,
+                        vocab_size=4096, seq_len=256, micro_batch=1 << 20, precision="fp32", method="full",
+                        gradient_checkpointing=False, available=8 * 1024 ** 3, device="cpu")
+    assert time.monotonic() - start < 5
+    assert any(a.startswith("Lower the micro-batch size to 191 ") for a in e.advice), e.advice
+
+
+def test_a_from_scratch_job_is_never_advised_to_train_adapters():
+    from training_core.preflight import figures
+    spec = JobSpec(model="scratch:tiny", data=["x.txt"], out="o", seq_len=20000, batch_size=1)
+    config = {"num_hidden_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "vocab_size": 4096}
+    advice = figures(spec, config, params_total=10 ** 6, method="full", precision="fp32", device="cuda:0",
+                     available=1024 ** 3)["advice"]
+    assert advice and not any("LoRA" in a for a in advice), advice

@@ -32,9 +32,12 @@ JOB, CLI_ONLY, INTERNAL = "job", "cli", "internal"
 
 
 def opt(default: Any = dataclasses.MISSING, *, help: str, label: str, choices: tuple | None = None,
-        scope: str = JOB, factory: Any = dataclasses.MISSING, minimum: float | None = None) -> Any:
-    """A JobSpec field with what the CLI and the form show for it."""
-    meta = {"help": help, "label": label, "choices": choices, "scope": scope, "minimum": minimum}
+        scope: str = JOB, factory: Any = dataclasses.MISSING, minimum: float | None = None,
+        maximum: float | None = None) -> Any:
+    """A JobSpec field with what the CLI and the form show for it. `maximum`: far above any real job, so that
+    a typo (or a spec file from anywhere) is one line here, not hours of estimating or a MemoryError."""
+    meta = {"help": help, "label": label, "choices": choices, "scope": scope, "minimum": minimum,
+            "maximum": maximum}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -53,24 +56,24 @@ class JobSpec:
     method: str | None = opt(None, choices=METHODS, label="Method",
                              help="lora: small adapters; full: every weight; qlora: LoRA on a 4-bit base "
                                   "(NVIDIA GPU). Default: lora for a pretrained model, full from scratch")
-    steps: int | None = opt(None, minimum=1, label="Steps", help="optimizer steps (default: from --epochs)")
+    steps: int | None = opt(None, minimum=1, maximum=10 ** 9, label="Steps", help="optimizer steps (default: from --epochs)")
     epochs: float | None = opt(None, label="Epochs", help="passes over the data (default: 1 when --steps is not given)")
-    batch_size: int = opt(8, minimum=1, label="Batch size", help="sequences per optimizer step (effective batch)")
-    micro_batch_size: int | None = opt(None, minimum=1, label="Micro-batch",
+    batch_size: int = opt(8, minimum=1, maximum=1 << 20, label="Batch size", help="sequences per optimizer step (effective batch)")
+    micro_batch_size: int | None = opt(None, minimum=1, maximum=1 << 20, label="Micro-batch",
                                        help="sequences per forward pass (default: the batch size); smaller "
                                             "uses less memory through gradient accumulation")
-    seq_len: int = opt(256, minimum=1, label="Sequence length", help="tokens per training sequence")
+    seq_len: int = opt(256, minimum=1, maximum=1 << 20, label="Sequence length", help="tokens per training sequence")
     lr: float | None = opt(None, label="Learning rate", help="peak learning rate (default: 3e-4 full, 2e-4 LoRA)")
-    warmup_steps: int | None = opt(None, minimum=0, label="Warm-up steps",
+    warmup_steps: int | None = opt(None, minimum=0, maximum=10 ** 9, label="Warm-up steps",
                                    help="steps of rising learning rate (default: 5 % of the steps, at most 100)")
-    weight_decay: float = opt(0.0, label="Weight decay", help="AdamW weight decay")
+    weight_decay: float = opt(0.0, minimum=0, maximum=10, label="Weight decay", help="AdamW weight decay")
     max_grad_norm: float = opt(1.0, label="Gradient clipping", help="clip the gradient norm to this")
-    checkpoint_every: int | None = opt(None, minimum=1, label="Checkpoint every",
+    checkpoint_every: int | None = opt(None, minimum=1, maximum=10 ** 9, label="Checkpoint every",
                                        help="steps between checkpoints (default: by time, --checkpoint-minutes)")
     checkpoint_minutes: float = opt(10.0, label="Checkpoint minutes", scope=CLI_ONLY,   # the app: from Settings
                                     help="minutes between checkpoints when --checkpoint-every is not given")
-    keep_checkpoints: int = opt(3, minimum=1, label="Checkpoints kept", help="how many checkpoints to keep")
-    eval_every: int | None = opt(None, minimum=1, label="Evaluate every",
+    keep_checkpoints: int = opt(3, minimum=1, maximum=1000, label="Checkpoints kept", help="how many checkpoints to keep")
+    eval_every: int | None = opt(None, minimum=1, maximum=10 ** 9, label="Evaluate every",
                                  help="steps between evaluations (default: at each checkpoint and at the end)")
     eval_fraction: float = opt(0.02, label="Held-back data", help="share of the data held back for evaluation")
     seed: int = opt(0, label="Seed", help="random seed (data order, initial weights)")
@@ -90,8 +93,8 @@ class JobSpec:
                                    "never holds the whole batch's logits): less GPU memory and faster steps on an "
                                    "NVIDIA GPU of 2017 or newer with the liger-kernel package; checked on a one-layer "
                                    "copy first; elsewhere the run trains without them, with a warning")
-    lora_r: int = opt(16, minimum=1, label="LoRA rank", help="rank of the LoRA adapters")
-    lora_alpha: int = opt(32, minimum=1, label="LoRA alpha", help="LoRA scaling (alpha / rank)")
+    lora_r: int = opt(16, minimum=1, maximum=4096, label="LoRA rank", help="rank of the LoRA adapters")
+    lora_alpha: int = opt(32, minimum=1, maximum=1 << 16, label="LoRA alpha", help="LoRA scaling (alpha / rank)")
     lora_dropout: float = opt(0.05, label="LoRA dropout", help="dropout on the LoRA adapters' input")
     lora_targets: str | list[str] = opt("all-linear", label="LoRA targets",
                                         help="all-linear, or the names of the layers to adapt")
@@ -101,9 +104,9 @@ class JobSpec:
                          help="for scratch models: auto | train | bytes | a tokenizer folder or file")
     sample_prompts: list[str] = opt(factory=lambda: list(DEFAULT_SAMPLE_PROMPTS), label="Sample prompts",
                                     help="prompts the model continues at each evaluation")
-    sample_max_tokens: int = opt(40, minimum=1, label="Sample length", help="tokens per sample")
+    sample_max_tokens: int = opt(40, minimum=1, maximum=4096, label="Sample length", help="tokens per sample")
     device: str = opt("auto", label="Device", help="auto | cpu | cuda | cuda:N")
-    threads: int | None = opt(None, minimum=1, label="CPU threads",
+    threads: int | None = opt(None, minimum=1, maximum=1024, label="CPU threads",
                               help="torch CPU threads (default on the CPU: the cores other programs leave free, "
                                    "looked at as it runs)")
     on_divergence: str = opt("stop", choices=ON_DIVERGENCE, label="If training diverges",
@@ -259,16 +262,27 @@ def validate(spec: JobSpec, device: str | None = None) -> None:
         value, meta = getattr(spec, f.name), f.metadata
         if meta.get("choices") and value is not None and value not in meta["choices"]:
             raise ConfigError(flag(f.name), f"unknown choice {value!r}; use one of {', '.join(meta['choices'])}")
+        bounded = meta.get("minimum") is not None or meta.get("maximum") is not None
+        if bounded and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(flag(f.name), f"must be a finite number (got {value})")
         if meta.get("minimum") is not None and value is not None and value < meta["minimum"]:
             raise ConfigError(flag(f.name), f"must be at least {meta['minimum']}")
+        if meta.get("maximum") is not None and value is not None and value > meta["maximum"]:
+            raise ConfigError(flag(f.name), f"must be at most {meta['maximum']:,}")
     if spec.micro_batch_size is not None and spec.micro_batch_size > spec.batch_size:
         raise ConfigError("--micro-batch-size", "must not be more than the batch size")
-    if spec.epochs is not None and spec.epochs <= 0:
-        raise ConfigError("--epochs", "must be more than 0")
+    if spec.epochs is not None and not 0 < spec.epochs <= 100_000:
+        raise ConfigError("--epochs", "must be more than 0 and at most 100,000")
     if spec.steps is not None and spec.epochs is not None:
         raise ConfigError("--steps", "give --steps or --epochs, not both")
-    if spec.lr is not None and not (spec.lr > 0 and math.isfinite(spec.lr)):
-        raise ConfigError("--lr", f"must be a finite number more than 0 (got {spec.lr})")
+    if spec.lr is not None and not (0 < spec.lr <= 1):
+        raise ConfigError("--lr", f"must be more than 0 and at most 1 (got {spec.lr})")
+    if not 0 < spec.max_grad_norm < math.inf:
+        raise ConfigError("--max-grad-norm", f"must be a finite number more than 0 (got {spec.max_grad_norm})")
+    if not 0 < spec.checkpoint_minutes < math.inf:
+        raise ConfigError("--checkpoint-minutes", f"must be a finite number more than 0 (got {spec.checkpoint_minutes})")
+    if not 0 <= spec.lora_dropout < 1:
+        raise ConfigError("--lora-dropout", "must be at least 0 and below 1")
     if not 0 <= spec.eval_fraction < 0.5:
         raise ConfigError("--eval-fraction", "must be between 0 and 0.5")
     if spec.device not in ("auto", "cpu", "cuda") and not (spec.device.startswith("cuda:")

@@ -172,7 +172,8 @@ def lora_params_from_config(config: Any, r: int, targets: str | list[str] = "all
                        vocab_size=num("vocab_size"))
 
 
-def _advice(kw: dict[str, Any], total: int, available: int, lora_trainable: int | None = None) -> list[str]:
+def _advice(kw: dict[str, Any], total: int, available: int, lora_trainable: int | None = None,
+            can_adapt: bool = True) -> list[str]:
     """What to change, each with the memory it would need; the most effective first. `lora_trainable`:
     the model's LoRA parameters (default: `lora_params` of a block of its width, r=16).
 
@@ -185,11 +186,19 @@ def _advice(kw: dict[str, Any], total: int, available: int, lora_trainable: int 
     def total_with(changes: dict[str, Any]) -> int:
         return _totals(**{**kw, **changes})["total"]
 
-    def largest_fitting(name: str, base: dict[str, Any], values: list[int]) -> int:
-        # The first (largest) value that fits with `base`, else the smallest offered.
-        return next((v for v in values if total_with({**base, name: v}) <= fits), values[-1])
+    def largest_fitting(name: str, base: dict[str, Any], values) -> int:
+        # The first (largest) value that fits with `base`, else the smallest offered. The estimate falls with
+        # each value, so a binary search: the micro-batches below a large one are many.
+        lo, hi = 0, len(values) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if total_with({**base, name: values[mid]}) <= fits:
+                hi = mid
+            else:
+                lo = mid + 1
+        return values[lo]
 
-    micro_values = list(range(kw["micro_batch"] - 1, 0, -1))
+    micro_values = range(kw["micro_batch"] - 1, 0, -1)
     seq_values = [kw["seq_len"] // 2 ** k for k in range(1, 12) if kw["seq_len"] // 2 ** k >= 128]
     # name -> (how invasive, how to apply it on top of other changes, its words)
     options: dict[str, tuple[int, Any, Any]] = {}
@@ -200,10 +209,10 @@ def _advice(kw: dict[str, Any], total: int, available: int, lora_trainable: int 
         options["micro"] = (1, lambda b: {"micro_batch": largest_fitting("micro_batch", b, micro_values)},
                             lambda c: f"lower the micro-batch size to {c['micro_batch']} (the effective "
                                       f"batch stays the same through gradient accumulation)")
-    if kw["method"] == "full":
+    if kw["method"] == "full" and can_adapt:   # (a from-scratch model has nothing to adapt)
         options["lora"] = (2, lambda b: {"method": "lora", "params_trainable": lora_trainable},
                            lambda c: "train LoRA adapters instead of the full model")
-    if kw["device"].startswith("cuda") and kw["method"] != "qlora":
+    if kw["device"].startswith("cuda") and kw["method"] != "qlora" and can_adapt:
         options["qlora"] = (3, lambda b: {"method": "qlora", "params_trainable": lora_trainable},
                             lambda c: "use QLoRA (the base model loaded in 4 bit)")
     if seq_values:
@@ -242,7 +251,8 @@ def _advice(kw: dict[str, Any], total: int, available: int, lora_trainable: int 
 def estimate_memory(*, params_total: int, params_trainable: int, num_layers: int, hidden_size: int,
                     num_heads: int, vocab_size: int, seq_len: int, micro_batch: int, precision: str,
                     method: str, gradient_checkpointing: bool, available: int | None,
-                    device: str, lora_trainable: int | None = None, fused_loss: bool = False) -> MemoryEstimate:
+                    device: str, lora_trainable: int | None = None, fused_loss: bool = False,
+                    can_adapt: bool = True) -> MemoryEstimate:
     """Peak training memory on `device` (bytes), compared with `available` free bytes there. `fused_loss`:
     the loss is Liger's fused linear cross-entropy (no logits held; JobSpec.fused_kernels)."""
     _check(method, precision)
@@ -257,7 +267,7 @@ def estimate_memory(*, params_total: int, params_trainable: int, num_layers: int
     elif verdict == "fits":
         advice = []
     else:
-        advice = _advice(kw, parts["total"], available, lora_trainable)
+        advice = _advice(kw, parts["total"], available, lora_trainable, can_adapt)
     return MemoryEstimate(**parts, available=available, device=device, verdict=verdict,
                           advice=advice, gradient_checkpointing=gradient_checkpointing)
 
@@ -286,7 +296,7 @@ def figures(spec: Any, config: Any, *, params_total: int, method: str, precision
         num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"), num_heads=get("num_attention_heads"),
         vocab_size=get("vocab_size"), seq_len=spec.seq_len, micro_batch=micro_batch or spec.micro_batch_size
         or spec.batch_size, precision=precision, method=method, available=available, device=device,
-        lora_trainable=lora, fused_loss=fused_loss)
+        lora_trainable=lora, fused_loss=fused_loss, can_adapt=not spec.is_scratch)
     disk = estimate_disk(params_total=params_total, params_trainable=trainable, method=method,
                          keep=spec.keep_checkpoints)
     return {"params_total": params_total, "params_trainable": trainable, "memory": mem, "verdict": mem.verdict,
