@@ -67,3 +67,58 @@ def test_an_absurd_checkpoint_config_is_one_line_before_anything_is_built(tmp_pa
         assert cli.main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(config_file) in err[0] and time.monotonic() - start < 10, err
+
+
+# ---- a tampered checkpoint to resume ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real 2-step run (its last checkpoint has every file a resume reads)."""
+    from helpers import engine_job
+    from training_core.config import JobSpec
+    from training_core.engine import Engine
+    base = tmp_path_factory.mktemp("trained")
+    spec = engine_job(base, steps=2, sample_prompts=[], eval_fraction=0)
+    assert Engine(JobSpec.from_dict(spec), lambda ev: None).run().status == "finished"
+    return base / "run"
+
+
+def _json_edit(path, change):
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(change(data)))
+
+
+TAMPER = {
+    "manifest_version_text": ("modron_checkpoint.json", lambda d: {**d, "version": "9"}),
+    "manifest_list": ("modron_checkpoint.json", lambda d: [d]),
+    "state_list": ("trainer_state.json", lambda d: [d]),
+    "micro_batch_huge": ("trainer_state.json", lambda d: {**d, "micro_batch": 10 ** 9}),
+    "micro_batch_zero": ("trainer_state.json", lambda d: {**d, "micro_batch": 0}),
+    "step_negative": ("trainer_state.json", lambda d: {**d, "step": -1}),
+    "step_huge": ("trainer_state.json", lambda d: {**d, "step": 10 ** 30}),
+    "total_steps_huge": ("trainer_state.json", lambda d: {**d, "total_steps": 10 ** 18}),
+    "tokens_text": ("trainer_state.json", lambda d: {**d, "tokens_seen": "many"}),
+    "scheduler_extra_key": ("trainer_state.json", lambda d: {**d, "scheduler": {**d["scheduler"], "base_lrs": "x"}}),
+    "scheduler_injected": ("trainer_state.json", lambda d: {**d, "scheduler": {**d["scheduler"], "evil": 1}}),
+    "optimizer_key": ("optimizer.json", lambda d: {**d, "state": {"x": {}}}),
+    "optimizer_groups": ("optimizer.json", lambda d: {**d, "param_groups": d["param_groups"] * 2}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPER))
+def test_a_tampered_checkpoint_is_one_line_on_resume(trained, tmp_path, capsys, case):
+    import shutil
+    run = shutil.copytree(trained, tmp_path / "run")
+    ckpt = max((run / "checkpoints").iterdir())
+    name, change = TAMPER[case]
+    _json_edit(ckpt / name, change)
+    job = json.loads((run / "job.json").read_text())
+    (run / "job.json").write_text(json.dumps({**job, "out": str(run), "steps": 4}))
+    code = cli.main(["resume", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    # Refused in one line naming the file, or (the manifest) the checkpoint passed over as damaged.
+    assert code in (0, 2) and not any("internal error" in line or "Traceback" in line for line in err), err
+    if code == 2:   # (the lines before it are the run's progress)
+        assert err[-1].startswith("modron-train: error: ") and str(ckpt) in err[-1], err
+    else:
+        assert name == "modron_checkpoint.json" and any("damaged" in line or ckpt.name in line for line in err), err
+    assert not (run / "checkpoints" / f"ckpt-{10 ** 30}").exists()

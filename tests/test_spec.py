@@ -206,7 +206,7 @@ def test_a_job_file_with_a_wrong_type_is_one_line_naming_the_file_and_field(tmp_
     ("weight_decay", float("nan"), "--weight-decay: must be a finite number"),
     ("checkpoint_minutes", -1.0, "--checkpoint-minutes: must be a finite number more than 0"),
     ("threads", 10 ** 6, "--threads: must be at most 1,024"),
-    ("lr", 5.0, "--lr: must be more than 0 and at most 1"),
+    ("lr", 1e5, "--lr: must be a finite number more than 0 and at most 10,000"),
     ("lora_dropout", 1.0, "--lora-dropout: must be at least 0 and below 1"),
 ])
 def test_numbers_far_past_any_real_job_are_one_line(field, value, words):

@@ -20,6 +20,7 @@ the rest JSON.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -244,11 +245,61 @@ def read_manifest(ckpt: Path) -> dict:
         raise CheckpointError(ckpt, "is not a Modron checkpoint (no modron_checkpoint.json)") from None
     except ValueError as exc:
         raise CheckpointError(path, f"is damaged ({exc})") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(path, "is not a Modron checkpoint")
+    if not isinstance(manifest.get("version", 0), int) or not isinstance(manifest.get("step", 0), int):
+        raise CheckpointError(path, "is damaged (its version and step must be whole numbers)")
     if manifest.get("version", 0) > VERSION:
         raise CheckpointError(path, f"was written by a newer Modron (format {manifest.get('version')})")
     return manifest
+
+
+# trainer_state.json's numbers: each sizes or steers the resumed run, and a run folder may come from anyone.
+STATE_BOUNDS = {"step": (0, 10 ** 9), "total_steps": (1, 10 ** 9), "micro_batch": (1, 1 << 20),
+                "tokens_seen": (0, 10 ** 18), "data_position": (0, 10 ** 18)}
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    """trainer_state.json, checked: whole numbers within STATE_BOUNDS, a finite elapsed time and last loss,
+    the scheduler's and loss scaler's states as objects (the engine matches them to its own). One line
+    naming the file otherwise, never a traceback or a run sized by the file."""
+    path = Path(ckpt) / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(path, f"is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") \
+            from None
+    if not isinstance(state, dict):
+        raise CheckpointError(path, "is damaged (not a JSON object)")
+    for name, (low, high) in STATE_BOUNDS.items():
+        value = state.get(name, low if name in ("tokens_seen", "data_position") else None)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise CheckpointError(path, f"is damaged ({name} must be a whole number from {low:,} to {high:,})")
+    for name in ("elapsed_s", "last_loss"):
+        value = state.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or (name == "elapsed_s" and value < 0)):
+            raise CheckpointError(path, f"is damaged ({name} must be a finite number)")
+    if not isinstance(state.get("scheduler"), dict) or not isinstance(state.get("grad_scaler"), (dict, type(None))):
+        raise CheckpointError(path, "is damaged (no scheduler state)")
+    return state
+
+
+def same_shape(saved: Any, own: Any) -> bool:
+    """Whether `saved` (read from a file) has the shape of `own` (an object's state_dict): the same keys, list
+    lengths and kinds of value, numbers finite. load_state_dict may then copy in only what it gave
+    (the LR scheduler's puts every key of the file into its __dict__)."""
+    if isinstance(own, bool) or own is None or isinstance(own, str):
+        return type(saved) is type(own)
+    if isinstance(own, (int, float)):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+    if isinstance(own, (list, tuple)):
+        return isinstance(saved, list) and len(saved) == len(own) and all(map(same_shape, saved, own))
+    if isinstance(own, dict):
+        # (a key the file lacks keeps its value: a checkpoint from an older torch may know fewer)
+        return isinstance(saved, dict) and saved.keys() <= own.keys() and all(same_shape(saved[k], own[k])
+                                                                              for k in saved)
+    return False
 
 
 def read_json(ckpt: Path, name: str) -> Any:

@@ -275,8 +275,8 @@ def validate(spec: JobSpec, device: str | None = None) -> None:
         raise ConfigError("--epochs", "must be more than 0 and at most 100,000")
     if spec.steps is not None and spec.epochs is not None:
         raise ConfigError("--steps", "give --steps or --epochs, not both")
-    if spec.lr is not None and not (0 < spec.lr <= 1):
-        raise ConfigError("--lr", f"must be more than 0 and at most 1 (got {spec.lr})")
+    if spec.lr is not None and not (0 < spec.lr <= 10_000):   # (tests make runs diverge with 1e3)
+        raise ConfigError("--lr", f"must be a finite number more than 0 and at most 10,000 (got {spec.lr})")
     if not 0 < spec.max_grad_norm < math.inf:
         raise ConfigError("--max-grad-norm", f"must be a finite number more than 0 (got {spec.max_grad_norm})")
     if not 0 < spec.checkpoint_minutes < math.inf:

@@ -27,7 +27,8 @@ from . import checkpoint as ckpt_io
 from . import hardware, preflight
 from .config import JobSpec, validate
 from .controls import Controls, StopRequested
-from .errors import ConfigError, DiskError, DivergedError, WontFitError, exception_line, user_error_from
+from .errors import (CheckpointError, ConfigError, DiskError, DivergedError, WontFitError, exception_line,
+                     user_error_from)
 from .protocol import make_event
 from .strategy import LocalStrategy
 
@@ -221,7 +222,7 @@ class Engine:
                                                 "checkpoints: choose another folder")
         if self.resume and self.resume_ckpt is None:
             self.warn("no_checkpoint", f"{self.run_dir}: no checkpoint yet, starting from the beginning")
-        return ckpt_io.read_json(self.resume_ckpt, "trainer_state.json") if self.resume_ckpt else None
+        return ckpt_io.read_trainer_state(self.resume_ckpt) if self.resume_ckpt else None
 
     def _load_model(self) -> str:
         """Model, tokenizer and licence; returns where the weights came from."""
@@ -381,6 +382,30 @@ class Engine:
             return
         self.compiled = True
 
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """The optimizer, schedule, loss scaler and RNG states of the checkpoint resumed, each checked against
+        this run's own (the files may have come from anyone): one line naming the file when they do not fit."""
+        from safetensors import SafetensorError
+        ckpt = self.resume_ckpt
+        where = ckpt / "trainer_state.json"
+        if not ckpt_io.same_shape(state["scheduler"], self.scheduler.state_dict()):
+            raise CheckpointError(where, "is damaged (its scheduler state does not fit this run)")
+        scaler = state.get("grad_scaler") if self.scaler.is_enabled() else None
+        if scaler and not ckpt_io.same_shape(scaler, self.scaler.state_dict()):
+            raise CheckpointError(where, "is damaged (its loss scaler state does not fit this run)")
+        try:
+            ckpt_io.load_optimizer(self.strategy.checkpoint_optimizer(self), ckpt)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as exc:
+            raise CheckpointError(ckpt / "optimizer.json", f"does not fit this model's optimizer "
+                                                           f"({exception_line(exc)})") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        if scaler:
+            self.scaler.load_state_dict(scaler)
+        try:
+            ckpt_io.load_rng(ckpt)
+        except (OSError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+            raise CheckpointError(ckpt / "rng.safetensors", f"is damaged ({exception_line(exc)})") from None
+
     def _make_optimizer(self, state: dict[str, Any] | None) -> None:
         """Optimizer, schedule and loss scaler from the strategy; their state when resuming."""
         spec = self.spec
@@ -390,11 +415,7 @@ class Engine:
         self.scheduler = self.strategy.make_scheduler(self)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if self.resume_ckpt is not None:
-            ckpt_io.load_optimizer(self.strategy.checkpoint_optimizer(self), self.resume_ckpt)
-            self.scheduler.load_state_dict(state["scheduler"])
-            if state.get("grad_scaler") and self.scaler.is_enabled():
-                self.scaler.load_state_dict(state["grad_scaler"])
-            ckpt_io.load_rng(self.resume_ckpt)
+            self._load_optimizer_state(state)
             self.step = int(state["step"])
             self.tokens_seen = int(state.get("tokens_seen", 0))
             self.elapsed_before = float(state.get("elapsed_s", 0.0))

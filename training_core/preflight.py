@@ -334,6 +334,10 @@ def size_problem(config: Any) -> str | None:
         value = get(name)   # (lists, as some models give per-layer sizes, are left to transformers)
         if isinstance(value, (bool, str, float)) or (isinstance(value, int) and value <= 0):
             return f"has {name} {str(value)[:40]}; sizes must be positive whole numbers"
+    return None
+
+
+def _too_deep(config: Any) -> str | None:
     layers = _config_int(config, "num_hidden_layers", "n_layer")
     if layers and layers > MAX_LAYERS:
         # Building each layer is Python work: a million thin layers fit in memory yet take hours to build.
@@ -350,11 +354,11 @@ def weights_problem(config: Any, bytes_per_param: float) -> str | None:
         return problem
     params = min_params_from_config(config)
     if params is None:
-        return None
+        return _too_deep(config)
     limit, where_memory = memory_limit()
     need = int(params * bytes_per_param)
     if need <= limit:
-        return None
+        return _too_deep(config)
     need_text = format_bytes(need) if need < 1000 * 1024 ** 5 else f"{_count(need)} bytes"
     return (f"describes a model of at least {_count(params)} parameters, whose weights alone need at least "
             f"{need_text}, more than all of {where_memory} ({format_bytes(limit)})")
@@ -395,10 +399,10 @@ def cannot_fit(config: Any, *, method: str, precision: str, limit: int, where_me
         return problem
     params = min_params_from_config(config)
     if params is None:
-        return None
+        return _too_deep(config)
     need = min_training_bytes(params, method, precision)
     if need <= limit:
-        return None
+        return _too_deep(config)
     get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k, None))
     shape = ", ".join(f"{k} {get(k):,}" for k in ("hidden_size", "intermediate_size", "num_hidden_layers")
                       if isinstance(get(k), int))
