@@ -122,3 +122,21 @@ def test_a_tampered_checkpoint_is_one_line_on_resume(trained, tmp_path, capsys, 
     else:
         assert name == "modron_checkpoint.json" and any("damaged" in line or ckpt.name in line for line in err), err
     assert not (run / "checkpoints" / f"ckpt-{10 ** 30}").exists()
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"rope_parameters": {"rope_theta": 1e400, "rope_type": "default"}}, "rope_theta inf; it must be a finite"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps -1.0; it must be a finite number above 0"),
+    ({"rms_norm_eps": "x"}, "has no config GGUF export can read"),
+    ({"rope_parameters": {"rope_theta": "abc", "rope_type": "default"}}, "rope_theta abc"),
+])
+def test_gguf_export_refuses_config_numbers_it_would_write_as_they_are(tmp_path, capsys, change, problem):
+    run = full_run(tmp_path / "run")
+    capsys.readouterr()                           # (saving the model printed its progress)
+    config_file = run / "checkpoints" / "ckpt-00000012" / "model" / "config.json"
+    text = json.dumps({**json.loads(config_file.read_text()), **change}).replace("Infinity", "1e400")
+    config_file.write_text(text)
+    assert cli.main(["export", str(run), "--gguf", str(tmp_path / "out.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0], err
+    assert not (tmp_path / "out.gguf").exists()

@@ -94,9 +94,33 @@ def _model_config(ckpt: Path, spec, kind: str):
     from .export import _base_dir
     where = ckpt / "model" if kind == "full" else (_base_dir(spec) or spec.model)
     try:
-        return AutoConfig.from_pretrained(str(where), trust_remote_code=False), where
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(where, f"has no config GGUF export can read ({str(exc).strip().splitlines()[0]})") from None
+        config = AutoConfig.from_pretrained(str(where), trust_remote_code=False)
+    except Exception as exc:   # transformers' own validation errors too: one line, not its several
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+        first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]   # "Validation error for field 'x':"
+        raise ModelError(where, f"has no config GGUF export can read ({first[:300]})") from None
+    _check_numbers(config, Path(where) / "config.json")
+    return config, where
+
+
+def _check_numbers(config, where: Path) -> None:
+    """The config's numbers that go into the GGUF's metadata as they are: sizes whole and positive, the
+    rotary base, norm epsilon and scaling factor finite and above 0 (a 1e400 theta became inf in the file)."""
+    from .preflight import size_problem
+    problem = size_problem(config.to_dict())
+    if problem:
+        raise ModelError(where, problem)
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.update(getattr(config, "rope_scaling", None) or {})
+    numbers = {"rope_theta": params.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0),
+               "rms_norm_eps": getattr(config, "rms_norm_eps", 1e-6), "rope factor": params.get("factor", 1.0)}
+    for name, value in numbers.items():
+        try:
+            ok = not isinstance(value, bool) and math.isfinite(float(value)) and float(value) > 0
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise ModelError(where, f"has {name} {str(value)[:40]}; it must be a finite number above 0")
 
 
 def _arch(config, where) -> tuple[str, bool]:
