@@ -92,7 +92,10 @@ def test_plan_counts_the_lora_parameters_the_run_trains(tmp_path, targets):
                    method="lora", steps=5, **({"lora_targets": targets} if targets else {}))
     model = apply_method(load_base(spec).model, spec, "lora", False)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert plan_job(spec)["params_trainable"] == trained
+    plan = plan_job(spec)
+    assert plan["params_trainable"] == trained
+    # ...and its parameters are the run's too, the base with its adapters (Check said the base alone).
+    assert plan["params_total"] == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("model", ["./nonexistent_folder", "../gone/model", "~/no-such-model-here",

@@ -122,7 +122,7 @@ def plan_job(spec: JobSpec) -> dict[str, Any]:
     return {
         "speed_notes": _speed_notes(spec, config, device),
         "model": spec.model, "method": method, "precision": precision, "device": device,
-        "gpu": gpu.name if gpu else None, "params_total": params_total, "params_trainable": trainable,
+        "gpu": gpu.name if gpu else None, "params_total": fig["params_total"], "params_trainable": trainable,
         "memory": mem.to_dict(), "verdict": mem.verdict, "advice": mem.advice, "gradient_checkpointing": gc_on,
         "disk": {"needed": disk_need, "free": disk_free, "verdict": "fits" if disk_need < disk_free else "wont_fit"},
         "licence": licence.to_dict(), "tokens": tokens, "tokens_exact": tokens_exact, "steps": steps,

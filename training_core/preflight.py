@@ -299,7 +299,9 @@ def figures(spec: Any, config: Any, *, params_total: int, method: str, precision
         lora_trainable=lora, fused_loss=fused_loss, can_adapt=not spec.is_scratch)
     disk = estimate_disk(params_total=params_total, params_trainable=trainable, method=method,
                          keep=spec.keep_checkpoints)
-    return {"params_total": params_total, "params_trainable": trainable, "memory": mem, "verdict": mem.verdict,
+    # The run's parameters: with LoRA, the base and its adapters (as the run's `started` event counts them).
+    total = params_total + (trainable if method != "full" else 0)
+    return {"params_total": total, "params_trainable": trainable, "memory": mem, "verdict": mem.verdict,
             "advice": mem.advice, "gradient_checkpointing": gc_on, "disk_needed": disk}
 
 

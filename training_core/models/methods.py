@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 
 from ..config import JobSpec
 from ..errors import ModelError
+
+# peft asks transformers' deprecated `is_gradient_checkpointing`: a FutureWarning on every LoRA run and
+# Playground comparison, about code that is not the user's to change.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 QLORA_UNAVAILABLE = "QLoRA needs an NVIDIA GPU and the bitsandbytes package; use --method lora"
 
