@@ -196,3 +196,29 @@ def test_a_stop_pause_or_request_during_a_periodic_checkpoint_does_not_write_it_
                                          if m != "checkpoint"]
     assert all(e["checkpoint"] == writes[0]["path"] for e in told), told
     assert ckpt_io.latest(tmp_path / "run") == Path(writes[0]["path"])
+
+
+def test_a_sequence_longer_than_the_models_positions_is_said_or_refused():
+    """--seq-len past a pretrained model's positions: a warning for rotary ones (they extend, untrained),
+    refused for learned ones (GPT-2 has no embedding past its last position: an index error mid-run)."""
+    from types import SimpleNamespace
+
+    from training_core.config import JobSpec
+    from training_core.engine import Engine
+    from training_core.errors import ConfigError
+    warned = []
+    engine = Engine.__new__(Engine)
+    engine.warn = lambda code, message: warned.append((code, message))
+
+    def check(model_type, positions, seq_len, model="org/name"):
+        engine.spec = JobSpec(model=model, data=["x"], out="o", seq_len=seq_len)
+        engine.model = SimpleNamespace(config=SimpleNamespace(model_type=model_type, max_position_embeddings=positions))
+        engine._check_positions()
+    check("llama", 512, 512)
+    assert warned == []
+    check("llama", 512, 1024)
+    assert warned[0][0] == "seq_len" and "choose at most 512" in warned[0][1]
+    with pytest.raises(ConfigError, match="--seq-len: 2048 is longer than this model's 1024 positions"):
+        check("gpt2", 1024, 2048)
+    check("llama", 128, 4096, model="scratch:tiny")   # a from-scratch model is sized for the run
+    assert len(warned) == 1

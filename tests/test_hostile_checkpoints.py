@@ -140,3 +140,4 @@ def test_gguf_export_refuses_config_numbers_it_would_write_as_they_are(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and problem in err[0], err
     assert not (tmp_path / "out.gguf").exists()
+

@@ -149,6 +149,7 @@ class Engine:
         self._prepare()
         state = self._restore()
         base_source = self._load_model()
+        self._check_positions()
         self._load_data(state)
         gc_on = self._preflight()
         self._place_model(gc_on)
@@ -262,6 +263,20 @@ class Engine:
         else:
             self.licence = read_licence(model_dir, spec.model)
         return base_source
+
+    def _check_positions(self) -> None:
+        """--seq-len past the positions a pretrained model knows: refused where each position is a learned
+        embedding (there is none past the last), else a warning (rotary positions extend, but the model
+        never saw texts that long)."""
+        config, seq_len = self.model.config, self.spec.seq_len
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if self.spec.is_scratch or not isinstance(positions, int) or seq_len <= positions:
+            return
+        if getattr(config, "model_type", None) in preflight.LEARNED_POSITIONS:
+            raise ConfigError("--seq-len", f"{seq_len} is longer than this model's {positions} positions (it has "
+                                           f"one learned embedding per position); choose at most {positions}")
+        self.warn("seq_len", f"--seq-len {seq_len} is longer than the {positions} positions this model was trained "
+                             f"for; it usually trains worse on texts longer than it knows (choose at most {positions})")
 
     def _refuse_if_cannot_fit(self, config: Any, where: Path) -> None:
         """Before any weight is allocated: a model whose weights alone exceed all the memory here is
