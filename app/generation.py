@@ -54,6 +54,7 @@ class Generation(QObject):
         super().__init__(parent)
         self.queue = queue
         self.answer: dict | None = None     # the last generation's answer
+        self.warnings: list[str] = []       # its `warning` events (e.g. a damaged newest checkpoint passed over)
         self._run: EngineRun | None = None
         self._retired: list[EngineRun] = []   # ended runs, deleted when the next one starts (EngineRun.retire)
         self._stopping = False
@@ -97,7 +98,7 @@ class Generation(QObject):
             history_file.write_text(json.dumps(history, ensure_ascii=False), encoding="utf-8")
         while self._retired:
             self._retired.pop().deleteLater()
-        self._stopping, self.answer = False, None
+        self._stopping, self.answer, self.warnings = False, None, []
         run = EngineRun(generate_args(source, prompt_file, history_file=history_file, **settings), folder, parent=self)
         run.event.connect(self._on_event)
         run.exited.connect(self._on_exit)
@@ -135,6 +136,8 @@ class Generation(QObject):
             self.progress.emit(str(ev.get("stream")), ev.get("done"), ev.get("total"))
         elif t == "result":
             self.answer = ev.get("answer") or {}
+        elif t == "warning":
+            self.warnings.append(str(ev.get("message", "")))
 
     def _on_exit(self, code: int, reason: str) -> None:
         run, self._run = self._run, None

@@ -2,6 +2,7 @@
 `modron-train generate` subprocess, Stop, the GPU rule, and base-vs-trained panes."""
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -208,3 +209,39 @@ def test_remote_code_is_passed_only_for_a_job_the_user_started_with_it(view):
     assert not view._trusts_remote_code()
     assert generate_args("run", "p.txt", trust_remote_code=True)[-1] == "--trust-remote-code"
     assert "--trust-remote-code" not in generate_args("run", "p.txt")
+
+
+def test_the_engines_warnings_reach_the_status_line(view, qtbot, runs, tmp_path):
+    """A damaged newest checkpoint: the text comes from the one before it, and the Playground says so."""
+    import shutil
+    run = shutil.copytree(runs["lora"], tmp_path / "lora-copy")
+    newest = run / "checkpoints" / "ckpt-00000013"
+    shutil.copytree(run / "checkpoints" / "ckpt-00000012", newest)
+    manifest = json.loads((newest / "modron_checkpoint.json").read_text())
+    (newest / "modron_checkpoint.json").write_text(json.dumps({**manifest, "step": 13,
+                                                               "files": ["adapter/adapter_model.safetensors"]}))
+    (newest / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage")   # cut short by a crash
+    view.select_folder(str(run))
+    view.prompt.setPlainText("Once")
+    view.max_tokens.setValue(4)
+    assert view.generate(), view.status.text()
+    qtbot.waitUntil(lambda: not view.generating(), timeout=90_000)
+    assert view.status.text().startswith("Done") and "ckpt-00000013 is damaged" in view.status.text(), \
+        view.status.text()
+
+
+def test_the_run_log_says_wont_fit_as_the_readme_does():
+    from app.views.run_view import describe_event
+    line = describe_event({"type": "preflight", "memory": {"total": 10}, "verdict": "wont_fit", "advice": []})
+    assert "won't fit" in line
+
+
+def test_the_choice_stays_when_the_list_of_runs_is_refreshed(view):
+    """Any queue change refreshes the list: the run (or folder) picked stays picked (it jumped to the first)."""
+    pick(view, "scratch story")
+    assert view.source.currentIndex() == 1
+    view.queue.queue_changed.emit()
+    assert view.source.currentText().startswith("scratch story")
+    view.select_folder("/some/folder")
+    view.queue.queue_changed.emit()
+    assert view.source.currentData() == ("folder", "/some/folder")

@@ -141,3 +141,19 @@ def test_gguf_export_refuses_config_numbers_it_would_write_as_they_are(tmp_path,
     assert len(err) == 1 and problem in err[0], err
     assert not (tmp_path / "out.gguf").exists()
 
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda a: _json_edit(a / "adapter_config.json", lambda d: {**d, "r": 10 ** 9}), "has r 1000000000"),
+    (lambda a: (a / "adapter_model.safetensors").write_bytes(b"garbage"), "does not fit the base model"),
+])
+def test_a_hostile_lora_adapter_is_one_line(tmp_path, capsys, damage, problem):
+    from generate_helpers import lora_run
+    run = lora_run(tmp_path / "lora")
+    capsys.readouterr()
+    damage(run / "checkpoints" / "ckpt-00000012" / "adapter")
+    for args in (["generate", str(run), "--prompt", "hi", "--max-new-tokens", "2"],
+                 ["export", str(run), "--merged", str(tmp_path / "merged")]):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and problem in err[0] and "internal error" not in err[0], err

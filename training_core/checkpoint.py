@@ -285,6 +285,22 @@ def read_trainer_state(ckpt: Path) -> dict:
     return state
 
 
+def check_adapter_config(adapter: Path) -> None:
+    """adapter/adapter_config.json before peft builds the adapter from it: a rank or alpha past any real
+    adapter (peft allocates rank x width per layer at once) is one line naming the file."""
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(path, f"cannot be read ({str(exc).splitlines()[0] if str(exc) else 'empty'})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(path, "is damaged (not a JSON object)")
+    for name, high in (("r", 4096), ("lora_alpha", 1 << 16)):
+        value = config.get(name, 8)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= high:
+            raise CheckpointError(path, f"has {name} {str(value)[:40]}; it must be a number above 0 and at most {high:,}")
+
+
 def same_shape(saved: Any, own: Any) -> bool:
     """Whether `saved` (read from a file) has the shape of `own` (an object's state_dict): the same keys, list
     lengths and kinds of value, numbers finite. load_state_dict may then copy in only what it gave

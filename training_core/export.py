@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from .checkpoint import latest_good, problem, read_manifest
@@ -217,17 +216,18 @@ def _merged_model(ckpt: Path, spec: JobSpec, kind: str):
 
     from .models.loading import load_base
     # Merge into full-precision-as-saved base weights (never the 4-bit QLoRA base).
-    base_spec = dataclasses.replace(spec, method="lora")
-    loaded = load_base(base_spec, dtype="auto")
+    from safetensors import SafetensorError
+
+    from .checkpoint import check_adapter_config
     adapter = ckpt / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise CheckpointError(ckpt, "has no adapter/adapter_config.json")
-    try:
-        with warnings.catch_warnings():
-            # PEFT reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on every export)
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            peft_model = PeftModel.from_pretrained(loaded.model, str(adapter))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    check_adapter_config(adapter)
+    base_spec = dataclasses.replace(spec, method="lora")
+    loaded = load_base(base_spec, dtype="auto")
+    try:   # (peft's FutureWarning about is_gradient_checkpointing is filtered in models/methods.py)
+        peft_model = PeftModel.from_pretrained(loaded.model, str(adapter))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(adapter, f"does not fit the base model ({str(exc).strip().splitlines()[0]})") from None
     return peft_model.merge_and_unload(), loaded.model_dir
 

@@ -131,10 +131,14 @@ def load_trained(source: Source, dtype, trust_remote_code: bool = False):
     adapter = ckpt / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise CheckpointError(ckpt, "has no adapter/adapter_config.json")
+    from safetensors import SafetensorError
+
+    from .checkpoint import check_adapter_config
+    check_adapter_config(adapter)
     base = load_base(dataclasses.replace(spec, method="lora"), dtype=dtype)   # never the 4-bit QLoRA base
     try:
         model = PeftModel.from_pretrained(base.model, str(adapter))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(adapter, f"does not fit the base model ({_first_line(exc)})") from None
     return model, tokenizer
 

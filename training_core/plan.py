@@ -152,7 +152,8 @@ def _speed_notes(spec: JobSpec, config: Any, device: str) -> list[str]:
 
 
 def format_plan(plan: dict[str, Any]) -> str:
-    from .textout import disk_line, verdict_words
+    from .preflight import verdict_words
+    from .textout import disk_line
     fb, fd = preflight.format_bytes, preflight.format_duration
     mem, lic = plan["memory"], plan["licence"]
     lines = [

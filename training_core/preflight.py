@@ -443,6 +443,11 @@ def eta_seconds(steps_done: int, total_steps: int, seconds_per_step: float) -> f
     return remaining * seconds_per_step
 
 
+def verdict_words(verdict: str) -> str:
+    """A memory or disk verdict as the README words it: `wont_fit` -> "won't fit"."""
+    return {"wont_fit": "won't fit"}.get(verdict, verdict.replace("_", " "))
+
+
 def format_bytes(n: int | float) -> str:
     """'1.4 GB'. Powers of 1024, named as people read them on a GPU's box (a 24 GB card is 24.0 GB)."""
     sign = "-" if n < 0 else ""

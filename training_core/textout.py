@@ -57,7 +57,7 @@ class TextProgress:
                       f"{ev['params_trainable']:,} trainable) on {ev['device']} in {ev['precision']}, "
                       f"{ev['total_steps']} steps{resumed}")
         elif t == "preflight":
-            from .preflight import format_bytes
+            from .preflight import format_bytes, verdict_words
             mem = ev["memory"]
             self._say(f"Pre-flight: memory {format_bytes(mem['total'])} estimated, {verdict_words(ev['verdict'])}"
                       + ("; " + "; ".join(ev["advice"]) if ev["advice"] else ""))
@@ -94,14 +94,9 @@ class TextProgress:
         self.stream.flush()
 
 
-def verdict_words(verdict: str) -> str:
-    """A memory or disk verdict as the README words it: `wont_fit` -> "won't fit"."""
-    return {"wont_fit": "won't fit"}.get(verdict, verdict.replace("_", " "))
-
-
 def disk_line(disk: dict) -> str:
     """The disk a run needs, one line for the run's pre-flight and `plan` alike."""
-    from .preflight import format_bytes
+    from .preflight import format_bytes, verdict_words
     verdict = "" if disk.get("verdict") == "fits" else f": {verdict_words(disk['verdict'])}"
     return (f"Disk: {format_bytes(disk['needed'])} for checkpoints and the export "
             f"({format_bytes(disk['free'])} free){verdict}")

@@ -187,10 +187,15 @@ class PlaygroundView(QWidget):
             self.source.addItem(f"Folder: {self.folder}", ("folder", self.folder))
         if not self.source.count():
             self.source.addItem("No finished runs yet: train one, or pick a folder", None)
-        index = self.source.findData(current) if current is not None else -1
+        index = self._index_of(current) if current is not None else -1
         self.source.setCurrentIndex(max(index, 0))
         self.source.blockSignals(False)
         self._on_source()
+
+    def _index_of(self, data) -> int:
+        """The item holding `data`, by value: QComboBox.findData matches a Python tuple by identity, so it
+        never found the new list's item, and every queue change put the first run back in the box."""
+        return next((i for i in range(self.source.count()) if self.source.itemData(i) == data), -1)
 
     def source_texts(self) -> list[str]:
         return [self.source.itemText(i) for i in range(self.source.count())]
@@ -198,7 +203,7 @@ class PlaygroundView(QWidget):
     def select_folder(self, folder: str) -> None:
         self.folder = folder
         self.refresh()
-        self.source.setCurrentIndex(self.source.findData(("folder", folder)))
+        self.source.setCurrentIndex(self._index_of(("folder", folder)))
 
     def _pick_folder(self) -> None:
         folder = choose_folder(self, self.store, "playground", "Pick a checkpoint or exported model folder")
@@ -326,6 +331,8 @@ class PlaygroundView(QWidget):
                 summary += (f" The oldest {dropped} exchange{'s' if dropped > 1 else ''} no longer fit the model's "
                             "context and were left out.")
         self._asked = None
+        for warning in self.generation.warnings:   # e.g. an older checkpoint than the newest spoke
+            summary += f" Note: {warning[:1].upper()}{warning[1:]}."
         self._say(summary)
         self._update_buttons()
 

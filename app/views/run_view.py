@@ -16,7 +16,7 @@ from app.charts import TimeSeriesChart
 from app.job_queue import phase_fraction, phase_text
 from app.views.job_table import view_title
 from app.views.queue_view import CANCELLING, cancel_after_asking, confirm_cancel
-from training_core.preflight import format_bytes, format_duration
+from training_core.preflight import format_bytes, format_duration, verdict_words
 
 GIB = 1024 ** 3
 VRAM_SERIES = ("vram_used", "vram_reserved")
@@ -38,7 +38,7 @@ def describe_event(ev: dict) -> str | None:
         mem = ev.get("memory") or {}
         advice = "; ".join(ev.get("advice") or [])
         return (f"Pre-flight: about {format_bytes(mem.get('total', 0))} of memory, "
-                f"{str(ev.get('verdict', '?')).replace('_', ' ')}" + (f"; {advice}" if advice else ""))
+                f"{verdict_words(str(ev.get('verdict', '?')))}" + (f"; {advice}" if advice else ""))
     if t == "started":
         resumed = f", resumed from step {ev['resumed_from']}" if ev.get("resumed_from") is not None else ""
         return (f"Started {ev.get('model')} ({ev.get('method')}, {ev.get('params_total', 0):,} parameters) "
