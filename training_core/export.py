@@ -225,8 +225,10 @@ def _merged_model(ckpt: Path, spec: JobSpec, kind: str):
     check_adapter_config(adapter)
     base_spec = dataclasses.replace(spec, method="lora")
     loaded = load_base(base_spec, dtype="auto")
-    try:   # (peft's FutureWarning about is_gradient_checkpointing is filtered in models/methods.py)
-        peft_model = PeftModel.from_pretrained(loaded.model, str(adapter))
+    from .models.methods import quiet_peft
+    try:
+        with quiet_peft():
+            peft_model = PeftModel.from_pretrained(loaded.model, str(adapter))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(adapter, f"does not fit the base model ({str(exc).strip().splitlines()[0]})") from None
     return peft_model.merge_and_unload(), loaded.model_dir

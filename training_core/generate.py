@@ -136,8 +136,10 @@ def load_trained(source: Source, dtype, trust_remote_code: bool = False):
     from .checkpoint import check_adapter_config
     check_adapter_config(adapter)
     base = load_base(dataclasses.replace(spec, method="lora"), dtype=dtype)   # never the 4-bit QLoRA base
+    from .models.methods import quiet_peft
     try:
-        model = PeftModel.from_pretrained(base.model, str(adapter))
+        with quiet_peft():
+            model = PeftModel.from_pretrained(base.model, str(adapter))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(adapter, f"does not fit the base model ({_first_line(exc)})") from None
     return model, tokenizer

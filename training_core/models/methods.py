@@ -1,6 +1,7 @@
 """Training methods: full finetuning, LoRA, and QLoRA (LoRA on a 4-bit base, NVIDIA only)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import warnings
 
@@ -9,9 +10,15 @@ import torch
 from ..config import JobSpec
 from ..errors import ModelError
 
-# peft asks transformers' deprecated `is_gradient_checkpointing`: a FutureWarning on every LoRA run and
-# Playground comparison, about code that is not the user's to change.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Around peft's model building: it asks transformers' deprecated `is_gradient_checkpointing`, a
+    FutureWarning on every LoRA run, export and comparison about code that is not the user's to change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 QLORA_UNAVAILABLE = "QLoRA needs an NVIDIA GPU and the bitsandbytes package; use --method lora"
 
@@ -95,7 +102,8 @@ def apply_method(model, spec: JobSpec, method: str, gradient_checkpointing: bool
         # With a frozen base, inputs must carry grad or checkpointed blocks would get none.
         model.enable_input_require_grads()
     try:
-        peft_model = get_peft_model(model, _lora_config(spec))
+        with quiet_peft():
+            peft_model = get_peft_model(model, _lora_config(spec))
     except ValueError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid LoRA settings"
         raise ModelError("--lora-targets", f"cannot apply LoRA to this model ({first})") from None
