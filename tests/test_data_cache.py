@@ -189,3 +189,23 @@ def test_token_dtype_follows_vocab_size(tmp_path, n_words, dtype):
     assert bin_file.stat().st_size == 5 * np.dtype(dtype).itemsize
     assert ds.train_block(0).tolist() == [n_words - 1, 1, 2, 3, n_words]
     assert ds.train_block(0).dtype == np.int64
+
+
+def test_one_huge_record_is_tokenized_in_pieces_within_bounded_memory(tmp_path):
+    """A single 20 MB JSONL record: tokenized as .txt files are, in pieces (whole, it took ~150 bytes of
+    RAM per character in the fast tokenizer), to the same tokens but at the pieces' seams, as one record."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    words = " ".join(f"word{i % 5000}" for i in range(2_400_000))      # ~20 MB
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"text": words}) + "\n", encoding="utf-8")
+    code = ("import sys, resource; sys.path.insert(0, 'tests'); from pathlib import Path;"
+            "from helpers import make_tokenizer; from training_core.data.cache import cached_or_build;"
+            f"e = cached_or_build(Path({str(path)!r}), make_tokenizer(), 'fp', Path({str(tmp_path / 'c')!r}));"
+            "print(e.tokens, len(e.ends()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])
+    tokens, records, peak_kb = map(int, out.stdout.split())
+    assert records == 1 and tokens > 2_400_000
+    assert peak_kb < 1_500_000, f"{peak_kb / 1e6:.1f} GB"

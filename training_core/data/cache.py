@@ -24,7 +24,10 @@ from ..errors import ModelError
 from ..fsutil import atomic_write_text
 from .formats import FileStats, read_file
 
-PIPELINE_VERSION = 2     # bump when rendering or tokenization changes what ends up in a cache (2: .ends)
+PIPELINE_VERSION = 3     # bump when rendering or tokenization changes what ends up in a cache (2: .ends,
+                         # 3: records longer than LONG_RECORD_CHARS are tokenized in pieces)
+LONG_RECORD_CHARS = 128 * 1024   # a fast tokenizer holds ~150 bytes per character of one input (offsets,
+                                 # pre-tokens): one 50 MB JSONL record took 8-10 GB; .txt files come in pieces
 HASH_BYTES = 4 << 20
 BATCH_CHARS = 1 << 20    # text per tokenizer call: big enough to use every core, small for RAM
 BATCH_RECORDS = 4096
@@ -136,6 +139,18 @@ def _clean_stale(folder: Path) -> None:
             pass
 
 
+def _in_pieces(records):
+    """(text, ends_record) as read, a record longer than LONG_RECORD_CHARS cut where a .txt file's pieces are
+    (a paragraph, line or word break), only its last piece ending the record."""
+    from .formats import TXT_PIECE_CHARS, _cut
+    for text, end in records:
+        while len(text) > LONG_RECORD_CHARS:
+            cut = _cut(text[:TXT_PIECE_CHARS])
+            yield text[:cut], False
+            text = text[cut:]
+        yield text, end
+
+
 def cached_or_build(path: Path, tokenizer: Any, fingerprint: str, folder: Path,
                     on_bytes: Callable[[int], None] | None = None) -> Entry:
     """The cache entry for `path`, tokenizing it first when there is none.
@@ -182,7 +197,7 @@ def cached_or_build(path: Path, tokenizer: Any, fingerprint: str, folder: Path,
                 if on_bytes:
                     on_bytes(stats.position())
 
-            for text, end in read_file(path, tokenizer, stats):
+            for text, end in _in_pieces(read_file(path, tokenizer, stats)):
                 batch.append(text)
                 ends.append(end)
                 chars += len(text)
