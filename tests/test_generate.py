@@ -185,20 +185,18 @@ def test_a_bad_history_file_is_one_plain_line_exit_2(runs, tmp_path, capsys, con
     assert len(err) == 1 and problem in err[0] and str(path) in err[0], err
 
 
-def test_a_history_answers_in_json_what_it_left_out(runs, tmp_path, capsys):
-    """As the Playground runs it: the model's 512 positions hold the newest exchange but not the 500-byte one."""
+def test_a_history_answers_what_it_left_out(runs, full_model, tmp_path, capsys):
+    """The model's 512 positions hold the newest exchange but not the 500-byte one: the answer says so."""
     path = tmp_path / "history.json"
     path.write_text(json.dumps([{"role": "user", "content": "a" * 500}, {"role": "assistant", "content": "ok"},
                                 {"role": "user", "content": "hello"}, {"role": "assistant", "content": "hey"}]))
     assert cli.main(["generate", str(runs["full"]), "--prompt", "x", "--history", str(path)]) == 2
     assert "--history: is for chat mode" in capsys.readouterr().err
-    out = subprocess.run([sys.executable, "-m", "training_core.cli", "generate", str(runs["full"]), "--json",
-                          "--mode", "chat", "--prompt", "and now?", "--history", str(path), "--temperature", "0",
-                          "--max-new-tokens", "4"], cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    result = [json.loads(line) for line in out.stdout.splitlines() if '"result"' in line][-1]
-    assert result["answer"]["streams"]["trained"]["history_dropped"] == 1
+    from training_core.generate import read_history
+    model, tok = full_model
+    out = run_one(model, tok, Request(prompt="and now?", mode="chat", history=read_history(str(path)), temperature=0,
+                                      max_new_tokens=4), lambda *_: None, lambda: False, torch.device("cpu"))
+    assert out["history_dropped"] == 1
 
 
 def test_a_chat_template_that_fails_is_one_plain_line_exit_2(tmp_path, capsys):
