@@ -12,7 +12,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 GB = 1024 ** 3
 CUDA_CONTEXT_BYTES = 400 * 1024 ** 2     # CUDA context and kernels (an H200 showed ~620 MB at init, 770 MB later)
@@ -351,19 +351,25 @@ def weights_problem(config: Any, bytes_per_param: float) -> str | None:
     """Why the weights `config` describes cannot even be loaded into this computer's memory (RAM and swap)
     at `bytes_per_param`, or None. For folders whose config was not checked by a run's pre-flight: a
     checkpoint to resume, generate from or export, which may have come from anyone."""
-    problem = size_problem(config)
-    if problem:
-        return problem
-    params = min_params_from_config(config)
-    if params is None:
-        return _too_deep(config)
     limit, where_memory = memory_limit()
-    need = int(params * bytes_per_param)
-    if need <= limit:
-        return _too_deep(config)
-    need_text = format_bytes(need) if need < 1000 * 1024 ** 5 else f"{_count(need)} bytes"
+    said, params, need_text = _over(config, lambda n: int(n * bytes_per_param), limit)
+    if said is not None:
+        return said or None
     return (f"describes a model of at least {_count(params)} parameters, whose weights alone need at least "
             f"{need_text}, more than all of {where_memory} ({format_bytes(limit)})")
+
+
+def _over(config: Any, bytes_of: Callable[[int], int], limit: int) -> tuple[str | None, int, str]:
+    """(what to say, or None when the config's weights need more than `limit`; its parameters; that need in
+    words). What to say: a size that is no size, or too many layers; "" when it may fit."""
+    problem = size_problem(config)
+    if problem:
+        return problem, 0, ""
+    params = min_params_from_config(config)
+    need = bytes_of(params) if params is not None else 0
+    if params is None or need <= limit:
+        return _too_deep(config) or "", 0, ""
+    return None, params, format_bytes(need) if need < 1000 * 1024 ** 5 else f"{_count(need)} bytes"
 
 
 def _count(n: int) -> str:
@@ -396,19 +402,12 @@ def cannot_fit(config: Any, *, method: str, precision: str, limit: int, where_me
                gpu: bool = False) -> str | None:
     """Why a model cannot train here at all (its weights alone exceed `limit`, all the memory there is),
     in plain words with what to change; None when it might fit (the full estimate decides then)."""
-    problem = size_problem(config)
-    if problem:
-        return problem
-    params = min_params_from_config(config)
-    if params is None:
-        return _too_deep(config)
-    need = min_training_bytes(params, method, precision)
-    if need <= limit:
-        return _too_deep(config)
+    said, params, need_text = _over(config, lambda n: min_training_bytes(n, method, precision), limit)
+    if said is not None:
+        return said or None
     get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k, None))
     shape = ", ".join(f"{k} {get(k):,}" for k in ("hidden_size", "intermediate_size", "num_hidden_layers")
                       if isinstance(get(k), int))
-    need_text = format_bytes(need) if need < 1000 * 1024 ** 5 else f"{_count(need)} bytes"
     text = (f"a model of at least {_count(params)} parameters ({shape}) needs at least {need_text} "
             f"for {method} training, more than all of {where_memory} ({format_bytes(limit)})")
     lighter = [m for m in {"full": ["lora", "qlora"], "lora": ["qlora"]}.get(method, [])
