@@ -56,7 +56,10 @@ def test_resume_asks_the_user_again(hostile_run, capsys):
     assert "trust_remote_code" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("change", [{"num_hidden_layers": 10 ** 6}, {"hidden_size": -64}, {"hidden_size": 10 ** 400}])
+@pytest.mark.parametrize("change", [
+    {"num_hidden_layers": 10 ** 6}, {"hidden_size": -64}, {"hidden_size": 10 ** 400}, {"rms_norm_eps": float("nan")},
+    {"rope_parameters": {"rope_theta": "10000", "rope_type": "default"}}, {"tie_word_embeddings": "yes"},
+    {"model_type": ["llama"]}, {"num_attention_heads": 7}])
 def test_an_absurd_checkpoint_config_is_one_line_before_anything_is_built(tmp_path, capsys, change):
     run = full_run(tmp_path / "run")
     config_file = run / "checkpoints" / "ckpt-00000012" / "model" / "config.json"
@@ -66,7 +69,7 @@ def test_an_absurd_checkpoint_config_is_one_line_before_anything_is_built(tmp_pa
         start = time.monotonic()
         assert cli.main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and str(config_file) in err[0] and time.monotonic() - start < 10, err
+        assert len(err) == 1 and str(config_file.parent) in err[0] and time.monotonic() - start < 10, err   # (the folder, or its config.json)
 
 
 # ---- a tampered checkpoint to resume ---------------------------------------------------------------
@@ -101,6 +104,8 @@ TAMPER = {
     "scheduler_injected": ("trainer_state.json", lambda d: {**d, "scheduler": {**d["scheduler"], "evil": 1}}),
     "optimizer_key": ("optimizer.json", lambda d: {**d, "state": {"x": {}}}),
     "optimizer_groups": ("optimizer.json", lambda d: {**d, "param_groups": d["param_groups"] * 2}),
+    "optimizer_lr_text": ("optimizer.json", lambda d: {**d, "param_groups": [{**g, "lr": "evil"}
+                                                                              for g in d["param_groups"]]}),
 }
 
 
@@ -145,6 +150,8 @@ def test_gguf_export_refuses_config_numbers_it_would_write_as_they_are(tmp_path,
 
 @pytest.mark.parametrize("damage, problem", [
     (lambda a: _json_edit(a / "adapter_config.json", lambda d: {**d, "r": 10 ** 9}), "has r 1000000000"),
+    (lambda a: _json_edit(a / "adapter_config.json", lambda d: {**d, "rank_pattern": {"q_proj": 10 ** 8}}),
+     "has r 100000000 (for q_proj)"),
     (lambda a: (a / "adapter_model.safetensors").write_bytes(b"garbage"), "does not fit the base model"),
 ])
 def test_a_hostile_lora_adapter_is_one_line(tmp_path, capsys, damage, problem):
@@ -157,3 +164,36 @@ def test_a_hostile_lora_adapter_is_one_line(tmp_path, capsys, damage, problem):
         assert cli.main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and problem in err[0] and "internal error" not in err[0], err
+
+
+def test_a_checkpoints_index_never_names_weights_outside_it(tmp_path, capsys):
+    """A checkpoint's model/ is checked as a model folder is: its index names files beside it only."""
+    run = full_run(tmp_path / "run")
+    model = run / "checkpoints" / "ckpt-00000012" / "model"
+    outside = tmp_path / "outside.safetensors"
+    (model / "model.safetensors").rename(outside)
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "model.embed_tokens.weight": str(outside)}}))
+    capsys.readouterr()
+    for args in (["generate", str(run), "--prompt", "hi", "--max-new-tokens", "2"],
+                 ["export", str(run), "--merged", str(tmp_path / "merged")]):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "names a weight file outside its folder" in err[0], err
+
+
+def test_a_lora_checkpoints_base_is_checked_before_it_is_built(tmp_path, capsys):
+    """The base a LoRA checkpoint's job.json names (a folder here) gets the same check as any model folder."""
+    from generate_helpers import lora_run
+    from helpers import make_local_model
+    run = lora_run(tmp_path / "lora")
+    base = make_local_model(tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10 ** 6}))
+    for job_file in (run / "job.json", run / "checkpoints" / "ckpt-00000012" / "job.json"):
+        _json_edit(job_file, lambda d: {**d, "model": str(base)})
+    capsys.readouterr()
+    start = time.monotonic()
+    assert cli.main(["generate", str(run), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(base / "config.json") in err[0] and time.monotonic() - start < 20, err

@@ -296,9 +296,13 @@ def check_adapter_config(adapter: Path) -> None:
     if not isinstance(config, dict):
         raise CheckpointError(path, "is damaged (not a JSON object)")
     for name, high in (("r", 4096), ("lora_alpha", 1 << 16)):
-        value = config.get(name, 8)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= high:
-            raise CheckpointError(path, f"has {name} {str(value)[:40]}; it must be a number above 0 and at most {high:,}")
+        patterns = config.get({"r": "rank_pattern", "lora_alpha": "alpha_pattern"}[name]) or {}
+        if not isinstance(patterns, dict):
+            raise CheckpointError(path, f"is damaged (its {name} pattern is not an object)")
+        for key, value in [(name, config.get(name, 8)), *patterns.items()]:   # per-layer ranks too
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= high:
+                raise CheckpointError(path, f"has {name} {str(value)[:40]} (for {str(key)[:40]}); it must be a "
+                                            f"number above 0 and at most {high:,}")
 
 
 def same_shape(saved: Any, own: Any) -> bool:
@@ -347,8 +351,11 @@ def load_weights(model, ckpt: Path, kind: str) -> None:
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
     ckpt = Path(ckpt)
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
     plain = read_json(ckpt, "optimizer.json")
+    # Its settings (lr, betas...) go into the optimizer as they are: they must be the ones it has, in kind.
+    if not isinstance(plain, dict) or not same_shape(plain.get("param_groups"), optimizer.state_dict()["param_groups"]):
+        raise CheckpointError(ckpt / "optimizer.json", "is damaged (its parameter groups do not fit this run's)")
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
     optimizer.load_state_dict(_optimizer_from_files(tensors, plain))
 
 

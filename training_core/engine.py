@@ -247,8 +247,12 @@ class Engine:
             check_loadable(self.resume_ckpt / "model")
             self._refuse_if_cannot_fit(ckpt_io.read_json(self.resume_ckpt / "model", "config.json"),
                                        self.resume_ckpt / "model" / "config.json")
-            self.model = AutoModelForCausalLM.from_pretrained(self.resume_ckpt / "model", use_safetensors=True,
-                                                              dtype=torch.float32)
+            try:
+                self.model = AutoModelForCausalLM.from_pretrained(self.resume_ckpt / "model", use_safetensors=True,
+                                                                  dtype=torch.float32)
+            except Exception as exc:   # transformers' own validation of a config it builds nothing from
+                raise CheckpointError(self.resume_ckpt / "model", f"cannot be loaded ({exception_line(exc)})") \
+                    from None
             self.tokenizer = load_tokenizer(self.resume_ckpt / "tokenizer")
             base_source = "checkpoint"
         else:

@@ -115,6 +115,8 @@ def user_error_from(exc: BaseException) -> UserError | None:
 
 def exception_line(exc: BaseException, limit: int = 300) -> str:
     """An exception as one line for a warning: its type and the first non-empty line of its message
-    (compilers and Triton write pages; the first line says what went wrong)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:limit]
+    (compilers and Triton write pages; the first line says what went wrong), with the next one when the first
+    only announces it ("Class validation error for validator 'x':")."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [""]
+    first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return f"{type(exc).__name__}: {first}"[:limit]

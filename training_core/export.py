@@ -16,7 +16,7 @@ from pathlib import Path
 from .checkpoint import latest_good, problem, read_manifest
 from .checkpoint_files import PREFIX, list_checkpoints
 from .config import JobSpec
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, UserError, exception_line
 from .fsutil import fsync_dir
 from .modelcard import model_card
 
@@ -207,8 +207,8 @@ def _merged_model(ckpt: Path, spec: JobSpec, kind: str):
         try:
             model = AutoModelForCausalLM.from_pretrained(str(ckpt / "model"), use_safetensors=True,
                                                          trust_remote_code=spec.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(ckpt / "model", f"cannot be loaded ({str(exc).strip().splitlines()[0]})") from None
+        except Exception as exc:   # transformers' own validation of a config it builds nothing from (7 heads...)
+            raise CheckpointError(ckpt / "model", f"cannot be loaded ({exception_line(exc)})") from None
         return model, _base_dir(spec)
     if kind != "lora":
         raise CheckpointError(ckpt, f"has unknown kind {kind!r}")

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import CheckpointError, ModelError, UserError
+from .errors import CheckpointError, ModelError, UserError, exception_line
 from .escapes import unescape
 
 TASK = "generate"
@@ -122,8 +122,8 @@ def load_trained(source: Source, dtype, trust_remote_code: bool = False):
         try:
             model = AutoModelForCausalLM.from_pretrained(str(ckpt / "model"), use_safetensors=True, dtype=dtype,
                                                          trust_remote_code=spec.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(ckpt / "model", f"cannot be loaded ({_first_line(exc)})") from None
+        except Exception as exc:   # transformers' own validation of a config it builds nothing from (7 heads...)
+            raise CheckpointError(ckpt / "model", f"cannot be loaded ({exception_line(exc)})") from None
         return model, tokenizer
     from peft import PeftModel
 

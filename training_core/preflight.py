@@ -27,6 +27,8 @@ QLORA_BYTES = 0.5 * 1.03                 # 4-bit NF4 plus its quantisation const
 ACT_BYTES_PER_TOKEN_HIDDEN = 44
 LORA_DROPOUT_BYTES = 8                   # LoRA dropout's copies and masks: measured ~8 more per s·b·h
 CUDA_ALLOCATOR_SLACK = 256 * 1024 ** 2   # PyTorch's caching allocator reserved 0.3-0.9 GB above its peak there
+POSITIVE_NUMBERS = ("rope_theta", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "factor")
+FLAGS = ("tie_word_embeddings",)
 MAX_LAYERS = 1000                        # the deepest open models have ~130
 # Model types whose position embeddings are weights (n_positions x hidden); rotary and ALiBi ones have none.
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "biogpt")
@@ -339,6 +341,22 @@ def size_problem(config: Any) -> str | None:
     return None
 
 
+def number_problem(config: Any) -> str | None:
+    """A config number that is no number (a text, NaN, infinity) where transformers computes with it as one
+    (it failed mid-build, or sampled from NaN), or a flag that is no flag; None when all are fine."""
+    data = config if isinstance(config, dict) else config.to_dict()
+    rope = [v for v in (data.get("rope_parameters"), data.get("rope_scaling")) if isinstance(v, dict)]
+    for name, value in [*data.items(), *((k, v) for r in rope for k, v in r.items())]:
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"has {name} {value}; numbers must be finite"
+        if name in POSITIVE_NUMBERS and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            return f"has {name} {str(value)[:40]}; it must be a number above 0"
+        if name in FLAGS and value is not None and not isinstance(value, bool):
+            return f"has {name} {str(value)[:40]}; it must be true or false"
+    return None
+
+
 def _too_deep(config: Any) -> str | None:
     layers = _config_int(config, "num_hidden_layers", "n_layer")
     if layers and layers > MAX_LAYERS:
@@ -362,7 +380,7 @@ def weights_problem(config: Any, bytes_per_param: float) -> str | None:
 def _over(config: Any, bytes_of: Callable[[int], int], limit: int) -> tuple[str | None, int, str]:
     """(what to say, or None when the config's weights need more than `limit`; its parameters; that need in
     words). What to say: a size that is no size, or too many layers; "" when it may fit."""
-    problem = size_problem(config)
+    problem = size_problem(config) or number_problem(config)
     if problem:
         return problem, 0, ""
     params = min_params_from_config(config)

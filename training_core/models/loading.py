@@ -89,26 +89,25 @@ def check_loadable(folder: Path) -> None:
     if not isinstance(config, dict):
         raise ModelError(cfg_path, "is not a JSON object")
     problem = preflight.weights_problem(config, bytes_per_param=2)
+    if not problem and not isinstance(config.get("model_type"), (str, type(None))):
+        problem = "has a model_type that is not a name"
     if problem:
         raise ModelError(cfg_path, problem)
+    check_weight_files(folder)
 
 
-def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
-    """Refuse folders we cannot or will not load, with one plain line each. Returns config.json."""
-    if not folder.exists():
-        raise ModelError(folder, "no such model folder")
-    if not folder.is_dir():
-        raise ModelError(folder, "is not a folder; give the folder that holds config.json and the weights")
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise ModelError(folder, "has no config.json; this is not a Hugging Face model folder")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(cfg_path, f"is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ModelError(cfg_path, "is not a JSON object")
+def _weights_fit(config, where: Path) -> None:
+    """load_base's check when its caller has none of its own (generate's and export's LoRA base, the swarm
+    host): the job.json naming that base may have come from anyone."""
+    from .. import preflight
+    problem = preflight.weights_problem(config, bytes_per_param=2)
+    if problem:
+        raise ModelError(where, problem)
 
+
+def check_weight_files(folder: Path) -> None:
+    """The folder's safetensors weights: an index's shards are bare names beside it, all there, their headers
+    whole; pickles alone are refused. One plain line each."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -140,6 +139,26 @@ def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
         trouble = safetensors_problem(folder / shard)
         if trouble:
             raise ModelError(folder / shard, f"is damaged or incomplete ({trouble}); download or copy the model again")
+
+
+
+def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
+    """Refuse folders we cannot or will not load, with one plain line each. Returns config.json."""
+    if not folder.exists():
+        raise ModelError(folder, "no such model folder")
+    if not folder.is_dir():
+        raise ModelError(folder, "is not a folder; give the folder that holds config.json and the weights")
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(folder, "has no config.json; this is not a Hugging Face model folder")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(cfg_path, f"is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelError(cfg_path, "is not a JSON object")
+
+    check_weight_files(folder)
 
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(folder, "has no tokenizer files (tokenizer.json or tokenizer.model)")
@@ -218,10 +237,12 @@ def load_base(spec: JobSpec, texts: Callable[[], Iterable[str]] | None = None,
               phase: Callable[[str, str], None] | None = None) -> LoadedModel:
     """The model and tokenizer `spec.model` names, ready for `methods.apply_method`.
 
-    `check_config(config, config_path)` runs on a pretrained model's config before its weights are
+    `check_config(config, config_path)` (default: that the weights fit this computer's memory, and the
+    config's numbers are numbers) runs on a pretrained model's config before its weights are
     loaded (the engine refuses a model that cannot fit there). `phase(name, message)` is told what
     happens (downloading, loading_model: the engine's `phase` events)."""
     say = phase or (lambda name, message: None)
+    check_config = check_config or _weights_fit
     if spec.is_scratch:
         if spec.resolved_method == "qlora":
             raise ModelError("--method", "QLoRA needs a pretrained model; train from scratch with --method full")
