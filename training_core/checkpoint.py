@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint_files import PREFIX, checkpoints_dir, list_checkpoints, step_of  # noqa: F401  (re-exported)
+from .config import MAX_STEPS
 from .errors import CheckpointError, DiskError, user_error_from
 from .fsutil import fsync_dir
 
@@ -255,7 +256,7 @@ def read_manifest(ckpt: Path) -> dict:
 
 
 # trainer_state.json's numbers: each sizes or steers the resumed run, and a run folder may come from anyone.
-STATE_BOUNDS = {"step": (0, 10 ** 9), "total_steps": (1, 10 ** 9), "micro_batch": (1, 1 << 20),
+STATE_BOUNDS = {"step": (0, MAX_STEPS), "total_steps": (1, MAX_STEPS), "micro_batch": (1, 1 << 20),
                 "tokens_seen": (0, 10 ** 18), "data_position": (0, 10 ** 18)}
 
 

@@ -47,6 +47,9 @@ def internal(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.M
     return opt(default, help="", label="", scope=INTERNAL, factory=factory)
 
 
+MAX_STEPS = 10 ** 12   # a swarm peer's "until stopped" (swarm/peer.py); no run of steps gets near it
+
+
 @dataclass
 class JobSpec:
     model: str = opt(help="local model folder, hub id, or scratch:tiny|mini|small|base|medium", label="Model")
@@ -56,7 +59,7 @@ class JobSpec:
     method: str | None = opt(None, choices=METHODS, label="Method",
                              help="lora: small adapters; full: every weight; qlora: LoRA on a 4-bit base "
                                   "(NVIDIA GPU). Default: lora for a pretrained model, full from scratch")
-    steps: int | None = opt(None, minimum=1, maximum=10 ** 9, label="Steps", help="optimizer steps (default: from --epochs)")
+    steps: int | None = opt(None, minimum=1, maximum=MAX_STEPS, label="Steps", help="optimizer steps (default: from --epochs)")
     epochs: float | None = opt(None, label="Epochs", help="passes over the data (default: 1 when --steps is not given)")
     batch_size: int = opt(8, minimum=1, maximum=1 << 20, label="Batch size", help="sequences per optimizer step (effective batch)")
     micro_batch_size: int | None = opt(None, minimum=1, maximum=1 << 20, label="Micro-batch",

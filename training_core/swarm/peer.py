@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..config import JobSpec
+from ..config import MAX_STEPS, JobSpec
 from ..controls import Controls
 from ..engine import Emit, Engine
 from ..errors import ConfigError
@@ -36,7 +36,7 @@ SWARM_EVENT_INTERVAL_S = 2.0
 # `swarm` events in between reuse the last reading. Every 2 s, they were a good part of a peer's
 # traffic (each reading returns every peer's signed record) and most of the host's.
 METRICS_INTERVAL_S = 10.0
-UNBOUNDED_STEPS = 10 ** 12
+UNBOUNDED_STEPS = MAX_STEPS   # "until stopped": the job spec's own bound
 
 
 @dataclass
