@@ -201,7 +201,7 @@ def test_a_job_file_with_a_wrong_type_is_one_line_naming_the_file_and_field(tmp_
     ("batch_size", 10 ** 12, "--batch-size: must be at most 1,048,576"),
     ("steps", 10 ** 30, "--steps: must be at most"),
     ("epochs", 1e9, "--epochs: must be more than 0 and at most"),
-    ("max_grad_norm", -1.0, "--max-grad-norm: must be a finite number more than 0"),
+    ("max_grad_norm", -1.0, "--max-grad-norm: must be a finite number, 0 (off) or more"),
     ("weight_decay", -1.0, "--weight-decay: must be at least 0"),
     ("weight_decay", float("nan"), "--weight-decay: must be a finite number"),
     ("checkpoint_minutes", -1.0, "--checkpoint-minutes: must be a finite number more than 0"),
@@ -236,3 +236,7 @@ def test_a_from_scratch_job_is_never_advised_to_train_adapters():
     advice = figures(spec, config, params_total=10 ** 6, method="full", precision="fp32", device="cuda:0",
                      available=1024 ** 3)["advice"]
     assert advice and not any("LoRA" in a for a in advice), advice
+
+
+def test_gradient_clipping_may_be_off():
+    assert config.JobSpec(model="scratch:tiny", data=["x.txt"], out="o", max_grad_norm=0.0).max_grad_norm == 0

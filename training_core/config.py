@@ -70,7 +70,7 @@ class JobSpec:
     warmup_steps: int | None = opt(None, minimum=0, maximum=10 ** 9, label="Warm-up steps",
                                    help="steps of rising learning rate (default: 5 % of the steps, at most 100)")
     weight_decay: float = opt(0.0, minimum=0, maximum=10, label="Weight decay", help="AdamW weight decay")
-    max_grad_norm: float = opt(1.0, label="Gradient clipping", help="clip the gradient norm to this")
+    max_grad_norm: float = opt(1.0, label="Gradient clipping", help="clip the gradient norm to this (0: off)")
     checkpoint_every: int | None = opt(None, minimum=1, maximum=10 ** 9, label="Checkpoint every",
                                        help="steps between checkpoints (default: by time, --checkpoint-minutes)")
     checkpoint_minutes: float = opt(10.0, label="Checkpoint minutes", scope=CLI_ONLY,   # the app: from Settings
@@ -280,8 +280,8 @@ def validate(spec: JobSpec, device: str | None = None) -> None:
         raise ConfigError("--steps", "give --steps or --epochs, not both")
     if spec.lr is not None and not (0 < spec.lr <= 10_000):   # (tests make runs diverge with 1e3)
         raise ConfigError("--lr", f"must be a finite number more than 0 and at most 10,000 (got {spec.lr})")
-    if not 0 < spec.max_grad_norm < math.inf:
-        raise ConfigError("--max-grad-norm", f"must be a finite number more than 0 (got {spec.max_grad_norm})")
+    if not 0 <= spec.max_grad_norm < math.inf:   # 0: no clipping (strategy.py)
+        raise ConfigError("--max-grad-norm", f"must be a finite number, 0 (off) or more (got {spec.max_grad_norm})")
     if not 0 < spec.checkpoint_minutes < math.inf:
         raise ConfigError("--checkpoint-minutes", f"must be a finite number more than 0 (got {spec.checkpoint_minutes})")
     if not 0 <= spec.lora_dropout < 1:
