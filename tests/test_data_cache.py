@@ -200,10 +200,14 @@ def test_one_huge_record_is_tokenized_in_pieces_within_bounded_memory(tmp_path):
     words = " ".join(f"word{i % 5000}" for i in range(1_000_000))      # ~8 MB
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps({"text": words}) + "\n", encoding="utf-8")
-    code = ("import sys, resource; sys.path.insert(0, 'tests'); from pathlib import Path;"
+    # The peak of this child alone: Linux keeps the RSS high-water mark across fork and exec, so a child of a
+    # pytest process that has grown to 1 GB started at 1 GB; writing 5 to clear_refs resets it (Linux 4.0+).
+    code = ("import sys; sys.path.insert(0, 'tests'); from pathlib import Path;"
+            "open('/proc/self/clear_refs', 'w').write('5');"
             "from helpers import make_tokenizer; from training_core.data.cache import cached_or_build;"
             f"e = cached_or_build(Path({str(path)!r}), make_tokenizer(), 'fp', Path({str(tmp_path / 'c')!r}));"
-            "print(e.tokens, len(e.ends()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0].split()[1];"
+            "print(e.tokens, len(e.ends()), hwm)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).resolve().parents[1])
     tokens, records, peak_kb = map(int, out.stdout.split())
